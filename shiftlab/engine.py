@@ -1,0 +1,226 @@
+"""measure(): one reference pass per image batch, then the shifted copies in batches.
+
+Each layer is reduced to distances inside its forward hook, so nothing but the reference
+features of the current image batch is kept: peak memory depends on the batch size and the
+model, never on the number of shifts.
+"""
+from __future__ import annotations
+
+import math
+import platform
+import time
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import __version__
+from .align import ALIGNMENTS, Plan, compare_global, make_plan
+from .capture import LayerCapture, LayerSelection
+from .errors import ModelError, UsageError
+from .geometry import LayerInfo, probe_layers
+from .metrics import METRICS, DistanceAccumulator, distance
+from .result import Result, Settings
+from .shifts import MODES, ShiftGrid, apply_shifts, centre_window
+
+
+def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.device:
+    """'auto' -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    return resolved
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise UsageError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+
+
+def measure(model: nn.Module, images: torch.Tensor, grid: Optional[ShiftGrid] = None, *,
+            mode: str = "circular", align: str = "bilinear", metric: str = "cosine",
+            layers: LayerSelection = None, margin: Optional[int] = None, border: int = 0,
+            batch_size: int = 16, device: Union[str, torch.device, None] = "auto",
+            progress: Optional[bool] = None, meta: Optional[dict] = None) -> Result:
+    """Equivariance distance of every layer for every shift of ``grid``.
+
+    Args:
+        model: any ``nn.Module`` taking (N, C, H, W); put it in eval mode first. It is moved
+            to ``device``.
+        images: (N, C, H, W) in circular mode; in crop mode the canvases (N, C, H+2m, W+2m)
+            whose centre window is the unshifted image (``margin`` m defaults to the grid's
+            largest |shift|, rounded up).
+        grid: the shifts; default ``ShiftGrid.square(8)`` (circular) or ``symmetric(4)`` (crop).
+        mode: 'circular' (torch.roll, the paper's per-layer protocol) or 'crop' (no wrap-around).
+        align: 'bilinear' (default, the paper's), 'exact' (NaN where the stride does not divide
+            the shift) or 'fourier'.
+        metric: 'cosine' (default), 'l2' (relative) or 'psnr' (dB).
+        layers: None (every leaf module) or glob patterns / module types.
+        border: crop mode: input pixels excluded at every edge of the compared region.
+        batch_size: inputs per forward pass (images × shifts).
+        device: 'auto', 'cpu', 'cuda', ...; progress: tqdm bar (None: only on a terminal).
+        meta: extra metadata stored in the result (model name, weights, ...).
+
+    Returns:
+        A ``Result`` with per-layer mean/std maps over images.
+
+    Example:
+        >>> net = torchvision.models.vgg16().eval()                    # doctest: +SKIP
+        >>> result = shiftlab.measure(net, images, ShiftGrid.square(8)) # doctest: +SKIP
+        >>> result.map("features.4")                                    # doctest: +SKIP
+    """
+    _check_choice("mode", mode, MODES)
+    _check_choice("alignment", align, ALIGNMENTS)
+    _check_choice("metric", metric, METRICS)
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise UsageError("images must be a tensor of shape (N, C, H, W)")
+    if images.shape[0] == 0:
+        raise UsageError("no images to measure")
+    if batch_size < 1:
+        raise UsageError(f"batch_size must be >= 1, got {batch_size}")
+    if border < 0:
+        raise UsageError(f"border must be >= 0, got {border}")
+    if grid is None:
+        grid = ShiftGrid.square(8) if mode == "circular" else ShiftGrid.symmetric(4)
+    if mode == "crop":
+        margin = int(math.ceil(grid.max_abs)) if margin is None else int(margin)
+        if grid.max_abs > margin:
+            raise UsageError(f"the grid shifts up to {grid.max_abs:g} px but the crop margin is"
+                             f" {margin} px; use a smaller grid or load images with a larger margin")
+    else:
+        margin = 0
+    height, width = images.shape[-2] - 2 * margin, images.shape[-1] - 2 * margin
+    if height < 1 or width < 1:
+        raise UsageError(f"images of {images.shape[-2]} px cannot hold a crop margin of {margin} px")
+
+    device = resolve_device(device)
+    model = model.to(device)
+    infos = probe_layers(model, (height, width), layers, channels=images.shape[1], device=device)
+    if not infos:
+        raise UsageError("no layer produced a tensor output; check the layer filter")
+    settings = Settings(grid=grid, mode=mode, align=align, metric=metric, size=(height, width),
+                        margin=margin, border=border,
+                        layers=_describe_selection(layers))
+    run = _Run(model, infos, settings, layers, device)
+    started = time.perf_counter()
+    images_per_batch = min(len(images), batch_size)
+    shifts_per_pass = max(1, batch_size // images_per_batch)
+    n_batches = math.ceil(len(images) / images_per_batch)
+    n_passes = n_batches * math.ceil(len(run.forward_shifts) / shifts_per_pass)
+    bar = tqdm(total=n_passes, desc="measuring", unit="pass", disable=None if progress is None
+               else not progress, leave=False)
+    with bar:
+        for start in range(0, len(images), images_per_batch):
+            run.image_batch(images[start:start + images_per_batch], shifts_per_pass, bar)
+    return run.result(len(images), time.perf_counter() - started, meta or {})
+
+
+def _describe_selection(layers: LayerSelection) -> Optional[tuple[str, ...]]:
+    if layers is None:
+        return None
+    if isinstance(layers, (str, type)):
+        layers = [layers]
+    return tuple(item if isinstance(item, str) else item.__name__ for item in layers)
+
+
+class _Run:
+    """State of one measurement: hooks' targets, per-layer plans and accumulators."""
+
+    def __init__(self, model: nn.Module, infos: list[LayerInfo], settings: Settings,
+                 layers: LayerSelection, device: torch.device) -> None:
+        self.model, self.infos, self.settings, self.device = model, infos, settings, device
+        self.selection = layers
+        self.info = {info.name: info for info in infos}
+        shifts = torch.tensor(settings.grid.shifts, dtype=torch.float64)
+        is_zero = (shifts == 0).all(1)
+        # T_0 is the identity: the zero shift reuses the reference features instead of a
+        # forward that could differ from them only by batch-size-dependent rounding.
+        self.zero_index = torch.nonzero(is_zero).flatten()
+        self.forward_index = torch.nonzero(~is_zero).flatten()
+        self.forward_shifts = shifts[self.forward_index]
+        self.accumulators = {info.name: DistanceAccumulator(len(shifts)) for info in infos}
+        self.plans: dict[tuple[str, int], Plan] = {}
+        self.need_peak = settings.metric == "psnr"
+        self.references: dict[str, torch.Tensor] = {}
+        self._phase: Callable[[str, torch.Tensor], None] = self._ignore
+
+    # -- hooks -----------------------------------------------------------------------
+    @staticmethod
+    def _ignore(layer: str, tensor: torch.Tensor) -> None:
+        return None
+
+    def _on_output(self, layer: str, tensor: torch.Tensor) -> None:
+        if layer in self.info and tensor.is_floating_point():
+            self._phase(layer, tensor)
+
+    def _store_reference(self, layer: str, tensor: torch.Tensor) -> None:
+        # clone: a later in-place op (ReLU(inplace=True)) would overwrite this very tensor
+        reference = tensor.detach().float().clone()
+        expected = self.info[layer].shape
+        if tuple(reference.shape[1:]) != expected:
+            raise ModelError(f"layer {layer} gave shape {tuple(reference.shape[1:])} but"
+                             f" {expected} when probed; shiftlab needs a deterministic architecture")
+        self.references[layer] = reference
+        if len(self.zero_index):
+            self._compare(layer, reference[None], self.zero_index, "zero")
+
+    def _compare(self, layer: str, shifted: torch.Tensor, index: torch.Tensor, key: object) -> None:
+        info = self.info[layer]
+        reference = self.references[layer]
+        if info.is_spatial:
+            plan = self.plans.get((layer, key))
+            if plan is None:
+                shifts = torch.tensor(self.settings.grid.shifts, dtype=torch.float64)[index]
+                plan = make_plan(info, shifts, self.settings.mode, self.settings.align,
+                                 self.settings.border, self.need_peak)
+                self.plans[(layer, key)] = plan
+            stats = plan.compare(reference, shifted)
+        else:
+            stats = compare_global(reference, shifted, self.need_peak)
+        self.accumulators[layer].add(index, distance(stats, self.settings.metric), stats.valid)
+
+    # -- passes ----------------------------------------------------------------------
+    def image_batch(self, images: torch.Tensor, shifts_per_pass: int, bar: tqdm) -> None:
+        images = images.to(self.device, non_blocking=True)
+        margin = self.settings.margin
+        capture = LayerCapture(self.model, self.selection, self._on_output)
+        with capture, torch.inference_mode():
+            self._phase = self._store_reference
+            try:
+                self.model(centre_window(images, margin) if self.settings.mode == "crop" else images)
+                for chunk, start in enumerate(range(0, len(self.forward_shifts), shifts_per_pass)):
+                    shifts = self.forward_shifts[start:start + shifts_per_pass]
+                    index = self.forward_index[start:start + shifts_per_pass]
+                    batch = apply_shifts(images, shifts, self.settings.mode, margin)
+                    count = batch.shape[0]
+                    self._phase = self._shifted_phase(index, count, chunk)
+                    self.model(batch.reshape(-1, *batch.shape[2:]))
+                    bar.update(1)
+            finally:
+                self._phase = self._ignore
+                self.references.clear()
+
+    def _shifted_phase(self, index: torch.Tensor, count: int, chunk: int) -> Callable:
+        def on_shifted(layer: str, tensor: torch.Tensor) -> None:
+            shifted = tensor.detach().float()
+            shifted = shifted.reshape(count, -1, *shifted.shape[1:])
+            self._compare(layer, shifted, index, chunk)
+        return on_shifted
+
+    def result(self, n_images: int, seconds: float, meta: dict) -> Result:
+        stack = lambda name: torch.stack(  # noqa: E731
+            [getattr(self.accumulators[i.name], name)() if name in ("mean", "std")
+             else getattr(self.accumulators[i.name], name) for i in self.infos]).numpy()
+        meta = {
+            **meta, "n_images": n_images, "seconds": round(seconds, 3),
+            "device": str(self.device), "shiftlab": __version__, "torch": torch.__version__,
+            "python": platform.python_version(),
+        }
+        return Result(self.settings, list(self.infos), stack("mean"), stack("std"), stack("n"),
+                      stack("n_inf"), stack("n_nan"), meta)
