@@ -298,7 +298,7 @@ def _convert_generic(model: nn.Module, blur: _Blur, skip: set[int]) -> list[nn.M
             stride = getattr(module, "stride", 2)
             if any(v != 1 for v in (stride if isinstance(stride, tuple) else (stride,))):
                 failed.append(module)
-    return failed
+    return list({id(m): m for m in failed}.values())  # a shared module is reported once
 
 
 def _convert_vgg(model: tvm.VGG, blur: _Blur) -> list[nn.Module]:

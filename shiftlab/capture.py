@@ -21,7 +21,8 @@ OnOutput = Callable[[str, torch.Tensor], None]
 def select_modules(model: nn.Module, layers: LayerSelection = None) -> dict[str, nn.Module]:
     """The modules to watch, by qualified name, in registration order.
 
-    ``layers`` is None (every leaf module), or glob patterns on qualified names and/or module
+    ``layers`` is None (every leaf module; a BlurPool, or any module with a true
+    ``shiftlab_layer`` attribute, counts as one leaf), or glob patterns on qualified names and/or module
     types (e.g. ``["features.*", nn.MaxPool2d]``); patterns may select non-leaf modules.
 
     >>> list(select_modules(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())))
@@ -29,7 +30,12 @@ def select_modules(model: nn.Module, layers: LayerSelection = None) -> dict[str,
     """
     named = [(name, module) for name, module in model.named_modules() if name]
     if layers is None:
-        chosen = {name: m for name, m in named if not any(True for _ in m.children())}
+        atomic = [name for name, m in named if _is_atomic(m)]
+        chosen = {
+            name: m for name, m in named
+            if (_is_atomic(m) or not any(True for _ in m.children()))
+            and not any(name.startswith(parent + ".") for parent in atomic)
+        }
         if not chosen and not named:
             chosen = {"output": model}  # the model itself is a single leaf module
         return chosen
@@ -49,6 +55,11 @@ def select_modules(model: nn.Module, layers: LayerSelection = None) -> dict[str,
         raise UsageError(
             f"layer filter {list(map(_describe, layers))} matches no module; names look like: {sample}")
     return chosen
+
+
+def _is_atomic(module: nn.Module) -> bool:
+    """Composite modules watched as one layer by default (a BlurPool owns its padding child)."""
+    return bool(getattr(module, "shiftlab_layer", False)) or type(module).__name__ == "BlurPool"
 
 
 def _describe(item: Union[str, type]) -> str:

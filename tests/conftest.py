@@ -1,0 +1,87 @@
+"""Tiny models whose equivariance is known analytically (SPEC.md, "Known answers")."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("SHIFTLAB_OFFLINE", "1")  # never try to download weights in tests
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def circular_conv(c_in: int, c_out: int, padding_mode: str = "circular") -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, 3, padding=1, padding_mode=padding_mode)
+
+
+def conv_stack(padding_mode: str = "circular", channels: int = 8, depth: int = 2) -> list[nn.Module]:
+    """[conv, BN, ReLU] * depth, no striding."""
+    layers: list[nn.Module] = []
+    c_in = 3
+    for _ in range(depth):
+        layers += [circular_conv(c_in, channels, padding_mode), nn.BatchNorm2d(channels), nn.ReLU()]
+        c_in = channels
+    return layers
+
+
+def _randomise_bn(model: nn.Module, seed: int) -> nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
+            module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+    return model
+
+
+def make_equivariant(seed: int = 0) -> nn.Module:
+    """Known answer 2: circular convs + BN(eval) + ReLU without striding: exactly equivariant."""
+    torch.manual_seed(seed)
+    return _randomise_bn(nn.Sequential(*conv_stack()), seed).eval()
+
+
+def make_maxpool(seed: int = 0) -> nn.Module:
+    """Known answer 3: the stack then MaxPool2d(2): exact at even shifts only."""
+    torch.manual_seed(seed)
+    return _randomise_bn(nn.Sequential(*conv_stack(), nn.MaxPool2d(2)), seed).eval()
+
+
+def make_global_pool(seed: int = 0) -> nn.Module:
+    """Known answer 5: the stack then global average pooling and a linear classifier."""
+    torch.manual_seed(seed)
+    return _randomise_bn(nn.Sequential(*conv_stack(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                       nn.Linear(8, 4)), seed).eval()
+
+
+def make_zero_padded(seed: int = 0) -> nn.Module:
+    """Known answer 8: zero-padded convs without striding (equivariant away from the border)."""
+    torch.manual_seed(seed)
+    return _randomise_bn(nn.Sequential(*conv_stack("zeros")), seed).eval()
+
+
+class Twice(nn.Module):
+    """Known answer 7: one ReLU module called twice in one forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = circular_conv(3, 4)
+        self.conv2 = circular_conv(4, 4)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.conv2(self.relu(self.conv1(x))))
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    """Four seeded random 16x16 RGB images."""
+    return torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def tiny_classifier() -> nn.Module:
+    """A small stride-4 classifier for CLI tests: `tests/conftest.py:tiny_classifier`."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()

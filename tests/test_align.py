@@ -1,0 +1,129 @@
+"""Alignment against ground truth: the banded bilinear forms vs. explicit upsampling (SPEC.md)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from shiftlab.align import make_plan
+from shiftlab.geometry import LayerInfo
+from shiftlab.metrics import distance
+
+
+def upsample_circular(x: np.ndarray, stride: int) -> np.ndarray:
+    """SPEC.md's circular linear upsampling, written out: A,(A+B)/2,B,... for 2x, per axis."""
+    def axis(values: np.ndarray, dim: int) -> np.ndarray:
+        n = values.shape[dim]
+        out = []
+        for k in range(n * stride):
+            i, frac = divmod(k, stride)
+            f = frac / stride
+            low = np.take(values, i, axis=dim)
+            high = np.take(values, (i + 1) % n, axis=dim)
+            out.append((1 - f) * low + f * high)
+        return np.stack(out, axis=dim)
+    return axis(axis(x, -2), -1)
+
+
+def reference_distances(ref, shifted, shifts, stride, metric, crop=False, border=0):
+    """Upsample both maps, shift the reference on the fine grid, compare inside the valid region."""
+    a_up = upsample_circular(ref.numpy().astype(np.float64), stride)
+    out = np.zeros(shifted.shape[:2])
+    n = ref.shape[-1]
+    length = n * stride
+    for s, (dh, dw) in enumerate(shifts):
+        shifted_ref = np.roll(a_up, (int(dh), int(dw)), axis=(-2, -1))
+        b_up = upsample_circular(shifted[s].numpy().astype(np.float64), stride)
+        mask = np.ones((length, length), bool)
+        if crop:
+            k = np.arange(length)
+            top = (n - 1) * stride - border
+            row = (k >= border) & (k <= top) & (k - dh >= border) & (k - dh <= top)
+            col = (k >= border) & (k <= top) & (k - dw >= border) & (k - dw <= top)
+            mask = row[:, None] & col[None, :]
+        for b in range(shifted.shape[1]):
+            x = shifted_ref[b][:, mask].ravel()
+            y = b_up[b][:, mask].ravel()
+            if metric == "cosine":
+                out[s, b] = 1 - x @ y / (np.linalg.norm(x) * np.linalg.norm(y))
+            elif metric == "l2":
+                out[s, b] = np.linalg.norm(x - y) / np.linalg.norm(x)
+            else:
+                peak = ref[b].numpy().max() - ref[b].numpy().min()
+                out[s, b] = 10 * np.log10(peak**2 / np.mean((x - y) ** 2))
+    return out
+
+
+def layer(stride: int, channels: int, n: int) -> LayerInfo:
+    s = float(stride)
+    return LayerInfo("x", "Test", "spatial", (s, s), (s, s), (channels, n, n))
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2", "psnr"])
+@pytest.mark.parametrize("stride", [2, 3, 4])
+def test_bilinear_equals_explicit_upsampling_in_circular_mode(stride, metric):
+    generator = torch.Generator().manual_seed(stride)
+    ref = torch.randn(2, 3, 5, 5, generator=generator)
+    shifts = [(0, 1), (1, 0), (stride - 1, 2), (stride, stride), (2 * stride + 1, 3), (7, 0)]
+    shifted = ref[None] + 0.3 * torch.randn(len(shifts), 2, 3, 5, 5, generator=generator)
+    plan = make_plan(layer(stride, 3, 5), torch.tensor(shifts, dtype=torch.float64), "circular",
+                     "bilinear", need_peak=metric == "psnr")
+    stats = plan.compare(ref, shifted)
+    got = distance(stats, metric).numpy()
+    expected = reference_distances(ref, shifted, shifts, stride, metric)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("border", [0, 2])
+def test_bilinear_equals_explicit_upsampling_in_crop_mode(border):
+    stride = 2
+    generator = torch.Generator().manual_seed(7)
+    ref = torch.randn(1, 2, 6, 6, generator=generator)
+    shifts = [(-3, 1), (1, -2), (2, 2), (0, 3)]
+    shifted = ref[None] + 0.5 * torch.randn(len(shifts), 1, 2, 6, 6, generator=generator)
+    plan = make_plan(layer(stride, 2, 6), torch.tensor(shifts, dtype=torch.float64), "crop",
+                     "bilinear", border=border)
+    got = distance(plan.compare(ref, shifted), "cosine").numpy()
+    expected = reference_distances(ref, shifted, shifts, stride, "cosine", crop=True, border=border)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_bilinear_is_zero_for_an_exactly_shifted_map_at_divisible_shifts():
+    ref = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    shifts = torch.tensor([(2.0, 4.0), (6.0, 2.0)], dtype=torch.float64)
+    shifted = torch.stack([torch.roll(ref, (1, 2), (-2, -1)), torch.roll(ref, (3, 1), (-2, -1))])
+    for align in ("exact", "bilinear", "fourier"):
+        plan = make_plan(layer(2, 4, 8), shifts, "circular", align)
+        values = distance(plan.compare(ref, shifted), "l2")
+        assert float(values.abs().max()) <= 1e-6, align
+
+
+def test_fourier_alignment_of_a_band_limited_map_is_exact_at_half_pixel_shifts():
+    n = 16
+    grid = torch.arange(n, dtype=torch.float64)
+    def wave(offset: float) -> torch.Tensor:
+        row = torch.cos(2 * math.pi * 2 * (grid - offset) / n)
+        return (row[:, None] * torch.cos(2 * math.pi * (grid[None, :] - offset) / n)).float()
+    ref = wave(0.0)[None, None]
+    # stride 2, input shift 1 -> feature shift 0.5
+    shifted = wave(0.5)[None, None, None]
+    plan = make_plan(layer(2, 1, n), torch.tensor([(1.0, 1.0)], dtype=torch.float64), "circular",
+                     "fourier")
+    assert float(distance(plan.compare(ref, shifted), "cosine")) <= 1e-6
+    exact = make_plan(layer(2, 1, n), torch.tensor([(1.0, 1.0)], dtype=torch.float64), "circular",
+                      "exact")
+    assert math.isnan(float(distance(exact.compare(ref, shifted), "cosine")))
+
+
+def test_crop_mode_exact_alignment_compares_only_the_overlap():
+    ref = torch.randn(1, 2, 8, 8, generator=torch.Generator().manual_seed(4))
+    # the shifted window sees the same content moved down by 2 rows; its top rows are new content
+    shifted = torch.roll(ref, 2, dims=-2)
+    shifted[..., :2, :] = 100.0
+    plan = make_plan(layer(1, 2, 8), torch.tensor([(2.0, 0.0)], dtype=torch.float64), "crop",
+                     "exact")
+    stats = plan.compare(ref, shifted[None])
+    assert float(distance(stats, "l2")) <= 1e-6
+    assert float(stats.count[0, 0]) == 2 * 6 * 8
