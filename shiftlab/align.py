@@ -63,30 +63,54 @@ class RollPlan:
     mask: Optional[torch.Tensor]  # (S, 1, 1, h, w) float32, crop mode only
     need_peak: bool
 
-    def compare(self, ref: torch.Tensor, shifted: torch.Tensor) -> ComparisonStats:
+    def compare(self, ref: torch.Tensor, shifted: torch.Tensor,
+                cache: Optional[dict] = None) -> ComparisonStats:
         device = ref.device
-        shifts = self.feature_shifts.to(device)
-        # whole feature pixels are rolled exactly (also in fourier mode, so that fourier equals
-        # exact where the stride divides the shift); undefined shifts are masked out afterwards
-        aligned = roll_many(ref, shifts.round().long())
-        if self.fourier:
-            fractional = ((shifts - shifts.round()).abs() > 1e-6).any(1)
-            if bool(fractional.any()):
-                idx = fractional.nonzero().squeeze(1)
-                aligned[idx] = fourier_shift_many(ref, shifts[idx])
+        shifts = self.feature_shifts
+        n_shifts, n_images = shifted.shape[:2]
         mask = self.mask.to(device) if self.mask is not None else None
-        weight = (lambda t: t * mask) if mask is not None else (lambda t: t)
-        diff_sq = _reduce(weight((aligned - shifted).square()))
-        shifted_sq = _reduce(weight(shifted.square()))
-        ref_sq = _reduce(weight(aligned.square()))
+        whole = shifts.round()
+        fractional = ((shifts - whole).abs() > 1e-6).any(1) & self.fourier
+        # Shifts that need the same aligned reference are done together: deep layers
+        # (stride >= grid size) need a single one, and no per-shift copy of the reference.
+        keys = torch.where(fractional[:, None], shifts, whole)
+        unique, inverse = torch.unique(keys, dim=0, return_inverse=True)
+        diff_sq = torch.empty(n_shifts, n_images, dtype=torch.float64, device=device)
+        ref_sq = torch.empty_like(diff_sq)
+        peak = torch.empty_like(diff_sq) if self.need_peak else None
+        plain_ref_sq = _sum_sq(ref[None]) if mask is None else None
+        for group, key in enumerate(unique):
+            idx = (inverse == group).nonzero().squeeze(1)
+            if bool(fractional[idx[0]]):
+                aligned = fourier_shift_many(ref, key[None].to(device))[0]
+            else:
+                offset = [int(v) for v in key.tolist()]
+                aligned = torch.roll(ref, offset, dims=(-2, -1)) if any(offset) else ref
+            part = shifted if len(idx) == n_shifts else shifted[idx.to(device)]
+            where = idx.to(device)
+            if mask is None:
+                diff_sq[where] = _sum_sq(part - aligned)
+                ref_sq[where] = plain_ref_sq if not bool(fractional[idx[0]]) else _sum_sq(aligned[None])
+            else:
+                part_mask = mask[where]
+                diff_sq[where] = _sum_sq((part - aligned) * part_mask)
+                ref_sq[where] = _sum_sq(aligned * part_mask)
+            if peak is not None:
+                peak[where] = _peak(aligned.expand(len(idx), *aligned.shape),
+                                    mask[where] if mask is not None else None)
+        shifted_sq = _sum_sq(shifted if mask is None else shifted * mask)
         channels = ref.shape[1]
         if mask is None:
             count = torch.full_like(diff_sq, float(channels * ref.shape[-2] * ref.shape[-1]))
         else:
             count = (mask.sum(dim=(1, 2, 3, 4)).double() * channels)[:, None].expand_as(diff_sq)
-        peak = _peak(aligned, mask) if self.need_peak else None
         valid = self.valid.to(device) & (count[:, 0] > 0)
         return ComparisonStats(ref_sq, shifted_sq, diff_sq, count, peak, valid)
+
+
+def _sum_sq(x: torch.Tensor) -> torch.Tensor:
+    """Σ x² over (C, h, w) of (S, B, C, h, w) -> (S, B) float64, without a squared copy."""
+    return torch.linalg.vector_norm(x.flatten(2), dim=-1).double().square()
 
 
 def _peak(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -151,6 +175,21 @@ def _form(x: torch.Tensor, rows: Band, cols: Band, y: torch.Tensor) -> torch.Ten
     return _reduce(x * cols.apply(rows.apply(y, -2), -1))
 
 
+def _circular_filter(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """rows @ x @ colsᵀ over the last two dims of x (..., h, w): two BLAS calls.
+
+    The matrices are small (n ≤ a few hundred) and circulant-banded; a dense matmul beats
+    both rolls and a tiny conv here (measured in benchmarks/).
+    """
+    return torch.matmul(torch.matmul(rows, x), cols.transpose(-1, -2))
+
+
+def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-row inner product of (B, ...) tensors -> (B,) float64, as one BLAS call."""
+    n = x.shape[0]
+    return torch.bmm(x.reshape(n, 1, -1), y.reshape(n, -1, 1)).view(n).double()
+
+
 @dataclass
 class _Axis:
     """One axis of the bilinear comparison for a chunk of shifts."""
@@ -159,6 +198,9 @@ class _Axis:
     aligned: Band  # A^T D A
     cross: Band  # A^T D B
     plain: Band  # B^T D B
+    residue: torch.Tensor  # (S,) float64: δ - s * quotient, in input pixels
+    plain_dense: torch.Tensor  # (S, n, n) float32: B^T D B as a dense matrix
+    cross_dense: torch.Tensor  # (S, n, n) float32: A^T D B as a dense matrix
     zero_residue: torch.Tensor  # (S,) bool: s divides δ, so A == B
     valid_count: torch.Tensor  # (S,) float64: Σ D, compared positions at input resolution
     peak_mask: Optional[torch.Tensor]  # (S, n) bool, crop mode only
@@ -182,11 +224,16 @@ def _bilinear_axis(n: int, stride: float, shifts: torch.Tensor, crop: bool, bord
         mask = torch.ones(len(shifts), length, dtype=torch.float64)
         peak_mask = None
     weighted_plain = plain[None] * mask[:, :, None]  # D B
+    cross = shifted.transpose(1, 2) @ weighted_plain
+    plain_form = plain.T[None] @ weighted_plain
     return _Axis(
         quotient=quotient.long(),
         aligned=Band.from_dense(shifted.transpose(1, 2) @ (shifted * mask[:, :, None])),
-        cross=Band.from_dense(shifted.transpose(1, 2) @ weighted_plain),
-        plain=Band.from_dense(plain.T[None] @ weighted_plain),
+        cross=Band.from_dense(cross),
+        plain=Band.from_dense(plain_form),
+        plain_dense=plain_form.float(),
+        cross_dense=cross.float(),
+        residue=residue,
         zero_residue=residue.abs() < 1e-9,
         valid_count=mask.sum(1),
         peak_mask=peak_mask,
@@ -198,25 +245,65 @@ class BilinearPlan:
     rows: _Axis
     cols: _Axis
     need_peak: bool
+    circulant: bool = False  # circular mode: every P is circulant (a small 2-D filter)
 
-    def compare(self, ref: torch.Tensor, shifted: torch.Tensor) -> ComparisonStats:
+    def _compare_circulant(self, ref: torch.Tensor, shifted: torch.Tensor,
+                           cache: dict) -> ComparisonStats:
+        """Circular mode: filters move onto the reference, cached per image batch and residue,
+        so each shift costs one roll and one dot product, as exact alignment does."""
+        n_shifts, n_images = shifted.shape[:2]
+        rows, cols = self.rows, self.cols
+        device = ref.device
+        if "plain" not in cache:  # UᵀU: the same for every shift in circular mode
+            cache["plain"] = (rows.plain_dense[0].to(device), cols.plain_dense[0].to(device))
+        plain = cache["plain"]
+        if "ref_sq" not in cache:  # (T_r U)ᵀ(T_r U) = UᵀU: |T_δ U a|² does not depend on δ
+            cache["ref_sq"] = _dot(ref, _circular_filter(ref, *plain))
+        ref_sq = cache["ref_sq"][None].expand(n_shifts, n_images).clone()
+        shifted_sq = _dot(shifted.flatten(0, 1), _circular_filter(shifted, *plain).flatten(0, 1))
+        shifted_sq = shifted_sq.view(n_shifts, n_images)
+        diff_sq = torch.empty_like(ref_sq)
+        for s in range(n_shifts):
+            offset = (int(rows.quotient[s]), int(cols.quotient[s]))
+            if bool(rows.zero_residue[s] & cols.zero_residue[s]):
+                # s divides δ: |U(a' - b)|² directly, free of the cancellation in the expansion
+                diff = shifted[s] - torch.roll(ref, offset, dims=(-2, -1))
+                diff_sq[s] = _dot(diff, _circular_filter(diff, *plain))
+                continue
+            key = ("cross", float(rows.residue[s]), float(cols.residue[s]))
+            if key not in cache:  # Pᵀ a for this residue: <T_q a, P b> = <T_q Pᵀ a, b>
+                cross_rows = rows.cross_dense[s].to(device).T
+                cross_cols = cols.cross_dense[s].to(device).T
+                cache[key] = _circular_filter(ref, cross_rows, cross_cols)
+            cross = _dot(torch.roll(cache[key], offset, dims=(-2, -1)), shifted[s])
+            diff_sq[s] = ref_sq[s] + shifted_sq[s] - 2 * cross
+        count = torch.full_like(diff_sq, float(ref.shape[1]) * float(rows.valid_count[0] * cols.valid_count[0]))
+        peak = _peak(ref[None], None).expand(n_shifts, n_images) if self.need_peak else None
+        valid = torch.ones(n_shifts, dtype=torch.bool, device=ref.device)
+        return ComparisonStats(ref_sq, shifted_sq, diff_sq, count, peak, valid)
+
+    def compare(self, ref: torch.Tensor, shifted: torch.Tensor,
+                cache: Optional[dict] = None) -> ComparisonStats:
+        if self.circulant:
+            return self._compare_circulant(ref, shifted, {} if cache is None else cache)
         device = ref.device
         quotient = torch.stack([self.rows.quotient, self.cols.quotient], 1)
         aligned = roll_many(ref, quotient)  # (S, B, C, h, w)
         rows, cols = self.rows, self.cols
-        ref_sq = _form(aligned, rows.aligned, cols.aligned, aligned)
-        shifted_sq = _form(shifted, rows.plain, cols.plain, shifted)
+        form = _form
+        ref_sq = form(aligned, rows.aligned, cols.aligned, aligned)
+        shifted_sq = form(shifted, rows.plain, cols.plain, shifted)
         diff_sq = torch.empty_like(ref_sq)
         exact = (rows.zero_residue & cols.zero_residue).to(device)
         if bool(exact.any()):
             # s divides δ: |U(a' - b)|² directly, free of the cancellation in the expansion
             idx = exact.nonzero().squeeze(1)
             diff = aligned[idx] - shifted[idx]
-            diff_sq[idx] = _form(diff, rows.plain.subset(idx.cpu()), cols.plain.subset(idx.cpu()), diff)
+            diff_sq[idx] = form(diff, rows.plain.subset(idx.cpu()), cols.plain.subset(idx.cpu()), diff)
         if not bool(exact.all()):
             idx = (~exact).nonzero().squeeze(1)
-            cross = _form(aligned[idx], rows.cross.subset(idx.cpu()), cols.cross.subset(idx.cpu()),
-                          shifted[idx])
+            cross = form(aligned[idx], rows.cross.subset(idx.cpu()), cols.cross.subset(idx.cpu()),
+                         shifted[idx])
             diff_sq[idx] = ref_sq[idx] + shifted_sq[idx] - 2 * cross
         channels = ref.shape[1]
         count = (rows.valid_count * cols.valid_count * channels).to(device)[:, None].expand_as(ref_sq)
@@ -252,10 +339,11 @@ def make_plan(info: LayerInfo, shifts: torch.Tensor, mode: str, align: str, bord
             # an upsampling layer: there is nothing to interpolate, a band-limited shift is exact
             align = "fourier"
         else:
+            # circular padding in the conv needs the map to be larger than the kernel
             return BilinearPlan(
                 rows=_bilinear_axis(height, float(stride[0]), shifts[:, 0], crop, border),
                 cols=_bilinear_axis(width, float(stride[1]), shifts[:, 1], crop, border),
-                need_peak=need_peak)
+                need_peak=need_peak, circulant=not crop)
     fourier = align == "fourier" and not bool(integer.all())
     valid = integer.all(1) if align == "exact" else torch.ones(len(shifts), dtype=torch.bool)
     mask = None

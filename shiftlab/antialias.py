@@ -8,8 +8,9 @@ The paper's recipe replaces every strided operation by "evaluate densely, blur, 
 
 For torchvision's VGG, AlexNet, ResNet (ResNeXt, Wide ResNet), DenseNet and MobileNetV2 the
 converted model has the module layout and ``state_dict`` keys of the published antialiased-cnns
-models of the same name, so their released checkpoints load with ``strict=True``. The code here
-is our own; only the layouts (names, positions, shapes) follow that project.
+models of the same name, so their released checkpoints load with ``strict=True`` (DenseNet ones
+may first need the old ``norm.1`` -> ``norm1`` key rename that antialiased-cnns' and torchvision's
+DenseNet loaders apply). The code here is our own; only the layouts follow that project.
 """
 from __future__ import annotations
 
@@ -81,6 +82,8 @@ class BlurPool(nn.Module):
         torch.Size([1, 64, 16, 16])
     """
 
+    shiftlab_layer = True  # shiftlab.capture records a BlurPool as one layer, not its pad child
+
     def __init__(self, channels: int, filt_size: int = 4, stride: int = 2,
                  pad_type: str = "reflect", pad_off: int = 0) -> None:
         super().__init__()
@@ -107,6 +110,10 @@ class BlurPool(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ModelError(f"BlurPool({self.channels}) needs input (N, {self.channels}, H, W), "
                              f"got {tuple(x.shape)}")
+        limit = max(self.pad_sizes) + (self.pad_type != "circular")  # reflect needs pad < size
+        if self.pad_type in ("reflect", "refl", "circular") and min(x.shape[-2:]) < limit:
+            raise ModelError(f"BlurPool with pad_type={self.pad_type!r} needs H, W >= {limit}, "
+                             f"got {tuple(x.shape[-2:])}: use a larger input or pad_type='zero'")
         if self.filt_size == 1:
             # A 1x1 filter of weight 1: skip the convolution, keep exact values.
             x = self.pad(x) if self.pad_off else x
@@ -175,6 +182,8 @@ def antialias(model: nn.Module, filt_size: int = 4, copy_weights: bool = True,
 # machinery
 
 _Blur = Callable[..., BlurPool]
+# A BlurPool after a strided conv goes after these. GroupNorm/LayerNorm/InstanceNorm then see the
+# full-resolution map, so unlike eval-mode BatchNorm they do not commute with the subsampling.
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm,
           nn.LayerNorm, nn.LocalResponseNorm)
 _ACTS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
@@ -259,7 +268,8 @@ def _convert_sequential(seq: nn.Sequential, blur: _Blur, skip: set[int],
             pending = (s, module.out_channels, name)  # BlurPool goes after the conv's norm/act
         elif s > 1 and channels is not None and not getattr(module, "return_indices", False):
             if isinstance(module, nn.MaxPool2d):
-                out += [(name, _dense_maxpool(module)), (name + "_blurpool", blur(channels, stride=s))]
+                out += [(name, _dense_maxpool(module)),
+                        (name + "_blurpool", blur(channels, stride=s))]
             else:  # AvgPool2d: the blur replaces the box filter
                 out.append((name, blur(channels, stride=s)))
             continue

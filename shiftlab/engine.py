@@ -148,6 +148,8 @@ class _Run:
         self.plans: dict[tuple[str, int], Plan] = {}
         self.need_peak = settings.metric == "psnr"
         self.references: dict[str, torch.Tensor] = {}
+        # per-layer values derived from the reference (filtered maps, norms), per image batch
+        self.caches: dict[str, dict] = {}
         self._phase: Callable[[str, torch.Tensor], None] = self._ignore
 
     # -- hooks -----------------------------------------------------------------------
@@ -180,7 +182,7 @@ class _Run:
                 plan = make_plan(info, shifts, self.settings.mode, self.settings.align,
                                  self.settings.border, self.need_peak)
                 self.plans[(layer, key)] = plan
-            stats = plan.compare(reference, shifted)
+            stats = plan.compare(reference, shifted, self.caches.setdefault(layer, {}))
         else:
             stats = compare_global(reference, shifted, self.need_peak)
         self.accumulators[layer].add(index, distance(stats, self.settings.metric), stats.valid)
@@ -205,6 +207,7 @@ class _Run:
             finally:
                 self._phase = self._ignore
                 self.references.clear()
+                self.caches.clear()
 
     def _shifted_phase(self, index: torch.Tensor, count: int, chunk: int) -> Callable:
         def on_shifted(layer: str, tensor: torch.Tensor) -> None:

@@ -160,7 +160,8 @@ def load_model(
         raise UsageError(f"model spec must be a non-empty string, got {spec!r}; e.g. 'resnet18'")
     if not isinstance(weights, str) or not weights.strip():
         raise UsageError(f"weights must be 'auto', 'none', a weights name or a checkpoint path, got {weights!r}")
-    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
+    bad_count = isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+    if num_classes is not None and bad_count:
         raise UsageError(f"num_classes must be a positive integer, got {num_classes!r}")
     spec, weights = spec.strip(), weights.strip()
 
@@ -265,7 +266,9 @@ def _pretrained(name: str, chosen: Any, min_size: int | None, allow_download: bo
         model = _download_pretrained(name, chosen)
     except (OSError, http.client.HTTPException) as exc:
         if cached:
-            raise WeightsError(f"cannot read cached weights {cache_file} ({_one_line(exc)}); check its permissions") from None
+            raise WeightsError(
+                f"cannot read cached weights {cache_file} ({_one_line(exc)}); check its permissions"
+            ) from None
         raise _Unavailable(f"{cache_file} is not cached and the download failed: {_one_line(exc)}") from None
     except Exception as exc:  # torch.load raises many types for a broken file
         if cached:
@@ -344,11 +347,14 @@ def _unreachable_reason(url: str, timeout: float) -> str | None:
 
     def probe() -> None:
         try:
-            family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+            addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            if not addresses:
+                raise OSError(f"no address found for {host}")
+            family, kind, proto, _, address = addresses[0]
             with socket.socket(family, kind, proto) as connection:
                 connection.settimeout(timeout)
                 connection.connect(address)
-        except OSError as exc:
+        except Exception as exc:  # any failure here means "cannot download", never a crash
             outcome["error"] = _one_line(exc)
         else:
             outcome["ok"] = ""
@@ -401,7 +407,8 @@ def _resolve_factory(target: str, attr: str, is_file: bool) -> tuple[Callable[..
         if not hasattr(obj, part):
             public = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n)))
             close = difflib.get_close_matches(attr, public, n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else f"; it defines {', '.join(public[:10]) or 'no callables'}"
+            defined = ", ".join(public[:10]) or "no callables"
+            hint = f"; did you mean {', '.join(close)}?" if close else f"; it defines {defined}"
             raise ModelError(f"{target} has no attribute {attr!r}{hint}")
         obj = getattr(obj, part)
     if not callable(obj):

@@ -144,10 +144,11 @@ def test_normalisation_applies_mean_and_std_per_channel(tmp_path):
     color = (200, 100, 50)
     path = _save(tmp_path / "flat.png", Image.new("RGB", (20, 20), color))
     out = load_images([path], size=16).tensor
-    expected = [(c / 255 - m) / s for c, m, s in zip(color, IMAGENET_MEAN, IMAGENET_STD)]
+    expected = [(c / 255 - m) / s for c, m, s in zip(color, IMAGENET_MEAN, IMAGENET_STD, strict=True)]
     torch.testing.assert_close(out[0].mean(dim=(1, 2)), torch.tensor(expected), atol=1e-5, rtol=0)
     custom = load_images([path], size=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)).tensor
-    torch.testing.assert_close(custom[0, :, 0, 0], torch.tensor([(c / 255 - 0.5) / 0.5 for c in color]), atol=1e-5, rtol=0)
+    expected_custom = torch.tensor([(c / 255 - 0.5) / 0.5 for c in color])
+    torch.testing.assert_close(custom[0, :, 0, 0], expected_custom, atol=1e-5, rtol=0)
 
 
 def test_bad_geometry_and_normalisation_are_usage_errors(tmp_path):

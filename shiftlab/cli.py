@@ -1,0 +1,364 @@
+"""Command line: parse, call the API, write files, report. No measurement logic lives here.
+
+Every ShiftlabError becomes one line on stderr and its exit code (2 usage, 1 runtime); Ctrl-C
+exits 130; nothing is ever half-written (outputs go to a temp file, then are renamed).
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import click
+
+from . import __version__
+from .errors import ShiftlabError, UsageError
+
+DEFAULT_SIZE = 128
+DEFAULT_MAX_SHIFT = 8
+FORMATS = ("png", "pdf", "svg")
+
+
+# -- error handling ----------------------------------------------------------------------
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn every failure into one line and an exit code; a traceback only with SHIFTLAB_DEBUG."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = _show_warning
+        try:
+            yield
+        except ShiftlabError as exc:
+            click.echo(f"error: {_one_line(exc)}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted: no output was changed by this run", err=True)
+            sys.exit(130)
+        except click.exceptions.Exit:
+            raise
+        except MemoryError:
+            click.echo("error: out of memory; lower --batch-size or --size", err=True)
+            sys.exit(1)
+        except Exception as exc:  # noqa: BLE001 - the last line of defence for users
+            if os.environ.get("SHIFTLAB_DEBUG"):
+                raise
+            click.echo(f"error: {type(exc).__name__}: {_one_line(exc)} (set SHIFTLAB_DEBUG=1 for a"
+                       " traceback and please report it)", err=True)
+            sys.exit(1)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    click.echo(f"warning: {_one_line(message)}", err=True)
+
+
+# -- shared options ----------------------------------------------------------------------
+def _model_options(func):
+    func = click.option("--model", "-m", "model_spec", required=True, metavar="MODEL",
+                        help="torchvision name (vgg16, resnet50, ...), path/to/file.py:factory,"
+                             " package.module:factory, or timm:NAME.")(func)
+    func = click.option("--weights", "-w", default="auto", show_default=True, metavar="WEIGHTS",
+                        help="auto (pretrained if cached or downloadable, else random init with a"
+                             " warning), none, a torchvision weights name (DEFAULT, IMAGENET1K_V1,"
+                             " ...), or a checkpoint file (.pth/.pt).")(func)
+    func = click.option("--trust-checkpoint", is_flag=True,
+                        help="Allow full unpickling of the checkpoint (runs code inside it). Only"
+                             " for files you trust; by default torch.load(weights_only=True).")(func)
+    func = click.option("--seed", default=0, show_default=True, type=int,
+                        help="Seed for random-init weights, so figures are reproducible.")(func)
+    return func
+
+
+def _measure_options(func):
+    options = [
+        click.option("--images", "-i", "image_sources", multiple=True, metavar="PATH",
+                     help="Image folder or files (PNG/JPEG); repeatable. Default: the sample"
+                          " photographs shipped with shiftlab."),
+        click.option("--max-images", type=click.IntRange(1), default=None,
+                     help="Use at most this many images (first in sorted order)."),
+        click.option("--size", type=click.IntRange(8), default=DEFAULT_SIZE, show_default=True,
+                     help="Input size: images are resized (shorter side to size/0.875) and"
+                          " centre-cropped to size x size."),
+        click.option("--resize", type=click.IntRange(8), default=None,
+                     help="Shorter side before cropping. Default: round(size / 0.875)."),
+        click.option("--max-shift", "-k", type=click.IntRange(1), default=DEFAULT_MAX_SHIFT,
+                     show_default=True,
+                     help="Grid extent K: shifts 0..K-1 per axis (square, K x K), -K..K"
+                          " (symmetric) or (t, t) for t in 0..K-1 (diagonal)."),
+        click.option("--grid", type=click.Choice(["square", "symmetric", "diagonal"]),
+                     default="square", show_default=True, help="Shape of the shift grid."),
+        click.option("--subpixel", type=click.IntRange(1), default=1, show_default=True,
+                     help="Steps of 1/P pixel (band-limited FFT shifts), e.g. 2 for 0.5 px."),
+        click.option("--mode", type=click.Choice(["circular", "crop"]), default="circular",
+                     show_default=True,
+                     help="circular: torch.roll (the paper's per-layer protocol); crop: shifted"
+                          " windows of a larger image, no wrap-around."),
+        click.option("--align", type=click.Choice(["bilinear", "exact", "fourier"]),
+                     default="bilinear", show_default=True,
+                     help="How feature maps of stride s are aligned with an input shift:"
+                          " bilinear upsampling (paper), exact (only where s divides the shift;"
+                          " masked elsewhere) or fourier (fractional shift)."),
+        click.option("--metric", type=click.Choice(["cosine", "l2", "psnr"]), default="cosine",
+                     show_default=True, help="Distance: cosine (paper), relative l2, psnr (dB)."),
+        click.option("--layers", "-l", "layer_patterns", multiple=True, metavar="GLOB",
+                     help="Only layers whose module name matches (repeatable), e.g. 'features.*'."
+                          " Default: every leaf module."),
+        click.option("--border", type=click.IntRange(0), default=0, show_default=True,
+                     help="crop mode: input pixels ignored at each edge of the compared region."),
+        click.option("--batch-size", "-b", type=click.IntRange(1), default=16, show_default=True,
+                     help="Inputs per forward pass (images x shifts)."),
+        click.option("--device", default="auto", show_default=True,
+                     help="auto (CUDA if available), cpu, cuda or cuda:N."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _figure_options(func):
+    func = click.option("--scale", "--metric-scale", "scale", type=click.Choice(["linear", "log"]),
+                        default="linear", show_default=True, help="Colour scale of the heatmaps.")(func)
+    func = click.option("--format", "formats", multiple=True, type=click.Choice(FORMATS),
+                        default=("png", "pdf"), show_default=True,
+                        help="Figure formats to write (repeatable).")(func)
+    func = click.option("--dpi", type=click.IntRange(30, 1200), default=150, show_default=True,
+                        help="Resolution of PNG figures.")(func)
+    return func
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="shiftlab")
+def main() -> None:
+    """See where shift-equivariance is lost inside a convolutional network.
+
+    \b
+    shiftlab heatmap --model vgg16            layer-by-layer heatmaps on the sample images
+    shiftlab layers --model resnet50          the layers, their stride and output shape
+    shiftlab plot runs/x/result.npz           re-draw figures without recomputing
+    """
+
+
+# -- heatmap -----------------------------------------------------------------------------
+@main.command()
+@_model_options
+@_measure_options
+@_figure_options
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
+              help="Output folder. Default: runs/<model>-<timestamp>/.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+def heatmap(model_spec: str, weights: str, trust_checkpoint: bool, seed: int, out: Optional[str],
+            quiet: bool, scale: str, formats: Sequence[str], dpi: int, **measure_args) -> None:
+    """Measure every layer's equivariance over a grid of shifts and draw the layer grid.
+
+    Writes result.npz, heatmap.{png,pdf}, profile.{png,pdf} and summary.csv into --out. The
+    default (size 128, 8 x 8 circular shifts, 6 sample images) takes about a minute for vgg16
+    on a 2-core CPU; --device auto uses a GPU when there is one.
+    """
+    with _user_errors():
+        result, loaded = _run_measurement(model_spec, weights, trust_checkpoint, seed, quiet,
+                                          **measure_args)
+        folder = Path(out) if out else _default_out(loaded.name)
+        written = _write_outputs(result, folder, scale, formats, dpi)
+        if not quiet:
+            _report(result, written)
+
+
+def _run_measurement(model_spec: str, weights: str, trust_checkpoint: bool, seed: int, quiet: bool,
+                     image_sources: Sequence[str], max_images: Optional[int], size: int,
+                     resize: Optional[int], max_shift: int, grid: str, subpixel: int, mode: str,
+                     align: str, metric: str, layer_patterns: Sequence[str], border: int,
+                     batch_size: int, device: str):
+    import torch
+
+    from .data import load_images, sample_image_paths
+    from .engine import measure
+    from .models import load_model
+    from .shifts import ShiftGrid
+
+    shift_grid = _make_grid(grid, max_shift, subpixel)
+    margin = int(math.ceil(shift_grid.max_abs)) if mode == "crop" else 0
+    if mode == "crop":
+        available = ((resize or round(size / 0.875)) - size) // 2
+        if margin > available:
+            raise UsageError(
+                f"--max-shift {max_shift} needs a crop margin of {margin} px but resizing to"
+                f" {resize or round(size / 0.875)} leaves {available} px around the {size} px window;"
+                f" use --resize {size + 2 * margin} or a smaller --max-shift")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        loaded = load_model(model_spec, weights, trust_checkpoint=trust_checkpoint)
+    if loaded.min_size and size < loaded.min_size:
+        raise UsageError(f"{loaded.name} needs inputs of at least {loaded.min_size} px; use --size"
+                         f" {loaded.min_size} or more")
+    sources = list(image_sources) or sample_image_paths()
+    paths = _expand_sources(sources)
+    if max_images:
+        paths = paths[:max_images]
+    images = load_images(paths, size, margin=margin, mean=loaded.mean, std=loaded.std,
+                         resize=resize or max(round(size / 0.875), size + 2 * margin))
+    for path, reason in images.skipped:
+        click.echo(f"warning: skipped {path}: {reason}", err=True)
+    if not quiet:
+        click.echo(f"{loaded.name} ({loaded.weights}): {len(images.paths)} images at {size} px,"
+                   f" {len(shift_grid)} shifts ({shift_grid.kind}, {mode}, {align}, {metric})",
+                   err=True)
+    meta = {"model": loaded.name, "weights": loaded.weights, "pretrained": loaded.pretrained,
+            "images": [p.name for p in images.paths], "label": loaded.name}
+    result = measure(loaded.model, images.tensor, shift_grid, mode=mode, align=align, metric=metric,
+                     layers=list(layer_patterns) or None, margin=margin, border=border,
+                     batch_size=batch_size, device=device, progress=None if not quiet else False,
+                     meta=meta)
+    return result, loaded
+
+
+def _expand_sources(sources: Sequence) -> list[Path]:
+    from .data import find_images
+
+    paths: list[Path] = []
+    for source in sources:
+        paths += find_images(source)
+    return paths
+
+
+def _make_grid(kind: str, k: int, subpixel: int):
+    from .shifts import ShiftGrid
+
+    if kind == "square":
+        return ShiftGrid.square(k, subpixel)
+    if kind == "symmetric":
+        return ShiftGrid.symmetric(k, subpixel)
+    return ShiftGrid.diagonal(k * subpixel, subpixel=subpixel)
+
+
+def _default_out(model_name: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name)
+    return Path("runs") / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _write_outputs(result, folder: Path, scale: str, formats: Sequence[str], dpi: int) -> list[Path]:
+    """result.npz, summary.csv, heatmap.*, profile.* — each written to a temp file, then renamed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from .plots import layer_grid, layer_profile, save_figure
+    from .result import atomic_write
+
+    _check_writable(folder)
+    written = [result.save(folder / "result.npz")]
+    summary = result.summary().to_csv(index=False).encode()
+    written.append(atomic_write(folder / "summary.csv", lambda handle: handle.write(summary)))
+    for name, draw in (("heatmap", lambda: layer_grid(result, scale=scale)),
+                       ("profile", lambda: layer_profile(result, scale=scale))):
+        figure = draw()
+        try:
+            written += save_figure(figure, folder / name, formats=formats, dpi=dpi)
+        finally:
+            plt.close(figure)
+    return written
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ShiftlabError(f"cannot create output folder {folder}: {exc.strerror}; choose another"
+                            " --out") from exc
+    if not os.access(folder, os.W_OK):
+        raise ShiftlabError(f"output folder {folder} is not writable; choose another --out")
+
+
+def _report(result, written: list[Path]) -> None:
+    summary = result.summary()
+    spatial = summary[summary["kind"] == "spatial"]
+    if len(spatial):
+        worst = spatial.loc[spatial["mean"].idxmax()] if spatial["mean"].notna().any() else None
+        if worst is not None:
+            click.echo(f"least equivariant spatial layer: {worst['layer']} (stride"
+                       f" {worst['stride']:g}, mean {result.settings.metric} {worst['mean']:.4g})",
+                       err=True)
+    bad = result.nonfinite_layers()
+    if bad:
+        click.echo(f"warning: non-finite values (NaN) in {len(bad)} layers, e.g. {bad[0]};"
+                   " those images are left out of the means", err=True)
+    click.echo(f"measured in {result.meta.get('seconds', float('nan')):.1f} s", err=True)
+    for path in written:
+        click.echo(str(path))
+
+
+# -- layers ------------------------------------------------------------------------------
+@main.command()
+@_model_options
+@click.option("--size", type=click.IntRange(8), default=224, show_default=True, help="Input size.")
+@click.option("--layers", "-l", "layer_patterns", multiple=True, metavar="GLOB",
+              help="Only layers whose module name matches (repeatable).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
+def layers(model_spec: str, weights: str, trust_checkpoint: bool, seed: int, size: int,
+           layer_patterns: Sequence[str], device: str) -> None:
+    """List the hook points: name, module type, kind, measured stride and output shape."""
+    with _user_errors():
+        import torch
+
+        from .engine import resolve_device
+        from .geometry import probe_layers
+        from .models import load_model
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            loaded = load_model(model_spec, weights, trust_checkpoint=trust_checkpoint)
+        target = resolve_device(device)
+        infos = probe_layers(loaded.model.to(target), (size, size), list(layer_patterns) or None,
+                             device=target)
+        width = max(len(i.name) for i in infos)
+        click.echo(f"{'#':>3}  {'layer':<{width}}  {'module':<20} {'kind':<8} {'stride':>6}  shape")
+        for index, info in enumerate(infos):
+            stride = "-" if info.kind == "global" else f"{info.stride[0]:g}" + (
+                "" if info.stride[0] == info.stride[1] else f"x{info.stride[1]:g}")
+            click.echo(f"{index:>3}  {info.name:<{width}}  {info.module:<20} {info.kind:<8}"
+                       f" {stride:>6}  {'x'.join(map(str, info.shape))}")
+        click.echo(f"{len(infos)} layers of {loaded.name} at {size} px ({loaded.weights})", err=True)
+
+
+# -- plot --------------------------------------------------------------------------------
+@main.command()
+@click.argument("result_file", type=click.Path(dir_okay=False))
+@_figure_options
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
+              help="Output folder. Default: the result file's folder.")
+def plot(result_file: str, scale: str, formats: Sequence[str], dpi: int, out: Optional[str]) -> None:
+    """Re-draw the figures of a saved result.npz without recomputing."""
+    with _user_errors():
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot as plt
+
+        from .plots import layer_grid, layer_profile, save_figure
+        from .result import load
+
+        result = load(result_file)
+        folder = Path(out) if out else Path(result_file).parent
+        _check_writable(folder)
+        written: list[Path] = []
+        for name, draw in (("heatmap", lambda: layer_grid(result, scale=scale)),
+                           ("profile", lambda: layer_profile(result, scale=scale))):
+            figure = draw()
+            try:
+                written += save_figure(figure, folder / name, formats=formats, dpi=dpi)
+            finally:
+                plt.close(figure)
+        for path in written:
+            click.echo(str(path))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,396 @@
+"""Figures: one panel per layer, one shared colour scale, masked undefined cells, matching."""
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.colors import LogNorm, TwoSlopeNorm  # noqa: E402
+from torch import nn  # noqa: E402
+
+import shiftlab  # noqa: E402
+from shiftlab import plots  # noqa: E402
+from shiftlab.errors import SettingsMismatchError, UsageError  # noqa: E402
+from shiftlab.geometry import LayerInfo  # noqa: E402
+from shiftlab.result import Result, Settings  # noqa: E402
+from shiftlab.shifts import ShiftGrid  # noqa: E402
+
+NAN2 = (math.nan, math.nan)
+
+
+def spatial(name: str, stride: int, module: str = "Conv2d") -> LayerInfo:
+    return LayerInfo(name, module, "spatial", (float(stride),) * 2, (float(stride),) * 2, (4, 8, 8))
+
+
+def glob(name: str) -> LayerInfo:
+    return LayerInfo(name, "Linear", "global", NAN2, NAN2, (10,))
+
+
+def make_result(layers: list[LayerInfo], grid: ShiftGrid | None = None, metric: str = "cosine",
+                align: str = "exact", seed: int = 0, meta: dict | None = None,
+                values: np.ndarray | None = None) -> Result:
+    """Known per-(layer, shift) means; NaN where align='exact' and the stride does not divide."""
+    grid = grid or ShiftGrid.square(4)
+    shifts = np.asarray(grid.shifts)
+    rng = np.random.default_rng(seed)
+    mean = rng.uniform(0.01, 0.2, size=(len(layers), len(grid))) if values is None else values.copy()
+    for row, info in enumerate(layers):
+        mean[row][(shifts == 0).all(1)] = 0.0 if metric != "psnr" else math.inf
+        if info.is_spatial and align == "exact":
+            stride = info.stride[0]
+            mean[row][(shifts[:, 0] % stride != 0) | (shifts[:, 1] % stride != 0)] = math.nan
+    n = np.where(np.isnan(mean), 0, 3)
+    meta = {"model": "toynet", "weights": "random init", "n_images": 3} if meta is None else meta
+    return Result(settings=Settings(grid=grid, align=align, metric=metric, size=(32, 32)),
+                  layers=list(layers), mean=mean, std=np.zeros_like(mean), n=n,
+                  n_inf=np.where(np.isinf(mean), 3, 0), n_nan=np.zeros_like(n), meta=meta)
+
+
+THREE = [spatial("features.0", 1), spatial("features.2", 2, "MaxPool2d"), glob("classifier.0")]
+
+
+@pytest.fixture
+def result() -> Result:
+    return make_result(THREE)
+
+
+@pytest.fixture(autouse=True)
+def no_open_figures():
+    plt.close("all")
+    yield
+    assert plt.get_fignums() == [], "plots must not register figures with pyplot"
+    plt.close("all")
+
+
+def panels(fig) -> list:
+    return [ax for ax in fig.axes if ax.get_label().startswith("layer:")]
+
+
+def colorbars(fig) -> list:
+    return [ax for ax in fig.axes if hasattr(ax, "_colorbar")]
+
+
+def bar_label(fig) -> str:
+    """The colour bar's label with its line wrapping undone."""
+    return " ".join(colorbars(fig)[0].get_ylabel().split())
+
+
+def mesh(ax):
+    return ax.collections[0]
+
+
+# -- layer_grid ----------------------------------------------------------------------------
+def test_layer_grid_draws_one_panel_per_layer_in_network_order(result):
+    fig = plots.layer_grid(result)
+    assert [ax.get_label() for ax in panels(fig)] == [f"layer:{n}" for n in result.layer_names]
+    assert [mesh(ax).get_array().shape for ax in panels(fig)] == [(4, 4)] * 3
+
+
+def test_layer_grid_has_one_colour_bar_and_one_shared_norm(result):
+    fig = plots.layer_grid(result)
+    assert len(colorbars(fig)) == 1
+    norms = {id(mesh(ax).norm) for ax in panels(fig)}
+    assert len(norms) == 1
+    finite = result.mean[np.isfinite(result.mean)]
+    assert {mesh(ax).get_clim() for ax in panels(fig)} == {(0.0, finite.max())}
+    assert colorbars(fig)[0]._colorbar.norm is mesh(panels(fig)[0]).norm
+
+
+def test_panel_titles_name_stride_and_mean(result):
+    titles = [ax.get_title() for ax in panels(plots.layer_grid(result))]
+    for title, name, stride in zip(titles, result.layer_names, ["s=1", "s=2", "global"]):
+        assert name in title and stride in title
+        assert f"μ={result.layer_mean(name):.3g}" in title
+
+
+def test_undefined_cells_are_masked_not_zero(result):
+    fig = plots.layer_grid(result)
+    pool = next(ax for ax in panels(fig) if ax.get_label() == "layer:features.2")
+    drawn = mesh(pool).get_array()
+    expected = result.map("features.2")
+    assert np.isnan(expected).sum() == 12  # stride 2 on a 4x4 grid: only even (dh, dw) defined
+    assert np.array_equal(np.ma.getmaskarray(drawn), np.isnan(expected))
+    assert np.allclose(drawn.compressed(), expected[~np.isnan(expected)])
+    assert any(p.get_hatch() for p in pool.patches), "undefined cells need a hatched background"
+    legend_texts = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+    assert "grey = undefined (stride does not divide the shift)" in legend_texts
+
+
+def test_no_undefined_note_when_every_cell_is_defined():
+    fig = plots.layer_grid(make_result(THREE, align="bilinear"))
+    assert not fig.legends
+    assert not np.ma.getmaskarray(mesh(panels(fig)[1]).get_array()).any()
+
+
+def test_title_names_model_random_init_and_settings(result):
+    title = plots.layer_grid(result).get_suptitle()
+    for part in ("toynet", "random init", "cosine", "circular", "exact", "4×4", "32×32", "3 images"):
+        assert part in title
+    assert "random init" in plots.layer_grid(make_result(THREE, meta={"model": "m", "weights": "none"})).get_suptitle()
+    assert plots.layer_grid(result, title="mine").get_suptitle() == "mine"
+
+
+def test_log_scale_uses_lognorm_from_the_smallest_positive_value(result):
+    fig = plots.layer_grid(result, scale="log")
+    norm = mesh(panels(fig)[0]).norm
+    assert isinstance(norm, LogNorm)
+    finite = result.mean[np.isfinite(result.mean)]
+    assert norm.vmin == pytest.approx(finite[finite > 0].min())
+    drawn = mesh(panels(fig)[0]).get_array()
+    assert drawn[0, 0] == pytest.approx(norm.vmin) and not np.ma.getmaskarray(drawn)[0, 0]  # zero lifted
+    assert "log scale" in bar_label(fig)
+
+
+def test_cosine_colour_bar_says_zero_is_equivariant(result):
+    assert "cosine distance (0 = equivariant)" in bar_label(plots.layer_grid(result))
+
+
+def test_psnr_reverses_colormap_and_clips_inf_to_the_finite_max():
+    psnr = make_result(THREE, metric="psnr", align="bilinear",
+                       values=np.random.default_rng(3).uniform(20, 40, size=(3, 16)))
+    fig = plots.layer_grid(psnr, cmap="viridis")
+    label = bar_label(fig)
+    assert "PSNR (dB, higher = more equivariant)" in label and "∞" in label
+    first = mesh(panels(fig)[0])
+    assert first.get_cmap().name == "viridis_r"
+    finite_max = psnr.mean[np.isfinite(psnr.mean)].max()
+    assert first.get_array()[0, 0] == pytest.approx(finite_max)  # shift (0, 0) is +inf
+    assert first.get_clim()[1] == pytest.approx(finite_max)
+    values = psnr.values("features.0")
+    assert f"μ={values[np.isfinite(values)].mean():.3g}" in panels(fig)[0].get_title()
+
+
+def test_user_colour_limits_are_shared(result):
+    fig = plots.layer_grid(result, vmin=0.05, vmax=0.1)
+    assert {mesh(ax).get_clim() for ax in panels(fig)} == {(0.05, 0.1)}
+    with pytest.raises(UsageError):
+        plots.layer_grid(result, vmin=0.2, vmax=0.1)
+
+
+def test_layer_selection_spatial_only_and_unknown_layer(result):
+    assert len(panels(plots.layer_grid(result, spatial_only=True))) == 2
+    assert [ax.get_label() for ax in panels(plots.layer_grid(result, layers=["classifier.*", "features.0"]))] \
+        == ["layer:features.0", "layer:classifier.0"]  # network order, not argument order
+    with pytest.raises(UsageError, match="no layer matches"):
+        plots.layer_grid(result, layers=["nope"])
+
+
+def test_diagonal_grid_is_drawn_as_strips_not_empty_squares():
+    diag = make_result(THREE, grid=ShiftGrid.diagonal(6))
+    fig = plots.layer_grid(diag)
+    for ax, name in zip(panels(fig), diag.layer_names):
+        drawn = mesh(ax).get_array()
+        assert drawn.shape == (1, 6)
+        assert np.array_equal(np.ma.getmaskarray(drawn)[0], np.isnan(diag.values(name)))
+        x0, y0, width, height = ax.get_position().bounds
+        assert width > 3 * height
+
+
+def test_many_layers_wrap_into_rows():
+    many = make_result([spatial(f"features.{i}", 1) for i in range(45)], align="bilinear")
+    fig = plots.layer_grid(many)
+    axes = panels(fig)
+    assert len(axes) == 45 and len(colorbars(fig)) == 1
+    rows = {round(ax.get_position().y0, 4) for ax in axes}
+    cols = {round(ax.get_position().x0, 4) for ax in axes}
+    assert len(rows) > 1 and len(cols) <= 10 and len(rows) * len(cols) >= 45
+    assert len(cols) == math.ceil(math.sqrt(45) * 1.3)
+    left = min(cols)
+    for ax in axes:  # few ticks: dh labels on the left column only, and just first/last value
+        labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+        assert labels == (["0", "3"] if round(ax.get_position().x0, 4) == left else [])
+
+
+def test_group_by_block_starts_a_labelled_row_per_block():
+    layers = [spatial("features.0", 1), spatial("features.1", 2), glob("avgpool"),
+              glob("classifier.0"), glob("classifier.1")]
+    fig = plots.layer_grid(make_result(layers, align="bilinear"), group_by_block=True, ncols=4)
+    texts = [t.get_text() for t in fig.texts]
+    assert {"features", "(top level)", "classifier"} <= set(texts)
+    x0 = {ax.get_label(): round(ax.get_position().x0, 4) for ax in panels(fig)}
+    assert x0["layer:features.0"] == x0["layer:avgpool"] == x0["layer:classifier.0"]
+    y0 = {ax.get_label(): round(ax.get_position().y0, 4) for ax in panels(fig)}
+    assert y0["layer:features.0"] > y0["layer:avgpool"] > y0["layer:classifier.0"]
+    assert panels(fig)[0].get_title().startswith("0\n")  # the name inside the block
+
+
+def test_group_by_block_keeps_a_nested_block_in_its_row():
+    names = ["layer1.0.conv1", "layer1.0.downsample.0", "layer1.0.relu#2", "layer1.1.conv1"]
+    fig = plots.layer_grid(make_result([spatial(n, 4) for n in names], align="bilinear"),
+                           group_by_block=True)
+    y0 = [round(ax.get_position().y0, 4) for ax in panels(fig)]
+    assert y0[0] == y0[1] == y0[2] > y0[3]
+    assert {"layer1.0", "layer1.1"} <= {t.get_text() for t in fig.texts}
+    assert "layer1.0.downsample" not in {t.get_text() for t in fig.texts}
+    assert panels(fig)[1].get_title().startswith("downsample.0\n")
+
+
+def test_long_layer_names_shrink_or_shorten_to_fit_their_panel():
+    long_name = "backbone.body.stage4.block12.attention.proj.conv"
+    fig = plots.layer_grid(make_result([spatial(long_name, 1), spatial("c", 1)], align="bilinear"))
+    title = panels(fig)[0].title
+    first_line = title.get_text().split("\n")[0]
+    assert first_line.startswith("backbone.") and "…" in first_line and first_line.endswith(".conv")
+    assert len(first_line) < len(long_name)
+    assert title.get_fontsize() == 5 and panels(fig)[1].title.get_fontsize() == 6.5
+
+
+# -- layer_profile -------------------------------------------------------------------------
+def data_line(fig, label):
+    ax = next(ax for ax in fig.axes if ax.get_label() == "profile")
+    return next(line for line in ax.get_lines() if line.get_label() == label), ax
+
+
+def test_profile_y_values_are_layer_means_in_network_order(result):
+    fig = plots.layer_profile(result, labels=["mine"])
+    line, ax = data_line(fig, "mine")
+    assert list(line.get_xdata()) == list(range(3))
+    assert np.allclose(line.get_ydata(), [result.layer_mean(n) for n in result.layer_names])
+    assert [t.get_text() for t in ax.get_xticklabels()] == result.layer_names
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["mine"]
+
+
+def test_profile_marks_stride_changes_and_global_layers():
+    layers = [spatial("c0", 1), spatial("p1", 2), spatial("c2", 2), spatial("p3", 4), glob("fc")]
+    fig = plots.layer_profile(make_result(layers, align="bilinear"))
+    ax = fig.axes[0]
+    texts = {t.get_text(): t for t in ax.texts}
+    assert {"s=2", "s=4", "global"} <= set(texts) and "s=1" not in texts
+    dotted = sorted(line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == ":")
+    assert dotted == [0.5, 2.5]
+    hollow = [line for line in ax.get_lines() if line.get_marker() == "D"]
+    assert len(hollow) == 1 and list(hollow[0].get_xdata()) == [4]
+
+
+def test_profile_of_two_results_matches_by_name_and_uses_default_labels():
+    a = make_result(THREE, seed=0, meta={"model": "net", "weights": "random init"})
+    b_layers = [THREE[2], THREE[0], THREE[1]]  # same names, other order
+    b = make_result(b_layers, seed=1, meta={"model": "net", "weights": "IMAGENET1K_V1"})
+    fig = plots.layer_profile([a, b])
+    line, _ = data_line(fig, "net (IMAGENET1K_V1)")
+    assert np.allclose(line.get_ydata(), [b.layer_mean(n) for n in a.layer_names])
+    data_line(fig, "net (random init)")
+
+
+def test_profile_thins_tick_labels_above_40_layers():
+    many = make_result([spatial(f"l{i}", 1) for i in range(90)], align="bilinear")
+    ax = plots.layer_profile(many).axes[0]
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert 20 <= len(labels) <= 40 and labels[0] == "l0" and labels[1] == "l3"
+
+
+def test_profile_log_scale(result):
+    assert plots.layer_profile(result, scale="log").axes[0].get_yscale() == "log"
+
+
+# -- matching ------------------------------------------------------------------------------
+def test_match_layers_by_name_keeps_the_first_results_order():
+    a, b = make_result(THREE), make_result([THREE[2], THREE[1], THREE[0]])
+    assert plots.match_layers([a, b]) == [(n, n) for n in a.layer_names]
+    subset = make_result([THREE[1]])  # measured with a layer filter
+    assert plots.match_layers([a, subset]) == [("features.2", "features.2")]
+
+
+def test_match_layers_by_depth_pairs_spatial_then_global_layers():
+    a = make_result([spatial("conv1", 1), spatial("pool", 2), glob("fc")])
+    b = make_result([spatial("features.0", 1), glob("avgpool"), spatial("features.1", 2),
+                     spatial("features.2", 4), glob("classifier")])
+    assert plots.match_layers([a, b]) == [("conv1", "features.0"), ("pool", "features.1"),
+                                          ("fc", "avgpool")]
+    assert plots.match_layers([a, b], by="depth") == plots.match_layers([a, b])
+    with pytest.raises(UsageError, match="share no layer name"):
+        plots.match_layers([a, b], by="name")
+
+
+# -- compare_grid / difference_grid ---------------------------------------------------------
+def test_compare_grid_shares_one_colour_scale_across_results():
+    a = make_result(THREE, seed=0, meta={"label": "A"})
+    b = make_result(THREE, seed=1, meta={"label": "B"})
+    b.mean[0, 5] = 0.9  # b holds the overall maximum
+    fig = plots.compare_grid([a, b])
+    axes = panels(fig)
+    assert len(axes) == 6 and len(colorbars(fig)) == 1
+    assert {mesh(ax).get_clim() for ax in axes} == {(0.0, 0.9)}
+    assert len({id(mesh(ax).norm) for ax in axes}) == 1
+    drawn = mesh(next(ax for ax in axes if ax.get_label() == "layer:B:features.0")).get_array()
+    assert np.allclose(drawn, b.map("features.0"))
+    x0 = {ax.get_label(): round(ax.get_position().x0, 4) for ax in axes}
+    assert x0["layer:A:features.2"] == x0["layer:B:features.2"]  # same layer stacked in a column
+    assert {"A", "B"} <= {t.get_text() for t in fig.texts}
+
+
+def test_compare_grid_refuses_results_measured_differently():
+    a = make_result(THREE)
+    psnr = make_result(THREE, metric="psnr")
+    with pytest.raises(SettingsMismatchError, match="metric"):
+        plots.compare_grid([a, psnr])
+    other_align = make_result(THREE)
+    other_align.settings = Settings(grid=a.grid, align="bilinear", size=(32, 32))
+    with pytest.raises(SettingsMismatchError, match="check_settings=False"):
+        plots.compare_grid([a, other_align])
+    assert len(panels(plots.compare_grid([a, other_align], check_settings=False))) == 6
+
+
+def test_difference_grid_shows_b_minus_a_centred_at_zero():
+    a = make_result(THREE, seed=0, meta={"label": "base"})
+    b = make_result(THREE, seed=1, meta={"label": "blurred"})
+    fig = plots.difference_grid(a, b)
+    axes = panels(fig)
+    assert len(axes) == 3 and len(colorbars(fig)) == 1
+    for ax, name in zip(axes, a.layer_names):
+        expected = b.map(name) - a.map(name)
+        drawn = mesh(ax).get_array()
+        assert np.array_equal(np.ma.getmaskarray(drawn), np.isnan(expected))
+        assert np.allclose(drawn.compressed(), expected[~np.isnan(expected)])
+    norm = mesh(axes[0]).norm
+    assert isinstance(norm, TwoSlopeNorm) and norm.vcenter == 0 and norm.vmin == -norm.vmax
+    diff = b.mean - a.mean
+    assert norm.vmax == pytest.approx(np.abs(diff[np.isfinite(diff)]).max())
+    label = bar_label(fig)
+    assert "blurred − base" in label and "< 0: blurred more equivariant" in label
+
+
+def test_difference_sign_for_psnr_and_grid_mismatch():
+    a = make_result(THREE, metric="psnr", align="bilinear", meta={"label": "a"})
+    b = make_result(THREE, metric="psnr", align="bilinear", seed=2, meta={"label": "b"})
+    assert "> 0: b more equivariant" in bar_label(plots.difference_grid(a, b))
+    with pytest.raises(SettingsMismatchError, match="grid"):
+        plots.difference_grid(make_result(THREE), make_result(THREE, grid=ShiftGrid.square(2)),
+                              check_settings=False)
+
+
+# -- save_figure ---------------------------------------------------------------------------
+def test_save_figure_writes_png_and_pdf_and_leaves_no_temp_files(result, tmp_path):
+    paths = plots.save_figure(plots.layer_grid(result), tmp_path / "out" / "vgg.layers")
+    assert paths == [tmp_path / "out" / "vgg.layers.png", tmp_path / "out" / "vgg.layers.pdf"]
+    assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert paths[1].read_bytes()[:5] == b"%PDF-"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["vgg.layers.pdf", "vgg.layers.png"]
+    with pytest.raises(UsageError, match="cannot save"):
+        plots.save_figure(plots.layer_grid(result), tmp_path / "x", formats=("docx",))
+    assert not (tmp_path / "x.docx").exists()
+
+
+# -- a real measurement ----------------------------------------------------------------------
+def test_real_measurement_renders_every_layer(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"), nn.ReLU(),
+                        nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    images = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    measured = shiftlab.measure(net, images, ShiftGrid.square(4), align="exact", device="cpu",
+                                progress=False, meta={"model": "tiny", "weights": "random init"})
+    fig = plots.layer_grid(measured)
+    assert len(panels(fig)) == len(measured.layers) == 6
+    pool = next(ax for ax in panels(fig) if ax.get_label() == "layer:2")
+    assert "s=2" in pool.get_title()
+    assert np.array_equal(np.ma.getmaskarray(mesh(pool).get_array()), np.isnan(measured.map("2")))
+    assert "random init" in fig.get_suptitle() and "2 images" in fig.get_suptitle()
+    line, _ = data_line(plots.layer_profile(measured), "tiny")
+    assert np.allclose(line.get_ydata(), [measured.layer_mean(n) for n in measured.layer_names])
+    assert all(p.stat().st_size > 0 for p in plots.save_figure(fig, tmp_path / "tiny"))
