@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from .capture import LayerCapture, LayerSelection
-from .errors import ModelError
+from .errors import ModelError, ShiftlabError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LayerInfo:
     """What a layer is: its name, module type, kind, stride (rows, cols) and output shape.
 
@@ -47,16 +47,26 @@ class LayerInfo:
         return None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain JSON-safe data; the NaN strides of global layers become None."""
+        data = asdict(self)
+        for key in ("stride", "measured_stride"):
+            data[key] = [None if math.isnan(v) else v for v in data[key]]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "LayerInfo":
+        as_float = lambda values: tuple(math.nan if v is None else float(v) for v in values)  # noqa: E731
         return cls(
             name=data["name"], module=data["module"], kind=data["kind"],
-            stride=tuple(float(v) for v in data["stride"]),
-            measured_stride=tuple(float(v) for v in data["measured_stride"]),
+            stride=as_float(data["stride"]), measured_stride=as_float(data["measured_stride"]),
             shape=tuple(int(v) for v in data["shape"]),
         )
+
+    def __eq__(self, other: object) -> bool:  # NaN strides of global layers compare equal
+        return isinstance(other, LayerInfo) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.module, self.kind, self.shape))
 
 
 def _round_stride(raw: float) -> float:
@@ -108,6 +118,8 @@ def probe_layers(model: nn.Module, size: tuple[int, int], layers: LayerSelection
     height, width = size
     try:
         base = _shapes_at(model, layers, size, channels, device, dtype)
+    except ShiftlabError:
+        raise  # already says what to fix (e.g. a layer filter that matches nothing)
     except Exception as exc:  # the model's own error says what it needs
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(

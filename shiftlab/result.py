@@ -213,10 +213,15 @@ def load(path: Union[str, os.PathLike]) -> Result:
             arrays = {k: data[k] for k in ("mean", "std", "n", "n_inf", "n_nan")}
     except Exception as exc:
         raise ShiftlabError(f"{path} is not a shiftlab result file ({type(exc).__name__}: {exc})") from exc
-    if header.get("format") != FORMAT_VERSION:
-        raise ShiftlabError(f"{path} has result format {header.get('format')}, this shiftlab reads"
+    if not isinstance(header, dict) or header.get("format") != FORMAT_VERSION:
+        found = header.get("format") if isinstance(header, dict) else None
+        raise ShiftlabError(f"{path} has result format {found}, this shiftlab reads"
                             f" {FORMAT_VERSION}; re-run the measurement")
-    return Result(
-        settings=Settings.from_dict(header["settings"]),
-        layers=[LayerInfo.from_dict(item) for item in header["layers"]],
-        meta=header.get("meta", {}), **arrays)
+    try:
+        return Result(
+            settings=Settings.from_dict(header["settings"]),
+            layers=[LayerInfo.from_dict(item) for item in header["layers"]],
+            meta=header.get("meta", {}), **arrays)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ShiftlabError(f"{path} has an incomplete or damaged header ({type(exc).__name__}:"
+                            f" {exc}); re-run the measurement") from exc

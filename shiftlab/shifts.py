@@ -72,7 +72,14 @@ class ShiftGrid:
     @classmethod
     def explicit(cls, shifts: Iterable[Sequence[float]]) -> "ShiftGrid":
         """Any list of (dh, dw) pairs, kept in the given order."""
-        return cls(tuple((float(dh), float(dw)) for dh, dw in shifts), "explicit")
+        pairs = []
+        for shift in shifts:
+            try:
+                dh, dw = shift
+                pairs.append((float(dh), float(dw)))
+            except (TypeError, ValueError):
+                raise UsageError(f"a shift must be two numbers (dh, dw), got {shift!r}") from None
+        return cls(tuple(pairs), "explicit")
 
     # -- layout of the per-layer maps --------------------------------------------------
     def __len__(self) -> int:

@@ -140,9 +140,6 @@ def test_a_model_failing_on_the_probe_raises_model_error_and_leaves_no_hooks():
     assert _no_hooks(model)
 
 
-@pytest.mark.xfail(reason="probe_layers wraps every exception of its first probe, including the"
-                          " UsageError of the layer filter, into ModelError('try a larger --size')",
-                   strict=True)
 def test_a_layer_filter_matching_nothing_raises_usage_error():
     with pytest.raises(UsageError, match="matches no module"):
         _run(make_equivariant(), _images(), ShiftGrid.square(2), layers="features.*")

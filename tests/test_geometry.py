@@ -162,8 +162,6 @@ def test_a_model_accepting_both_sizes_gives_no_warning():
         probe_layers(_mixed_net(), (16, 16))
 
 
-@pytest.mark.xfail(reason="probe_layers catches Exception around the first probe, so the filter's"
-                          " UsageError becomes a ModelError that blames the input size", strict=True)
 def test_a_layer_filter_matching_nothing_raises_usage_error_not_model_error():
     from shiftlab.errors import UsageError
 

@@ -97,8 +97,6 @@ def test_bad_grid_arguments_raise_usage_error(build):
         build()
 
 
-@pytest.mark.xfail(reason="ShiftGrid.explicit unpacks `for dh, dw in shifts` before validation, so a"
-                          " 3-element shift raises ValueError instead of UsageError", strict=True)
 def test_explicit_grid_with_a_three_number_shift_raises_usage_error():
     with pytest.raises(UsageError):
         ShiftGrid.explicit([(1, 2, 3)])
