@@ -19,7 +19,7 @@ import click
 from . import __version__
 from .errors import ShiftlabError, UsageError
 
-DEFAULT_SIZE = 128
+DEFAULT_SIZE = 112
 DEFAULT_MAX_SHIFT = 8
 FORMATS = ("png", "pdf", "svg")
 
@@ -159,7 +159,7 @@ def heatmap(model_spec: str, weights: str, trust_checkpoint: bool, seed: int, ou
     """Measure every layer's equivariance over a grid of shifts and draw the layer grid.
 
     Writes result.npz, heatmap.{png,pdf}, profile.{png,pdf} and summary.csv into --out. The
-    default (size 128, 8 x 8 circular shifts, 6 sample images) takes about a minute for vgg16
+    default (size 112, 8 x 8 circular shifts, 6 sample images) takes under a minute for vgg16
     on a 2-core CPU; --device auto uses a GPU when there is one.
     """
     with _user_errors():
