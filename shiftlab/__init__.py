@@ -12,8 +12,13 @@ from .geometry import LayerInfo, probe_layers  # noqa: E402
 from .capture import LayerCapture  # noqa: E402
 from .result import Result, Settings, load  # noqa: E402
 from .engine import measure  # noqa: E402
+from .antialias import BlurPool, antialias  # noqa: E402
+from .comparison import Comparison, compare  # noqa: E402
+from .models import load_model  # noqa: E402
+from .data import load_images, sample_image_paths  # noqa: E402
 
 __all__ = [
     "__version__", "ShiftlabError", "UsageError", "ShiftGrid", "LayerInfo", "probe_layers",
-    "LayerCapture", "Result", "Settings", "load", "measure",
+    "LayerCapture", "Result", "Settings", "load", "measure", "BlurPool", "antialias",
+    "Comparison", "compare", "load_model", "load_images", "sample_image_paths",
 ]

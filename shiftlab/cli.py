@@ -143,6 +143,7 @@ def main() -> None:
     shiftlab heatmap --model vgg16            layer-by-layer heatmaps on the sample images
     shiftlab layers --model resnet50          the layers, their stride and output shape
     shiftlab plot runs/x/result.npz           re-draw figures without recomputing
+    shiftlab compare --model vgg16 --antialias 4   baseline vs. antialiased (BlurPool)
     """
 
 
@@ -172,51 +173,73 @@ def heatmap(model_spec: str, weights: str, trust_checkpoint: bool, seed: int, ou
 
 
 def _run_measurement(model_spec: str, weights: str, trust_checkpoint: bool, seed: int, quiet: bool,
-                     image_sources: Sequence[str], max_images: Optional[int], size: int,
-                     resize: Optional[int], max_shift: int, grid: str, subpixel: int, mode: str,
-                     align: str, metric: str, layer_patterns: Sequence[str], border: int,
-                     batch_size: int, device: str):
+                     **options):
+    """Load one model (a ``NAME[+aaK][@WEIGHTS]`` spec), its images, and measure it."""
+    loaded = _load(model_spec, weights, trust_checkpoint, seed)
+    shift_grid, margin = _grid_and_margin(options)
+    images = _images_for(loaded, options, margin)
+    return _measure(loaded, images, shift_grid, margin, quiet, **options), loaded
+
+
+def _load(model_spec: str, weights: str, trust_checkpoint: bool, seed: int,
+          filt_size: Optional[int] = None):
     import torch
 
-    from .data import load_images, sample_image_paths
-    from .engine import measure
-    from .models import load_model
-    from .shifts import ShiftGrid
+    from .variants import load_variant
 
-    shift_grid = _make_grid(grid, max_shift, subpixel)
-    margin = int(math.ceil(shift_grid.max_abs)) if mode == "crop" else 0
-    if mode == "crop":
-        available = ((resize or round(size / 0.875)) - size) // 2
-        if margin > available:
-            raise UsageError(
-                f"--max-shift {max_shift} needs a crop margin of {margin} px but resizing to"
-                f" {resize or round(size / 0.875)} leaves {available} px around the {size} px window;"
-                f" use --resize {size + 2 * margin} or a smaller --max-shift")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        loaded = load_model(model_spec, weights, trust_checkpoint=trust_checkpoint)
+        torch.manual_seed(seed)  # random-init weights are the same in every run
+        return load_variant(model_spec, weights, filt_size=filt_size,
+                            trust_checkpoint=trust_checkpoint)
+
+
+def _grid_and_margin(options: dict):
+    grid = _make_grid(options["grid"], options["max_shift"], options["subpixel"])
+    if options["mode"] != "crop":
+        return grid, 0
+    margin = int(math.ceil(grid.max_abs))
+    size, resize = options["size"], options["resize"]
+    available = ((resize or round(size / 0.875)) - size) // 2
+    if margin > available:
+        raise UsageError(
+            f"--max-shift {options['max_shift']} needs a crop margin of {margin} px but resizing to"
+            f" {resize or round(size / 0.875)} leaves {available} px around the {size} px window;"
+            f" use --resize {size + 2 * margin} or a smaller --max-shift")
+    return grid, margin
+
+
+def _images_for(loaded, options: dict, margin: int):
+    from .data import load_images, sample_image_paths
+
+    size, resize = options["size"], options["resize"]
     if loaded.min_size and size < loaded.min_size:
         raise UsageError(f"{loaded.name} needs inputs of at least {loaded.min_size} px; use --size"
                          f" {loaded.min_size} or more")
-    sources = list(image_sources) or sample_image_paths()
-    paths = _expand_sources(sources)
-    if max_images:
-        paths = paths[:max_images]
+    paths = _expand_sources(list(options["image_sources"]) or sample_image_paths())
+    if options["max_images"]:
+        paths = paths[:options["max_images"]]
     images = load_images(paths, size, margin=margin, mean=loaded.mean, std=loaded.std,
                          resize=resize or max(round(size / 0.875), size + 2 * margin))
     for path, reason in images.skipped:
         click.echo(f"warning: skipped {path}: {reason}", err=True)
+    return images
+
+
+def _measure(loaded, images, shift_grid, margin: int, quiet: bool, mode: str, align: str, metric: str,
+             layer_patterns: Sequence[str], border: int, batch_size: int, device: str,
+             label: Optional[str] = None, **_):
+    from .engine import measure
+
     if not quiet:
-        click.echo(f"{loaded.name} ({loaded.weights}): {len(images.paths)} images at {size} px,"
-                   f" {len(shift_grid)} shifts ({shift_grid.kind}, {mode}, {align}, {metric})",
-                   err=True)
+        click.echo(f"{loaded.name} ({loaded.weights}): {len(images.paths)} images at"
+                   f" {images.tensor.shape[-1] - 2 * margin} px, {len(shift_grid)} shifts ({shift_grid.kind},"
+                   f" {mode}, {align}, {metric})", err=True)
     meta = {"model": loaded.name, "weights": loaded.weights, "pretrained": loaded.pretrained,
-            "images": [p.name for p in images.paths], "label": loaded.name}
-    result = measure(loaded.model, images.tensor, shift_grid, mode=mode, align=align, metric=metric,
-                     layers=list(layer_patterns) or None, margin=margin, border=border,
-                     batch_size=batch_size, device=device, progress=None if not quiet else False,
-                     meta=meta)
-    return result, loaded
+            "images": [p.name for p in images.paths], "label": label or loaded.name}
+    return measure(loaded.model, images.tensor, shift_grid, mode=mode, align=align, metric=metric,
+                   layers=list(layer_patterns) or None, margin=margin, border=border,
+                   batch_size=batch_size, device=device, progress=None if not quiet else False,
+                   meta=meta)
 
 
 def _expand_sources(sources: Sequence) -> list[Path]:
@@ -295,6 +318,109 @@ def _report(result, written: list[Path]) -> None:
         click.echo(str(path))
 
 
+# -- compare -----------------------------------------------------------------------------
+@main.command()
+@click.argument("result_files", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("--model", "-m", "model_specs", multiple=True, metavar="MODEL",
+              help="A model to measure (repeatable): NAME[+aaK][@WEIGHTS], e.g. vgg16,"
+                   " resnet50@base.pth, resnet50+aa4@resnet50_lpf4.pth.")
+@click.option("--antialias", "filt_size", type=click.IntRange(1, 7), default=None,
+              help="Also measure the BlurPool version of each --model with this filter size"
+                   " (weights copied from the baseline).")
+@click.option("--weights", "-w", default="auto", show_default=True, metavar="WEIGHTS",
+              help="Weights for models whose spec has no @WEIGHTS (see 'heatmap --help').")
+@click.option("--trust-checkpoint", is_flag=True,
+              help="Allow full unpickling of checkpoints (only for files you trust).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for random-init weights.")
+@_measure_options
+@_figure_options
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
+              help="Output folder. Default: runs/compare-<timestamp>/.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+def compare(result_files: Sequence[str], model_specs: Sequence[str], filt_size: Optional[int],
+            weights: str, trust_checkpoint: bool, seed: int, scale: str, formats: Sequence[str],
+            dpi: int, out: Optional[str], quiet: bool, **options) -> None:
+    """Compare models (or saved results) measured with the same settings.
+
+    \b
+    shiftlab compare --model vgg16 --antialias 4            baseline vs. its BlurPool version
+    shiftlab compare -m resnet50@base.pth -m resnet50+aa4@lpf4.pth
+    shiftlab compare runs/a/result.npz runs/b/result.npz    from saved results
+
+    Writes grids.*, difference.* (each model minus the first), profile.*, summary.csv and one
+    result-<label>.npz per measured model.
+    """
+    with _user_errors():
+        from .comparison import Comparison
+        from .result import load
+
+        if result_files and model_specs:
+            raise UsageError("give either result files or --model options, not both")
+        if result_files:
+            if filt_size:
+                raise UsageError("--antialias needs --model; saved results are compared as they are")
+            results = [load(path) for path in result_files]
+        else:
+            specs = list(model_specs)
+            if not specs:
+                raise UsageError("nothing to compare: pass result files or --model (with --antialias"
+                                 " for a baseline-vs-antialiased comparison)")
+            variants = [(spec, None) for spec in specs]
+            if filt_size:
+                variants += [(spec, filt_size) for spec in specs]
+            if len(variants) < 2:
+                raise UsageError("a comparison needs two models: repeat --model or add --antialias K")
+            shift_grid, margin = _grid_and_margin(options)
+            results, images = [], None
+            for spec, filt in variants:
+                loaded = _load(spec, weights, trust_checkpoint, seed, filt)
+                if images is None:
+                    images = _images_for(loaded, options, margin)
+                results.append(_measure(loaded, images, shift_grid, margin, quiet, **options))
+        comparison = Comparison(results)
+        folder = Path(out) if out else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+        written = _write_comparison(comparison, folder, bool(model_specs), scale, formats, dpi)
+        if not quiet:
+            table = comparison.summary()
+            means = [c for c in table.columns if c.startswith("mean[")]
+            click.echo(table[[table.columns[1]] + means].to_string(index=False, float_format="%.4g"),
+                       err=True)
+        for path in written:
+            click.echo(str(path))
+
+
+def _write_comparison(comparison, folder: Path, save_results: bool, scale: str,
+                      formats: Sequence[str], dpi: int) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from .plots import save_figure
+    from .result import atomic_write
+
+    _check_writable(folder)
+    written: list[Path] = []
+    if save_results:
+        for label, result in zip(comparison.labels, comparison.results):
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+            written.append(result.save(folder / f"result-{safe}.npz"))
+    table = comparison.summary().to_csv(index=False).encode()
+    written.append(atomic_write(folder / "summary.csv", lambda handle: handle.write(table)))
+    figures = [("grids", lambda: comparison.plot_grids(scale=scale)),
+               ("profile", lambda: comparison.plot_profile(scale=scale))]
+    for index in range(1, len(comparison.results)):
+        stem = "difference" if len(comparison.results) == 2 else f"difference-{index}"
+        figures.append((stem, lambda index=index: comparison.plot_difference(0, index)))
+    for name, draw in figures:
+        figure = draw()
+        try:
+            written += save_figure(figure, folder / name, formats=formats, dpi=dpi)
+        finally:
+            plt.close(figure)
+    return written
+
+
 # -- layers ------------------------------------------------------------------------------
 @main.command()
 @_model_options
@@ -306,15 +432,10 @@ def layers(model_spec: str, weights: str, trust_checkpoint: bool, seed: int, siz
            layer_patterns: Sequence[str], device: str) -> None:
     """List the hook points: name, module type, kind, measured stride and output shape."""
     with _user_errors():
-        import torch
-
         from .engine import resolve_device
         from .geometry import probe_layers
-        from .models import load_model
 
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            loaded = load_model(model_spec, weights, trust_checkpoint=trust_checkpoint)
+        loaded = _load(model_spec, weights, trust_checkpoint, seed)
         target = resolve_device(device)
         infos = probe_layers(loaded.model.to(target), (size, size), list(layer_patterns) or None,
                              device=target)

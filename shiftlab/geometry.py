@@ -105,8 +105,8 @@ def probe_layers(model: nn.Module, size: tuple[int, int], layers: LayerSelection
                  dtype: torch.dtype = torch.float32) -> list[LayerInfo]:
     """Every watched layer in execution order, with kind and measured stride.
 
-    Runs two forwards of one random image: at ``size`` and at twice that size. When the model
-    refuses the larger size (fixed-size models), strides fall back to H / h with a warning.
+    Runs two forwards of one random image: at ``size`` and at ``size`` + 64·⌈size/64⌉. When the
+    model refuses the larger size (fixed-size models), strides fall back to H / h with a warning.
 
     Example::
 
@@ -125,8 +125,11 @@ def probe_layers(model: nn.Module, size: tuple[int, int], layers: LayerSelection
         raise ModelError(
             f"the model cannot take a {channels}x{height}x{width} input ({first}); "
             "try a larger --size or the size the model was built for") from exc
+    # ΔH a multiple of 64: floor/ceil effects of any power-of-two stride up to 64 cancel
+    # (an antialiased VGG's last pool is ceil(H/32), the baseline's floor(H/32))
+    grow = (64 * math.ceil(height / 64), 64 * math.ceil(width / 64))
     try:
-        large = _shapes_at(model, layers, (2 * height, 2 * width), channels, device, dtype)
+        large = _shapes_at(model, layers, (height + grow[0], width + grow[1]), channels, device, dtype)
     except Exception:
         large = None
         warnings.warn("the model does not accept a second input size; strides are estimated as"
@@ -134,12 +137,12 @@ def probe_layers(model: nn.Module, size: tuple[int, int], layers: LayerSelection
     infos = []
     for name, (module, shape) in base.items():
         other = large.get(name, (module, None))[1] if large is not None else None
-        infos.append(_describe(name, module, shape, other, size))
+        infos.append(_describe(name, module, shape, other, size, grow))
     return infos
 
 
 def _describe(name: str, module: str, shape: tuple[int, ...], large: Optional[tuple[int, ...]],
-              size: tuple[int, int]) -> LayerInfo:
+              size: tuple[int, int], grow: tuple[int, int]) -> LayerInfo:
     nan = (math.nan, math.nan)
     if len(shape) != 3:
         return LayerInfo(name, module, "global", nan, nan, shape)
@@ -154,5 +157,5 @@ def _describe(name: str, module: str, shape: tuple[int, ...], large: Optional[tu
     grow_h, grow_w = large[1] - h, large[2] - w
     if grow_h <= 0 or grow_w <= 0:
         return LayerInfo(name, module, "global", nan, nan, shape)
-    raw = (size[0] / grow_h, size[1] / grow_w)
+    raw = (grow[0] / grow_h, grow[1] / grow_w)
     return LayerInfo(name, module, "spatial", tuple(map(_round_stride, raw)), raw, shape)

@@ -618,3 +618,17 @@ def _first(items: list[str], count: int = 5) -> str:
 def _one_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, trust_checkpoint: bool = False,
+                    name: str | None = None) -> nn.Module:
+    """Load a checkpoint file into ``model`` strictly (``weights_only=True`` unless trusted).
+
+    Example:
+        >>> load_checkpoint(antialias(resnet50(), 4), "resnet50_lpf4.pth")   # doctest: +SKIP
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist; check the path")
+    _load_checkpoint(model, path, trust_checkpoint, name or type(model).__name__)
+    return model

@@ -16,6 +16,8 @@ shift (0, 0)), they are the mean over the finite shifts instead.
 """
 from __future__ import annotations
 
+import difflib
+
 import math
 import os
 import textwrap
@@ -290,17 +292,21 @@ def match_layers(results: Results, by: str = "auto") -> list[tuple[str, ...]]:
     - ``by='name'``: the names present in every result, in the first result's network order.
     - ``by='depth'``: the i-th spatial layer of each result together (down to the shortest
       list), then the i-th global layer of each; extra layers of longer networks are dropped.
-    - ``by='auto'`` (default): by name when one result's layers are all present in every other
-      result (the same network, or one measured with a layer filter), else by depth. An
-      antialiased model renames its pooling layers; pass ``by='name'`` to compare the layers
-      the two share.
+    - ``by='structure'``: an alignment (difflib) of the layer sequences on (kind, stride,
+      output shape), so a baseline max-pool (stride 2) pairs with the BlurPool that replaces it
+      in an antialiased model, and inserted layers are skipped.
+    - ``by='auto'`` (default): by name when every result has the same layer names (possibly
+      one is a filtered subset), else by structure.
 
     Example:
         >>> match_layers([vgg16_result, vgg16_aa_result], by="name")[:2]   # doctest: +SKIP
         [('features.0', 'features.0'), ('features.1', 'features.1')]
     """
     results = _as_list(results)
-    if _resolve_by(results, by) == "name":
+    resolved = _resolve_by(results, by)
+    if resolved == "structure":
+        return _match_structure(results)
+    if resolved == "name":
         common = set.intersection(*(set(r.layer_names) for r in results))
         rows = [(name,) * len(results) for name in results[0].layer_names if name in common]
         if not rows:
@@ -372,12 +378,57 @@ def _select(result: Result, layers: Optional[Sequence[str]], spatial_only: bool)
 
 
 def _resolve_by(results: list[Result], by: str) -> str:
-    if by not in ("auto", "name", "depth"):
-        raise UsageError(f"unknown matching {by!r}; use auto, name or depth")
+    if by not in ("auto", "name", "depth", "structure"):
+        raise UsageError(f"unknown matching {by!r}; use auto, name, depth or structure")
     if by != "auto":
         return by
     sets = [set(r.layer_names) for r in results]
-    return "name" if any(all(s <= other for other in sets) for s in sets) else "depth"
+    if all(s == sets[0] for s in sets):
+        return "name"
+    if any(all(s <= other for other in sets) for s in sets) and all(
+            _same_structure(results[0], r) for r in results[1:]):
+        return "name"  # one result measured with a layer filter
+    return "structure"
+
+
+def _token(info: LayerInfo) -> tuple:
+    return (info.kind, tuple(info.stride) if info.is_spatial else None, tuple(info.shape))
+
+
+def _same_structure(a: Result, b: Result) -> bool:
+    common = set(a.layer_names) & set(b.layer_names)
+    return all(_token(a.layer(n)) == _token(b.layer(n)) for n in common)
+
+
+def _align(a: list, b: list, offset_a: int = 0, offset_b: int = 0) -> dict[int, int]:
+    matcher = difflib.SequenceMatcher(a=a, b=b, autojunk=False)
+    return {offset_a + blk.a + k: offset_b + blk.b + k
+            for blk in matcher.get_matching_blocks() for k in range(blk.size)}
+
+
+def _match_structure(results: list[Result]) -> list[tuple[str, ...]]:
+    """Align every result's layer sequence with the first's; keep rows matched in all.
+
+    Pass 1 matches identical (module, kind, stride, shape) runs; pass 2 matches the gaps
+    between them on (kind, stride, shape) alone, pairing a replaced layer with its replacement.
+    """
+    base = results[0].layers
+    maps = []
+    for other in results[1:]:
+        full = _align([(i.module, *_token(i)) for i in base], [(i.module, *_token(i)) for i in other.layers])
+        pairs = dict(full)
+        anchors = [(-1, -1)] + sorted(full.items()) + [(len(base), len(other.layers))]
+        for (a0, b0), (a1, b1) in zip(anchors, anchors[1:]):
+            if a1 - a0 > 1 and b1 - b0 > 1:
+                pairs.update(_align([_token(i) for i in base[a0 + 1:a1]],
+                                    [_token(i) for i in other.layers[b0 + 1:b1]], a0 + 1, b0 + 1))
+        maps.append({k: other.layers[v].name for k, v in pairs.items()})
+    first = base
+    rows = [(info.name, *(m[i] for m in maps)) for i, info in enumerate(first)
+            if all(i in m for m in maps)]
+    if not rows:
+        raise UsageError("the results share no layer structure; use by='depth'")
+    return rows
 
 
 def _labels(results: list[Result], labels: Optional[Sequence[str]]) -> list[str]:

@@ -301,9 +301,8 @@ def test_match_layers_by_depth_pairs_spatial_then_global_layers():
     a = make_result([spatial("conv1", 1), spatial("pool", 2), glob("fc")])
     b = make_result([spatial("features.0", 1), glob("avgpool"), spatial("features.1", 2),
                      spatial("features.2", 4), glob("classifier")])
-    assert plots.match_layers([a, b]) == [("conv1", "features.0"), ("pool", "features.1"),
-                                          ("fc", "avgpool")]
-    assert plots.match_layers([a, b], by="depth") == plots.match_layers([a, b])
+    assert plots.match_layers([a, b], by="depth") == [("conv1", "features.0"), ("pool", "features.1"),
+                                                      ("fc", "avgpool")]
     with pytest.raises(UsageError, match="share no layer name"):
         plots.match_layers([a, b], by="name")
 
@@ -394,3 +393,24 @@ def test_real_measurement_renders_every_layer(tmp_path):
     line, _ = data_line(plots.layer_profile(measured), "tiny")
     assert np.allclose(line.get_ydata(), [measured.layer_mean(n) for n in measured.layer_names])
     assert all(p.stat().st_size > 0 for p in plots.save_figure(fig, tmp_path / "tiny"))
+
+
+def test_match_layers_by_structure_pairs_a_maxpool_with_the_blurpool_that_replaces_it():
+    from shiftlab.geometry import LayerInfo
+
+    def info(name, module, stride, shape):
+        kind = "global" if stride is None else "spatial"
+        s = (float("nan"),) * 2 if stride is None else (float(stride),) * 2
+        return LayerInfo(name, module, kind, s, s, shape)
+
+    base = make_result([info("features.0", "Conv2d", 1, (8, 16, 16)), info("features.1", "ReLU", 1, (8, 16, 16)),
+                        info("features.2", "MaxPool2d", 2, (8, 8, 8)), info("features.3", "Conv2d", 2, (8, 8, 8)),
+                        info("fc", "Linear", None, (10,))])
+    aa = make_result([info("features.0", "Conv2d", 1, (8, 16, 16)), info("features.1", "ReLU", 1, (8, 16, 16)),
+                      info("features.2", "MaxPool2d", 1, (8, 16, 16)), info("features.3", "BlurPool", 2, (8, 8, 8)),
+                      info("features.4", "Conv2d", 2, (8, 8, 8)), info("fc", "Linear", None, (10,))])
+    rows = plots.match_layers([base, aa])  # names differ in meaning, so auto uses structure
+    assert ("features.2", "features.3") in rows
+    assert ("features.3", "features.4") in rows
+    assert ("fc", "fc") in rows
+    assert all(b != "features.2" for _, b in rows)  # the stride-1 max-pool has no partner

@@ -1,0 +1,122 @@
+"""Compare two or more Results measured with the same settings: tables and figures.
+
+>>> cmp = shiftlab.compare(baseline_result, antialiased_result)      # doctest: +SKIP
+>>> cmp.summary()                                                   # doctest: +SKIP
+>>> cmp.plot_difference()                                           # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional, Sequence
+
+from .errors import SettingsMismatchError, UsageError
+from .result import Result
+
+if TYPE_CHECKING:
+    import pandas
+    from matplotlib.figure import Figure
+
+
+class Comparison:
+    """Results of several models on the same images, grid, mode, alignment and metric.
+
+    Layers are matched by name where the architectures share them and by structure (an
+    alignment on kind, stride and shape) otherwise, so a baseline max-pool pairs with the
+    BlurPool that replaced it.
+    """
+
+    def __init__(self, results: Sequence[Result], labels: Optional[Sequence[str]] = None) -> None:
+        results = list(results)
+        if len(results) < 2:
+            raise UsageError("a comparison needs at least two results")
+        self.results = results
+        self.labels = list(labels) if labels else _default_labels(results)
+        if len(self.labels) != len(results):
+            raise UsageError(f"got {len(self.labels)} labels for {len(results)} results")
+        first = results[0].settings
+        for label, result in zip(self.labels[1:], results[1:]):
+            differences = first.differences(result.settings)
+            if differences:
+                raise SettingsMismatchError(
+                    f"cannot compare {self.labels[0]} and {label}: they differ in"
+                    f" {', '.join(differences)}; measure both with the same settings")
+        images = [tuple(r.meta.get("images") or ()) for r in results]
+        if any(i and i != images[0] for i in images[1:]):
+            raise SettingsMismatchError("the results were measured on different images;"
+                                        " measure both on the same images")
+
+    @property
+    def rows(self) -> list[tuple[str, ...]]:
+        """Matched layer names, one tuple (a name per result) per row, in network order."""
+        from .plots import match_layers
+
+        return match_layers(self.results)
+
+    def summary(self) -> "pandas.DataFrame":
+        """Per matched layer: each model's layer name, stride and mean distance, and the change."""
+        import pandas as pd
+
+        records = []
+        for depth, names in enumerate(self.rows):
+            row: dict = {"row": depth}
+            for label, result, name in zip(self.labels, self.results, names):
+                info = result.layer(name)
+                row[f"layer[{label}]"] = name
+                row[f"module[{label}]"] = info.module
+                row[f"stride[{label}]"] = info.stride[0]
+                row[f"mean[{label}]"] = result.layer_mean(name)
+            for label in self.labels[1:]:
+                row[f"change[{label}]"] = row[f"mean[{label}]"] - row[f"mean[{self.labels[0]}]"]
+            records.append(row)
+        return pd.DataFrame(records)
+
+    def plot_grids(self, **kwargs) -> "Figure":
+        """Side-by-side layer grids with one shared colour scale."""
+        from .plots import compare_grid
+
+        return compare_grid(self.results, labels=self.labels, **kwargs)
+
+    def plot_difference(self, first: int = 0, second: int = 1, **kwargs) -> "Figure":
+        """Map of result[second] − result[first] per matched layer, diverging colours at 0."""
+        from .plots import difference_grid
+
+        return difference_grid(self.results[first], self.results[second],
+                               labels=[self.labels[first], self.labels[second]], **kwargs)
+
+    def plot_profile(self, **kwargs) -> "Figure":
+        """Mean distance per layer vs. depth, one line per result."""
+        from .plots import layer_profile
+
+        return layer_profile(self.results, labels=self.labels, **kwargs)
+
+
+def _default_labels(results: Sequence[Result]) -> list[str]:
+    labels = [str(r.meta.get("label") or r.meta.get("model") or f"result {i + 1}")
+              for i, r in enumerate(results)]
+    if len(set(labels)) < len(labels):
+        labels = [f"{label} #{i + 1}" for i, label in enumerate(labels)]
+    return labels
+
+
+def compare(*items, labels: Optional[Sequence[str]] = None, images=None, grid=None,
+            **measure_kwargs) -> Comparison:
+    """Compare Results, or measure models (nn.Module) on the same ``images`` and ``grid`` first.
+
+    Example:
+        >>> base = torchvision.models.vgg16().eval()                            # doctest: +SKIP
+        >>> cmp = shiftlab.compare(base, shiftlab.antialias(base, 4), images=x)  # doctest: +SKIP
+    """
+    if len(items) == 1 and isinstance(items[0], (list, tuple)):
+        items = tuple(items[0])
+    results = []
+    for index, item in enumerate(items):
+        if isinstance(item, Result):
+            results.append(item)
+            continue
+        if images is None:
+            raise UsageError("pass images= to measure models in a comparison")
+        from .engine import measure
+
+        label = labels[index] if labels else f"model {index + 1}"
+        meta = {"label": label, "model": label}
+        results.append(measure(item, images, grid, meta=meta, **measure_kwargs))
+    return Comparison(results, labels)

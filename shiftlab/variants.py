@@ -1,0 +1,60 @@
+"""Model variants for comparisons: ``NAME[+aaK][@WEIGHTS]``, e.g. ``resnet50+aa4@lpf4.pth``.
+
+``+aaK`` converts the model with ``antialias(filt_size=K)``; ``@WEIGHTS`` gives its weights
+(a checkpoint for the converted model, or a torchvision weights name for the baseline, which
+are then copied into the converted model).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Optional
+
+from .antialias import antialias
+from .errors import UsageError
+from .models import LoadedModel, load_checkpoint, load_model
+
+_VARIANT = re.compile(r"^(?P<base>.+?)(?:\+aa(?P<filt>\d+))?(?:@(?P<weights>.+))?$")
+
+
+def parse_variant(text: str) -> tuple[str, Optional[int], Optional[str]]:
+    """Split ``NAME[+aaK][@WEIGHTS]`` into (NAME, K or None, WEIGHTS or None).
+
+    >>> parse_variant("resnet50+aa4@lpf4.pth")
+    ('resnet50', 4, 'lpf4.pth')
+    """
+    match = _VARIANT.match(text.strip()) if isinstance(text, str) else None
+    if not match:
+        raise UsageError(f"cannot read model spec {text!r}; use NAME, NAME+aa4 or NAME+aa4@weights.pth")
+    filt = int(match["filt"]) if match["filt"] else None
+    if filt is not None and not 1 <= filt <= 7:
+        raise UsageError(f"antialiasing filter size must be 1..7, got {filt} in {text!r}")
+    return match["base"], filt, match["weights"]
+
+
+def load_variant(text: str, weights: str = "auto", filt_size: Optional[int] = None,
+                 trust_checkpoint: bool = False) -> LoadedModel:
+    """Load ``NAME[+aaK][@WEIGHTS]``; ``filt_size`` antialiases even without ``+aaK``.
+
+    Example:
+        >>> loaded = load_variant("resnet18+aa4", weights="none")      # doctest: +SKIP
+        >>> loaded.name
+        'resnet18+aa4'
+    """
+    base, filt, spec_weights = parse_variant(text)
+    filt = filt if filt is not None else filt_size
+    weights = spec_weights or weights
+    if filt is None:
+        return load_model(base, weights, trust_checkpoint=trust_checkpoint)
+    is_file = weights.lower().endswith((".pth", ".pt", ".bin", ".ckpt")) or "/" in weights
+    if is_file:  # a checkpoint of the converted model (e.g. a published antialiased-cnns file)
+        loaded = load_model(base, "none")
+        model = antialias(loaded.model, filt_size=filt, copy_weights=False)
+        load_checkpoint(model, weights, trust_checkpoint, name=f"{loaded.name}+aa{filt}")
+        description = weights
+    else:  # baseline weights, copied into the converted model
+        loaded = load_model(base, weights, trust_checkpoint=trust_checkpoint)
+        model = antialias(loaded.model, filt_size=filt, copy_weights=True)
+        description = loaded.weights
+    return dataclasses.replace(loaded, model=model.eval(), name=f"{loaded.name}+aa{filt}",
+                               weights=description)
