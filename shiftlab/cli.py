@@ -78,6 +78,24 @@ def _model_options(func):
 
 
 def _measure_options(func):
+    return _apply_options(func, _measure_option_list())
+
+
+def _shift_options(func):
+    """The image and shift options of ``_measure_options``, without the per-layer ones."""
+    per_layer = ("--align", "--metric", "--layers", "--border")
+    return _apply_options(func, [(flag, option) for flag, option in _measure_option_list()
+                                 if flag not in per_layer])
+
+
+def _apply_options(func, options):
+    for _, option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _measure_option_list() -> list:
+    """(first flag, click option decorator) for every image, shift and measurement option."""
     options = [
         click.option("--images", "-i", "image_sources", multiple=True, metavar="PATH",
                      help="Image folder or files (PNG/JPEG); repeatable. Default: the sample"
@@ -118,9 +136,12 @@ def _measure_options(func):
         click.option("--device", default="auto", show_default=True,
                      help="auto (CUDA if available), cpu, cuda or cuda:N."),
     ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+    return [(_first_flag(option), option) for option in options]
+
+
+def _first_flag(decorator) -> str:
+    """The first flag of a ``click.option(...)`` decorator, read by applying it to a dummy."""
+    return decorator(lambda: None).__click_params__[0].opts[0]
 
 
 def _figure_options(func):
@@ -144,6 +165,7 @@ def main() -> None:
     shiftlab layers --model resnet50          the layers, their stride and output shape
     shiftlab plot runs/x/result.npz           re-draw figures without recomputing
     shiftlab compare --model vgg16 --antialias 4   baseline vs. antialiased (BlurPool)
+    shiftlab consistency --model resnet18 --antialias 4   output-level consistency, flips, MAC
     """
 
 
@@ -418,6 +440,187 @@ def _write_comparison(comparison, folder: Path, save_results: bool, scale: str,
             written += save_figure(figure, folder / name, formats=formats, dpi=dpi)
         finally:
             plt.close(figure)
+    return written
+
+
+# -- consistency -------------------------------------------------------------------------
+DEFAULT_PAIRS = 1000
+
+
+@main.command()
+@click.option("--model", "-m", "model_specs", multiple=True, required=True, metavar="MODEL",
+              help="A classifier to measure (repeatable): NAME[+aaK][@WEIGHTS], e.g. resnet18,"
+                   " resnet50+aa4@resnet50_lpf4.pth, path/to/file.py:factory.")
+@click.option("--antialias", "filt_size", type=click.IntRange(1, 7), default=None,
+              help="Also measure the BlurPool version of each --model with this filter size"
+                   " (weights copied from the baseline).")
+@click.option("--weights", "-w", default="auto", show_default=True, metavar="WEIGHTS",
+              help="Weights for models whose spec has no @WEIGHTS (see 'heatmap --help').")
+@click.option("--trust-checkpoint", is_flag=True,
+              help="Allow full unpickling of checkpoints (only for files you trust).")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seed for random-init weights and for drawing the random shift pairs.")
+@click.option("--pairs", "n_pairs", type=click.IntRange(1), default=DEFAULT_PAIRS,
+              show_default=True,
+              help="Random pairs of shifts (d1, d2) drawn from the grid for the paper's consistency"
+                   " P[argmax f(T_d1 x) = argmax f(T_d2 x)]; pair k uses image k mod N.")
+@click.option("--labels", "labels_path", type=click.Path(), default=None, metavar="PATH",
+              help="Class labels for accuracy under shifts: a folder ROOT/class_name/*.jpg (names"
+                   " as in the weights' categories, case-insensitive, or class indices) or a CSV"
+                   " with rows file,label. The images are then taken from it (no --images).")
+@_shift_options
+@click.option("--format", "formats", multiple=True, type=click.Choice(FORMATS),
+              default=("png", "pdf"), show_default=True,
+              help="Formats of the probability figure (repeatable).")
+@click.option("--dpi", type=click.IntRange(30, 1200), default=150, show_default=True,
+              help="Resolution of PNG figures.")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
+              help="Output folder. Default: runs/consistency-<timestamp>/.")
+@click.option("--quiet", "-q", is_flag=True,
+              help="No progress bar and no list of written files (the table is still printed).")
+def consistency(model_specs: Sequence[str], filt_size: Optional[int], weights: str,
+                trust_checkpoint: bool, seed: int, n_pairs: int, labels_path: Optional[str],
+                formats: Sequence[str], dpi: int, out: Optional[str], quiet: bool,
+                **options) -> None:
+    """Output-level shift invariance: does the predicted class survive a shift?
+
+    For each model, on the grid of shifts: consistency vs. the unshifted prediction per shift,
+    the paper's pairwise consistency over --pairs random pairs of shifts (Wilson 95% interval),
+    and along the diagonal (t, t): the probability of the unshifted top class, the flip rate
+    (share of consecutive steps whose prediction changes) and MAC (mean absolute change of that
+    probability). With --labels also accuracy per shift.
+
+    \b
+    shiftlab consistency --model resnet18 --antialias 4      baseline vs. BlurPool version
+    shiftlab consistency -m resnet50 --labels val/ --subpixel 2 --mode crop
+
+    Prints one row per model to stdout and writes consistency.csv (per model and shift),
+    summary.csv (the table), invariance-<model>.npz and probability.{png,pdf} into --out.
+    """
+    with _user_errors():
+        from .invariance import measure_invariance, read_labels
+
+        if labels_path and options["image_sources"]:
+            raise UsageError("--labels names the images (class folders or the CSV's files); drop"
+                             " --images")
+        variants = [(spec, None) for spec in model_specs]
+        if filt_size:
+            variants += [(spec, filt_size) for spec in model_specs]
+        shift_grid, margin = _grid_and_margin(options)
+        results, images, labelled = [], None, None
+        for spec, filt in variants:
+            loaded = _load(spec, weights, trust_checkpoint, seed, filt)
+            labels = None
+            if labels_path:
+                labelled = read_labels(labels_path, _categories(loaded))
+                if images is None:
+                    paths = labelled.paths[:options["max_images"]] if options["max_images"] \
+                        else labelled.paths
+                    images = _images_for(loaded, {**options, "image_sources": tuple(paths),
+                                                  "max_images": None}, margin)
+                labels = labelled.for_paths(images.paths)
+            elif images is None:
+                images = _images_for(loaded, options, margin)
+            label = _unique_label(loaded.name, [r.meta["label"] for r in results])
+            if not quiet:
+                click.echo(f"{label} ({loaded.weights}): {len(images.paths)} images at"
+                           f" {images.tensor.shape[-1] - 2 * margin} px, {len(shift_grid)} shifts"
+                           f" ({shift_grid.kind}, {options['mode']}), {n_pairs} pairs", err=True)
+            meta = {"model": loaded.name, "weights": loaded.weights, "pretrained": loaded.pretrained,
+                    "images": [p.name for p in images.paths], "label": label,
+                    "labels": str(labels_path) if labels_path else None}
+            results.append(measure_invariance(
+                loaded.model, images.tensor, shift_grid, mode=options["mode"], margin=margin,
+                labels=labels, n_pairs=n_pairs, seed=seed, batch_size=options["batch_size"],
+                device=options["device"], progress=None if not quiet else False, meta=meta))
+        folder = Path(out) if out else Path("runs") / f"consistency-{time.strftime('%Y%m%d-%H%M%S')}"
+        table = _consistency_table(results)
+        written = _write_consistency(results, table, folder, formats, dpi)
+        click.echo(_format_consistency(table))
+        if not quiet:
+            for path in written:
+                click.echo(str(path), err=True)
+
+
+def _categories(loaded) -> Optional[list]:
+    """The model's class names: its weights' categories, else torchvision's for that name."""
+    if loaded.categories:
+        return list(loaded.categories)
+    from torchvision.models import get_model_weights
+
+    from .variants import parse_variant
+
+    try:
+        return list(get_model_weights(parse_variant(loaded.name)[0]).DEFAULT.meta["categories"])
+    except (ValueError, KeyError, AttributeError, TypeError):
+        return None  # not a torchvision classifier: labels must be class indices
+
+
+def _unique_label(name: str, taken: Sequence[str]) -> str:
+    label, count = name, 1
+    while label in taken:
+        count += 1
+        label = f"{name}#{count}"
+    return label
+
+
+def _consistency_table(results):
+    import pandas as pd
+
+    rows = []
+    for result in results:
+        summary = result.summary()
+        rows.append({"model": result.meta["label"], "weights": result.meta.get("weights"),
+                     **summary})
+    return pd.DataFrame(rows)
+
+
+def _format_consistency(table) -> str:
+    """One row per model: pairwise consistency ± CI, pairs, vs. reference, flip rate, MAC, accuracy."""
+    import pandas as pd
+
+    shown = pd.DataFrame({
+        "model": table["model"],
+        "consistency (pairs)": [f"{v:.3f}" for v in table["pairwise_consistency"]],
+        "95% CI": [f"[{lo:.3f}, {hi:.3f}]" for lo, hi in
+                   zip(table["pairwise_ci_low"], table["pairwise_ci_high"])],
+        "pairs": table["n_pairs"],
+        "vs reference (mean)": [f"{v:.3f}" for v in table["consistency_vs_reference"]],
+        "flip rate": [f"{v:.3f}" for v in table["flip_rate"]],
+        "MAC": [f"{v:.4f}" for v in table["mac"]],
+    })
+    if table["accuracy"].notna().any():
+        shown["accuracy (mean)"] = [f"{v:.3f}" for v in table["accuracy"]]
+    return shown.to_string(index=False)
+
+
+def _write_consistency(results, table, folder: Path, formats: Sequence[str], dpi: int) -> list[Path]:
+    """invariance-<label>.npz, consistency.csv, summary.csv, probability.* — each atomic."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import pandas as pd
+    from matplotlib import pyplot as plt
+
+    from .plots import probability_plot, save_figure
+    from .result import atomic_write
+
+    _check_writable(folder)
+    written: list[Path] = []
+    for result in results:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in result.meta["label"])
+        written.append(result.save(folder / f"invariance-{safe}.npz"))
+    frames = [result.to_frame().assign(model=result.meta["label"]) for result in results]
+    per_shift = pd.concat(frames, ignore_index=True)
+    per_shift = per_shift[["model"] + [c for c in per_shift.columns if c != "model"]]
+    for name, frame in (("consistency.csv", per_shift), ("summary.csv", table)):
+        data = frame.to_csv(index=False).encode()
+        written.append(atomic_write(folder / name, lambda handle, data=data: handle.write(data)))
+    figure = probability_plot(results)
+    try:
+        written += save_figure(figure, folder / "probability", formats=formats, dpi=dpi)
+    finally:
+        plt.close(figure)
     return written
 
 

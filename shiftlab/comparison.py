@@ -40,7 +40,8 @@ class Comparison:
                     f"cannot compare {self.labels[0]} and {label}: they differ in"
                     f" {', '.join(differences)}; measure both with the same settings")
         images = [tuple(r.meta.get("images") or ()) for r in results]
-        if any(i and i != images[0] for i in images[1:]):
+        known = [i for i in images if i]  # results from the Python API may not list images
+        if any(i != known[0] for i in known[1:]):
             raise SettingsMismatchError("the results were measured on different images;"
                                         " measure both on the same images")
 
@@ -107,6 +108,8 @@ def compare(*items, labels: Optional[Sequence[str]] = None, images=None, grid=No
     """
     if len(items) == 1 and isinstance(items[0], (list, tuple)):
         items = tuple(items[0])
+    if labels is not None and len(labels) != len(items):
+        raise UsageError(f"got {len(labels)} labels for {len(items)} results")
     results = []
     for index, item in enumerate(items):
         if isinstance(item, Result):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, distributed
 from .align import ALIGNMENTS, Plan, compare_global, make_plan
 from .capture import LayerCapture, LayerSelection
 from .errors import ModelError, UsageError
@@ -99,6 +99,8 @@ def measure(model: nn.Module, images: torch.Tensor, grid: Optional[ShiftGrid] = 
     if height < 1 or width < 1:
         raise UsageError(f"images of {images.shape[-2]} px cannot hold a crop margin of {margin} px")
 
+    if distributed.active() and (device is None or str(device) == "auto"):
+        device = distributed.local_device()
     device = resolve_device(device)
     model = model.to(device)
     infos = probe_layers(model, (height, width), layers, channels=images.shape[1], device=device)
@@ -109,16 +111,21 @@ def measure(model: nn.Module, images: torch.Tensor, grid: Optional[ShiftGrid] = 
                         layers=_describe_selection(layers))
     run = _Run(model, infos, settings, layers, device)
     started = time.perf_counter()
-    images_per_batch = min(len(images), batch_size)
+    n_total = len(images)
+    # under torchrun each rank takes every world_size-th image; sums are all-reduced below
+    mine = images[distributed.shard(n_total)] if distributed.active() else images
+    images_per_batch = max(1, min(len(mine), batch_size))
     shifts_per_pass = max(1, batch_size // images_per_batch)
-    n_batches = math.ceil(len(images) / images_per_batch)
+    n_batches = math.ceil(len(mine) / images_per_batch)
     n_passes = n_batches * math.ceil(len(run.forward_shifts) / shifts_per_pass)
-    bar = tqdm(total=n_passes, desc="measuring", unit="pass", disable=None if progress is None
-               else not progress, leave=False)
+    show = (None if progress is None else progress) if distributed.is_main() else False
+    bar = tqdm(total=n_passes, desc="measuring", unit="pass", disable=None if show is None
+               else not show, leave=False)
     with bar:
-        for start in range(0, len(images), images_per_batch):
-            run.image_batch(images[start:start + images_per_batch], shifts_per_pass, bar)
-    return run.result(len(images), time.perf_counter() - started, meta or {})
+        for start in range(0, len(mine), images_per_batch):
+            run.image_batch(mine[start:start + images_per_batch], shifts_per_pass, bar)
+    run.all_reduce()
+    return run.result(n_total, time.perf_counter() - started, meta or {})
 
 
 def _describe_selection(layers: LayerSelection) -> Optional[tuple[str, ...]]:
@@ -215,6 +222,13 @@ class _Run:
             shifted = shifted.reshape(count, -1, *shifted.shape[1:])
             self._compare(layer, shifted, index, chunk)
         return on_shifted
+
+    def all_reduce(self) -> None:
+        """Sum every accumulator over the ranks of a torchrun job (no-op otherwise)."""
+        if distributed.active():
+            for accumulator in self.accumulators.values():
+                distributed.all_reduce_sum([accumulator.total, accumulator.total_sq, accumulator.n,
+                                            accumulator.n_inf, accumulator.n_nan])
 
     def result(self, n_images: int, seconds: float, meta: dict) -> Result:
         stack = lambda name: torch.stack(  # noqa: E731

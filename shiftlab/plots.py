@@ -409,8 +409,8 @@ def _align(a: list, b: list, offset_a: int = 0, offset_b: int = 0) -> dict[int, 
 def _match_structure(results: list[Result]) -> list[tuple[str, ...]]:
     """Align every result's layer sequence with the first's; keep rows matched in all.
 
-    Pass 1 matches identical (module, kind, stride, shape) runs; pass 2 matches the gaps
-    between them on (kind, stride, shape) alone, pairing a replaced layer with its replacement.
+    Pass 1 matches identical (module, kind, stride, shape) runs; pass 2 scans the gaps between
+    them in order on (kind, stride, shape) alone, pairing a replaced layer with its replacement.
     """
     base = results[0].layers
     maps = []
@@ -419,9 +419,15 @@ def _match_structure(results: list[Result]) -> list[tuple[str, ...]]:
         pairs = dict(full)
         anchors = [(-1, -1)] + sorted(full.items()) + [(len(base), len(other.layers))]
         for (a0, b0), (a1, b1) in zip(anchors, anchors[1:]):
-            if a1 - a0 > 1 and b1 - b0 > 1:
-                pairs.update(_align([_token(i) for i in base[a0 + 1:a1]],
-                                    [_token(i) for i in other.layers[b0 + 1:b1]], a0 + 1, b0 + 1))
+            # in a gap, each layer takes the earliest later layer of the same structure: a
+            # replaced max-pool pairs with its BlurPool, not with whatever follows it
+            cursor = b0 + 1
+            for a in range(a0 + 1, a1):
+                for b in range(cursor, b1):
+                    if _token(other.layers[b]) == _token(base[a]):
+                        pairs[a] = b
+                        cursor = b + 1
+                        break
         maps.append({k: other.layers[v].name for k, v in pairs.items()})
     first = base
     rows = [(info.name, *(m[i] for m in maps)) for i, info in enumerate(first)
@@ -790,3 +796,65 @@ def _mark_strides(ax, marks: dict, spans: dict, n_results: int, colours, length:
         last[level:level + 1] = [x]
         ax.text(x + 0.1, 1.01 + 0.055 * level, text, transform=trans, fontsize=6.5, color=colour,
                 va="bottom", ha="left", fontstyle=style, clip_on=False)
+
+
+def probability_plot(results, labels: Optional[Sequence[str]] = None, ncols: Optional[int] = None,
+                     title: Optional[str] = None) -> Figure:
+    """Probability of the unshifted image's top class along the diagonal sweep, one panel per model.
+
+    Takes one or more :class:`shiftlab.invariance.InvarianceResult`. Each image is a thin line,
+    the mean over images a thick black line; a panel's title gives the model, its flip rate and
+    MAC (mean absolute change between consecutive steps). Panels share the y axis (0..1) and are
+    labelled ``'probability:<label>'``.
+
+    Example:
+        >>> fig = probability_plot([base, antialiased], labels=["resnet18", "resnet18+aa4"])   # doctest: +SKIP
+    """
+    from .invariance import InvarianceResult
+
+    items = [results] if isinstance(results, InvarianceResult) else list(results)
+    if not items:
+        raise UsageError("no results to plot")
+    for item in items:
+        if not isinstance(item, InvarianceResult):
+            raise UsageError(f"expected InvarianceResult objects, got {type(item).__name__}")
+    if labels is None:
+        labels = [str(r.meta.get("label") or r.meta.get("model") or f"model {i + 1}")
+                  for i, r in enumerate(items)]
+    labels = list(labels)
+    if len(labels) != len(items):
+        raise UsageError(f"got {len(labels)} labels for {len(items)} results")
+    ncols = _ncols(len(items), ncols, strip=False) if ncols is not None else min(len(items), 3)
+    nrows = math.ceil(len(items) / ncols)
+    fig = Figure(figsize=(3.6 * ncols + 0.4, 2.7 * nrows + 0.7), layout="constrained")
+    axes = fig.subplots(nrows, ncols, sharey=True, squeeze=False)
+    for ax in axes.flat[len(items):]:
+        ax.set_visible(False)
+    for k, (ax, result, label) in enumerate(zip(axes.flat, items, labels)):
+        ax.set_label(f"probability:{label}")
+        steps = result.diagonal_steps
+        colours = sns.color_palette("husl", max(1, result.n_images))
+        for i, curve in enumerate(result.diagonal_prob):
+            ax.plot(steps, curve, lw=0.7, alpha=0.55, color=colours[i])
+        ax.plot(steps, result.mean_probability, lw=2.4, color="black", label="mean over images")
+        ax.set_title(f"{label}\nflip rate {_fmt(result.flip_rate)} · MAC {_fmt(result.mac)}",
+                     fontsize=8)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(lw=0.4, color="0.9")
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.tick_params(labelsize=7)
+        diagonal = all(dh == dw for dh, dw in result.settings.diagonal.shifts)
+        if k // ncols == nrows - 1 or k + ncols >= len(items):
+            ax.set_xlabel("diagonal shift t (px), δ = (t, t)" if diagonal else "sweep step",
+                          fontsize=8)
+        if k % ncols == 0:
+            ax.set_ylabel("P(top class of the\nunshifted image)", fontsize=8)
+        if k == 0:
+            ax.legend(fontsize=7, frameon=False, loc="lower left")
+    first = items[0]
+    n = first.n_images
+    settings = (f"{first.settings.mode} shifts, {first.settings.size[0]} px, {n} image"
+                f"{'s' if n != 1 else ''}; thin lines: one image each")
+    fig.suptitle(title or f"Top-class probability along the diagonal\n{settings}",
+                 fontsize=_FS_TITLE)
+    return fig

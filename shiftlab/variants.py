@@ -14,7 +14,9 @@ from .antialias import antialias
 from .errors import UsageError
 from .models import LoadedModel, load_checkpoint, load_model
 
-_VARIANT = re.compile(r"^(?P<base>.+?)(?:\+aa(?P<filt>\d+))?(?:@(?P<weights>.+))?$")
+# the weights part starts at the last '@' that is not followed by another '+aaK' (paths like
+# ci/workspace@2/model.py:factory keep their '@')
+_VARIANT = re.compile(r"^(?P<base>.+?)(?:\+aa(?P<filt>\d+))?(?:@(?P<weights>(?:(?!\+aa\d)[^@])+))?$")
 
 
 def parse_variant(text: str) -> tuple[str, Optional[int], Optional[str]]:
@@ -41,13 +43,15 @@ def load_variant(text: str, weights: str = "auto", filt_size: Optional[int] = No
         >>> loaded.name
         'resnet18+aa4'
     """
-    base, filt, spec_weights = parse_variant(text)
-    filt = filt if filt is not None else filt_size
+    base, spec_filt, spec_weights = parse_variant(text)
+    filt = spec_filt if spec_filt is not None else filt_size
     weights = spec_weights or weights
     if filt is None:
         return load_model(base, weights, trust_checkpoint=trust_checkpoint)
     is_file = weights.lower().endswith((".pth", ".pt", ".bin", ".ckpt")) or "/" in weights
-    if is_file:  # a checkpoint of the converted model (e.g. a published antialiased-cnns file)
+    # NAME+aaK@FILE names a checkpoint of the converted model (e.g. a published antialiased-cnns
+    # file); with --antialias K the weights belong to the baseline and are copied over
+    if is_file and spec_filt is not None and spec_weights is not None:
         loaded = load_model(base, "none")
         model = antialias(loaded.model, filt_size=filt, copy_weights=False)
         load_checkpoint(model, weights, trust_checkpoint, name=f"{loaded.name}+aa{filt}")

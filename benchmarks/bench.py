@@ -1,0 +1,205 @@
+"""Benchmark shiftlab.measure against the floor (bare forwards) and the naive approach, in one run.
+
+    python -m benchmarks --model vgg16 --size 112 --grid 4 --images 2
+
+Every variant sees the same images and shifts. Reported: wall time, images x shifts per second,
+peak memory above the starting point (RSS on CPU, max_memory_allocated on CUDA) and the ratio of
+each time to the floor's. Ratios are what to compare: absolute seconds on a shared machine are not.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+import shiftlab
+from shiftlab.capture import LayerCapture
+from shiftlab.shifts import ShiftGrid, apply_shifts
+
+PAGE = 4096
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * PAGE
+
+
+@contextmanager
+def peak_memory(device: torch.device) -> Iterator[dict]:
+    """Peak memory above the level at entry: sampled RSS (CPU) or max_memory_allocated (CUDA)."""
+    out: dict = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        yield out
+        torch.cuda.synchronize()
+        out["peak_mb"] = (torch.cuda.max_memory_allocated() - start) / 2**20
+        return
+    start = _rss_bytes()
+    peak = [start]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield out
+    finally:
+        done.set()
+        thread.join()
+        peak[0] = max(peak[0], _rss_bytes())
+        out["peak_mb"] = (peak[0] - start) / 2**20
+
+
+def _batches(n_images: int, n_shifts: int, batch_size: int) -> tuple[int, int]:
+    images_per_batch = min(n_images, batch_size)
+    return images_per_batch, max(1, batch_size // images_per_batch)
+
+
+def run_floor(model: nn.Module, images: torch.Tensor, grid: ShiftGrid, batch_size: int,
+              device: torch.device) -> None:
+    """Bare batched forwards of every shifted input: the least any tool must do."""
+    shifts = torch.tensor(grid.shifts, dtype=torch.float64)
+    per_batch, per_pass = _batches(len(images), len(shifts), batch_size)
+    with torch.inference_mode():
+        for start in range(0, len(images), per_batch):
+            batch = images[start:start + per_batch].to(device)
+            for first in range(0, len(shifts), per_pass):
+                shifted = apply_shifts(batch, shifts[first:first + per_pass], "circular")
+                model(shifted.reshape(-1, *shifted.shape[2:]))
+    _sync(device)
+
+
+def run_naive(model: nn.Module, images: torch.Tensor, grid: ShiftGrid, device: torch.device) -> None:
+    """What users write by hand: one forward per shift, hooks that clone every feature map,
+    cosine distances (exact alignment) computed afterwards."""
+    stored: dict[tuple[int, str], torch.Tensor] = {}
+    current = [0]
+
+    def keep(name: str, tensor: torch.Tensor) -> None:
+        stored[(current[0], name)] = tensor.detach().clone()
+
+    with LayerCapture(model, on_output=keep), torch.inference_mode():
+        current[0] = -1
+        model(images.to(device))
+        for index, (dh, dw) in enumerate(grid.shifts):
+            current[0] = index
+            model(torch.roll(images, (int(dh), int(dw)), dims=(-2, -1)).to(device))
+    distances = []
+    for (index, name), shifted in stored.items():
+        if index < 0:
+            continue
+        reference = stored[(-1, name)]
+        dh, dw = grid.shifts[index]
+        if reference.dim() == 4:
+            sh, sw = images.shape[-2] / reference.shape[-2], images.shape[-1] / reference.shape[-1]
+            reference = torch.roll(reference, (round(dh / sh), round(dw / sw)), dims=(-2, -1))
+        a, b = reference.flatten(1), shifted.flatten(1)
+        distances.append(1 - torch.nn.functional.cosine_similarity(a, b, dim=1))
+    _sync(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(label: str, work: Callable[[], None], device: torch.device) -> dict:
+    with peak_memory(device) as memory:
+        start = time.perf_counter()
+        work()
+        seconds = time.perf_counter() - start
+    return {"variant": label, "seconds": seconds, **memory}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="vgg16", help="torchvision model name (random init)")
+    parser.add_argument("--size", type=int, default=112, help="input size (px)")
+    parser.add_argument("--grid", type=int, default=4, help="square grid K: K x K circular shifts")
+    parser.add_argument("--images", type=int, default=2, help="number of (random) images")
+    parser.add_argument("--batch-size", type=int, default=16, help="inputs per forward pass")
+    parser.add_argument("--aligns", default="exact,fourier,bilinear", help="measure() alignments to time")
+    parser.add_argument("--no-naive", action="store_true", help="skip the naive approach")
+    parser.add_argument("--memory-shifts", default="16,256",
+                        help="shift counts for the memory-flatness check (1 image, --memory-size)")
+    parser.add_argument("--memory-size", type=int, default=64, help="input size for the memory check")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--json", default=None, help="also write the JSON report to this file")
+    args = parser.parse_args(argv)
+
+    device = shiftlab.engine.resolve_device(args.device)
+    torch.manual_seed(0)
+    model = shiftlab.load_model(args.model, "none").model.to(device).eval()
+    images = torch.randn(args.images, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
+    grid = ShiftGrid.square(args.grid)
+    n_work = args.images * len(grid)
+
+    # warm-up: first-call costs (allocator, oneDNN/cuDNN kernel choice) hit no timed variant
+    run_floor(model, images[:1], ShiftGrid.square(2), args.batch_size, device)
+    shiftlab.measure(model, images[:1], ShiftGrid.square(2), device=device, progress=False)
+    rows = [timed("floor (bare forwards)", lambda: run_floor(model, images, grid, args.batch_size, device),
+                  device)]
+    for align in [a for a in args.aligns.split(",") if a]:
+        rows.append(timed(f"measure align={align}", lambda align=align: shiftlab.measure(
+            model, images, grid, align=align, batch_size=args.batch_size, device=device, progress=False),
+            device))
+    if not args.no_naive:
+        rows.append(timed("naive (clone every map)", lambda: run_naive(model, images, grid, device), device))
+    floor = rows[0]["seconds"]
+    for row in rows:
+        row["ratio_to_floor"] = row["seconds"] / floor
+        row["images_x_shifts_per_s"] = n_work / row["seconds"]
+
+    memory = []
+    small = images[:1, :, :args.memory_size, :args.memory_size].contiguous()
+    for count in [int(c) for c in args.memory_shifts.split(",") if c]:
+        k = int(math.isqrt(count))
+        memory_grid = ShiftGrid.square(k) if k * k == count else ShiftGrid.diagonal(count)
+        memory.append({"shifts": len(memory_grid), **timed(
+            f"measure {len(memory_grid)} shifts", lambda g=memory_grid: shiftlab.measure(
+                model, small, g, batch_size=args.batch_size, device=device, progress=False), device)})
+
+    report = {
+        "model": args.model, "size": args.size, "grid": f"{args.grid}x{args.grid}",
+        "images": args.images, "batch_size": args.batch_size, "device": str(device),
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "python": platform.python_version(), "rows": rows, "memory_flatness": memory,
+    }
+    _print_table(report)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as handle:
+            handle.write(text)
+    return report
+
+
+def _print_table(report: dict) -> None:
+    print(f"# {report['model']} {report['size']}px, {report['grid']} shifts x {report['images']} images,"
+          f" batch {report['batch_size']}, {report['device']} ({report['threads']} threads)", file=sys.stderr)
+    print(f"{'variant':<28} {'seconds':>8} {'img*shift/s':>11} {'peak MB':>8} {'x floor':>8}", file=sys.stderr)
+    for row in report["rows"]:
+        print(f"{row['variant']:<28} {row['seconds']:>8.2f} {row['images_x_shifts_per_s']:>11.2f}"
+              f" {row['peak_mb']:>8.0f} {row['ratio_to_floor']:>8.2f}", file=sys.stderr)
+    for row in report["memory_flatness"]:
+        print(f"memory with {row['shifts']:>4} shifts: peak {row['peak_mb']:.0f} MB ({row['seconds']:.1f} s)",
+              file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Scale-out with torch.distributed (``torchrun``): shard images, all-reduce float64 sums.
+
+Under ``torchrun --nproc_per_node=N -m shiftlab heatmap ...`` every rank measures its share of
+the images (rank r takes images r, r+N, ...), the per-shift float64 sums are all-reduced, and
+only rank 0 writes outputs. NCCL on GPUs, gloo on CPU.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def active() -> bool:
+    """True when a process group with more than one rank is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    """Rank 0 (or a single process): the one that writes files and prints."""
+    return rank() == 0
+
+
+def init_from_env() -> bool:
+    """Start the process group that ``torchrun`` describes in the environment, once.
+
+    Returns True when running distributed. Single-process runs (no WORLD_SIZE, or 1) do nothing.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        return False
+    if not dist.is_initialized():
+        use_nccl = torch.cuda.is_available() and dist.is_nccl_available()
+        if use_nccl:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if use_nccl else "gloo")
+    return True
+
+
+def local_device() -> torch.device:
+    """This rank's GPU under torchrun (LOCAL_RANK), else CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def shard(count: int) -> list[int]:
+    """Indices of the items this rank handles: r, r + N, r + 2N, ..."""
+    return list(range(rank(), count, world_size()))
+
+
+def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:
+    """Sum each tensor over all ranks, in place (moved through the backend's device)."""
+    if not active():
+        return
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
+        else torch.device("cpu")
+    for tensor in tensors:
+        buffer = tensor.to(device)
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+        tensor.copy_(buffer.to(tensor.device))
