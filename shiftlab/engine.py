@@ -47,7 +47,8 @@ def measure(model: nn.Module, images: torch.Tensor, grid: Optional[ShiftGrid] = 
             mode: str = "circular", align: str = "bilinear", metric: str = "cosine",
             layers: LayerSelection = None, margin: Optional[int] = None, border: int = 0,
             batch_size: int = 16, device: Union[str, torch.device, None] = "auto",
-            progress: Optional[bool] = None, meta: Optional[dict] = None) -> Result:
+            dtype: Optional[str] = None, progress: Optional[bool] = None,
+            meta: Optional[dict] = None) -> Result:
     """Equivariance distance of every layer for every shift of ``grid``.
 
     Args:
@@ -65,6 +66,8 @@ def measure(model: nn.Module, images: torch.Tensor, grid: Optional[ShiftGrid] = 
         border: crop mode: input pixels excluded at every edge of the compared region.
         batch_size: inputs per forward pass (images × shifts).
         device: 'auto', 'cpu', 'cuda', ...; progress: tqdm bar (None: only on a terminal).
+        dtype: None (float32) or 'bfloat16' / 'float16': autocast for the forward passes only;
+            feature maps are compared in float32 and accumulated in float64.
         meta: extra metadata stored in the result (model name, weights, ...).
 
     Returns:
@@ -102,6 +105,7 @@ def measure(model: nn.Module, images: torch.Tensor, grid: Optional[ShiftGrid] = 
     if distributed.active() and (device is None or str(device) == "auto"):
         device = distributed.local_device()
     device = resolve_device(device)
+    autocast = _autocast(dtype, device)
     model = model.to(device)
     infos = probe_layers(model, (height, width), layers, channels=images.shape[1], device=device)
     if not infos:
@@ -109,7 +113,7 @@ def measure(model: nn.Module, images: torch.Tensor, grid: Optional[ShiftGrid] = 
     settings = Settings(grid=grid, mode=mode, align=align, metric=metric, size=(height, width),
                         margin=margin, border=border,
                         layers=_describe_selection(layers))
-    run = _Run(model, infos, settings, layers, device)
+    run = _Run(model, infos, settings, layers, device, autocast)
     started = time.perf_counter()
     n_total = len(images)
     # under torchrun each rank takes every world_size-th image; sums are all-reduced below
@@ -125,7 +129,22 @@ def measure(model: nn.Module, images: torch.Tensor, grid: Optional[ShiftGrid] = 
         for start in range(0, len(mine), images_per_batch):
             run.image_batch(mine[start:start + images_per_batch], shifts_per_pass, bar)
     run.all_reduce()
-    return run.result(n_total, time.perf_counter() - started, meta or {})
+    meta = {**(meta or {}), **({"dtype": dtype} if dtype else {})}
+    return run.result(n_total, time.perf_counter() - started, meta)
+
+
+def _autocast(dtype: Optional[str], device: torch.device):
+    """A factory of autocast contexts for the forward passes (or of no-ops for float32)."""
+    import contextlib
+
+    if dtype in (None, "float32"):
+        return contextlib.nullcontext
+    choices = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in choices:
+        raise UsageError(f"unknown dtype {dtype!r}; choose float32, bfloat16 or float16")
+    if device.type == "cpu" and dtype == "float16":
+        raise UsageError("float16 autocast needs a GPU; use --dtype bfloat16 on CPU")
+    return lambda: torch.autocast(device.type, dtype=choices[dtype])
 
 
 def _describe_selection(layers: LayerSelection) -> Optional[tuple[str, ...]]:
@@ -140,8 +159,9 @@ class _Run:
     """State of one measurement: hooks' targets, per-layer plans and accumulators."""
 
     def __init__(self, model: nn.Module, infos: list[LayerInfo], settings: Settings,
-                 layers: LayerSelection, device: torch.device) -> None:
+                 layers: LayerSelection, device: torch.device, autocast: Callable) -> None:
         self.model, self.infos, self.settings, self.device = model, infos, settings, device
+        self.autocast = autocast
         self.selection = layers
         self.info = {info.name: info for info in infos}
         shifts = torch.tensor(settings.grid.shifts, dtype=torch.float64)
@@ -166,7 +186,9 @@ class _Run:
 
     def _on_output(self, layer: str, tensor: torch.Tensor) -> None:
         if layer in self.info and tensor.is_floating_point():
-            self._phase(layer, tensor)
+            # comparisons run in float32 even when the forward runs under autocast
+            with torch.autocast(self.device.type, enabled=False):
+                self._phase(layer, tensor)
 
     def _store_reference(self, layer: str, tensor: torch.Tensor) -> None:
         # clone: a later in-place op (ReLU(inplace=True)) would overwrite this very tensor
@@ -199,7 +221,7 @@ class _Run:
         images = images.to(self.device, non_blocking=True)
         margin = self.settings.margin
         capture = LayerCapture(self.model, self.selection, self._on_output)
-        with capture, torch.inference_mode():
+        with capture, torch.inference_mode(), self.autocast():
             self._phase = self._store_reference
             try:
                 self.model(centre_window(images, margin) if self.settings.mode == "crop" else images)

@@ -15,8 +15,9 @@ from .errors import ShiftlabError, UsageError
 from .geometry import LayerInfo
 from .shifts import ShiftGrid
 
-if TYPE_CHECKING:  # pandas is imported lazily: only tables need it
+if TYPE_CHECKING:  # pandas and matplotlib are imported lazily: only tables/figures need them
     import pandas
+    from matplotlib.figure import Figure
 
 FORMAT_VERSION = 1
 
@@ -127,6 +128,19 @@ class Result:
     def nonfinite_layers(self) -> list[str]:
         """Layers where some image gave a non-finite value for a shift the alignment defines."""
         return [info.name for info, bad in zip(self.layers, self.n_nan) if bad.sum() > 0]
+
+    # -- figures (thin wrappers: plots.py does the drawing) ---------------------------
+    def plot(self, **kwargs) -> "Figure":
+        """The layer grid (``shiftlab.plots.layer_grid``) of this result."""
+        from .plots import layer_grid
+
+        return layer_grid(self, **kwargs)
+
+    def plot_profile(self, **kwargs) -> "Figure":
+        """Mean distance per layer vs. depth (``shiftlab.plots.layer_profile``)."""
+        from .plots import layer_profile
+
+        return layer_profile(self, **kwargs)
 
     # -- tables ----------------------------------------------------------------------
     def to_frame(self) -> "pandas.DataFrame":
