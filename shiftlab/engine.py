@@ -7,6 +7,7 @@ model, never on the number of shifts.
 from __future__ import annotations
 
 import math
+import os
 import platform
 import time
 from typing import Callable, Optional, Sequence, Union
@@ -48,7 +49,8 @@ def measure(model: nn.Module, images: torch.Tensor, grid: Optional[ShiftGrid] = 
             layers: LayerSelection = None, margin: Optional[int] = None, border: int = 0,
             batch_size: int = 16, device: Union[str, torch.device, None] = "auto",
             dtype: Optional[str] = None, progress: Optional[bool] = None,
-            meta: Optional[dict] = None) -> Result:
+            meta: Optional[dict] = None, checkpoint: Union[str, "os.PathLike", None] = None,
+            resume: bool = False) -> Result:
     """Equivariance distance of every layer for every shift of ``grid``.
 
     Args:
@@ -69,6 +71,9 @@ def measure(model: nn.Module, images: torch.Tensor, grid: Optional[ShiftGrid] = 
         dtype: None (float32) or 'bfloat16' / 'float16': autocast for the forward passes only;
             feature maps are compared in float32 and accumulated in float64.
         meta: extra metadata stored in the result (model name, weights, ...).
+        checkpoint: a file where progress is saved atomically after every image batch; with
+            ``resume=True`` a run continues from it (same settings and images required) and
+            gives the same numbers as an uninterrupted run. Removed when the run completes.
 
     Returns:
         A ``Result`` with per-layer mean/std maps over images.
@@ -119,6 +124,10 @@ def measure(model: nn.Module, images: torch.Tensor, grid: Optional[ShiftGrid] = 
     # under torchrun each rank takes every world_size-th image; sums are all-reduced below
     mine = images[distributed.shard(n_total)] if distributed.active() else images
     images_per_batch = max(1, min(len(mine), batch_size))
+    progress_file = _Progress(checkpoint, settings, infos, images, images_per_batch) if checkpoint else None
+    if progress_file is not None and distributed.active():
+        raise UsageError("checkpoint/resume is not supported under torchrun; run single-process")
+    done = progress_file.restore(run) if (progress_file is not None and resume) else 0
     shifts_per_pass = max(1, batch_size // images_per_batch)
     n_batches = math.ceil(len(mine) / images_per_batch)
     n_passes = n_batches * math.ceil(len(run.forward_shifts) / shifts_per_pass)
@@ -126,9 +135,14 @@ def measure(model: nn.Module, images: torch.Tensor, grid: Optional[ShiftGrid] = 
     bar = tqdm(total=n_passes, desc="measuring", unit="pass", disable=None if show is None
                else not show, leave=False)
     with bar:
-        for start in range(0, len(mine), images_per_batch):
+        bar.update(done // images_per_batch * math.ceil(len(run.forward_shifts) / shifts_per_pass))
+        for start in range(done, len(mine), images_per_batch):
             run.image_batch(mine[start:start + images_per_batch], shifts_per_pass, bar)
+            if progress_file is not None:
+                progress_file.save(run, start + images_per_batch)
     run.all_reduce()
+    if progress_file is not None:
+        progress_file.remove()
     meta = {**(meta or {}), **({"dtype": dtype} if dtype else {})}
     return run.result(n_total, time.perf_counter() - started, meta)
 
@@ -263,3 +277,55 @@ class _Run:
         }
         return Result(self.settings, list(self.infos), stack("mean"), stack("std"), stack("n"),
                       stack("n_inf"), stack("n_nan"), meta)
+
+
+class _Progress:
+    """Atomic progress checkpoints of a run: accumulators after each completed image batch."""
+
+    def __init__(self, path, settings: Settings, infos: list[LayerInfo], images: torch.Tensor,
+                 images_per_batch: int) -> None:
+        import hashlib
+        import json
+        from pathlib import Path
+
+        self.path = Path(path)
+        digest = hashlib.sha256(images.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+        self.key = json.dumps({"settings": settings.to_dict(), "layers": [i.name for i in infos],
+                               "images": digest, "batch": images_per_batch}, sort_keys=True)
+
+    def save(self, run: "_Run", n_done: int) -> None:
+        import numpy as np
+
+        from .result import atomic_write
+
+        arrays = {"key": np.array(self.key), "done": np.array(n_done)}
+        for index, info in enumerate(run.infos):
+            acc = run.accumulators[info.name]
+            for name in ("total", "total_sq", "n", "n_inf", "n_nan"):
+                arrays[f"{index}.{name}"] = getattr(acc, name).numpy()
+        atomic_write(self.path, lambda handle: np.savez(handle, **arrays))
+
+    def restore(self, run: "_Run") -> int:
+        """Load the accumulators; returns how many images were already done (0 if no file)."""
+        import numpy as np
+
+        if not self.path.is_file():
+            return 0
+        try:
+            with np.load(self.path, allow_pickle=False) as data:
+                if str(data["key"]) != self.key:
+                    raise UsageError(f"{self.path} belongs to a run with other settings or images;"
+                                     " delete it or rerun without --resume")
+                for index, info in enumerate(run.infos):
+                    acc = run.accumulators[info.name]
+                    for name in ("total", "total_sq", "n", "n_inf", "n_nan"):
+                        getattr(acc, name).copy_(torch.from_numpy(data[f"{index}.{name}"]))
+                return int(data["done"])
+        except UsageError:
+            raise
+        except Exception as exc:
+            raise UsageError(f"cannot resume from {self.path} ({type(exc).__name__}); delete it and"
+                             " start again") from exc
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
