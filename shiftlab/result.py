@@ -120,9 +120,13 @@ class Result:
         return out
 
     def layer_mean(self, layer: str) -> float:
-        """Mean distance over the defined shifts of one layer (NaN when none is defined)."""
+        """Mean distance over the shifts with a finite value (NaN when there is none).
+
+        For PSNR the +inf of identical maps (always the zero shift) is left out, so the mean
+        ranks layers; for cosine and l2 every defined value is finite.
+        """
         values = self.values(layer)
-        values = values[~np.isnan(values)]
+        values = values[np.isfinite(values)]
         return float(values.mean()) if values.size else math.nan
 
     def nonfinite_layers(self) -> list[str]:
@@ -206,6 +210,10 @@ def atomic_write(path: Path, write) -> Path:
     try:
         with os.fdopen(descriptor, "wb") as handle:
             write(handle)
+        # mkstemp makes 0600 files; outputs get the usual permissions of the user's umask
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
