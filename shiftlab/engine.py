@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain bar: tqdm.auto warns in notebooks without ipywidgets
 
 from . import __version__, distributed
 from .align import ALIGNMENTS, Plan, compare_global, make_plan
