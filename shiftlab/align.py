@@ -181,6 +181,12 @@ def _circular_filter(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) ->
     The matrices are small (n ≤ a few hundred) and circulant-banded; a dense matmul beats
     both rolls and a tiny conv here (measured in benchmarks/).
     """
+    height, width = x.shape[-2:]
+    if height * width <= 256:
+        # small maps (deep layers): one GEMM with the (hw x hw) Kronecker product beats
+        # thousands of tiny batched matmuls
+        kron = torch.kron(rows, cols)
+        return (x.reshape(-1, height * width) @ kron.T).view_as(x)
     return torch.matmul(torch.matmul(rows, x), cols.transpose(-1, -2))
 
 
@@ -263,6 +269,8 @@ class BilinearPlan:
         shifted_sq = _dot(shifted.flatten(0, 1), _circular_filter(shifted, *plain).flatten(0, 1))
         shifted_sq = shifted_sq.view(n_shifts, n_images)
         diff_sq = torch.empty_like(ref_sq)
+        filtered: dict = {}  # Pᵀ a per residue, for this call only: caching them across
+        # chunks would hold one reference copy per residue for every layer at once
         for s in range(n_shifts):
             offset = (int(rows.quotient[s]), int(cols.quotient[s]))
             if bool(rows.zero_residue[s] & cols.zero_residue[s]):
@@ -270,12 +278,12 @@ class BilinearPlan:
                 diff = shifted[s] - torch.roll(ref, offset, dims=(-2, -1))
                 diff_sq[s] = _dot(diff, _circular_filter(diff, *plain))
                 continue
-            key = ("cross", float(rows.residue[s]), float(cols.residue[s]))
-            if key not in cache:  # Pᵀ a for this residue: <T_q a, P b> = <T_q Pᵀ a, b>
+            key = (float(rows.residue[s]), float(cols.residue[s]))
+            if key not in filtered:  # Pᵀ a for this residue: <T_q a, P b> = <T_q Pᵀ a, b>
                 cross_rows = rows.cross_dense[s].to(device).T
                 cross_cols = cols.cross_dense[s].to(device).T
-                cache[key] = _circular_filter(ref, cross_rows, cross_cols)
-            cross = _dot(torch.roll(cache[key], offset, dims=(-2, -1)), shifted[s])
+                filtered[key] = _circular_filter(ref, cross_rows, cross_cols)
+            cross = _dot(torch.roll(filtered[key], offset, dims=(-2, -1)), shifted[s])
             diff_sq[s] = ref_sq[s] + shifted_sq[s] - 2 * cross
         count = torch.full_like(diff_sq, float(ref.shape[1]) * float(rows.valid_count[0] * cols.valid_count[0]))
         peak = _peak(ref[None], None).expand(n_shifts, n_images) if self.need_peak else None
