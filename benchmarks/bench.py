@@ -13,57 +13,16 @@ import json
 import math
 import platform
 import sys
-import threading
 import time
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
 
 import shiftlab
 from shiftlab.capture import LayerCapture
+from shiftlab.estimate import peak_memory
 from shiftlab.shifts import ShiftGrid, apply_shifts
-
-PAGE = 4096
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * PAGE
-
-
-@contextmanager
-def peak_memory(device: torch.device) -> Iterator[dict]:
-    """Peak memory above the level at entry: sampled RSS (CPU) or max_memory_allocated (CUDA)."""
-    out: dict = {}
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-        yield out
-        torch.cuda.synchronize()
-        out["peak_mb"] = (torch.cuda.max_memory_allocated() - start) / 2**20
-        return
-    start = _rss_bytes()
-    peak = [start]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
-            time.sleep(0.005)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        yield out
-    finally:
-        done.set()
-        thread.join()
-        peak[0] = max(peak[0], _rss_bytes())
-        out["peak_mb"] = (peak[0] - start) / 2**20
-
 
 def _batches(n_images: int, n_shifts: int, batch_size: int) -> tuple[int, int]:
     images_per_batch = min(n_images, batch_size)

@@ -12,6 +12,7 @@ from .geometry import LayerInfo, probe_layers  # noqa: E402
 from .capture import LayerCapture  # noqa: E402
 from .result import Result, Settings, load  # noqa: E402
 from .engine import measure  # noqa: E402
+from .invariance import InvarianceResult, load_invariance, measure_invariance  # noqa: E402
 from .antialias import BlurPool, antialias  # noqa: E402
 from .comparison import Comparison, compare  # noqa: E402
 from .models import load_model  # noqa: E402
@@ -21,4 +22,5 @@ __all__ = [
     "__version__", "ShiftlabError", "UsageError", "ShiftGrid", "LayerInfo", "probe_layers",
     "LayerCapture", "Result", "Settings", "load", "measure", "BlurPool", "antialias",
     "Comparison", "compare", "load_model", "load_images", "sample_image_paths",
+    "measure_invariance", "InvarianceResult", "load_invariance",
 ]

@@ -41,19 +41,47 @@ def _user_errors() -> Iterator[None]:
             click.echo(f"error: {_one_line(exc)}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("interrupted: no output was changed by this run", err=True)
+            click.echo("interrupted: no output was changed by this run (outputs are moved into"
+                       " place only when all are written)", err=True)
             sys.exit(130)
         except click.exceptions.Exit:
             raise
-        except MemoryError:
+        except Exception as exc:  # noqa: BLE001
+            if not _is_out_of_memory(exc):
+                _unexpected(exc)
             click.echo("error: out of memory; lower --batch-size or --size", err=True)
             sys.exit(1)
-        except Exception as exc:  # noqa: BLE001 - the last line of defence for users
-            if os.environ.get("SHIFTLAB_DEBUG"):
-                raise
-            click.echo(f"error: {type(exc).__name__}: {_one_line(exc)} (set SHIFTLAB_DEBUG=1 for a"
-                       " traceback and please report it)", err=True)
-            sys.exit(1)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError))
+
+
+def _unexpected(exc: BaseException) -> None:
+    if os.environ.get("SHIFTLAB_DEBUG"):
+        raise exc
+    click.echo(f"error: {type(exc).__name__}: {_one_line(exc)} (set SHIFTLAB_DEBUG=1 for a"
+               " traceback and please report it)", err=True)
+    sys.exit(1)
+
+
+@contextmanager
+def _staged(folder: Path) -> Iterator[Path]:
+    """A hidden folder inside ``folder`` for this run's outputs; they are moved into ``folder``
+    only once every one is written, so an interrupted run changes nothing."""
+    import shutil
+    import tempfile
+
+    _check_writable(folder)
+    staging = Path(tempfile.mkdtemp(prefix=".shiftlab-", dir=folder))
+    try:
+        yield staging
+        for item in sorted(staging.iterdir()):
+            os.replace(item, folder / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
@@ -74,6 +102,9 @@ def _model_options(func):
                              " for files you trust; by default torch.load(weights_only=True).")(func)
     func = click.option("--seed", default=0, show_default=True, type=int,
                         help="Seed for random-init weights, so figures are reproducible.")(func)
+    func = click.option("--num-classes", type=click.IntRange(1), default=None,
+                        help="Classifier size, for checkpoints trained on other classes"
+                             " (default: the model's own).")(func)
     return func
 
 
@@ -177,8 +208,19 @@ def main() -> None:
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
               help="Output folder. Default: runs/<model>-<timestamp>/.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
-def heatmap(model_spec: str, weights: str, trust_checkpoint: bool, seed: int, out: Optional[str],
-            quiet: bool, scale: str, formats: Sequence[str], dpi: int, **measure_args) -> None:
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run in --out from its last completed image batch"
+                   " (progress is checkpointed there after every batch).")
+@click.option("--dry-run", is_flag=True,
+              help="Print the number of forward passes and an estimate of time and memory from a"
+                   " short calibration, then exit.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+              show_default=True,
+              help="Autocast dtype of the forward passes (float16 needs a GPU); distances are"
+                   " always computed in float32 and accumulated in float64.")
+def heatmap(model_spec: str, weights: str, trust_checkpoint: bool, seed: int, num_classes: Optional[int],
+            out: Optional[str], quiet: bool, resume: bool, dry_run: bool, dtype: str, scale: str,
+            formats: Sequence[str], dpi: int, **measure_args) -> None:
     """Measure every layer's equivariance over a grid of shifts and draw the layer grid.
 
     Writes result.npz, heatmap.{png,pdf}, profile.{png,pdf} and summary.csv into --out. The
@@ -186,25 +228,62 @@ def heatmap(model_spec: str, weights: str, trust_checkpoint: bool, seed: int, ou
     on a 2-core CPU; --device auto uses a GPU when there is one.
     """
     with _user_errors():
+        from . import distributed
+
+        if resume and not out:
+            raise UsageError("--resume needs the --out folder of the interrupted run")
+        if out:
+            _check_out_path(Path(out))
+        running_distributed = distributed.init_from_env()
+        main_rank = distributed.is_main()
+        quiet = quiet or not main_rank  # under torchrun only rank 0 talks and writes
+        if dry_run:
+            _dry_run(model_spec, weights, trust_checkpoint, seed, num_classes, dtype, **measure_args)
+            return
+        checkpoint = None
+        if out and not running_distributed:  # created with the first completed image batch
+            checkpoint = Path(out) / ".shiftlab-progress.npz"
         result, loaded = _run_measurement(model_spec, weights, trust_checkpoint, seed, quiet,
-                                          **measure_args)
+                                          num_classes=num_classes, dtype=dtype,
+                                          checkpoint=checkpoint, resume=resume, **measure_args)
+        if not main_rank:
+            return
         folder = Path(out) if out else _default_out(loaded.name)
         written = _write_outputs(result, folder, scale, formats, dpi)
         if not quiet:
             _report(result, written)
 
 
-def _run_measurement(model_spec: str, weights: str, trust_checkpoint: bool, seed: int, quiet: bool,
-                     **options):
-    """Load one model (a ``NAME[+aaK][@WEIGHTS]`` spec), its images, and measure it."""
-    loaded = _load(model_spec, weights, trust_checkpoint, seed)
+def _dry_run(model_spec: str, weights: str, trust_checkpoint: bool, seed: int,
+             num_classes: Optional[int], dtype: str, **options) -> None:
+    """Calibrate on a few shifts of the first image batch and print what the run would cost."""
+    from .engine import resolve_device
+    from .estimate import estimate_run
+
+    loaded = _load(model_spec, weights, trust_checkpoint, seed, num_classes=num_classes)
     shift_grid, margin = _grid_and_margin(options)
+    images = _images_for(loaded, options, margin)
+    estimate = estimate_run(
+        loaded.model, images.tensor, shift_grid, batch_size=options["batch_size"],
+        mode=options["mode"], align=options["align"], metric=options["metric"],
+        layers=list(options["layer_patterns"]) or None, margin=margin, border=options["border"],
+        device=resolve_device(options["device"]), dtype=None if dtype == "float32" else dtype,
+        progress=False)
+    click.echo(f"{loaded.name}: {len(images.paths)} images x {len(shift_grid)} shifts at"
+               f" {options['size']} px: {estimate.describe()}")
+
+
+def _run_measurement(model_spec: str, weights: str, trust_checkpoint: bool, seed: int, quiet: bool,
+                     num_classes: Optional[int] = None, **options):
+    """Load one model (a ``NAME[+aaK][@WEIGHTS]`` spec), its images, and measure it."""
+    shift_grid, margin = _grid_and_margin(options)  # cheap checks first (device, crop margin)
+    loaded = _load(model_spec, weights, trust_checkpoint, seed, num_classes=num_classes)
     images = _images_for(loaded, options, margin)
     return _measure(loaded, images, shift_grid, margin, quiet, **options), loaded
 
 
 def _load(model_spec: str, weights: str, trust_checkpoint: bool, seed: int,
-          filt_size: Optional[int] = None):
+          filt_size: Optional[int] = None, num_classes: Optional[int] = None):
     import torch
 
     from .variants import load_variant
@@ -212,10 +291,14 @@ def _load(model_spec: str, weights: str, trust_checkpoint: bool, seed: int,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # random-init weights are the same in every run
         return load_variant(model_spec, weights, filt_size=filt_size,
-                            trust_checkpoint=trust_checkpoint)
+                            trust_checkpoint=trust_checkpoint, num_classes=num_classes)
 
 
 def _grid_and_margin(options: dict):
+    """The shift grid and crop margin; also fails fast on a device that is not there."""
+    from .engine import resolve_device
+
+    resolve_device(options["device"])
     grid = _make_grid(options["grid"], options["max_shift"], options["subpixel"])
     if options["mode"] != "crop":
         return grid, 0
@@ -249,7 +332,8 @@ def _images_for(loaded, options: dict, margin: int):
 
 def _measure(loaded, images, shift_grid, margin: int, quiet: bool, mode: str, align: str, metric: str,
              layer_patterns: Sequence[str], border: int, batch_size: int, device: str,
-             label: Optional[str] = None, **_):
+             label: Optional[str] = None, dtype: str = "float32", checkpoint=None,
+             resume: bool = False, **_):
     from .engine import measure
 
     if not quiet:
@@ -261,7 +345,8 @@ def _measure(loaded, images, shift_grid, margin: int, quiet: bool, mode: str, al
     return measure(loaded.model, images.tensor, shift_grid, mode=mode, align=align, metric=metric,
                    layers=list(layer_patterns) or None, margin=margin, border=border,
                    batch_size=batch_size, device=device, progress=None if not quiet else False,
-                   meta=meta)
+                   meta=meta, dtype=None if dtype == "float32" else dtype, checkpoint=checkpoint,
+                   resume=resume)
 
 
 def _expand_sources(sources: Sequence) -> list[Path]:
@@ -284,8 +369,13 @@ def _make_grid(kind: str, k: int, subpixel: int):
 
 
 def _default_out(model_name: str) -> Path:
+    """runs/<model>-<timestamp>, with -2, -3, ... when a run in the same second took it."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name)
-    return Path("runs") / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base = Path("runs") / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    candidate, index = base, 2
+    while candidate.exists():
+        candidate, index = Path(f"{base}-{index}"), index + 1
+    return candidate
 
 
 def _write_outputs(result, folder: Path, scale: str, formats: Sequence[str], dpi: int) -> list[Path]:
@@ -298,18 +388,31 @@ def _write_outputs(result, folder: Path, scale: str, formats: Sequence[str], dpi
     from .plots import layer_grid, layer_profile, save_figure
     from .result import atomic_write
 
-    _check_writable(folder)
-    written = [result.save(folder / "result.npz")]
-    summary = result.summary().to_csv(index=False).encode()
-    written.append(atomic_write(folder / "summary.csv", lambda handle: handle.write(summary)))
-    for name, draw in (("heatmap", lambda: layer_grid(result, scale=scale)),
-                       ("profile", lambda: layer_profile(result, scale=scale))):
-        figure = draw()
-        try:
-            written += save_figure(figure, folder / name, formats=formats, dpi=dpi)
-        finally:
-            plt.close(figure)
-    return written
+    with _staged(folder) as stage:
+        written = [result.save(stage / "result.npz")]
+        summary = result.summary().to_csv(index=False).encode()
+        written.append(atomic_write(stage / "summary.csv", lambda handle: handle.write(summary)))
+        for name, draw in (("heatmap", lambda: layer_grid(result, scale=scale)),
+                           ("profile", lambda: layer_profile(result, scale=scale))):
+            figure = draw()
+            try:
+                written += save_figure(figure, stage / name, formats=formats, dpi=dpi)
+            finally:
+                plt.close(figure)
+    return [folder / path.name for path in written]
+
+
+def _check_out_path(folder: Path) -> None:
+    """Fail before a long run if --out can never be created or written; creates nothing."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ShiftlabError(f"cannot create output folder {folder}: {existing} is not a folder;"
+                            " choose another --out")
+    if not os.access(existing, os.W_OK):
+        raise ShiftlabError(f"cannot create output folder {folder}: {existing} is not writable;"
+                            " choose another --out")
 
 
 def _check_writable(folder: Path) -> None:
@@ -326,7 +429,10 @@ def _report(result, written: list[Path]) -> None:
     summary = result.summary()
     spatial = summary[summary["kind"] == "spatial"]
     if len(spatial):
-        worst = spatial.loc[spatial["mean"].idxmax()] if spatial["mean"].notna().any() else None
+        means = spatial["mean"]
+        # PSNR: higher is more equivariant, so the least equivariant layer has the lowest value
+        pick = means.idxmin if result.settings.metric == "psnr" else means.idxmax
+        worst = spatial.loc[pick()] if means.notna().any() else None
         if worst is not None:
             click.echo(f"least equivariant spatial layer: {worst['layer']} (stride"
                        f" {worst['stride']:g}, mean {result.settings.metric} {worst['mean']:.4g})",
@@ -400,7 +506,7 @@ def compare(result_files: Sequence[str], model_specs: Sequence[str], filt_size: 
                     images = _images_for(loaded, options, margin)
                 results.append(_measure(loaded, images, shift_grid, margin, quiet, **options))
         comparison = Comparison(results)
-        folder = Path(out) if out else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+        folder = Path(out) if out else _default_out("compare")
         written = _write_comparison(comparison, folder, bool(model_specs), scale, formats, dpi)
         if not quiet:
             table = comparison.summary()
@@ -421,7 +527,14 @@ def _write_comparison(comparison, folder: Path, save_results: bool, scale: str,
     from .plots import save_figure
     from .result import atomic_write
 
-    _check_writable(folder)
+    with _staged(folder) as stage:
+        written = _write_comparison_files(comparison, stage, save_results, scale, formats, dpi,
+                                          atomic_write, save_figure, plt)
+    return [folder / path.name for path in written]
+
+
+def _write_comparison_files(comparison, folder: Path, save_results: bool, scale: str,
+                            formats: Sequence[str], dpi: int, atomic_write, save_figure, plt) -> list[Path]:
     written: list[Path] = []
     if save_results:
         for label, result in zip(comparison.labels, comparison.results):
@@ -533,7 +646,7 @@ def consistency(model_specs: Sequence[str], filt_size: Optional[int], weights: s
                 loaded.model, images.tensor, shift_grid, mode=options["mode"], margin=margin,
                 labels=labels, n_pairs=n_pairs, seed=seed, batch_size=options["batch_size"],
                 device=options["device"], progress=None if not quiet else False, meta=meta))
-        folder = Path(out) if out else Path("runs") / f"consistency-{time.strftime('%Y%m%d-%H%M%S')}"
+        folder = Path(out) if out else _default_out("consistency")
         table = _consistency_table(results)
         written = _write_consistency(results, table, folder, formats, dpi)
         click.echo(_format_consistency(table))
@@ -605,7 +718,18 @@ def _write_consistency(results, table, folder: Path, formats: Sequence[str], dpi
     from .plots import probability_plot, save_figure
     from .result import atomic_write
 
-    _check_writable(folder)
+    with _staged(folder) as stage:
+        written = _write_consistency_files(results, table, stage, formats, dpi)
+    return [folder / path.name for path in written]
+
+
+def _write_consistency_files(results, table, folder: Path, formats: Sequence[str], dpi: int) -> list[Path]:
+    import pandas as pd
+    from matplotlib import pyplot as plt
+
+    from .plots import probability_plot, save_figure
+    from .result import atomic_write
+
     written: list[Path] = []
     for result in results:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in result.meta["label"])
@@ -631,17 +755,19 @@ def _write_consistency(results, table, folder: Path, formats: Sequence[str], dpi
 @click.option("--layers", "-l", "layer_patterns", multiple=True, metavar="GLOB",
               help="Only layers whose module name matches (repeatable).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
-def layers(model_spec: str, weights: str, trust_checkpoint: bool, seed: int, size: int,
-           layer_patterns: Sequence[str], device: str) -> None:
+def layers(model_spec: str, weights: str, trust_checkpoint: bool, seed: int, num_classes: Optional[int],
+           size: int, layer_patterns: Sequence[str], device: str) -> None:
     """List the hook points: name, module type, kind, measured stride and output shape."""
     with _user_errors():
         from .engine import resolve_device
         from .geometry import probe_layers
 
-        loaded = _load(model_spec, weights, trust_checkpoint, seed)
         target = resolve_device(device)
+        loaded = _load(model_spec, weights, trust_checkpoint, seed, num_classes=num_classes)
         infos = probe_layers(loaded.model.to(target), (size, size), list(layer_patterns) or None,
                              device=target)
+        if not infos:
+            raise UsageError("no layer produced a tensor output; check --layers")
         width = max(len(i.name) for i in infos)
         click.echo(f"{'#':>3}  {'layer':<{width}}  {'module':<20} {'kind':<8} {'stride':>6}  shape")
         for index, info in enumerate(infos):
@@ -671,17 +797,17 @@ def plot(result_file: str, scale: str, formats: Sequence[str], dpi: int, out: Op
 
         result = load(result_file)
         folder = Path(out) if out else Path(result_file).parent
-        _check_writable(folder)
         written: list[Path] = []
-        for name, draw in (("heatmap", lambda: layer_grid(result, scale=scale)),
-                           ("profile", lambda: layer_profile(result, scale=scale))):
-            figure = draw()
-            try:
-                written += save_figure(figure, folder / name, formats=formats, dpi=dpi)
-            finally:
-                plt.close(figure)
+        with _staged(folder) as stage:
+            for name, draw in (("heatmap", lambda: layer_grid(result, scale=scale)),
+                               ("profile", lambda: layer_profile(result, scale=scale))):
+                figure = draw()
+                try:
+                    written += save_figure(figure, stage / name, formats=formats, dpi=dpi)
+                finally:
+                    plt.close(figure)
         for path in written:
-            click.echo(str(path))
+            click.echo(str(folder / path.name))
 
 
 if __name__ == "__main__":

@@ -828,6 +828,9 @@ def probability_plot(results, labels: Optional[Sequence[str]] = None, ncols: Opt
     nrows = math.ceil(len(items) / ncols)
     fig = Figure(figsize=(3.6 * ncols + 0.4, 2.7 * nrows + 0.7), layout="constrained")
     axes = fig.subplots(nrows, ncols, sharey=True, squeeze=False)
+    # 0..1 for trained models; zoomed in when every probability is small (random weights)
+    highest = max(float(np.nanmax(r.diagonal_prob, initial=0.0)) for r in items)
+    top = 1.02 if highest > 0.5 else max(1.15 * highest, 1e-3)
     for ax in axes.flat[len(items):]:
         ax.set_visible(False)
     for k, (ax, result, label) in enumerate(zip(axes.flat, items, labels)):
@@ -839,7 +842,7 @@ def probability_plot(results, labels: Optional[Sequence[str]] = None, ncols: Opt
         ax.plot(steps, result.mean_probability, lw=2.4, color="black", label="mean over images")
         ax.set_title(f"{label}\nflip rate {_fmt(result.flip_rate)} · MAC {_fmt(result.mac)}",
                      fontsize=8)
-        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylim(0.0, top)
         ax.grid(lw=0.4, color="0.9")
         ax.spines[["top", "right"]].set_visible(False)
         ax.tick_params(labelsize=7)
@@ -850,7 +853,7 @@ def probability_plot(results, labels: Optional[Sequence[str]] = None, ncols: Opt
         if k % ncols == 0:
             ax.set_ylabel("P(top class of the\nunshifted image)", fontsize=8)
         if k == 0:
-            ax.legend(fontsize=7, frameon=False, loc="lower left")
+            ax.legend(fontsize=7, frameon=False, loc="best")
     first = items[0]
     n = first.n_images
     settings = (f"{first.settings.mode} shifts, {first.settings.size[0]} px, {n} image"

@@ -35,7 +35,7 @@ def parse_variant(text: str) -> tuple[str, Optional[int], Optional[str]]:
 
 
 def load_variant(text: str, weights: str = "auto", filt_size: Optional[int] = None,
-                 trust_checkpoint: bool = False) -> LoadedModel:
+                 trust_checkpoint: bool = False, num_classes: Optional[int] = None) -> LoadedModel:
     """Load ``NAME[+aaK][@WEIGHTS]``; ``filt_size`` antialiases even without ``+aaK``.
 
     Example:
@@ -47,17 +47,17 @@ def load_variant(text: str, weights: str = "auto", filt_size: Optional[int] = No
     filt = spec_filt if spec_filt is not None else filt_size
     weights = spec_weights or weights
     if filt is None:
-        return load_model(base, weights, trust_checkpoint=trust_checkpoint)
+        return load_model(base, weights, trust_checkpoint=trust_checkpoint, num_classes=num_classes)
     is_file = weights.lower().endswith((".pth", ".pt", ".bin", ".ckpt")) or "/" in weights
     # NAME+aaK@FILE names a checkpoint of the converted model (e.g. a published antialiased-cnns
     # file); with --antialias K the weights belong to the baseline and are copied over
     if is_file and spec_filt is not None and spec_weights is not None:
-        loaded = load_model(base, "none")
+        loaded = load_model(base, "none", num_classes=num_classes)
         model = antialias(loaded.model, filt_size=filt, copy_weights=False)
         load_checkpoint(model, weights, trust_checkpoint, name=f"{loaded.name}+aa{filt}")
         description = weights
     else:  # baseline weights, copied into the converted model
-        loaded = load_model(base, weights, trust_checkpoint=trust_checkpoint)
+        loaded = load_model(base, weights, trust_checkpoint=trust_checkpoint, num_classes=num_classes)
         model = antialias(loaded.model, filt_size=filt, copy_weights=True)
         description = loaded.weights
     return dataclasses.replace(loaded, model=model.eval(), name=f"{loaded.name}+aa{filt}",

@@ -473,8 +473,6 @@ def test_heatmap_ctrl_c_exits_130_and_keeps_the_previous_result(images, tmp_path
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an interrupt while figures are written leaves the new"
-                   " result.npz/summary.csv in place but says 'no output was changed'")
 def test_heatmap_ctrl_c_while_drawing_keeps_the_previous_result(images, tmp_path, monkeypatch):
     out = tmp_path / "out"
     assert invoke(*heatmap_args(images, out)).exit_code == 0
@@ -529,8 +527,6 @@ def test_heatmap_memory_error_suggests_a_smaller_batch(images, tmp_path, monkeyp
     assert_clean_error(invoke(*heatmap_args(images, out)), 1, "out of memory", "--batch-size", out=out)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: torch.OutOfMemoryError is a RuntimeError, not a"
-                   " MemoryError, so a CUDA OOM gets the 'please report it' internal-error message")
 def test_heatmap_cuda_out_of_memory_suggests_a_smaller_batch(images, tmp_path, monkeypatch):
     def exhausted(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -575,8 +571,6 @@ def test_heatmap_psnr_summary_mean_is_finite_where_the_layer_is_not_exact(images
             assert math.isfinite(float(row["mean"])), row
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: _report takes idxmax of the mean, but for psnr a higher"
-                   " value is more equivariant (and every mean is inf), so it names the wrong layer")
 def test_heatmap_psnr_report_names_the_layer_with_the_lowest_psnr(images, tmp_path):
     out = tmp_path / "out"
     args = heatmap_args(images, out, "--metric", "psnr")
@@ -663,8 +657,6 @@ def test_checkpoint_with_other_classes_lists_the_shape_mismatch(images, tmp_path
                        "does not fit squeezenet1_1", "classifier.1.weight", "10 classes", out=out)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the mismatch message tells CLI users to pass"
-                   " --num-classes, an option no command has")
 def test_checkpoint_with_other_classes_fix_named_in_the_message_works(images, tmp_path,
                                                                      ten_class_squeezenet):
     line = error_lines(_torchvision_run(images, tmp_path / "a", "--weights", ten_class_squeezenet))[0]
@@ -759,8 +751,6 @@ ARGMAX_MODEL = """
     """
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: layers crashes with 'ValueError: max() arg is an empty"
-                   " sequence' when no selected layer gives a float tensor")
 def test_layers_with_no_measurable_layer_is_a_usage_error(tmp_path):
     model = write_module(tmp_path, "argmax_model", ARGMAX_MODEL)
     assert_clean_error(invoke("layers", "--model", f"{model}:factory", "--size", "16",
@@ -1103,8 +1093,6 @@ def test_device_cuda_without_cuda_is_a_one_line_usage_error(images, tmp_path):
 
 
 @NO_CUDA
-@pytest.mark.xfail(strict=True, reason="BUG: --device is checked only inside measure(), after the"
-                   " model and images are loaded, so a non-quiet run prints its header line first")
 def test_device_cuda_without_cuda_is_one_line_without_quiet(images, tmp_path):
     out = tmp_path / "out"
     args = heatmap_args(images, out, "--device", "cuda")

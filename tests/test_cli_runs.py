@@ -1,0 +1,125 @@
+"""CLI run control: --dry-run, --resume after Ctrl-C, and torchrun -m shiftlab heatmap."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+import shiftlab
+from shiftlab.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+FACTORY = textwrap.dedent('''
+    import os, torch
+    from torch import nn
+
+    class Net(nn.Module):
+        """A stride-4 classifier that raises KeyboardInterrupt on forward INTERRUPT_AT."""
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(4, 4, 3, padding=1, stride=2), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+            self.calls = 0
+        def forward(self, x):
+            self.calls += 1
+            if self.calls == int(os.environ.get("INTERRUPT_AT", "0")):
+                raise KeyboardInterrupt
+            return self.body(x)
+
+    def build():
+        return Net().eval()
+''')
+
+
+@pytest.fixture
+def setup(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(4):
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(images / f"{index}.png")
+    factory = tmp_path / "net.py"
+    factory.write_text(FACTORY)
+    return images, f"{factory}:build"
+
+
+def args(images, model, out, *extra):
+    return ["heatmap", "--model", model, "--weights", "none", "--images", str(images), "--size", "16",
+            "--max-shift", "3", "--batch-size", "2", "--device", "cpu", "--format", "png", "--dpi", "30",
+            "--quiet", "--out", str(out), *extra]
+
+
+def test_dry_run_estimates_and_writes_nothing(setup, tmp_path):
+    images, model = setup
+    result = CliRunner().invoke(main, args(images, model, tmp_path / "out", "--dry-run"))
+    assert result.exit_code == 0, result.output
+    assert "forward passes" in result.output and "estimated" in result.output
+    # 4 images in batches of 2; 8 shifted inputs 1 per pass + the reference: 2 x 9 passes
+    assert "18 forward passes" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_after_ctrl_c_equals_an_uninterrupted_run(setup, tmp_path, monkeypatch):
+    images, model = setup
+    runner = CliRunner()
+    clean = runner.invoke(main, args(images, model, tmp_path / "clean"))
+    assert clean.exit_code == 0, clean.output
+    out = tmp_path / "out"
+    # forwards: 2 probes, then 9 per image batch -> the 15th is inside the second batch
+    monkeypatch.setenv("INTERRUPT_AT", "15")
+    interrupted = runner.invoke(main, args(images, model, out))
+    assert interrupted.exit_code == 130
+    assert (out / ".shiftlab-progress.npz").is_file() and not (out / "result.npz").exists()
+    monkeypatch.delenv("INTERRUPT_AT")
+    resumed = runner.invoke(main, args(images, model, out, "--resume"))
+    assert resumed.exit_code == 0, resumed.output
+    a, b = shiftlab.load(tmp_path / "clean" / "result.npz"), shiftlab.load(out / "result.npz")
+    np.testing.assert_allclose(b.mean, a.mean, atol=1e-12, equal_nan=True)
+    np.testing.assert_array_equal(b.n, a.n)
+    assert not (out / ".shiftlab-progress.npz").exists()
+
+
+def test_resume_needs_an_out_folder(setup):
+    images, model = setup
+    result = CliRunner().invoke(main, ["heatmap", "--model", model, "--resume"])
+    assert result.exit_code == 2 and "--out" in result.stderr
+
+
+def test_torchrun_heatmap_writes_once_and_equals_a_single_process(setup, tmp_path):
+    images, model = setup
+    single = CliRunner().invoke(main, args(images, model, tmp_path / "single"))
+    assert single.exit_code == 0, single.output
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "MPLBACKEND": "Agg",
+           "SHIFTLAB_OFFLINE": "1"}
+    env.pop("INTERRUPT_AT", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+               "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "shiftlab",
+               *args(images, model, tmp_path / "ddp")]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True, cwd=str(tmp_path))
+    try:
+        _, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError("torchrun did not finish in 180 s")
+    assert proc.returncode == 0, stderr[-2000:]
+    a, b = shiftlab.load(tmp_path / "single" / "result.npz"), shiftlab.load(tmp_path / "ddp" / "result.npz")
+    assert b.meta["n_images"] == 4
+    np.testing.assert_allclose(b.mean, a.mean, atol=1e-6, equal_nan=True)
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(
+        p.name for p in (tmp_path / "single").iterdir())
