@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import platform
+import subprocess
 import sys
 import time
 from typing import Callable
@@ -124,14 +125,15 @@ def main(argv: list[str] | None = None) -> dict:
         row["ratio_to_floor"] = row["seconds"] / floor
         row["images_x_shifts_per_s"] = n_work / row["seconds"]
 
+    # memory flatness: each count in a fresh process, so the allocator's earlier heap does not hide it
     memory = []
-    small = images[:1, :, :args.memory_size, :args.memory_size].contiguous()
     for count in [int(c) for c in args.memory_shifts.split(",") if c]:
-        k = int(math.isqrt(count))
-        memory_grid = ShiftGrid.square(k) if k * k == count else ShiftGrid.diagonal(count)
-        memory.append({"shifts": len(memory_grid), **timed(
-            f"measure {len(memory_grid)} shifts", lambda g=memory_grid: shiftlab.measure(
-                model, small, g, batch_size=args.batch_size, device=device, progress=False), device)})
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--model", args.model,
+                               "--size", str(args.memory_size), "--shifts", str(count),
+                               "--batch-size", str(args.batch_size)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(proc.stderr[-2000:])
+        memory.append(json.loads(proc.stdout.strip().splitlines()[-1]))
 
     report = {
         "model": args.model, "size": args.size, "grid": f"{args.grid}x{args.grid}",
@@ -156,8 +158,8 @@ def _print_table(report: dict) -> None:
         print(f"{row['variant']:<28} {row['seconds']:>8.2f} {row['images_x_shifts_per_s']:>11.2f}"
               f" {row['peak_mb']:>8.0f} {row['ratio_to_floor']:>8.2f}", file=sys.stderr)
     for row in report["memory_flatness"]:
-        print(f"memory with {row['shifts']:>4} shifts: peak {row['peak_mb']:.0f} MB ({row['seconds']:.1f} s)",
-              file=sys.stderr)
+        print(f"fresh process, {row['shifts']:>4} shifts: peak RSS {row['peak_rss_mb']:.0f} MB"
+              f" ({row['seconds']:.1f} s)", file=sys.stderr)
 
 
 if __name__ == "__main__":

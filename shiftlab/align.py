@@ -182,7 +182,7 @@ def _circular_filter(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) ->
     both rolls and a tiny conv here (measured in benchmarks/).
     """
     height, width = x.shape[-2:]
-    if height * width <= 256:
+    if height * width <= 64:
         # small maps (deep layers): one GEMM with the (hw x hw) Kronecker product beats
         # thousands of tiny batched matmuls
         kron = torch.kron(rows, cols)
