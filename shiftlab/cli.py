@@ -175,6 +175,18 @@ def _first_flag(decorator) -> str:
     return decorator(lambda: None).__click_params__[0].opts[0]
 
 
+def _variant_options(func):
+    """--antialias, --weights and --trust-checkpoint of the multi-model commands."""
+    func = click.option("--trust-checkpoint", is_flag=True,
+                        help="Allow full unpickling of checkpoints (only for files you trust).")(func)
+    func = click.option("--weights", "-w", default="auto", show_default=True, metavar="WEIGHTS",
+                        help="Weights for models whose spec has no @WEIGHTS (see 'heatmap --help').")(func)
+    func = click.option("--antialias", "filt_size", type=click.IntRange(1, 7), default=None,
+                        help="Also measure the BlurPool version of each --model with this filter"
+                             " size (weights copied from the baseline).")(func)
+    return func
+
+
 def _figure_options(func):
     func = click.option("--scale", "--metric-scale", "scale", type=click.Choice(["linear", "log"]),
                         default="linear", show_default=True, help="Colour scale of the heatmaps.")(func)
@@ -452,13 +464,7 @@ def _report(result, written: list[Path]) -> None:
 @click.option("--model", "-m", "model_specs", multiple=True, metavar="MODEL",
               help="A model to measure (repeatable): NAME[+aaK][@WEIGHTS], e.g. vgg16,"
                    " resnet50@base.pth, resnet50+aa4@resnet50_lpf4.pth.")
-@click.option("--antialias", "filt_size", type=click.IntRange(1, 7), default=None,
-              help="Also measure the BlurPool version of each --model with this filter size"
-                   " (weights copied from the baseline).")
-@click.option("--weights", "-w", default="auto", show_default=True, metavar="WEIGHTS",
-              help="Weights for models whose spec has no @WEIGHTS (see 'heatmap --help').")
-@click.option("--trust-checkpoint", is_flag=True,
-              help="Allow full unpickling of checkpoints (only for files you trust).")
+@_variant_options
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for random-init weights.")
 @_measure_options
 @_figure_options
@@ -564,13 +570,7 @@ DEFAULT_PAIRS = 1000
 @click.option("--model", "-m", "model_specs", multiple=True, required=True, metavar="MODEL",
               help="A classifier to measure (repeatable): NAME[+aaK][@WEIGHTS], e.g. resnet18,"
                    " resnet50+aa4@resnet50_lpf4.pth, path/to/file.py:factory.")
-@click.option("--antialias", "filt_size", type=click.IntRange(1, 7), default=None,
-              help="Also measure the BlurPool version of each --model with this filter size"
-                   " (weights copied from the baseline).")
-@click.option("--weights", "-w", default="auto", show_default=True, metavar="WEIGHTS",
-              help="Weights for models whose spec has no @WEIGHTS (see 'heatmap --help').")
-@click.option("--trust-checkpoint", is_flag=True,
-              help="Allow full unpickling of checkpoints (only for files you trust).")
+@_variant_options
 @click.option("--seed", default=0, show_default=True, type=int,
               help="Seed for random-init weights and for drawing the random shift pairs.")
 @click.option("--pairs", "n_pairs", type=click.IntRange(1), default=DEFAULT_PAIRS,
@@ -712,11 +712,6 @@ def _write_consistency(results, table, folder: Path, formats: Sequence[str], dpi
     import matplotlib
 
     matplotlib.use("Agg")
-    import pandas as pd
-    from matplotlib import pyplot as plt
-
-    from .plots import probability_plot, save_figure
-    from .result import atomic_write
 
     with _staged(folder) as stage:
         written = _write_consistency_files(results, table, stage, formats, dpi)

@@ -72,6 +72,49 @@ class Twice(nn.Module):
         return self.relu(self.conv2(self.relu(self.conv1(x))))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Under pytest-xdist (-n 2 on 2 cores) one torch thread per worker, not oversubscription."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def run_torchrun(arguments: list, cwd, timeout: float = 180) -> str:
+    """Run ``python -m torch.distributed.run --nproc_per_node=2 ...`` on loopback; stderr back.
+
+    A session of its own, so that a hung rendezvous is killed with all its workers.
+    """
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:  # a free loopback port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "MPLBACKEND": "Agg",
+           "SHIFTLAB_OFFLINE": "1", "PYTHONPATH": root}
+    env.pop("INTERRUPT_AT", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+               "--master_addr=127.0.0.1", f"--master_port={port}", *map(str, arguments)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True, cwd=str(cwd))
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError(f"torchrun did not finish in {timeout:.0f} s")
+    assert proc.returncode == 0, stderr[-2000:]
+    return stderr
+
+
 @pytest.fixture
 def images() -> torch.Tensor:
     """Four seeded random 16x16 RGB images."""

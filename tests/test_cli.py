@@ -55,13 +55,6 @@ def _isolated_environment(tmp_path, monkeypatch):
     monkeypatch.delenv("SHIFTLAB_DEBUG", raising=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """pytest -n 2 on 2 cores: one torch thread per worker instead of oversubscribing."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def invoke(*args):

@@ -1,11 +1,6 @@
 """CLI run control: --dry-run, --resume after Ctrl-C, and torchrun -m shiftlab heatmap."""
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -16,6 +11,7 @@ from PIL import Image
 
 import shiftlab
 from shiftlab.cli import main
+from conftest import run_torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 FACTORY = textwrap.dedent('''
@@ -100,24 +96,7 @@ def test_torchrun_heatmap_writes_once_and_equals_a_single_process(setup, tmp_pat
     images, model = setup
     single = CliRunner().invoke(main, args(images, model, tmp_path / "single"))
     assert single.exit_code == 0, single.output
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "MPLBACKEND": "Agg",
-           "SHIFTLAB_OFFLINE": "1"}
-    env.pop("INTERRUPT_AT", None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-               "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "shiftlab",
-               *args(images, model, tmp_path / "ddp")]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True, cwd=str(tmp_path))
-    try:
-        _, stderr = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise AssertionError("torchrun did not finish in 180 s")
-    assert proc.returncode == 0, stderr[-2000:]
+    run_torchrun(["-m", "shiftlab", *args(images, model, tmp_path / "ddp")], tmp_path)
     a, b = shiftlab.load(tmp_path / "single" / "result.npz"), shiftlab.load(tmp_path / "ddp" / "result.npz")
     assert b.meta["n_images"] == 4
     np.testing.assert_allclose(b.mean, a.mean, atol=1e-6, equal_nan=True)

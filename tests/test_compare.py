@@ -45,13 +45,6 @@ FAST = ["--size", "16", "--max-shift", "2", "--max-images", "2", "--device", "cp
 
 
 # -- helpers ---------------------------------------------------------------------------------
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """pytest -n 2 on 2 cores: one torch thread per worker instead of oversubscribing."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(autouse=True)

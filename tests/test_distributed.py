@@ -1,11 +1,6 @@
 """torchrun with 2 gloo processes gives the single-process result (issue: scale-out)."""
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -14,6 +9,7 @@ import torch
 
 import shiftlab
 from shiftlab import ShiftGrid
+from conftest import run_torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,26 +29,11 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def run_torchrun(tmp_path: Path, align: str) -> shiftlab.Result:
+def measure_with_torchrun(tmp_path: Path, align: str) -> shiftlab.Result:
     script = tmp_path / "job.py"
     script.write_text(SCRIPT.format(tests=str(ROOT / "tests"), align=align))
     out = tmp_path / "result.npz"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo"}
-    with socket.socket() as probe:  # a free loopback port for the rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    # a session of its own, so that a hung rendezvous can be killed with all its workers
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={port}", str(script), str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise AssertionError("torchrun did not finish in 180 s")
-    assert proc.returncode == 0, stderr[-2000:]
+    run_torchrun([script, out], tmp_path)
     return shiftlab.load(out)
 
 
@@ -62,7 +43,7 @@ def test_two_gloo_ranks_equal_the_single_process_result(tmp_path):
     images = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(5))
     single = shiftlab.measure(make_maxpool(), images, ShiftGrid.square(4), align="bilinear",
                               batch_size=4, device="cpu", progress=False)
-    sharded = run_torchrun(tmp_path, "bilinear")
+    sharded = measure_with_torchrun(tmp_path, "bilinear")
     assert sharded.meta["n_images"] == 5
     np.testing.assert_array_equal(sharded.n, single.n)  # every image counted once
     np.testing.assert_allclose(sharded.mean, single.mean, atol=1e-6, equal_nan=True)

@@ -37,13 +37,6 @@ OUTPUTS = {"consistency.csv", "summary.csv", "probability.png",
            "invariance-conftest_tiny_classifier.npz"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """pytest -n 2 on 2 cores: one torch thread per worker instead of oversubscribing."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ from torch import nn
 
 import shiftlab
 from shiftlab import ShiftGrid
-from conftest import (Twice, circular_conv, make_equivariant, make_global_pool, make_maxpool,
+from conftest import (Twice, make_equivariant, make_global_pool, make_maxpool,
                       make_zero_padded)
 
 METRICS = ("cosine", "l2", "psnr")
