@@ -192,6 +192,7 @@ class _Run:
         # per-layer values derived from the reference (filtered maps, norms), per image batch
         self.caches: dict[str, dict] = {}
         self._phase: Callable[[str, torch.Tensor], None] = self._ignore
+        self._batch = 0  # inputs in the forward pass under way
 
     # -- hooks -----------------------------------------------------------------------
     @staticmethod
@@ -200,6 +201,10 @@ class _Run:
 
     def _on_output(self, layer: str, tensor: torch.Tensor) -> None:
         if layer in self.info and tensor.is_floating_point():
+            if tensor.dim() == 0 or tensor.shape[0] != self._batch:
+                raise ModelError(f"layer {layer} gave a first dimension of {tuple(tensor.shape)[:1]}"
+                                 f" for a batch of {self._batch}; its output is not per image:"
+                                 " leave it out with --layers")
             # comparisons run in float32 even when the forward runs under autocast
             with torch.autocast(self.device.type, enabled=False):
                 self._phase(layer, tensor)
@@ -237,6 +242,7 @@ class _Run:
         capture = LayerCapture(self.model, self.selection, self._on_output)
         with capture, torch.inference_mode(), self.autocast():
             self._phase = self._store_reference
+            self._batch = len(images)
             try:
                 self.model(centre_window(images, margin) if self.settings.mode == "crop" else images)
                 for chunk, start in enumerate(range(0, len(self.forward_shifts), shifts_per_pass)):
@@ -245,6 +251,7 @@ class _Run:
                     batch = apply_shifts(images, shifts, self.settings.mode, margin)
                     count = batch.shape[0]
                     self._phase = self._shifted_phase(index, count, chunk)
+                    self._batch = count * len(images)
                     self.model(batch.reshape(-1, *batch.shape[2:]))
                     bar.update(1)
             finally:

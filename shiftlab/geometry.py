@@ -84,13 +84,16 @@ def _shapes_at(model: nn.Module, layers: LayerSelection, size: tuple[int, int], 
     capture = LayerCapture(model, layers)
 
     def record(layer: str, tensor: torch.Tensor) -> None:
-        if layer not in shapes and tensor.is_floating_point():
+        # a batch of two: tensors that do not follow the batch (Swin V2's relative-position
+        # tables, constants) are not per-image feature maps and are not layers
+        if layer not in shapes and tensor.is_floating_point() and tensor.dim() > 0 \
+                and tensor.shape[0] == 2:
             module = type(_module_of(capture, layer)).__name__
             shapes[layer] = (module, tuple(tensor.shape[1:]))
 
     capture.on_output = record
     generator = torch.Generator().manual_seed(0)
-    probe = torch.randn((1, channels, *size), generator=generator).to(device=device, dtype=dtype)
+    probe = torch.randn((2, channels, *size), generator=generator).to(device=device, dtype=dtype)
     with capture, torch.inference_mode():
         model(probe)
     return shapes
@@ -105,7 +108,8 @@ def probe_layers(model: nn.Module, size: tuple[int, int], layers: LayerSelection
                  dtype: torch.dtype = torch.float32) -> list[LayerInfo]:
     """Every watched layer in execution order, with kind and measured stride.
 
-    Runs two forwards of one random image: at ``size`` and at ``size`` + 64·⌈size/64⌉. When the
+    Runs two forwards of two random images: at ``size`` and at ``size`` + 64·⌈size/64⌉; only
+    outputs whose first dimension follows the batch are layers. When the
     model refuses the larger size (fixed-size models), strides fall back to H / h with a warning.
 
     Example::
