@@ -395,23 +395,39 @@ def _write_outputs(result, folder: Path, scale: str, formats: Sequence[str], dpi
     import matplotlib
 
     matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    from .plots import layer_grid, layer_profile, save_figure
     from .result import atomic_write
 
     with _staged(folder) as stage:
         written = [result.save(stage / "result.npz")]
         summary = result.summary().to_csv(index=False).encode()
         written.append(atomic_write(stage / "summary.csv", lambda handle: handle.write(summary)))
-        for name, draw in (("heatmap", lambda: layer_grid(result, scale=scale)),
-                           ("profile", lambda: layer_profile(result, scale=scale))):
-            figure = draw()
-            try:
-                written += save_figure(figure, stage / name, formats=formats, dpi=dpi)
-            finally:
-                plt.close(figure)
+        written += _result_figures(result, stage, scale, formats, dpi)
     return [folder / path.name for path in written]
+
+
+def _result_figures(result, folder: Path, scale: str, formats: Sequence[str], dpi: int) -> list[Path]:
+    """heatmap.* and profile.* of one result, written into ``folder``."""
+    from .plots import layer_grid, layer_profile
+
+    return _save_figures([("heatmap", lambda: layer_grid(result, scale=scale)),
+                          ("profile", lambda: layer_profile(result, scale=scale))],
+                         folder, formats, dpi)
+
+
+def _save_figures(figures: list, folder: Path, formats: Sequence[str], dpi: int) -> list[Path]:
+    """Draw each (stem, draw) figure, save it in every format, and close it."""
+    from matplotlib import pyplot as plt
+
+    from .plots import save_figure
+
+    written: list[Path] = []
+    for name, draw in figures:
+        figure = draw()
+        try:
+            written += save_figure(figure, folder / name, formats=formats, dpi=dpi)
+        finally:
+            plt.close(figure)
+    return written
 
 
 def _check_out_path(folder: Path) -> None:
@@ -528,19 +544,15 @@ def _write_comparison(comparison, folder: Path, save_results: bool, scale: str,
     import matplotlib
 
     matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    from .plots import save_figure
-    from .result import atomic_write
-
     with _staged(folder) as stage:
-        written = _write_comparison_files(comparison, stage, save_results, scale, formats, dpi,
-                                          atomic_write, save_figure, plt)
+        written = _write_comparison_files(comparison, stage, save_results, scale, formats, dpi)
     return [folder / path.name for path in written]
 
 
 def _write_comparison_files(comparison, folder: Path, save_results: bool, scale: str,
-                            formats: Sequence[str], dpi: int, atomic_write, save_figure, plt) -> list[Path]:
+                            formats: Sequence[str], dpi: int) -> list[Path]:
+    from .result import atomic_write
+
     written: list[Path] = []
     if save_results:
         for label, result in zip(comparison.labels, comparison.results):
@@ -553,13 +565,7 @@ def _write_comparison_files(comparison, folder: Path, save_results: bool, scale:
     for index in range(1, len(comparison.results)):
         stem = "difference" if len(comparison.results) == 2 else f"difference-{index}"
         figures.append((stem, lambda index=index: comparison.plot_difference(0, index)))
-    for name, draw in figures:
-        figure = draw()
-        try:
-            written += save_figure(figure, folder / name, formats=formats, dpi=dpi)
-        finally:
-            plt.close(figure)
-    return written
+    return written + _save_figures(figures, folder, formats, dpi)
 
 
 # -- consistency -------------------------------------------------------------------------
@@ -785,22 +791,12 @@ def plot(result_file: str, scale: str, formats: Sequence[str], dpi: int, out: Op
         import matplotlib
 
         matplotlib.use("Agg")
-        from matplotlib import pyplot as plt
-
-        from .plots import layer_grid, layer_profile, save_figure
         from .result import load
 
         result = load(result_file)
         folder = Path(out) if out else Path(result_file).parent
-        written: list[Path] = []
         with _staged(folder) as stage:
-            for name, draw in (("heatmap", lambda: layer_grid(result, scale=scale)),
-                               ("profile", lambda: layer_profile(result, scale=scale))):
-                figure = draw()
-                try:
-                    written += save_figure(figure, stage / name, formats=formats, dpi=dpi)
-                finally:
-                    plt.close(figure)
+            written = _result_figures(result, stage, scale, formats, dpi)
         for path in written:
             click.echo(str(folder / path.name))
 
