@@ -186,7 +186,7 @@ class _Run:
         self.forward_index = torch.nonzero(~is_zero).flatten()
         self.forward_shifts = shifts[self.forward_index]
         self.accumulators = {info.name: DistanceAccumulator(len(shifts)) for info in infos}
-        self.plans: dict[tuple[str, int], Plan] = {}
+        self.plans: dict[tuple, Plan] = {}
         self.need_peak = settings.metric == "psnr"
         self.references: dict[str, torch.Tensor] = {}
         # per-layer values derived from the reference (filtered maps, norms), per image batch
@@ -224,12 +224,15 @@ class _Run:
         info = self.info[layer]
         reference = self.references[layer]
         if info.is_spatial:
-            plan = self.plans.get((layer, key))
+            # a plan depends on the stride, the map size and the shifts only: layers of the same
+            # geometry share one (ResNet-50: 158 layers, a handful of plans per chunk)
+            plan_key = (info.stride, info.shape[1:], key)
+            plan = self.plans.get(plan_key)
             if plan is None:
                 shifts = torch.tensor(self.settings.grid.shifts, dtype=torch.float64)[index]
                 plan = make_plan(info, shifts, self.settings.mode, self.settings.align,
                                  self.settings.border, self.need_peak)
-                self.plans[(layer, key)] = plan
+                self.plans[plan_key] = plan
             stats = plan.compare(reference, shifted, self.caches.setdefault(layer, {}))
         else:
             stats = compare_global(reference, shifted, self.need_peak)
