@@ -21,19 +21,15 @@ from torch import nn
 
 import shiftlab
 from shiftlab.capture import LayerCapture
+from shiftlab.engine import batch_layout
 from shiftlab.estimate import peak_memory
 from shiftlab.shifts import ShiftGrid, apply_shifts
-
-def _batches(n_images: int, n_shifts: int, batch_size: int) -> tuple[int, int]:
-    images_per_batch = min(n_images, batch_size)
-    return images_per_batch, max(1, batch_size // images_per_batch)
-
 
 def run_floor(model: nn.Module, images: torch.Tensor, grid: ShiftGrid, batch_size: int,
               device: torch.device) -> None:
     """Bare batched forwards of every shifted input: the least any tool must do."""
     shifts = torch.tensor(grid.shifts, dtype=torch.float64)
-    per_batch, per_pass = _batches(len(images), len(shifts), batch_size)
+    per_batch, per_pass = batch_layout(len(images), batch_size)
     with torch.inference_mode():
         for start in range(0, len(images), per_batch):
             batch = images[start:start + per_batch].to(device)

@@ -380,10 +380,14 @@ def _make_grid(kind: str, k: int, subpixel: int):
     return ShiftGrid.diagonal(k * subpixel, subpixel=subpixel)
 
 
+def _safe_name(text: str) -> str:
+    """A model name or label as a file-name part: letters, digits, '-', '_', '.'."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
 def _default_out(model_name: str) -> Path:
     """runs/<model>-<timestamp>, with -2, -3, ... when a run in the same second took it."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name)
-    base = Path("runs") / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base = Path("runs") / f"{_safe_name(model_name)}-{time.strftime('%Y%m%d-%H%M%S')}"
     candidate, index = base, 2
     while candidate.exists():
         candidate, index = Path(f"{base}-{index}"), index + 1
@@ -556,8 +560,7 @@ def _write_comparison_files(comparison, folder: Path, save_results: bool, scale:
     written: list[Path] = []
     if save_results:
         for label, result in zip(comparison.labels, comparison.results):
-            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
-            written.append(result.save(folder / f"result-{safe}.npz"))
+            written.append(result.save(folder / f"result-{_safe_name(label)}.npz"))
     table = comparison.summary().to_csv(index=False).encode()
     written.append(atomic_write(folder / "summary.csv", lambda handle: handle.write(table)))
     figures = [("grids", lambda: comparison.plot_grids(scale=scale)),
@@ -733,8 +736,7 @@ def _write_consistency_files(results, table, folder: Path, formats: Sequence[str
 
     written: list[Path] = []
     for result in results:
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in result.meta["label"])
-        written.append(result.save(folder / f"invariance-{safe}.npz"))
+        written.append(result.save(folder / f"invariance-{_safe_name(result.meta['label'])}.npz"))
     frames = [result.to_frame().assign(model=result.meta["label"]) for result in results]
     per_shift = pd.concat(frames, ignore_index=True)
     per_shift = per_shift[["model"] + [c for c in per_shift.columns if c != "model"]]

@@ -39,6 +39,16 @@ def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.dev
     return resolved
 
 
+def batch_layout(n_images: int, batch_size: int) -> tuple[int, int]:
+    """(images per batch, shifts per forward pass): at most ``batch_size`` inputs per forward.
+
+    >>> batch_layout(6, 16)
+    (6, 2)
+    """
+    images_per_batch = max(1, min(n_images, batch_size))
+    return images_per_batch, max(1, batch_size // images_per_batch)
+
+
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise UsageError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
@@ -123,12 +133,11 @@ def measure(model: nn.Module, images: torch.Tensor, grid: Optional[ShiftGrid] = 
     n_total = len(images)
     # under torchrun each rank takes every world_size-th image; sums are all-reduced below
     mine = images[distributed.shard(n_total)] if distributed.active() else images
-    images_per_batch = max(1, min(len(mine), batch_size))
+    images_per_batch, shifts_per_pass = batch_layout(len(mine), batch_size)
     progress_file = _Progress(checkpoint, settings, infos, images, images_per_batch) if checkpoint else None
     if progress_file is not None and distributed.active():
         raise UsageError("checkpoint/resume is not supported under torchrun; run single-process")
     done = progress_file.restore(run) if (progress_file is not None and resume) else 0
-    shifts_per_pass = max(1, batch_size // images_per_batch)
     n_batches = math.ceil(len(mine) / images_per_batch)
     n_passes = n_batches * math.ceil(len(run.forward_shifts) / shifts_per_pass)
     show = (None if progress is None else progress) if distributed.is_main() else False

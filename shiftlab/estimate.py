@@ -85,10 +85,9 @@ def estimate_run(model: torch.nn.Module, images: torch.Tensor, grid: ShiftGrid,
     Example:
         >>> print(estimate_run(vgg16, images, ShiftGrid.square(32)).describe())  # doctest: +SKIP
     """
-    from .engine import measure
+    from .engine import batch_layout, measure, resolve_device
 
-    images_per_batch = min(len(images), batch_size)
-    per_pass = max(1, batch_size // images_per_batch)
+    images_per_batch, per_pass = batch_layout(len(images), batch_size)
     n_batches = math.ceil(len(images) / images_per_batch)
     forward_shifts = sum(1 for s in grid.shifts if s != (0.0, 0.0))
     passes_per_batch = 1 + math.ceil(forward_shifts / per_pass)
@@ -97,8 +96,6 @@ def estimate_run(model: torch.nn.Module, images: torch.Tensor, grid: ShiftGrid,
     n_shifts = min(len(grid), per_pass * calibration_passes)
     calibration = ShiftGrid.explicit(grid.shifts[:n_shifts])
     device = measure_kwargs.get("device", "auto")
-    from .engine import resolve_device
-
     with peak_memory(resolve_device(device)) as memory:
         started = time.perf_counter()
         measure(model, sample, calibration, batch_size=batch_size, **measure_kwargs)

@@ -39,7 +39,7 @@ from torch import nn
 from tqdm import tqdm  # plain bar: tqdm.auto warns in notebooks without ipywidgets
 
 from . import __version__
-from .engine import resolve_device
+from .engine import batch_layout, resolve_device
 from .errors import ImageError, ModelError, ShiftlabError, UsageError
 from .result import _jsonable, atomic_write
 from .shifts import MODES, ShiftGrid, apply_shifts, centre_window
@@ -582,8 +582,7 @@ def _predict(model: nn.Module, images: torch.Tensor, shifts: list[tuple[float, f
     is_zero = (table == 0).all(1)
     zero_index = torch.nonzero(is_zero).flatten().tolist()
     forward_index = torch.nonzero(~is_zero).flatten()
-    images_per_batch = min(n_images, int(batch_size))
-    shifts_per_pass = max(1, int(batch_size) // images_per_batch)
+    images_per_batch, shifts_per_pass = batch_layout(n_images, int(batch_size))
     n_batches = math.ceil(n_images / images_per_batch)
     bar = tqdm(total=n_batches * (1 + math.ceil(len(forward_index) / shifts_per_pass)),
                desc="consistency", unit="pass", leave=False,
