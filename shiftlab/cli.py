@@ -760,7 +760,12 @@ def _write_consistency_files(results, table, folder: Path, formats: Sequence[str
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
 def layers(model_spec: str, weights: str, trust_checkpoint: bool, seed: int, num_classes: Optional[int],
            size: int, layer_patterns: Sequence[str], device: str) -> None:
-    """List the hook points: name, module type, kind, measured stride and output shape."""
+    """List the hook points: name, module type, kind, layout, measured stride and shape.
+
+    Layout says how a spatial output is read as a (C, h, w) map: nchw, nhwc (channels-last,
+    permuted) or tokens+k (a transformer's k + h·w tokens; the k class/register tokens are left
+    out, the rest reshaped to the patch grid). Shapes are after that conversion.
+    """
     with _user_errors():
         from .engine import resolve_device
         from .geometry import probe_layers
@@ -772,12 +777,15 @@ def layers(model_spec: str, weights: str, trust_checkpoint: bool, seed: int, num
         if not infos:
             raise UsageError("no layer produced a tensor output; check --layers")
         width = max(len(i.name) for i in infos)
-        click.echo(f"{'#':>3}  {'layer':<{width}}  {'module':<20} {'kind':<8} {'stride':>6}  shape")
+        click.echo(f"{'#':>3}  {'layer':<{width}}  {'module':<20} {'kind':<8} {'layout':<8}"
+                   f" {'stride':>6}  shape")
         for index, info in enumerate(infos):
             stride = "-" if info.kind == "global" else f"{info.stride[0]:g}" + (
                 "" if info.stride[0] == info.stride[1] else f"x{info.stride[1]:g}")
+            layout = "-" if info.kind == "global" else info.layout + (
+                f"+{info.extra_tokens}" if info.extra_tokens else "")
             click.echo(f"{index:>3}  {info.name:<{width}}  {info.module:<20} {info.kind:<8}"
-                       f" {stride:>6}  {'x'.join(map(str, info.shape))}")
+                       f" {layout:<8} {stride:>6}  {'x'.join(map(str, info.shape))}")
         click.echo(f"{len(infos)} layers of {loaded.name} at {size} px ({loaded.weights})", err=True)
 
 

@@ -20,7 +20,7 @@ from . import __version__, distributed
 from .align import ALIGNMENTS, Plan, compare_global, make_plan
 from .capture import LayerCapture, LayerSelection
 from .errors import ModelError, UsageError
-from .geometry import LayerInfo, probe_layers
+from .geometry import LayerInfo, as_feature_map, probe_layers
 from .metrics import METRICS, DistanceAccumulator, distance
 from .result import Result, Settings
 from .shifts import MODES, ShiftGrid, apply_shifts, centre_window
@@ -216,7 +216,7 @@ class _Run:
                                  " leave it out with --layers")
             # comparisons run in float32 even when the forward runs under autocast
             with torch.autocast(self.device.type, enabled=False):
-                self._phase(layer, tensor)
+                self._phase(layer, as_feature_map(tensor, self.info[layer]))
 
     def _store_reference(self, layer: str, tensor: torch.Tensor) -> None:
         # clone: a later in-place op (ReLU(inplace=True)) would overwrite this very tensor

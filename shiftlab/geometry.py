@@ -1,7 +1,17 @@
-"""Per-layer geometry by probing: output shape, spatial vs. global, and stride.
+"""Per-layer geometry by probing: output shape, layout, spatial vs. global, and stride.
 
 The stride is measured, not guessed from names (SPEC.md): the model runs at two input sizes and
 s = ΔH / Δh per axis. Layers whose output does not grow with the input are *global*.
+
+Three layouts of spatial outputs are recognised and compared as (N, C, h, w) feature maps
+(:func:`as_feature_map`):
+
+- ``nchw``: convolutional maps (N, C, h, w);
+- ``nhwc``: channels-last maps (N, h, w, C) (Swin, the LayerNorm/Linear half of ConvNeXt
+  blocks), told apart from nchw by which dimensions grow with the input;
+- ``tokens``: token sequences (N, L, D) of vision transformers whose L = k + h·w (k leading
+  class/register tokens, k ≤ 8) matches a patch grid of the input: the k extra tokens are left
+  out and the patch tokens reshaped to (N, D, h, w). Other (N, L, D) outputs are global.
 """
 from __future__ import annotations
 
@@ -21,7 +31,8 @@ from .errors import ModelError, ShiftlabError
 class LayerInfo:
     """What a layer is: its name, module type, kind, stride (rows, cols) and output shape.
 
-    ``shape`` is one image's output at the measured input size, e.g. (C, h, w) or (classes,).
+    ``shape`` is one image's output at the measured input size, e.g. (C, h, w) or (classes,);
+    for ``nhwc`` and ``tokens`` layouts it is the shape after :func:`as_feature_map`, (C, h, w).
     ``stride`` is NaN for global layers; a stride below 1 means the layer upsamples (1/k).
     """
 
@@ -31,6 +42,8 @@ class LayerInfo:
     stride: tuple[float, float]
     measured_stride: tuple[float, float]
     shape: tuple[int, ...]
+    layout: str = "nchw"  # how the raw output holds the map: nchw, nhwc or tokens
+    extra_tokens: int = 0  # tokens layout: leading class/register tokens left out
 
     @property
     def is_spatial(self) -> bool:
@@ -60,6 +73,7 @@ class LayerInfo:
             name=data["name"], module=data["module"], kind=data["kind"],
             stride=as_float(data["stride"]), measured_stride=as_float(data["measured_stride"]),
             shape=tuple(int(v) for v in data["shape"]),
+            layout=data.get("layout", "nchw"), extra_tokens=int(data.get("extra_tokens", 0)),
         )
 
     def __eq__(self, other: object) -> bool:  # NaN strides of global layers compare equal
@@ -145,21 +159,114 @@ def probe_layers(model: nn.Module, size: tuple[int, int], layers: LayerSelection
     return infos
 
 
+_MAX_EXTRA_TOKENS = 8  # class token, distillation token, register tokens
+
+
 def _describe(name: str, module: str, shape: tuple[int, ...], large: Optional[tuple[int, ...]],
               size: tuple[int, int], grow: tuple[int, int]) -> LayerInfo:
-    nan = (math.nan, math.nan)
+    """A layer's kind, layout and stride from its per-image shape at ``size`` and at ``size`` +
+    ``grow`` (``large``; None when the model takes one size only)."""
+    if len(shape) == 2:
+        return _describe_tokens(name, module, shape, large, size, grow)
     if len(shape) != 3:
-        return LayerInfo(name, module, "global", nan, nan, shape)
-    _, h, w = shape
-    if large is None:  # fixed-size model: only the ratio is known
-        if h > 1 and w > 1:
-            raw = (size[0] / h, size[1] / w)
-            return LayerInfo(name, module, "spatial", tuple(map(_round_stride, raw)), raw, shape)
-        return LayerInfo(name, module, "global", nan, nan, shape)
-    if len(large) != 3 or large[0] != shape[0]:
-        return LayerInfo(name, module, "global", nan, nan, shape)
-    grow_h, grow_w = large[1] - h, large[2] - w
-    if grow_h <= 0 or grow_w <= 0:
-        return LayerInfo(name, module, "global", nan, nan, shape)
-    raw = (grow[0] / grow_h, grow[1] / grow_w)
-    return LayerInfo(name, module, "spatial", tuple(map(_round_stride, raw)), raw, shape)
+        return _global(name, module, shape)
+    if large is None:  # fixed-size model: only the ratio input / feature size is known
+        for layout, (channels, h, w) in (("nchw", shape), ("nhwc", (shape[2], *shape[:2]))):
+            stride = _fixed_size_stride((h, w), size)
+            if stride is not None:
+                return LayerInfo(name, module, "spatial", stride, (size[0] / h, size[1] / w),
+                                 (channels, h, w), layout)
+        return _global(name, module, shape)
+    if len(large) != 3:
+        return _global(name, module, shape)
+    growth = [after - before for before, after in zip(shape, large)]
+    if growth[0] == 0 and growth[1] > 0 and growth[2] > 0:
+        layout, converted, grid_growth = "nchw", shape, growth[1:]
+    elif growth[2] == 0 and growth[0] > 0 and growth[1] > 0:  # (h, w, C): channels-last
+        layout, converted, grid_growth = "nhwc", (shape[2], *shape[:2]), growth[:2]
+    else:
+        return _global(name, module, shape)
+    raw = (grow[0] / grid_growth[0], grow[1] / grid_growth[1])
+    return LayerInfo(name, module, "spatial", tuple(map(_round_stride, raw)), raw, converted, layout)
+
+
+def _global(name: str, module: str, shape: tuple[int, ...]) -> LayerInfo:
+    return LayerInfo(name, module, "global", (math.nan, math.nan), (math.nan, math.nan), shape)
+
+
+def _fixed_size_stride(grid: tuple[int, int], size: tuple[int, int]) -> Optional[tuple[float, float]]:
+    """Stride H/h per axis when it is believable: a whole stride (or 1/k) whose map covers the
+    input (|H − s·h| ≤ 2s).
+
+    MaxViT's window-partitioned tensors (N, windows, tokens, C) fail this test, so they are not
+    taken for (N, C, h, w) maps with strides such as (5, 3.5).
+    """
+    if min(grid) <= 1:
+        return None
+    stride = tuple(_round_stride(length / cells) for length, cells in zip(size, grid))
+    for length, cells, step in zip(size, grid, stride):
+        whole = float(step).is_integer() or float(1 / step).is_integer()
+        if not whole or abs(length - step * cells) > max(2 * step, 1):
+            return None
+    return stride  # type: ignore[return-value]
+
+
+def _token_grid(length: int, size: tuple[int, int]) -> Optional[tuple[int, int, int]]:
+    """(extra tokens k, h, w) with length = k + h·w and a patch grid of the same stride on both
+    axes; the fewest extra tokens win (ViT-B/16 at 224: 197 = 1 + 14·14)."""
+    for extra in range(0, min(_MAX_EXTRA_TOKENS, length - 4) + 1):
+        cells = length - extra
+        best = None
+        for rows in range(2, cells // 2 + 1):
+            if cells % rows:
+                continue
+            cols = cells // rows
+            step_h, step_w = size[0] / rows, size[1] / cols
+            mismatch = abs(step_h - step_w) / max(step_h, step_w)
+            if step_h >= 1 and step_w >= 1 and mismatch <= 0.1 and (best is None or mismatch < best[0]):
+                best = (mismatch, rows, cols)
+        if best is not None:
+            return extra, best[1], best[2]
+    return None
+
+
+def _describe_tokens(name: str, module: str, shape: tuple[int, ...],
+                     large: Optional[tuple[int, ...]], size: tuple[int, int],
+                     grow: tuple[int, int]) -> LayerInfo:
+    """(L, D) token sequences: a spatial map when L matches a patch grid, global otherwise."""
+    length, dim = shape
+    found = _token_grid(length, size)
+    if found is None:
+        return _global(name, module, shape)
+    extra, rows, cols = found
+    if large is None:  # fixed-size model (torchvision's ViT checks the image size)
+        stride = _fixed_size_stride((rows, cols), size)
+        if stride is None:
+            return _global(name, module, shape)
+        return LayerInfo(name, module, "spatial", stride, (size[0] / rows, size[1] / cols),
+                         (dim, rows, cols), "tokens", extra)
+    bigger = _token_grid(large[0], (size[0] + grow[0], size[1] + grow[1])) if len(large) == 2 else None
+    if bigger is None or large[1] != dim or bigger[0] != extra or bigger[1] <= rows or bigger[2] <= cols:
+        return _global(name, module, shape)
+    raw = (grow[0] / (bigger[1] - rows), grow[1] / (bigger[2] - cols))
+    return LayerInfo(name, module, "spatial", tuple(map(_round_stride, raw)), raw,
+                     (dim, rows, cols), "tokens", extra)
+
+
+def as_feature_map(tensor: torch.Tensor, info: LayerInfo) -> torch.Tensor:
+    """A spatial layer's raw output as an (N, C, h, w) map (global layers: unchanged).
+
+    ``nhwc`` (N, h, w, C) is permuted; ``tokens`` (N, k + h·w, D) loses its k leading
+    class/register tokens and is reshaped, row-major like a patch embedding, to (N, D, h, w).
+
+    >>> info = LayerInfo("enc", "LayerNorm", "spatial", (16., 16.), (16., 16.), (8, 2, 2), "tokens", 1)
+    >>> tuple(as_feature_map(torch.zeros(3, 5, 8), info).shape)
+    (3, 8, 2, 2)
+    """
+    if not info.is_spatial or info.layout == "nchw":
+        return tensor
+    if info.layout == "nhwc":
+        return tensor.permute(0, 3, 1, 2).contiguous()
+    _, rows, cols = info.shape
+    patches = tensor[:, info.extra_tokens:]
+    return patches.reshape(tensor.shape[0], rows, cols, -1).permute(0, 3, 1, 2).contiguous()

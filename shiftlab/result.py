@@ -171,6 +171,7 @@ class Result:
             finite = values[np.isfinite(values)]
             rows.append({
                 "layer": info.name, "depth": depth, "module": info.module, "kind": info.kind,
+                "layout": info.layout if info.is_spatial else "",
                 "stride": info.stride[0], "shape": "x".join(map(str, info.shape)),
                 "mean": self.layer_mean(info.name),
                 "max": float(finite.max()) if finite.size else math.nan,

@@ -662,7 +662,7 @@ def test_checkpoint_with_other_classes_fix_named_in_the_message_works(images, tm
 # -- layers ----------------------------------------------------------------------------------
 def _layer_rows(stdout: str) -> dict[str, list[str]]:
     lines = stdout.splitlines()
-    assert lines[0].split() == ["#", "layer", "module", "kind", "stride", "shape"]
+    assert lines[0].split() == ["#", "layer", "module", "kind", "layout", "stride", "shape"]
     rows = [line.split() for line in lines[1:]]
     assert [int(row[0]) for row in rows] == list(range(len(rows)))
     return {row[1]: row[2:] for row in rows}
@@ -673,16 +673,16 @@ def test_layers_prints_one_row_per_layer_with_stride_and_shape():
     assert result.exit_code == 0, result.output
     rows = _layer_rows(result.stdout)
     assert list(rows) == TINY_LAYERS
-    assert {name: row[2] for name, row in rows.items()} == TINY_STRIDES
-    assert rows["0"] == ["Conv2d", "spatial", "1", "8x16x16"]
-    assert rows["3"] == ["Conv2d", "spatial", "4", "8x4x4"]
-    assert rows["7"] == ["Linear", "global", "-", "10"]
+    assert {name: row[3] for name, row in rows.items()} == TINY_STRIDES
+    assert rows["0"] == ["Conv2d", "spatial", "nchw", "1", "8x16x16"]
+    assert rows["3"] == ["Conv2d", "spatial", "nchw", "4", "8x4x4"]
+    assert rows["7"] == ["Linear", "global", "-", "-", "10"]
     assert result.stderr.strip() == f"8 layers of {TINY_NAME} at 16 px (from factory)"
 
 
 def test_layers_size_changes_the_shapes_not_the_strides():
     rows = _layer_rows(invoke("layers", "--model", TINY, "--size", "32").stdout)
-    assert rows["3"][2:] == ["4", "8x8x8"]
+    assert rows["3"][3:] == ["4", "8x8x8"]
 
 
 def test_layers_filter_is_repeatable():
@@ -703,7 +703,7 @@ def test_layers_of_a_torchvision_model_with_weights_none():
     assert result.exit_code == 0, result.output
     rows = _layer_rows(result.stdout)
     assert list(rows) == ["features.0", "features.1", "features.2"]
-    assert rows["features.0"][2] == "2" and rows["features.2"][2] == "4"
+    assert rows["features.0"][3] == "2" and rows["features.2"][3] == "4"
     assert "(random init)" in result.stderr
 
 

@@ -10,17 +10,16 @@ exactly 0 at shift (0, 0) (SPEC known answer 1); at least one layer is spatial; 
 (the logits) is global. For convolutional networks every spatial layer also has a whole, square
 stride (stride measurement works on the whole CNN zoo).
 
-Known limitations, not asserted (so that fixing them does not break this file):
+Transformers (checked in ``_check_layouts``): ViT encoder outputs are token sequences
+(N, 1 + h·w, D), read as (D, h, w) patch maps without the class token (layout ``tokens``); Swin
+and the LayerNorm/Linear half of ConvNeXt blocks are channels-last (layout ``nhwc``). MaxViT
+only accepts its build size, so its strides come from input / feature size; its window- and
+grid-partitioned tensors (N, windows, tokens, C) do not tile the input with a whole stride and
+are global.
 
-- ViT encoder outputs are token sequences (N, L, D), L = 1 + h·w; they are classified *global*
-  and compared without alignment. Only ``conv_proj`` is spatial.
-- Swin and ConvNeXt compute half of each block channels-last (N, H, W, C) (``Permute``,
-  ``LayerNorm``, ``Linear``, ``GELU``); those layers are classified *global* too.
-- MaxViT only accepts its build size (224), so strides fall back to input / feature size; its
-  window/grid-partitioned tensors (N, windows, tokens, C) are then taken for (N, C, h, w) maps
-  and get meaningless strides such as (5, 0.875). Their values are finite but not meaningful.
-- Random-init ViTs have a zero-initialised ``heads.head``: its output is all zeros, so its
-  distance is 0 by the "two all-zero maps give 0" rule, not because the logits are invariant.
+Known limitation, not asserted: random-init ViTs have a zero-initialised ``heads.head``; its
+output is all zeros, so its distance is 0 by the "two all-zero maps give 0" rule, not because
+the logits are invariant.
 """
 from __future__ import annotations
 
@@ -70,8 +69,9 @@ SIZES: dict[str, int] = {
     )},
 }
 
-# Not convolutional networks: their stride table is not checked (see the module docstring).
-TRANSFORMERS = {name for name in SIZES if name.startswith(("vit_", "swin", "maxvit"))}
+# Transformers and ConvNeXt: layers that are not (N, C, h, w), checked in _check_layouts.
+LAYOUTS = {name: layout for name in SIZES for prefix, layout in
+           (("vit_", "tokens"), ("swin", "nhwc"), ("convnext", "nhwc")) if name.startswith(prefix)}
 
 # Known failures, with the reason. strict: the test fails once the bug is fixed, as a reminder
 # to delete the entry.
@@ -121,11 +121,32 @@ def _check_model(name: str) -> shiftlab.Result:
     assert (result.mean[:, zero] == 0).all()  # SPEC known answer 1
     assert any(info.is_spatial for info in infos)
     assert infos[-1].kind == "global"
-    if name not in TRANSFORMERS:
-        odd = [(i.name, i.stride) for i in infos
-               if i.is_spatial and (i.integer_stride is None or i.stride[0] != i.stride[1])]
-        assert not odd, f"spatial layers without a whole square stride: {odd[:5]}"
+    odd = [(i.name, i.stride) for i in infos
+           if i.is_spatial and (i.integer_stride is None or i.stride[0] != i.stride[1])]
+    assert not odd, f"spatial layers without a whole square stride: {odd[:5]}"
+    _check_layouts(name, infos)
     return result
+
+
+def _check_layouts(name: str, infos: list) -> None:
+    """Token and channels-last layers are spatial maps with the stride of their stage."""
+    layouts = {info.layout for info in infos if info.is_spatial}
+    if name in LAYOUTS:
+        assert LAYOUTS[name] in layouts, f"no {LAYOUTS[name]} layer among {layouts}"
+    else:
+        assert layouts == {"nchw"}, layouts
+    if name.startswith("vit_"):
+        patch = int(name.split("_")[-1])
+        blocks = [i for i in infos if ".encoder_layer_" in i.name and i.module == "LayerNorm"]
+        assert blocks and all(i.kind == "spatial" and i.layout == "tokens" and i.extra_tokens == 1
+                              and i.stride == (patch, patch) and i.shape[1:] == (224 // patch,) * 2
+                              for i in blocks), blocks[:2]
+    if name.startswith(("swin", "convnext")):
+        norms = [i for i in infos if i.module == "LayerNorm"]
+        assert norms and all(i.kind == "spatial" and i.layout == "nhwc" for i in norms)
+    if name.startswith("maxvit"):
+        partitions = [i for i in infos if i.module == "WindowPartition"]
+        assert partitions and all(i.kind == "global" for i in partitions)
 
 
 def test_small_cnns_go_through_layers_and_measure() -> None:
