@@ -212,10 +212,10 @@ def _fixed_size_stride(grid: tuple[int, int], size: tuple[int, int]) -> Optional
 
 
 def _token_grid(length: int, size: tuple[int, int]) -> Optional[tuple[int, int, int]]:
-    """(extra tokens k, h, w) with length = k + h·w and a patch grid of the same stride on both
-    axes; the fewest extra tokens win (ViT-B/16 at 224: 197 = 1 + 14·14)."""
-    for extra in range(0, min(_MAX_EXTRA_TOKENS, length - 4) + 1):
-        cells = length - extra
+    """(extra tokens k, h, w) with length = k + h·w, h·w ≥ 4k, and a patch grid of the same
+    stride on both axes; the fewest extra tokens win (ViT-B/16 at 224: 197 = 1 + 14·14)."""
+    for extra in range(0, min(_MAX_EXTRA_TOKENS, length // 5) + 1):
+        cells = length - extra  # at least 4 patch tokens per extra token: (7, D) is no 2x2 grid
         best = None
         for rows in range(2, cells // 2 + 1):
             if cells % rows:

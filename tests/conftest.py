@@ -128,3 +128,71 @@ def tiny_classifier() -> nn.Module:
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
         nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.ReLU(inplace=True),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+
+
+class _Attention(nn.Module):
+    """Single-head self-attention over tokens (N, L, D): permutation-equivariant."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        weights = torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5, dim=-1)
+        return self.proj(weights @ v)
+
+
+class TinyViT(nn.Module):
+    """A ViT without position embeddings: patchify (stride 4), a class token, attention + MLP.
+
+    Attention without position embeddings is permutation-equivariant, so a circular shift by a
+    multiple of the patch size rolls the patch tokens exactly and leaves the class token (and
+    the logits read from it) unchanged. ``fixed_size`` makes it refuse other input sizes, as
+    torchvision's ViT does.
+    """
+
+    def __init__(self, dim: int = 8, fixed_size: int | None = None, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fixed_size = fixed_size
+        self.patchify = nn.Conv2d(3, dim, 4, stride=4)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        self.norm1 = nn.LayerNorm(dim)
+        self.attention = _Attention(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.head = nn.Linear(dim, 10)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fixed_size is not None and x.shape[-1] != self.fixed_size:
+            raise ValueError(f"expected {self.fixed_size} px, got {x.shape[-1]}")
+        tokens = self.patchify(x).flatten(2).transpose(1, 2)  # (N, h·w, D), row-major
+        tokens = torch.cat([self.cls.expand(len(x), -1, -1), tokens], dim=1)
+        tokens = tokens + self.attention(self.norm1(tokens))
+        tokens = tokens + self.mlp(self.norm2(tokens))
+        return self.head(tokens[:, 0])
+
+
+class Permute(nn.Module):
+    def __init__(self, *dims: int) -> None:
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(*self.dims)
+
+
+def make_channels_last(seed: int = 0, pool: bool = False) -> nn.Module:
+    """A ConvNeXt-like block: circular conv, then LayerNorm/Linear/GELU channels-last (N, H, W, C).
+
+    Without ``pool`` nothing strides: exactly equivariant under circular shifts (known answer 2).
+    With ``pool`` a MaxPool2d(2) comes first: exact at even shifts only (known answer 3).
+    """
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        circular_conv(3, 8), *([nn.MaxPool2d(2)] if pool else []), Permute(0, 2, 3, 1),
+        nn.LayerNorm(8), nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8), Permute(0, 3, 1, 2),
+        circular_conv(8, 8)).eval()
