@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional, Sequence
 
 from .errors import SettingsMismatchError, UsageError
+from .matching import match_layers, result_labels
 from .result import Result
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ class Comparison:
         if len(results) < 2:
             raise UsageError("a comparison needs at least two results")
         self.results = results
-        self.labels = list(labels) if labels else _default_labels(results)
+        self.labels = list(labels) if labels else result_labels(results)
         if len(self.labels) != len(results):
             raise UsageError(f"got {len(self.labels)} labels for {len(results)} results")
         first = results[0].settings
@@ -48,8 +49,6 @@ class Comparison:
     @property
     def rows(self) -> list[tuple[str, ...]]:
         """Matched layer names, one tuple (a name per result) per row, in network order."""
-        from .plots import match_layers
-
         return match_layers(self.results)
 
     def summary(self) -> "pandas.DataFrame":
@@ -88,14 +87,6 @@ class Comparison:
         from .plots import layer_profile
 
         return layer_profile(self.results, labels=self.labels, **kwargs)
-
-
-def _default_labels(results: Sequence[Result]) -> list[str]:
-    labels = [str(r.meta.get("label") or r.meta.get("model") or f"result {i + 1}")
-              for i, r in enumerate(results)]
-    if len(set(labels)) < len(labels):
-        labels = [f"{label} #{i + 1}" for i, label in enumerate(labels)]
-    return labels
 
 
 def compare(*items, labels: Optional[Sequence[str]] = None, images=None, grid=None,

@@ -9,7 +9,8 @@ shifts of a grid (SPEC.md, "Output-level invariance"):
 * along a diagonal sweep (t, t): the softmax probability of the unshifted image's top class,
   the flip rate (fraction of consecutive steps whose argmax differs, Azulay & Weiss) and the
   mean absolute change (MAC) of that probability between consecutive steps;
-* accuracy per shift when labels are given (:func:`read_labels` reads class folders or a CSV).
+* accuracy per shift when labels are given (:func:`shiftlab.labels.read_labels` reads class
+  folders or a CSV).
 
 :func:`measure_invariance` runs the model once per (image, shift) and keeps only the argmax and
 the reference-class probability, so an :class:`InvarianceResult` holds every number, small
@@ -21,8 +22,6 @@ enough to save as one ``.npz`` (:meth:`InvarianceResult.save`, :func:`load_invar
 """
 from __future__ import annotations
 
-import csv
-import difflib
 import json
 import math
 import os
@@ -40,7 +39,8 @@ from tqdm import tqdm  # plain bar: tqdm.auto warns in notebooks without ipywidg
 
 from . import __version__
 from .engine import batch_layout, resolve_device
-from .errors import ImageError, ModelError, ShiftlabError, UsageError
+from .errors import ModelError, ShiftlabError, UsageError
+from .labels import LabelledImages, read_labels  # noqa: F401  (public here too)
 from .result import _jsonable, atomic_write
 from .shifts import MODES, ShiftGrid, apply_shifts, centre_window
 
@@ -322,123 +322,6 @@ def load_invariance(path: Union[str, os.PathLike]) -> InvarianceResult:
         raise ShiftlabError(f"{path} has an incomplete or damaged header ({type(exc).__name__}:"
                             f" {exc}); re-run the measurement") from exc
     return InvarianceResult(settings=settings, labels=labels, meta=header.get("meta", {}), **arrays)
-
-
-# -- labels ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LabelledImages:
-    """Image files and their class indices, from :func:`read_labels`."""
-
-    paths: list[Path]
-    labels: list[int]
-
-    def for_paths(self, paths: Sequence[Path]) -> list[int]:
-        """The labels of ``paths`` (a subset, e.g. the images that could be decoded), in order."""
-        lookup = {Path(p).resolve(): label for p, label in zip(self.paths, self.labels)}
-        return [lookup[Path(p).resolve()] for p in paths]
-
-
-def read_labels(source: Union[str, os.PathLike], categories: Optional[Sequence[str]] = None
-                ) -> LabelledImages:
-    """Image files with class indices, from class folders or a CSV.
-
-    Args:
-        source: a folder laid out as ``class_name/*.jpg`` (PNG/JPEG; sorted by folder, then
-            file), or a CSV with rows ``file,label`` (an optional header ``file,label``; files
-            relative to the CSV's folder). A label or folder name is a class name of
-            ``categories`` (case-insensitive, '_' counts as a space: ``great_white_shark``) or a
-            class index (``0``, ``417``).
-        categories: the model's class names in output order (``LoadedModel.categories``;
-            ImageNet's for torchvision weights); None allows class indices only.
-
-    Raises:
-        UsageError: the source is missing or malformed, or names unknown classes (all listed).
-        ImageError: a file named in the CSV does not exist.
-
-    Example:
-        >>> read_labels("val/", categories=weights.meta["categories"]).labels[:3]   # doctest: +SKIP
-        [0, 0, 1]
-    """
-    from .data import IMAGE_SUFFIXES
-
-    source = Path(source)
-    if source.is_dir():
-        folders = sorted(p for p in source.iterdir() if p.is_dir())
-        pairs = [(image, folder.name) for folder in folders for image in sorted(folder.iterdir())
-                 if image.is_file() and image.suffix.lower() in IMAGE_SUFFIXES]
-        if not pairs:
-            raise UsageError(f"no images in class folders under {source}; lay labels out as"
-                             " ROOT/class_name/*.jpg or pass a CSV file,label")
-    elif source.is_file():
-        pairs = _read_label_csv(source)
-    else:
-        raise UsageError(f"labels path {source} does not exist; pass a folder of class folders or"
-                         " a CSV file with rows file,label")
-    names = sorted({name for _, name in pairs})
-    index = _class_indices(names, categories, source)
-    return LabelledImages([path for path, _ in pairs], [index[name] for _, name in pairs])
-
-
-def _read_label_csv(path: Path) -> list[tuple[Path, str]]:
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            rows = [row for row in csv.reader(handle) if any(cell.strip() for cell in row)]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise UsageError(f"cannot read labels file {path} ({type(exc).__name__}: {exc}); pass a"
-                         " UTF-8 CSV with rows file,label") from exc
-    if rows and [cell.strip().lower() for cell in rows[0]] == ["file", "label"]:
-        rows = rows[1:]
-    if not rows:
-        raise UsageError(f"labels file {path} has no rows; write one 'file,label' row per image")
-    pairs = []
-    for number, row in enumerate(rows, start=1):
-        if len(row) != 2 or not row[0].strip() or not row[1].strip():
-            raise UsageError(f"labels file {path}, row {number}: expected 'file,label', got"
-                             f" {','.join(row)!r}")
-        image = Path(row[0].strip())
-        image = image if image.is_absolute() else path.parent / image
-        if not image.is_file():
-            raise ImageError(f"labels file {path}, row {number}: image {image} does not exist;"
-                             " file paths are relative to the CSV's folder")
-        pairs.append((image, row[1].strip()))
-    return pairs
-
-
-def _normalise(name: str) -> str:
-    return " ".join(name.replace("_", " ").lower().split())
-
-
-def _class_indices(names: Sequence[str], categories: Optional[Sequence[str]], source: Path
-                   ) -> dict[str, int]:
-    lookup = {_normalise(c): i for i, c in enumerate(categories)} if categories else {}
-    out, unknown = {}, []
-    for name in names:
-        key = _normalise(name)
-        if key in lookup:
-            out[name] = lookup[key]
-        elif key.isdigit() and (categories is None or int(key) < len(categories)):
-            out[name] = int(key)
-        else:
-            unknown.append(name)
-    if unknown:
-        if not categories:
-            raise UsageError(f"labels in {source} use class names ({_listing(unknown)}) but the model"
-                             " has no class names; use class indices (0, 1, ...) instead")
-        hints = []
-        for name in unknown[:3]:
-            close = difflib.get_close_matches(_normalise(name), list(lookup), n=1)
-            if close:
-                hints.append(f"{name!r} -> {categories[lookup[close[0]]]!r}?")
-        hint = f" (did you mean {', '.join(hints)})" if hints else ""
-        raise UsageError(f"{len(unknown)} unknown class names in {source}: {_listing(unknown)}{hint};"
-                         f" use the model's {len(categories)} class names (e.g."
-                         f" {categories[0]!r}) or class indices")
-    return out
-
-
-def _listing(items: Sequence[str], count: int = 8) -> str:
-    more = f", ... {len(items) - count} more" if len(items) > count else ""
-    return ", ".join(repr(i) for i in items[:count]) + more
 
 
 # -- measurement -------------------------------------------------------------------------

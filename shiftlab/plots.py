@@ -16,7 +16,6 @@ shift (0, 0)), they are the mean over the finite shifts instead.
 """
 from __future__ import annotations
 
-import difflib
 
 import math
 import os
@@ -39,10 +38,12 @@ from matplotlib.transforms import blended_transform_factory
 
 from .errors import SettingsMismatchError, UsageError
 from .geometry import LayerInfo
+from .matching import (as_results, check_comparable, match_layers, resolve_matching, result_labels,
+                       weights_label)
 from .result import Result, atomic_write
 from .shifts import ShiftGrid
 
-Results = Union[Result, Sequence[Result]]
+Results = Union[Result, Sequence[Result]]  # one Result or several
 
 _METRIC_LABELS = {
     "cosine": "cosine distance (0 = equivariant)",
@@ -129,10 +130,10 @@ def layer_profile(results: Results, labels: Optional[Sequence[str]] = None, scal
     Example:
         >>> fig = layer_profile([vgg, vgg_aa], labels=["VGG16", "VGG16-AA"])   # doctest: +SKIP
     """
-    results = _as_list(results)
-    labels = _labels(results, labels)
-    metric = _check_comparable(results, labels, check_settings, same_grid=False)
-    mode = _resolve_by(results, by)
+    results = as_results(results)
+    labels = result_labels(results, labels)
+    metric = check_comparable(results, labels, check_settings, same_grid=False)
+    mode = resolve_matching(results, by)
     if mode == "name":
         rows = match_layers(results, by="name")
         columns = [[row[i] for row in rows] for i in range(len(results))]
@@ -207,11 +208,11 @@ def compare_grid(results: Sequence[Result], labels: Optional[Sequence[str]] = No
     Example:
         >>> fig = compare_grid([vgg, vgg_aa], labels=["VGG16", "VGG16-AA"])   # doctest: +SKIP
     """
-    results = _as_list(results)
+    results = as_results(results)
     if len(results) < 2:
         raise UsageError("compare_grid needs two or more results; use layer_grid for one")
-    labels = _labels(results, labels)
-    metric = _check_comparable(results, labels, check_settings, same_grid=False)
+    labels = result_labels(results, labels)
+    metric = check_comparable(results, labels, check_settings, same_grid=False)
     rows = match_layers(results, by=by)
     strip = _is_strip(results[0].grid)
     if any(_is_strip(r.grid) != strip for r in results):
@@ -255,8 +256,8 @@ def difference_grid(a: Result, b: Result, labels: Optional[Sequence[str]] = None
         >>> fig = difference_grid(vgg, vgg_aa, labels=["VGG16", "VGG16-AA"])   # doctest: +SKIP
     """
     results = [a, b]
-    labels = _labels(results, labels)
-    metric = _check_comparable(results, labels, check_settings, same_grid=True)
+    labels = result_labels(results, labels)
+    metric = check_comparable(results, labels, check_settings, same_grid=True)
     rows = match_layers(results, by=by)
     strip = _is_strip(a.grid)
     pairs = [(_image(a, na)[0], _image(b, nb)[0]) for na, nb in rows]
@@ -286,41 +287,6 @@ def difference_grid(a: Result, b: Result, labels: Optional[Sequence[str]] = None
                  _notes(a, diffs, strip, "Δμ = change of μ"), {}, [], strip)
 
 
-def match_layers(results: Results, by: str = "auto") -> list[tuple[str, ...]]:
-    """Which layers of several results belong together: one tuple of names per matched row.
-
-    - ``by='name'``: the names present in every result, in the first result's network order.
-    - ``by='depth'``: the i-th spatial layer of each result together (down to the shortest
-      list), then the i-th global layer of each; extra layers of longer networks are dropped.
-    - ``by='structure'``: an alignment (difflib) of the layer sequences on (kind, stride,
-      output shape), so a baseline max-pool (stride 2) pairs with the BlurPool that replaces it
-      in an antialiased model, and inserted layers are skipped.
-    - ``by='auto'`` (default): by name when every result has the same layer names (possibly
-      one is a filtered subset), else by structure.
-
-    Example:
-        >>> match_layers([vgg16_result, vgg16_aa_result], by="name")[:2]   # doctest: +SKIP
-        [('features.0', 'features.0'), ('features.1', 'features.1')]
-    """
-    results = _as_list(results)
-    resolved = _resolve_by(results, by)
-    if resolved == "structure":
-        return _match_structure(results)
-    if resolved == "name":
-        common = set.intersection(*(set(r.layer_names) for r in results))
-        rows = [(name,) * len(results) for name in results[0].layer_names if name in common]
-        if not rows:
-            raise UsageError("the results share no layer name; use by='depth'")
-        return rows
-    rows = []
-    for spatial in (True, False):
-        lists = [[i.name for i in r.layers if i.is_spatial == spatial] for r in results]
-        rows += list(zip(*lists))
-    if not rows:
-        raise UsageError("no layers to match")
-    return rows
-
-
 def save_figure(fig: Figure, path_stem: Union[str, os.PathLike], formats: Sequence[str] = ("png", "pdf"),
                 dpi: int = 150) -> list[Path]:
     """Write ``<path_stem>.<format>`` for each format atomically (temp file, then rename).
@@ -348,21 +314,9 @@ def save_figure(fig: Figure, path_stem: Union[str, os.PathLike], formats: Sequen
     return paths
 
 
-# -- selection, matching, labels ---------------------------------------------------------
-def _as_list(results: Results) -> list[Result]:
-    items = [results] if isinstance(results, Result) else list(results)
-    if not items:
-        raise UsageError("no results to plot")
-    for item in items:
-        if not isinstance(item, Result):
-            raise UsageError(f"expected shiftlab Result objects, got {type(item).__name__}")
-        if not item.layers:
-            raise UsageError("this result has no layers to plot")
-    return items
-
-
+# -- selection ------------------------------------------------------------------------------
 def _select(result: Result, layers: Optional[Sequence[str]], spatial_only: bool) -> list[LayerInfo]:
-    _as_list(result)
+    as_results(result)
     infos = list(result.layers)
     if layers is not None:
         patterns = [layers] if isinstance(layers, str) else list(layers)
@@ -375,100 +329,6 @@ def _select(result: Result, layers: Optional[Sequence[str]], spatial_only: bool)
     if not infos:
         raise UsageError("no layers left to plot (spatial_only drops global layers)")
     return infos
-
-
-def _resolve_by(results: list[Result], by: str) -> str:
-    if by not in ("auto", "name", "depth", "structure"):
-        raise UsageError(f"unknown matching {by!r}; use auto, name, depth or structure")
-    if by != "auto":
-        return by
-    sets = [set(r.layer_names) for r in results]
-    if all(s == sets[0] for s in sets):
-        return "name"
-    if any(all(s <= other for other in sets) for s in sets) and all(
-            _same_structure(results[0], r) for r in results[1:]):
-        return "name"  # one result measured with a layer filter
-    return "structure"
-
-
-def _token(info: LayerInfo) -> tuple:
-    return (info.kind, tuple(info.stride) if info.is_spatial else None, tuple(info.shape))
-
-
-def _same_structure(a: Result, b: Result) -> bool:
-    common = set(a.layer_names) & set(b.layer_names)
-    return all(_token(a.layer(n)) == _token(b.layer(n)) for n in common)
-
-
-def _align(a: list, b: list, offset_a: int = 0, offset_b: int = 0) -> dict[int, int]:
-    matcher = difflib.SequenceMatcher(a=a, b=b, autojunk=False)
-    return {offset_a + blk.a + k: offset_b + blk.b + k
-            for blk in matcher.get_matching_blocks() for k in range(blk.size)}
-
-
-def _match_structure(results: list[Result]) -> list[tuple[str, ...]]:
-    """Align every result's layer sequence with the first's; keep rows matched in all.
-
-    Pass 1 matches identical (module, kind, stride, shape) runs; pass 2 scans the gaps between
-    them in order on (kind, stride, shape) alone, pairing a replaced layer with its replacement.
-    """
-    base = results[0].layers
-    maps = []
-    for other in results[1:]:
-        full = _align([(i.module, *_token(i)) for i in base], [(i.module, *_token(i)) for i in other.layers])
-        pairs = dict(full)
-        anchors = [(-1, -1)] + sorted(full.items()) + [(len(base), len(other.layers))]
-        for (a0, b0), (a1, b1) in zip(anchors, anchors[1:]):
-            # in a gap, each layer takes the earliest later layer of the same structure: a
-            # replaced max-pool pairs with its BlurPool, not with whatever follows it
-            cursor = b0 + 1
-            for a in range(a0 + 1, a1):
-                for b in range(cursor, b1):
-                    if _token(other.layers[b]) == _token(base[a]):
-                        pairs[a] = b
-                        cursor = b + 1
-                        break
-        maps.append({k: other.layers[v].name for k, v in pairs.items()})
-    first = base
-    rows = [(info.name, *(m[i] for m in maps)) for i, info in enumerate(first)
-            if all(i in m for m in maps)]
-    if not rows:
-        raise UsageError("the results share no layer structure; use by='depth'")
-    return rows
-
-
-def _labels(results: list[Result], labels: Optional[Sequence[str]]) -> list[str]:
-    if labels is not None:
-        labels = [str(label) for label in labels]
-        if len(labels) != len(results):
-            raise UsageError(f"got {len(labels)} labels for {len(results)} results")
-        return labels
-    out = [str(r.meta.get("label") or r.meta.get("model") or f"result {i + 1}")
-           for i, r in enumerate(results)]
-    if len(set(out)) < len(out):
-        out = [f"{label} ({_weights(r)})" if _weights(r) else label for label, r in zip(out, results)]
-    if len(set(out)) < len(out):
-        out = [f"{label} #{i + 1}" for i, label in enumerate(out)]
-    return out
-
-
-def _check_comparable(results: list[Result], labels: list[str], check: bool, same_grid: bool) -> str:
-    first = results[0]
-    for result, label in zip(results[1:], labels[1:]):
-        fix = "re-measure with the same settings"
-        if result.settings.metric != first.settings.metric:
-            raise SettingsMismatchError(
-                f"{labels[0]} uses metric {first.settings.metric} and {label} {result.settings.metric};"
-                f" one colour scale cannot show both: {fix}")
-        if same_grid and result.grid.shifts != first.grid.shifts:
-            raise SettingsMismatchError(f"{labels[0]} and {label} use different shift grids;"
-                                        f" a difference needs the same shifts: {fix}")
-        differences = first.settings.differences(result.settings)
-        if check and differences:
-            raise SettingsMismatchError(
-                f"{labels[0]} and {label} were measured with different settings"
-                f" ({', '.join(differences)}); {fix}, or pass check_settings=False to plot them anyway")
-    return first.settings.metric
 
 
 # -- what a panel shows ------------------------------------------------------------------
@@ -542,11 +402,6 @@ def _fmt(value: float) -> str:
     return f"{value:.1e}" if abs(value) < 1e-3 else f"{value:.3g}"
 
 
-def _weights(result: Result) -> str:
-    weights = result.meta.get("weights")
-    return "random init" if str(weights).lower() == "none" else str(weights or "")
-
-
 def _settings_line(result: Result) -> str:
     s, grid = result.settings, result.grid
     if _is_strip(grid):
@@ -563,7 +418,7 @@ def _settings_line(result: Result) -> str:
 
 def _default_title(result: Result) -> str:
     model = result.meta.get("model") or "model"
-    weights = _weights(result)
+    weights = weights_label(result)
     head = f"{model} ({weights})" if weights else str(model)
     return f"Per-layer shift-equivariance: {head}\n{_settings_line(result)}"
 
