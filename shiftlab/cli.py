@@ -262,6 +262,7 @@ def heatmap(model_spec: str, weights: str, trust_checkpoint: bool, seed: int, nu
             return
         folder = Path(out) if out else _default_out(loaded.name)
         written = _write_outputs(result, folder, scale, formats, dpi)
+        _warn_nonfinite(result)  # a warning, so --quiet does not hide it
         if not quiet:
             _report(result, written)
 
@@ -313,6 +314,11 @@ def _grid_and_margin(options: dict):
     resolve_device(options["device"])
     grid = _make_grid(options["grid"], options["max_shift"], options["subpixel"])
     if options["mode"] != "crop":
+        if grid.max_abs >= options["size"]:  # a circular shift by the image size is no shift
+            raise UsageError(
+                f"--max-shift {options['max_shift']} gives shifts up to {grid.max_abs:g} px, but"
+                f" circular shifts of a {options['size']} px image repeat every {options['size']} px;"
+                f" use a --max-shift below {options['size']} (or --size above {grid.max_abs:g})")
         return grid, 0
     margin = int(math.ceil(grid.max_abs))
     size, resize = options["size"], options["resize"]
@@ -469,13 +475,23 @@ def _report(result, written: list[Path]) -> None:
             click.echo(f"least equivariant spatial layer: {worst['layer']} (stride"
                        f" {worst['stride']:g}, mean {result.settings.metric} {worst['mean']:.4g})",
                        err=True)
-    bad = result.nonfinite_layers()
-    if bad:
-        click.echo(f"warning: non-finite values (NaN) in {len(bad)} layers, e.g. {bad[0]};"
-                   " those images are left out of the means", err=True)
     click.echo(f"measured in {result.meta.get('seconds', float('nan')):.1f} s", err=True)
     for path in written:
         click.echo(str(path))
+
+
+def _warn_nonfinite(result, label: str = "") -> None:
+    """One warning line naming every layer with NaN/Inf features (up to 5) and how many values."""
+    bad = result.nonfinite_layers()
+    if not bad:
+        return
+    total = {info.name: (int(nan.sum()), int(nan.sum() + n.sum() + inf.sum()))
+             for info, nan, n, inf in zip(result.layers, result.n_nan, result.n, result.n_inf)}
+    listed = ", ".join(f"{name} ({total[name][0]} of {total[name][1]} image-shifts)" for name in bad[:5])
+    more = f" and {len(bad) - 5} more (Result.n_nan)" if len(bad) > 5 else ""
+    layers = "layer" if len(bad) == 1 else "layers"
+    click.echo(f"warning: {label + ': ' if label else ''}non-finite values (NaN/Inf) in {len(bad)}"
+               f" {layers}, left out of the means: {listed}{more}", err=True)
 
 
 # -- compare -----------------------------------------------------------------------------
@@ -534,6 +550,8 @@ def compare(result_files: Sequence[str], model_specs: Sequence[str], filt_size: 
         comparison = Comparison(results)
         folder = Path(out) if out else _default_out("compare")
         written = _write_comparison(comparison, folder, bool(model_specs), scale, formats, dpi)
+        for result, label in zip(comparison.results, comparison.labels):
+            _warn_nonfinite(result, label)
         if not quiet:
             table = comparison.summary()
             means = [c for c in table.columns if c.startswith("mean[")]
