@@ -195,8 +195,8 @@ def _global(name: str, module: str, shape: tuple[int, ...]) -> LayerInfo:
 
 
 def _fixed_size_stride(grid: tuple[int, int], size: tuple[int, int]) -> Optional[tuple[float, float]]:
-    """Stride H/h per axis when it is believable: a whole stride (or 1/k) whose map covers the
-    input (|H − s·h| ≤ 2s).
+    """Stride H/h per axis when it is believable: the same whole stride (or 1/k) on both axes,
+    whose map covers the input (|H − s·h| ≤ 2s).
 
     MaxViT's window-partitioned tensors (N, windows, tokens, C) fail this test, so they are not
     taken for (N, C, h, w) maps with strides such as (5, 3.5).
@@ -204,6 +204,8 @@ def _fixed_size_stride(grid: tuple[int, int], size: tuple[int, int]) -> Optional
     if min(grid) <= 1:
         return None
     stride = tuple(_round_stride(length / cells) for length, cells in zip(size, grid))
+    if stride[0] != stride[1]:  # attention tensors (heads, tokens, dim) of timm's ViT at 64 px
+        return None
     for length, cells, step in zip(size, grid, stride):
         whole = float(step).is_integer() or float(1 / step).is_integer()
         if not whole or abs(length - step * cells) > max(2 * step, 1):

@@ -10,6 +10,8 @@ Model specs:
 * ``path/to/file.py:factory``: ``factory()`` from a Python file.
 * ``package.module:factory``: ``factory()`` from an importable module.
 * ``timm:resnet18``: a timm model, built without pretrained weights. Needs ``pip install timm``.
+  A pretrained tag (``timm:resnet18.a1_in1k``) picks the normalisation of those weights; weights
+  come from a checkpoint path. Hugging Face Hub names (``hf-hub:...``) are refused: they download.
 
 Weights specs:
 
@@ -95,7 +97,8 @@ class LoadedModel:
             ``'IMAGENET1K_V1'``, ``'random init'``, a checkpoint path, or ``'from factory'``.
         pretrained: True when trained weights were loaded (torchvision weights or a checkpoint).
         mean, std: the RGB normalisation the weights expect (ImageNet's when unknown).
-        min_size: the smallest input side the architecture accepts, or None when unknown.
+        min_size: the smallest input side the model as built accepts, or None when unknown. For
+            a model built for one input size (ViT) it is that size, the only one it takes.
         categories: class names of the pretrained weights, or None.
 
     Example:
@@ -185,23 +188,21 @@ def _load_torchvision(name: str, weights: str, trust: bool, num_classes: int | N
     name = _torchvision_name(name)
     enum = get_model_weights(name)
     default = enum.DEFAULT
-    min_size = max(default.meta["min_size"]) if default.meta.get("min_size") else None
     extra = {} if num_classes is None else {"num_classes": num_classes}
     kind = weights.lower()
 
     if kind == "none":
-        return LoadedModel(torchvision.models.get_model(name, weights=None, **extra), name, _RANDOM_INIT,
-                           False, min_size=min_size)
+        return _random_init(name, enum, extra)
     if kind == "auto":
         n_categories = len(default.meta["categories"])
         if num_classes is not None and num_classes != n_categories:
             reason = f"num_classes={num_classes} differs from the {n_categories} classes of {default}"
-            return _random_fallback(name, reason, "drop num_classes for pretrained weights", extra, min_size)
+            return _random_fallback(name, enum, reason, "drop num_classes for pretrained weights", extra)
         try:
-            return _pretrained(name, default, min_size, allow_download=not _offline())
+            return _pretrained(name, default, allow_download=not _offline())
         except _Unavailable as exc:
             fix = f"download {default.url} and put it at {_cache_file(default)} for pretrained weights"
-            return _random_fallback(name, str(exc), fix, extra, min_size)
+            return _random_fallback(name, enum, str(exc), fix, extra)
 
     chosen = _weights_member(enum, weights)
     if chosen is not None:
@@ -211,7 +212,7 @@ def _load_torchvision(name: str, weights: str, trust: bool, num_classes: int | N
                 "drop num_classes, or use weights='none' or a checkpoint"
             )
         try:
-            return _pretrained(name, chosen, min_size, allow_download=not _offline())
+            return _pretrained(name, chosen, allow_download=not _offline())
         except _Unavailable as exc:
             raise WeightsError(
                 f"cannot get {chosen} ({exc}); download {chosen.url} on a machine with internet "
@@ -225,7 +226,54 @@ def _load_torchvision(name: str, weights: str, trust: bool, num_classes: int | N
         )
     model = torchvision.models.get_model(name, weights=None, **extra)
     _load_checkpoint(model, Path(weights), trust, name)
-    return LoadedModel(model, name, weights, True, min_size=min_size)
+    return LoadedModel(model, name, weights, True, min_size=_min_size(model, enum))
+
+
+def _random_init(name: str, enum: Any, extra: dict[str, int]) -> LoadedModel:
+    model = torchvision.models.get_model(name, weights=None, **extra)
+    return LoadedModel(model, name, _RANDOM_INIT, False, min_size=_min_size(model, enum))
+
+
+def _min_size(model: nn.Module, enum: Any, chosen: Any | None = None) -> int | None:
+    """The smallest input side of ``model`` as built, or None when unknown.
+
+    A model built for one input size says so (:func:`_fixed_input_size`). Otherwise it is the
+    ``meta['min_size']`` of the ``chosen`` weights when they are loaded, and without them (random
+    init, checkpoint) the smallest over all of the architecture's weights: a larger one is the
+    resolution those weights were trained at, not a limit of the architecture (vit_h_14's
+    DEFAULT weights say 518, vit_h_14 built without them takes 224).
+    """
+    fixed = _fixed_input_size(model)
+    if fixed is not None:
+        return fixed
+    if chosen is not None:
+        return _weights_min_size(chosen)
+    sizes = [size for size in map(_weights_min_size, enum) if size]
+    return min(sizes) if sizes else None
+
+
+def _weights_min_size(chosen: Any) -> int | None:
+    size = chosen.meta.get("min_size")
+    return max(size) if size else None
+
+
+def _fixed_input_size(model: nn.Module) -> int | None:
+    """The one input side a model built for a fixed size takes, else None.
+
+    torchvision's VisionTransformer checks ``image_size``; timm's patch embeddings with
+    ``strict_img_size`` (ViT, DeiT, Swin built without ``dynamic_img_size=True``) check
+    ``img_size``.
+    """
+    size = getattr(model, "image_size", None)
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    for module in model.modules():
+        img_size = getattr(module, "img_size", None)
+        if getattr(module, "strict_img_size", False) is True and img_size is not None:
+            sides = tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size,)
+            if sides and all(isinstance(side, int) and side > 0 for side in sides):
+                return max(sides)
+    return None
 
 
 def _torchvision_name(name: str) -> str:
@@ -253,7 +301,7 @@ def _weights_member(enum: Any, text: str) -> Any | None:
     return enum.__members__.get(key.upper())
 
 
-def _pretrained(name: str, chosen: Any, min_size: int | None, allow_download: bool) -> LoadedModel:
+def _pretrained(name: str, chosen: Any, allow_download: bool) -> LoadedModel:
     cache_file = _cache_file(chosen)
     cached = cache_file.is_file()
     if not cached:
@@ -283,6 +331,7 @@ def _pretrained(name: str, chosen: Any, min_size: int | None, allow_download: bo
     mean = tuple(float(v) for v in getattr(transforms, "mean", _IMAGENET_MEAN))
     std = tuple(float(v) for v in getattr(transforms, "std", _IMAGENET_STD))
     categories = list(chosen.meta["categories"]) if chosen.meta.get("categories") else None
+    min_size = _min_size(model, None, chosen)
     return LoadedModel(model, name, chosen.name, True, mean, std, min_size, categories)  # type: ignore[arg-type]
 
 
@@ -294,15 +343,14 @@ def _download_pretrained(name: str, chosen: Any) -> nn.Module:
         return torchvision.models.get_model(name, weights=chosen)
 
 
-def _random_fallback(name: str, reason: str, fix: str, extra: dict[str, int], min_size: int | None) -> LoadedModel:
+def _random_fallback(name: str, enum: Any, reason: str, fix: str, extra: dict[str, int]) -> LoadedModel:
     warnings.warn(
         f"{name}: random init, because the pretrained weights cannot be used: {reason}; {fix}, "
         "or pass weights='none' to silence this",
         PretrainedUnavailableWarning,
         stacklevel=4,
     )
-    return LoadedModel(torchvision.models.get_model(name, weights=None, **extra), name, _RANDOM_INIT,
-                       False, min_size=min_size)
+    return _random_init(name, enum, extra)
 
 
 class _Unavailable(Exception):
@@ -459,26 +507,44 @@ def _load_timm(name: str, weights: str, trust: bool, num_classes: int | None) ->
         import timm  # optional dependency
     except ImportError:
         raise UsageError(f"timm:{name} needs timm, which is not installed; pip install timm") from None
+    if name.lower().startswith(("hf-hub:", "hf_hub:")):
+        # timm would fetch the model's config from the Hugging Face Hub, even without weights
+        raise UsageError(
+            f"timm:{name} names a Hugging Face Hub model, which shiftlab does not download; use the "
+            "architecture name (timm:resnet18) and pass the downloaded checkpoint as weights"
+        )
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name.lower(), timm.list_models(), n=5, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise UsageError(f"unknown timm model {name!r}; {hint}timm.list_models() lists the names")
+    architecture, _, tag = name.partition(".")
+    tagged = timm.list_pretrained(f"{architecture}.*")
+    if tag and name not in tagged:
+        known = ", ".join(t.partition(".")[2] for t in tagged) or "none"
+        raise UsageError(f"timm model {architecture!r} has no pretrained tag {tag!r} (its tags: {known}); "
+                         f"timm.list_pretrained('{architecture}.*') lists them")
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     try:
         model = timm.create_model(name, pretrained=False, **kwargs)
     except Exception as exc:
-        raise ModelError(
-            f"timm cannot build {name!r}: {_one_line(exc)}; timm.list_models() lists the names"
-        ) from exc
+        raise ModelError(f"timm cannot build {name!r}: {type(exc).__name__}: {_one_line(exc)}") from exc
     return _finish_external(model, f"timm:{name}", weights, trust, _RANDOM_INIT, warn_random=True)
 
 
 def _finish_external(
     model: nn.Module, name: str, weights: str, trust: bool, built: str, warn_random: bool
 ) -> LoadedModel:
-    """Apply ``weights`` to a model built by a factory or timm."""
-    # timm models carry their normalisation; a factory may copy that convention.
+    """Apply ``weights`` to a model built by a factory or timm.
+
+    Its normalisation comes from ``model.pretrained_cfg`` (timm's convention, which a factory may
+    copy), its ``min_size`` from a fixed input size it was built for (ViT), else None.
+    """
     config = getattr(model, "pretrained_cfg", None) or {}
     mean = tuple(float(v) for v in config.get("mean", _IMAGENET_MEAN))
     std = tuple(float(v) for v in config.get("std", _IMAGENET_STD))
     if len(mean) != 3 or len(std) != 3:
         mean, std = _IMAGENET_MEAN, _IMAGENET_STD
+    min_size = _fixed_input_size(model)
     kind = weights.lower()
     if kind in ("auto", "none"):
         if kind == "auto" and warn_random:
@@ -488,14 +554,14 @@ def _finish_external(
                 PretrainedUnavailableWarning,
                 stacklevel=4,
             )
-        return LoadedModel(model, name, built, False, mean, std)  # type: ignore[arg-type]
+        return LoadedModel(model, name, built, False, mean, std, min_size)  # type: ignore[arg-type]
     if not _looks_like_path(weights):
         raise UsageError(
             f"weights {weights!r} is not a file; for {name} use 'auto', 'none' or a path to a .pth/.pt "
             "checkpoint (torchvision weights names apply to torchvision models only)"
         )
     _load_checkpoint(model, Path(weights), trust, name)
-    return LoadedModel(model, name, weights, True, mean, std)  # type: ignore[arg-type]
+    return LoadedModel(model, name, weights, True, mean, std, min_size)  # type: ignore[arg-type]
 
 
 # --- checkpoints -------------------------------------------------------------------------------
@@ -540,7 +606,10 @@ def _read_checkpoint(path: Path, trust: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as exc:
-        if not trust and "weights only load failed" in str(exc).lower():
+        # "Unsupported operand N": the bytes are no pickle at all (an HTML error page, text);
+        # only a real pickle of disallowed objects is worth --trust-checkpoint
+        not_a_pickle = re.search(r"Unsupported operand \d+", str(exc))
+        if not trust and "weights only load failed" in str(exc).lower() and not not_a_pickle:
             found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
             what = f"it pickles {found.group(1)}, which" if found else "it holds Python objects that"
             raise WeightsError(
@@ -548,6 +617,11 @@ def _read_checkpoint(path: Path, trust: bool) -> Any:
                 "and unpickling could run code. If you trust the file, pass --trust-checkpoint "
                 "(trust_checkpoint=True) to load it with full unpickling"
             ) from None
+        if not_a_pickle:
+            raise WeightsError(f"{path} is not a readable PyTorch checkpoint (its bytes are no"
+                               f" pickle: {not_a_pickle.group(0)}); it may be an error page or text"
+                               " saved under a checkpoint name, or not written by torch.save:"
+                               " download or save it again") from None
         raise WeightsError(_unreadable_message(path, exc)) from None
     except OSError as exc:
         raise WeightsError(f"cannot read checkpoint {path}: {_one_line(exc)}") from None

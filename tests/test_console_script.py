@@ -211,11 +211,7 @@ ERRORS = {
         ("not a readable PyTorch checkpoint", "truncated", "save it again"), out="prefilled"),
     "html-page-as-checkpoint": Case(
         _weights("page.pth"), 1,
-        ("page.pth", "not a readable PyTorch checkpoint", "not written by torch.save"),
-        xfail="bug: a text file that is no pickle at all is 'refused for safety' and the message"
-              " says to pass --trust-checkpoint (models._read_checkpoint treats every 'Weights only"
-              " load failed' as pickled code, also 'Unsupported operand 60'); with"
-              " --trust-checkpoint it then fails as 'not a readable PyTorch checkpoint'"),
+        ("page.pth", "not a readable PyTorch checkpoint", "not written by torch.save")),
     "checkpoint-of-another-architecture-lists-mismatched-keys": Case(
         _weights("other.pth"), 1,
         (f"does not fit {TINY_NAME}", "6 missing keys", "0.weight", "2 unexpected keys",

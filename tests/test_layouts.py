@@ -44,6 +44,7 @@ def test_fixed_size_stride_needs_a_whole_stride_that_covers_the_input():
     assert _fixed_size_stride((14, 14), (224, 224)) == (16.0, 16.0)
     assert _fixed_size_stride((64, 49), (224, 224)) is None  # MaxViT window partition (3.5, 4.6)
     assert _fixed_size_stride((1, 1), (224, 224)) is None
+    assert _fixed_size_stride((21, 64), (64, 64)) is None  # timm ViT attention (heads, L, dim)
 
 
 def test_as_feature_map_undoes_a_row_major_patch_embedding():
