@@ -250,7 +250,8 @@ def heatmap(model_spec: str, weights: str, trust_checkpoint: bool, seed: int, nu
         main_rank = distributed.is_main()
         quiet = quiet or not main_rank  # under torchrun only rank 0 talks and writes
         if dry_run:
-            _dry_run(model_spec, weights, trust_checkpoint, seed, num_classes, dtype, **measure_args)
+            _dry_run(model_spec, weights, trust_checkpoint, seed, num_classes, dtype, quiet,
+                     **measure_args)
             return
         checkpoint = None
         if out and not running_distributed:  # created with the first completed image batch
@@ -268,7 +269,7 @@ def heatmap(model_spec: str, weights: str, trust_checkpoint: bool, seed: int, nu
 
 
 def _dry_run(model_spec: str, weights: str, trust_checkpoint: bool, seed: int,
-             num_classes: Optional[int], dtype: str, **options) -> None:
+             num_classes: Optional[int], dtype: str, quiet: bool, **options) -> None:
     """Calibrate on a few shifts of the first image batch and print what the run would cost."""
     from .engine import resolve_device
     from .estimate import estimate_run
@@ -276,6 +277,9 @@ def _dry_run(model_spec: str, weights: str, trust_checkpoint: bool, seed: int,
     loaded = _load(model_spec, weights, trust_checkpoint, seed, num_classes=num_classes)
     shift_grid, margin = _grid_and_margin(options)
     images = _images_for(loaded, options, margin)
+    if not quiet:  # a big model on a CPU calibrates for minutes: say what is happening
+        click.echo(f"calibrating {loaded.name} on a few batched passes of the first images"
+                   f" (batch size {options['batch_size']})...", err=True)
     estimate = estimate_run(
         loaded.model, images.tensor, shift_grid, batch_size=options["batch_size"],
         mode=options["mode"], align=options["align"], metric=options["metric"],
