@@ -5,6 +5,14 @@
 Every variant sees the same images and shifts. Reported: wall time, images x shifts per second,
 peak memory above the starting point (RSS on CPU, max_memory_allocated on CUDA) and the ratio of
 each time to the floor's. Ratios are what to compare: absolute seconds on a shared machine are not.
+
+With ``--repeat N`` the variants run N times in turn (floor, measure..., floor, measure..., ...)
+and each keeps its fastest time, so a burst of load on a shared machine hits no single variant;
+the spread (slowest / fastest) is reported too. The naive approach runs once.
+
+``measure`` includes a one-off cost that does not grow with images or shifts: probing the
+layers' strides (two forwards of two images at two sizes). It is timed apart, once, and the
+table's last column is the ratio without it (what a long run converges to).
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ import shiftlab
 from shiftlab.capture import LayerCapture
 from shiftlab.engine import batch_layout
 from shiftlab.estimate import peak_memory
+from shiftlab.geometry import probe_layers
 from shiftlab.shifts import ShiftGrid, apply_shifts
 
 def run_floor(model: nn.Module, images: torch.Tensor, grid: ShiftGrid, batch_size: int,
@@ -77,8 +86,18 @@ def timed(label: str, work: Callable[[], None], device: torch.device) -> dict:
     with peak_memory(device) as memory:
         start = time.perf_counter()
         work()
+        _sync(device)
         seconds = time.perf_counter() - start
     return {"variant": label, "seconds": seconds, **memory}
+
+
+def _best(runs: list[dict]) -> dict:
+    """The fastest of repeated runs, with the spread of times and the highest memory peak."""
+    times = [run["seconds"] for run in runs]
+    best = dict(min(runs, key=lambda run: run["seconds"]))
+    best.update(repeats=len(runs), spread=max(times) / min(times),
+                peak_mb=max(run["peak_mb"] for run in runs))
+    return best
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -94,6 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="shift counts for the memory-flatness check (1 image, --memory-size)")
     parser.add_argument("--memory-size", type=int, default=64, help="input size for the memory check")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs of each variant, interleaved; the fastest counts")
     parser.add_argument("--json", default=None, help="also write the JSON report to this file")
     args = parser.parse_args(argv)
 
@@ -107,18 +128,28 @@ def main(argv: list[str] | None = None) -> dict:
     # warm-up: first-call costs (allocator, oneDNN/cuDNN kernel choice) hit no timed variant
     run_floor(model, images[:1], ShiftGrid.square(2), args.batch_size, device)
     shiftlab.measure(model, images[:1], ShiftGrid.square(2), device=device, progress=False)
-    rows = [timed("floor (bare forwards)", lambda: run_floor(model, images, grid, args.batch_size, device),
-                  device)]
+    variants: list[tuple[str, Callable[[], None]]] = [
+        ("floor (bare forwards)", lambda: run_floor(model, images, grid, args.batch_size, device))]
     for align in [a for a in args.aligns.split(",") if a]:
-        rows.append(timed(f"measure align={align}", lambda align=align: shiftlab.measure(
-            model, images, grid, align=align, batch_size=args.batch_size, device=device, progress=False),
-            device))
+        variants.append((f"measure align={align}", lambda align=align: shiftlab.measure(
+            model, images, grid, align=align, batch_size=args.batch_size, device=device,
+            progress=False)))
+    runs: dict[str, list[dict]] = {label: [] for label, _ in variants}
+    for _ in range(max(1, args.repeat)):
+        for label, work in variants:
+            runs[label].append(timed(label, work, device))
+    rows = [_best(runs[label]) for label, _ in variants]
     if not args.no_naive:
-        rows.append(timed("naive (clone every map)", lambda: run_naive(model, images, grid, device), device))
+        rows.append(_best([timed("naive (clone every map)",
+                                 lambda: run_naive(model, images, grid, device), device)]))
+    probe = min(_time(lambda: probe_layers(model, (args.size, args.size), device=device), device)
+                for _ in range(max(1, args.repeat)))
     floor = rows[0]["seconds"]
     for row in rows:
         row["ratio_to_floor"] = row["seconds"] / floor
         row["images_x_shifts_per_s"] = n_work / row["seconds"]
+        if row["variant"].startswith("measure"):
+            row["ratio_without_probe"] = (row["seconds"] - probe) / floor
 
     # memory flatness: each count in a fresh process, so the allocator's earlier heap does not hide it
     memory = []
@@ -134,7 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
         "model": args.model, "size": args.size, "grid": f"{args.grid}x{args.grid}",
         "images": args.images, "batch_size": args.batch_size, "device": str(device),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "python": platform.python_version(), "rows": rows, "memory_flatness": memory,
+        "python": platform.python_version(), "repeat": args.repeat, "probe_seconds": probe,
+        "rows": rows, "memory_flatness": memory,
     }
     _print_table(report)
     text = json.dumps(report, indent=2)
@@ -145,13 +177,26 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
+def _time(work: Callable[[], object], device: torch.device) -> float:
+    start = time.perf_counter()
+    work()
+    _sync(device)
+    return time.perf_counter() - start
+
+
 def _print_table(report: dict) -> None:
     print(f"# {report['model']} {report['size']}px, {report['grid']} shifts x {report['images']} images,"
-          f" batch {report['batch_size']}, {report['device']} ({report['threads']} threads)", file=sys.stderr)
-    print(f"{'variant':<28} {'seconds':>8} {'img*shift/s':>11} {'peak MB':>8} {'x floor':>8}", file=sys.stderr)
+          f" batch {report['batch_size']}, {report['device']} ({report['threads']} threads),"
+          f" fastest of {report['repeat']}", file=sys.stderr)
+    print(f"{'variant':<28} {'seconds':>8} {'img*shift/s':>11} {'peak MB':>8} {'x floor':>8}"
+          f" {'spread':>7} {'w/o probe':>9}", file=sys.stderr)
     for row in report["rows"]:
+        steady = row.get("ratio_without_probe")
         print(f"{row['variant']:<28} {row['seconds']:>8.2f} {row['images_x_shifts_per_s']:>11.2f}"
-              f" {row['peak_mb']:>8.0f} {row['ratio_to_floor']:>8.2f}", file=sys.stderr)
+              f" {row['peak_mb']:>8.0f} {row['ratio_to_floor']:>8.2f} {row['spread']:>7.2f}"
+              f" {'' if steady is None else f'{steady:.2f}':>9}", file=sys.stderr)
+    print(f"layer probe (one-off, inside every measure): {report['probe_seconds']:.2f} s",
+          file=sys.stderr)
     for row in report["memory_flatness"]:
         print(f"fresh process, {row['shifts']:>4} shifts: peak RSS {row['peak_rss_mb']:.0f} MB"
               f" ({row['seconds']:.1f} s)", file=sys.stderr)

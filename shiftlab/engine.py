@@ -1,11 +1,14 @@
 """measure(): one reference pass per image batch, then the shifted copies in batches.
 
-Each layer is reduced to distances inside its forward hook, so nothing but the reference
-features of the current image batch is kept: peak memory depends on the batch size and the
-model, never on the number of shifts.
+Each layer is reduced to a few sums per (shift, image) inside its forward hook, so nothing but
+the reference features of the current image batch is kept: peak memory depends on the batch
+size and the model, never on the number of shifts. The sums of all layers become distances in
+one step when the pass ends, and accumulate on the device: on a GPU nothing in a pass waits for
+the device (images come through pinned memory), and results reach the host once, at the end.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
@@ -21,9 +24,10 @@ from .align import ALIGNMENTS, Plan, compare_global, make_plan
 from .capture import LayerCapture, LayerSelection
 from .errors import ModelError, UsageError
 from .geometry import LayerInfo, as_feature_map, probe_layers
-from .metrics import METRICS, DistanceAccumulator, distance
+from .metrics import METRICS, ComparisonStats, DistanceAccumulator, concat, distance
 from .result import Result, Settings
 from .shifts import MODES, ShiftGrid, apply_shifts, centre_window
+from .stencil import Workspace
 
 
 def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.device:
@@ -158,8 +162,6 @@ def measure(model: nn.Module, images: torch.Tensor, grid: Optional[ShiftGrid] = 
 
 def _autocast(dtype: Optional[str], device: torch.device):
     """A factory of autocast contexts for the forward passes (or of no-ops for float32)."""
-    import contextlib
-
     if dtype in (None, "float32"):
         return contextlib.nullcontext
     choices = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -178,6 +180,19 @@ def _describe_selection(layers: LayerSelection) -> Optional[tuple[str, ...]]:
     return tuple(item if isinstance(item, str) else item.__name__ for item in layers)
 
 
+def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Images (B, C, H, W) on ``device``; to a GPU through pinned memory, without waiting.
+
+    A copy from pageable memory makes the host wait for it; from pinned memory it is queued and
+    the host goes on preparing the next inputs.
+    """
+    if device.type == "cuda" and images.device.type == "cpu":
+        if not images.is_pinned():
+            images = images.pin_memory()
+        return images.to(device, non_blocking=True)
+    return images.to(device)
+
+
 class _Run:
     """State of one measurement: hooks' targets, per-layer plans and accumulators."""
 
@@ -185,17 +200,29 @@ class _Run:
                  layers: LayerSelection, device: torch.device, autocast: Callable) -> None:
         self.model, self.infos, self.settings, self.device = model, infos, settings, device
         self.autocast = autocast
+        # comparisons run in float32 even when the forward runs under autocast
+        self.full_precision = contextlib.nullcontext if autocast is contextlib.nullcontext \
+            else (lambda: torch.autocast(device.type, enabled=False))
         self.selection = layers
         self.info = {info.name: info for info in infos}
         shifts = torch.tensor(settings.grid.shifts, dtype=torch.float64)
+        self.shifts = shifts
         is_zero = (shifts == 0).all(1)
         # T_0 is the identity: the zero shift reuses the reference features instead of a
         # forward that could differ from them only by batch-size-dependent rounding.
         self.zero_index = torch.nonzero(is_zero).flatten()
         self.forward_index = torch.nonzero(~is_zero).flatten()
         self.forward_shifts = shifts[self.forward_index]
-        self.accumulators = {info.name: DistanceAccumulator(len(shifts)) for info in infos}
+        # sums stay on the device; they reach the host only for the result and checkpoints
+        self.sums = DistanceAccumulator(len(shifts), device, n_layers=len(infos))
+        self.accumulators = {info.name: self.sums.layer(i) for i, info in enumerate(infos)}
+        self.position = {info.name: i for i, info in enumerate(infos)}
+        # one forward pass's statistics, reduced to distances together when the pass ends
+        self.pending: list[tuple[str, ComparisonStats]] = []
+        self.pending_key: object = None
+        self.flat_index: dict[tuple, torch.Tensor] = {}
         self.plans: dict[tuple, Plan] = {}
+        self.workspace = Workspace()  # scratch shared by every layer's comparisons
         self.need_peak = settings.metric == "psnr"
         self.references: dict[str, torch.Tensor] = {}
         # per-layer values derived from the reference (filtered maps, norms), per image batch
@@ -214,8 +241,7 @@ class _Run:
                 raise ModelError(f"layer {layer} gave a first dimension of {tuple(tensor.shape)[:1]}"
                                  f" for a batch of {self._batch}; its output is not per image:"
                                  " leave it out with --layers")
-            # comparisons run in float32 even when the forward runs under autocast
-            with torch.autocast(self.device.type, enabled=False):
+            with self.full_precision():
                 self._phase(layer, as_feature_map(tensor, self.info[layer]))
 
     def _store_reference(self, layer: str, tensor: torch.Tensor) -> None:
@@ -230,6 +256,10 @@ class _Run:
             self._compare(layer, reference[None], self.zero_index, "zero")
 
     def _compare(self, layer: str, shifted: torch.Tensor, index: torch.Tensor, key: object) -> None:
+        """Reduce one layer's shifted run (S, B, C, h, w) to statistics, kept until the pass ends.
+
+        ``index`` (S,) on the CPU: the shifts of this pass. Nothing here waits for the device.
+        """
         info = self.info[layer]
         reference = self.references[layer]
         if info.is_spatial:
@@ -238,18 +268,35 @@ class _Run:
             plan_key = (info.stride, info.shape[1:], key)
             plan = self.plans.get(plan_key)
             if plan is None:
-                shifts = torch.tensor(self.settings.grid.shifts, dtype=torch.float64)[index]
-                plan = make_plan(info, shifts, self.settings.mode, self.settings.align,
+                plan = make_plan(info, self.shifts[index], self.settings.mode, self.settings.align,
                                  self.settings.border, self.need_peak)
                 self.plans[plan_key] = plan
-            stats = plan.compare(reference, shifted, self.caches.setdefault(layer, {}))
+            stats = plan.compare(reference, shifted, self.caches.setdefault(layer, {}), self.workspace)
         else:
             stats = compare_global(reference, shifted, self.need_peak)
-        self.accumulators[layer].add(index, distance(stats, self.settings.metric), stats.valid)
+        self.pending.append((layer, stats))
+        self.pending_key = (key, index)
+
+    def _flush(self) -> None:
+        """Distances of every layer of the pass that just ended, into the sums: a few operations
+        per pass instead of per layer."""
+        if not self.pending:
+            return
+        layers = tuple(layer for layer, _ in self.pending)
+        key, index = self.pending_key
+        flat = self.flat_index.get((key, layers))
+        if flat is None:  # the sums' flat positions of (layer, shift), built once per pass kind
+            n_shifts = len(self.shifts)
+            flat = torch.cat([index + self.position[layer] * n_shifts for layer in layers])
+            flat = self.flat_index[(key, layers)] = flat.to(self.device, non_blocking=True)
+        stats = concat([item for _, item in self.pending])
+        self.pending.clear()
+        self.sums.add(flat, distance(stats, self.settings.metric), stats.valid)
 
     # -- passes ----------------------------------------------------------------------
     def image_batch(self, images: torch.Tensor, shifts_per_pass: int, bar: tqdm) -> None:
-        images = images.to(self.device, non_blocking=True)
+        """Reference pass and shifted passes of one batch of images (B, C, H, W)."""
+        images = to_device(images, self.device)
         margin = self.settings.margin
         capture = LayerCapture(self.model, self.selection, self._on_output)
         with capture, torch.inference_mode(), self.autocast():
@@ -257,17 +304,20 @@ class _Run:
             self._batch = len(images)
             try:
                 self.model(centre_window(images, margin) if self.settings.mode == "crop" else images)
+                self._flush()
                 for chunk, start in enumerate(range(0, len(self.forward_shifts), shifts_per_pass)):
-                    shifts = self.forward_shifts[start:start + shifts_per_pass]
-                    index = self.forward_index[start:start + shifts_per_pass]
+                    window = slice(start, start + shifts_per_pass)
+                    shifts, index = self.forward_shifts[window], self.forward_index[window]
                     batch = apply_shifts(images, shifts, self.settings.mode, margin)
                     count = batch.shape[0]
                     self._phase = self._shifted_phase(index, count, chunk)
                     self._batch = count * len(images)
                     self.model(batch.reshape(-1, *batch.shape[2:]))
+                    self._flush()
                     bar.update(1)
             finally:
                 self._phase = self._ignore
+                self.pending.clear()
                 self.references.clear()
                 self.caches.clear()
 
@@ -281,14 +331,12 @@ class _Run:
     def all_reduce(self) -> None:
         """Sum every accumulator over the ranks of a torchrun job (no-op otherwise)."""
         if distributed.active():
-            for accumulator in self.accumulators.values():
-                distributed.all_reduce_sum([accumulator.total, accumulator.total_sq, accumulator.n,
-                                            accumulator.n_inf, accumulator.n_nan])
+            distributed.all_reduce_sum([getattr(self.sums, name) for name in self.sums.FIELDS])
 
     def result(self, n_images: int, seconds: float, meta: dict) -> Result:
-        stack = lambda name: torch.stack(  # noqa: E731
-            [getattr(self.accumulators[i.name], name)() if name in ("mean", "std")
-             else getattr(self.accumulators[i.name], name) for i in self.infos]).numpy()
+        sums = self.sums  # (layers, shifts), in the order of self.infos
+        stack = lambda name: (getattr(sums, name)() if name in ("mean", "std")  # noqa: E731
+                              else getattr(sums, name)).cpu().numpy()
         meta = {
             **meta, "n_images": n_images, "seconds": round(seconds, 3),
             "device": str(self.device), "shiftlab": __version__, "torch": torch.__version__,
@@ -318,10 +366,10 @@ class _Progress:
         from .result import atomic_write
 
         arrays = {"key": np.array(self.key), "done": np.array(n_done)}
-        for index, info in enumerate(run.infos):
-            acc = run.accumulators[info.name]
-            for name in ("total", "total_sq", "n", "n_inf", "n_nan"):
-                arrays[f"{index}.{name}"] = getattr(acc, name).numpy()
+        sums = {name: getattr(run.sums, name).cpu().numpy() for name in run.sums.FIELDS}  # one copy
+        for index in range(len(run.infos)):
+            for name in run.sums.FIELDS:
+                arrays[f"{index}.{name}"] = sums[name][index]
         atomic_write(self.path, lambda handle: np.savez(handle, **arrays))
 
     def restore(self, run: "_Run") -> int:

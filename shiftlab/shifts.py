@@ -144,12 +144,38 @@ def roll_many(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     Returns (S, B, C, H, W). One gather instead of S calls to ``torch.roll``.
     """
     height, width = x.shape[-2:]
-    shifts = shifts.to(device=x.device, dtype=torch.long)
+    # asynchronous: a host-to-GPU copy of the shifts must not wait for the GPU's queue
+    shifts = shifts.to(device=x.device, dtype=torch.long, non_blocking=True)
     rows = (torch.arange(height, device=x.device)[None, :] - shifts[:, :1]) % height  # (S, H)
     cols = (torch.arange(width, device=x.device)[None, :] - shifts[:, 1:]) % width  # (S, W)
     # x[:, :, rows[s]][:, :, :, cols[s]] for every s at once
     out = x[:, :, rows[:, :, None], cols[:, None, :]]  # (B, C, S, H, W)
     return out.permute(2, 0, 1, 3, 4)
+
+
+def phase_ramp(shifts: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Half-spectrum phase ramps (S, H, W//2 + 1) complex128 for real (S, 2) shifts.
+
+    ``irfft2(rfft2(x) * ramp)`` is the band-limited circular shift of a real map x (H, W): the
+    real part of the full-spectrum shift ``ifft2(fft2(x) * exp(-2πi(f·δ)))``. At even sizes the
+    Nyquist bins of that ramp are not Hermitian for a fractional δ; taking the real part averages
+    each with its mirror, which is what the cos(πδ) factors below do on the half spectrum.
+    """
+    shifts = shifts.to(torch.float64).cpu()
+    freq_h = torch.fft.fftfreq(height, dtype=torch.float64)
+    freq_w = torch.fft.rfftfreq(width, dtype=torch.float64)
+    phase_h = -2 * math.pi * shifts[:, :1] * freq_h[None, :]  # (S, H)
+    phase_w = -2 * math.pi * shifts[:, 1:] * freq_w[None, :]  # (S, W//2 + 1)
+    ramp_h = torch.polar(torch.ones_like(phase_h), phase_h)
+    ramp_w = torch.polar(torch.ones_like(phase_w), phase_w)
+    if height % 2 == 0:
+        ramp_h[:, height // 2] = torch.cos(math.pi * shifts[:, 0])
+    if width % 2 == 0:
+        ramp_w[:, width // 2] = torch.cos(math.pi * shifts[:, 1])
+    ramp = ramp_h[:, :, None] * ramp_w[:, None, :]
+    if height % 2 == 0 and width % 2 == 0:  # the corner bin is its own mirror
+        ramp[:, height // 2, width // 2] = torch.cos(math.pi * (shifts[:, 0] + shifts[:, 1]))
+    return ramp
 
 
 def fourier_shift_many(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
@@ -158,15 +184,11 @@ def fourier_shift_many(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     Returns (S, B, C, H, W). An integer shift equals ``torch.roll`` up to rounding.
     """
     height, width = x.shape[-2:]
-    spectrum = torch.fft.fft2(x.to(torch.float32 if x.dtype != torch.float64 else x.dtype))
-    real = spectrum.real.dtype
-    freq_h = torch.fft.fftfreq(height, device=x.device, dtype=real)
-    freq_w = torch.fft.fftfreq(width, device=x.device, dtype=real)
-    shifts = shifts.to(device=x.device, dtype=real)
-    phase = -2 * math.pi * (shifts[:, 0, None, None] * freq_h[None, :, None]
-                            + shifts[:, 1, None, None] * freq_w[None, None, :])  # (S, H, W)
-    ramp = torch.polar(torch.ones_like(phase), phase)
-    out = torch.fft.ifft2(spectrum[None] * ramp[:, None, None]).real
+    real = torch.float64 if x.dtype == torch.float64 else torch.float32
+    spectrum = torch.fft.rfft2(x.to(real))
+    ramp = phase_ramp(shifts, height, width).to(device=x.device, dtype=spectrum.dtype,
+                                                 non_blocking=True)
+    out = torch.fft.irfft2(spectrum[None] * ramp[:, None, None], s=(height, width))
     return out.to(x.dtype)
 
 

@@ -127,3 +127,71 @@ def test_crop_mode_exact_alignment_compares_only_the_overlap():
     stats = plan.compare(ref, shifted[None])
     assert float(distance(stats, "l2")) <= 1e-6
     assert float(stats.count[0, 0]) == 2 * 6 * 8
+
+
+def explicit_interpolation_cosine(ref, shifted, shifts, stride):
+    """T_δ U a and U b written out for any δ and stride: U samples the circular piecewise-linear
+    interpolant at k / s, T_δ U at (k - δ) / s."""
+    from shiftlab.align import _interp_matrix
+
+    height, width = ref.shape[-2:]
+    rows = torch.arange(round(height * stride), dtype=torch.float64)
+    cols = torch.arange(round(width * stride), dtype=torch.float64)
+    up_h, up_w = _interp_matrix(height, rows / stride), _interp_matrix(width, cols / stride)
+    out = torch.zeros(shifted.shape[:2], dtype=torch.float64)
+    for s, (dh, dw) in enumerate(shifts):
+        at_h = _interp_matrix(height, (rows - dh) / stride)
+        at_w = _interp_matrix(width, (cols - dw) / stride)
+        for b in range(ref.shape[0]):
+            x = at_h @ ref[b].double() @ at_w.T
+            y = up_h @ shifted[s, b].double() @ up_w.T
+            out[s, b] = 1 - (x * y).sum() / (x.norm() * y.norm())
+    return out
+
+
+@pytest.mark.parametrize("stride,subpixel", [(2, 2), (4, 3), (3, 4), (1.5, 1), (1.5, 2)])
+def test_bilinear_equals_explicit_interpolation_at_subpixel_shifts_and_fractional_strides(
+        stride, subpixel):
+    generator = torch.Generator().manual_seed(5)
+    ref = torch.randn(2, 3, 7, 6, generator=generator)
+    values = [i / subpixel for i in range(-3 * subpixel, 3 * subpixel + 1, 2)]
+    shifts = [(dh, dw) for dh in values[::2] for dw in values[1::3]]
+    shifted = ref[None] + 0.3 * torch.randn(len(shifts), 2, 3, 7, 6, generator=generator)
+    info = LayerInfo("x", "Test", "spatial", (stride, stride), (stride, stride), (3, 7, 6))
+    plan = make_plan(info, torch.tensor(shifts, dtype=torch.float64), "circular", "bilinear")
+    got = distance(plan.compare(ref, shifted), "cosine")
+    expected = explicit_interpolation_cosine(ref, shifted, shifts, stride)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("stride", [2, 4])
+def test_fourier_shares_one_fractional_shift_between_shifts_with_the_same_fraction(stride):
+    from shiftlab.shifts import fourier_shift_many
+
+    generator = torch.Generator().manual_seed(6)
+    ref = torch.randn(2, 3, 8, 9, generator=generator)
+    shifts = torch.tensor([(dh, dw) for dh in range(0, 3 * stride, 3) for dw in (1, stride + 1, 2)],
+                          dtype=torch.float64)
+    shifted = torch.randn(len(shifts), 2, 3, 8, 9, generator=generator)
+    plan_info = LayerInfo("x", "Test", "spatial", (stride, stride), (stride, stride), (3, 8, 9))
+    plan = make_plan(plan_info, shifts, "circular", "fourier")
+    got = distance(plan.compare(ref, shifted), "l2")
+    aligned = fourier_shift_many(ref.double(), shifts / stride)
+    expected = (aligned - shifted.double()).flatten(2).norm(dim=-1) / aligned.flatten(2).norm(dim=-1)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("align", ["bilinear", "fourier", "exact"])
+def test_large_float32_maps_give_the_distances_of_float64_maps(align):
+    """Long float32 sums (tens of thousands of values per map) must not cost precision."""
+    generator = torch.Generator().manual_seed(7)
+    ref = torch.relu(torch.randn(2, 32, 48, 48, generator=generator))
+    shifts = torch.tensor([(0, 2), (2, 2), (1, 3), (3, 0)], dtype=torch.float64)
+    shifted = torch.roll(ref, (1, 1), dims=(-2, -1))[None] \
+        + 1e-3 * torch.randn(4, 2, 32, 48, 48, generator=generator)
+    plan = make_plan(layer(2, 32, 48), shifts, "circular", align)
+    single = distance(plan.compare(ref, shifted), "cosine")
+    double = distance(plan.compare(ref.double(), shifted.double()), "cosine")
+    valid = ~double.isnan()
+    assert torch.equal(valid, ~single.isnan())
+    assert float((single - double)[valid].abs().max()) < 2e-6
