@@ -256,16 +256,19 @@ def heatmap(model_spec: str, weights: str, trust_checkpoint: bool, seed: int, nu
         checkpoint = None
         if out and not running_distributed:  # created with the first completed image batch
             checkpoint = Path(out) / ".shiftlab-progress.npz"
-        result, loaded = _run_measurement(model_spec, weights, trust_checkpoint, seed, quiet,
-                                          num_classes=num_classes, dtype=dtype,
-                                          checkpoint=checkpoint, resume=resume, **measure_args)
-        if not main_rank:
-            return
-        folder = Path(out) if out else _default_out(loaded.name)
-        written = _write_outputs(result, folder, scale, formats, dpi)
-        _warn_nonfinite(result)  # a warning, so --quiet does not hide it
-        if not quiet:
-            _report(result, written)
+        try:
+            result, loaded = _run_measurement(model_spec, weights, trust_checkpoint, seed, quiet,
+                                              num_classes=num_classes, dtype=dtype,
+                                              checkpoint=checkpoint, resume=resume, **measure_args)
+            if main_rank:
+                folder = Path(out) if out else _default_out(loaded.name)
+                written = _write_outputs(result, folder, scale, formats, dpi)
+                _warn_nonfinite(result)  # a warning, so --quiet does not hide it
+                if not quiet:
+                    _report(result, written)
+            distributed.finish()  # every rank waits for rank 0's files, then leaves together
+        finally:
+            distributed.shutdown()
 
 
 def _dry_run(model_spec: str, weights: str, trust_checkpoint: bool, seed: int,

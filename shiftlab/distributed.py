@@ -68,3 +68,18 @@ def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:
         buffer = tensor.to(device)
         dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
         tensor.copy_(buffer.to(tensor.device))
+
+
+def finish() -> None:
+    """Wait until every rank got here (rank 0 has written its outputs); no-op single-process.
+
+    A rank that exits while others still use the process group can make gloo abort the process.
+    """
+    if active():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    """Destroy the process group if one is running (after :func:`finish`, or on an error)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
