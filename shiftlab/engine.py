@@ -215,7 +215,6 @@ class _Run:
         self.forward_shifts = shifts[self.forward_index]
         # sums stay on the device; they reach the host only for the result and checkpoints
         self.sums = DistanceAccumulator(len(shifts), device, n_layers=len(infos))
-        self.accumulators = {info.name: self.sums.layer(i) for i, info in enumerate(infos)}
         self.position = {info.name: i for i, info in enumerate(infos)}
         # one forward pass's statistics, reduced to distances together when the pass ends
         self.pending: list[tuple[str, ComparisonStats]] = []
@@ -383,10 +382,9 @@ class _Progress:
                 if str(data["key"]) != self.key:
                     raise UsageError(f"{self.path} belongs to a run with other settings or images;"
                                      " delete it or rerun without --resume")
-                for index, info in enumerate(run.infos):
-                    acc = run.accumulators[info.name]
-                    for name in ("total", "total_sq", "n", "n_inf", "n_nan"):
-                        getattr(acc, name).copy_(torch.from_numpy(data[f"{index}.{name}"]))
+                for index in range(len(run.infos)):
+                    for name in run.sums.FIELDS:
+                        getattr(run.sums, name)[index].copy_(torch.from_numpy(data[f"{index}.{name}"]))
                 return int(data["done"])
         except UsageError:
             raise

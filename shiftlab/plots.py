@@ -38,12 +38,11 @@ from matplotlib.transforms import blended_transform_factory
 
 from .errors import SettingsMismatchError, UsageError
 from .geometry import LayerInfo
-from .matching import (as_results, check_comparable, match_layers, resolve_matching, result_labels,
-                       weights_label)
+from .matching import (Results, as_results, check_comparable, match_layers, resolve_matching,
+                       result_labels, weights_label)
 from .result import Result, atomic_write
 from .shifts import ShiftGrid
 
-Results = Union[Result, Sequence[Result]]  # one Result or several
 
 _METRIC_LABELS = {
     "cosine": "cosine distance (0 = equivariant)",
