@@ -59,7 +59,7 @@ def select_modules(model: nn.Module, layers: LayerSelection = None) -> dict[str,
 
 def _is_atomic(module: nn.Module) -> bool:
     """Composite modules watched as one layer by default (a BlurPool owns its padding child)."""
-    return bool(getattr(module, "shiftlab_layer", False)) or type(module).__name__ == "BlurPool"
+    return bool(getattr(module, "shiftlab_layer", False))
 
 
 def _describe(item: Union[str, type]) -> str:
@@ -139,9 +139,21 @@ class LayerCapture:
         return hook
 
 
+def module_name(layer: str) -> str:
+    """The qualified module name of a layer name: ``name#k[i]`` -> ``name``.
+
+    The one reader of the layer-name grammar (``#k`` = k-th call in a forward, ``[i]`` = i-th
+    tensor of the output) that ``LayerCapture`` writes.
+
+    >>> module_name("layer1.0.relu#2[0]")
+    'layer1.0.relu'
+    """
+    return layer.split("#")[0].split("[")[0]
+
+
 def layer_module(model: nn.Module, layer: str) -> nn.Module:
     """The module that produced ``layer`` (strips ``#k`` and ``[i]`` suffixes)."""
-    name = layer.split("#")[0].split("[")[0]
+    name = module_name(layer)
     if name == "output":
         return model
     return model.get_submodule(name)

@@ -412,7 +412,7 @@ def _write_outputs(result, folder: Path, scale: str, formats: Sequence[str], dpi
     import matplotlib
 
     matplotlib.use("Agg")
-    from .result import atomic_write
+    from .files import atomic_write
 
     with _staged(folder) as stage:
         written = [result.save(stage / "result.npz")]
@@ -580,7 +580,7 @@ def _write_comparison(comparison, folder: Path, save_results: bool, scale: str,
 
 def _write_comparison_files(comparison, folder: Path, save_results: bool, scale: str,
                             formats: Sequence[str], dpi: int) -> list[Path]:
-    from .result import atomic_write
+    from .files import atomic_write
 
     written: list[Path] = []
     if save_results:
@@ -757,7 +757,7 @@ def _write_consistency_files(results, table, folder: Path, formats: Sequence[str
     from matplotlib import pyplot as plt
 
     from .plots import probability_plot, save_figure
-    from .result import atomic_write
+    from .files import atomic_write
 
     written: list[Path] = []
     for result in results:

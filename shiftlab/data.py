@@ -24,7 +24,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from shiftlab.errors import ImageError, UsageError
+from .errors import ImageError, UsageError, one_line
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -275,10 +275,10 @@ def _read_rgb(path: Path) -> torch.Tensor:
     except FileNotFoundError:
         raise _Unreadable("file not found") from None
     except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
-        raise _Unreadable(f"not a readable image ({_one_line(exc)})") from None
+        raise _Unreadable(f"not a readable image ({one_line(exc)})") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         # Pillow reports truncated or corrupt data with all of these, depending on the codec.
-        raise _Unreadable(f"corrupt or truncated image ({_one_line(exc)})") from None
+        raise _Unreadable(f"corrupt or truncated image ({one_line(exc)})") from None
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
@@ -304,8 +304,3 @@ def _to_rgb_array(image: Image.Image) -> np.ndarray:
         image = Image.alpha_composite(background, image)
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
     return rgb / 255.0
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -362,7 +362,7 @@ class _Progress:
     def save(self, run: "_Run", n_done: int) -> None:
         import numpy as np
 
-        from .result import atomic_write
+        from .files import atomic_write
 
         arrays = {"key": np.array(self.key), "done": np.array(n_done)}
         sums = {name: getattr(run.sums, name).cpu().numpy() for name in run.sums.FIELDS}  # one copy

@@ -28,3 +28,18 @@ class ImageError(ShiftlabError):
 
 class SettingsMismatchError(ShiftlabError):
     """Two results were measured with different settings and cannot be compared."""
+
+
+def one_line(exc: object) -> str:
+    """An exception (or any text) as one line: the first non-empty line, whitespace collapsed.
+
+    The CLI prints every error this way; messages built from third-party exceptions use it so a
+    multi-line torch or PIL message never spills over several lines.
+
+    >>> one_line(ValueError("bad\\n  detail"))
+    'bad'
+    """
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__ if isinstance(exc, BaseException) else ""
+    return " ".join(lines[0].split())

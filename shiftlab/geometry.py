@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .capture import LayerCapture, LayerSelection
+from .capture import LayerCapture, LayerSelection, module_name
 from .errors import ModelError, ShiftlabError
 
 
@@ -114,7 +114,7 @@ def _shapes_at(model: nn.Module, layers: LayerSelection, size: tuple[int, int], 
 
 
 def _module_of(capture: LayerCapture, layer: str) -> nn.Module:
-    return capture.modules.get(layer.split("#")[0].split("[")[0], capture.model)
+    return capture.modules.get(module_name(layer), capture.model)
 
 
 def probe_layers(model: nn.Module, size: tuple[int, int], layers: LayerSelection = None,

@@ -41,7 +41,7 @@ from . import __version__
 from .engine import batch_layout, resolve_device
 from .errors import ModelError, ShiftlabError, UsageError
 from .labels import LabelledImages, read_labels  # noqa: F401  (public here too)
-from .result import _jsonable, atomic_write
+from .files import atomic_write, to_jsonable
 from .shifts import MODES, ShiftGrid, apply_shifts, centre_window
 
 if TYPE_CHECKING:  # pandas is imported lazily: only tables need it
@@ -290,7 +290,7 @@ class InvarianceResult:
         arrays = {name: getattr(self, name) for name in _ARRAYS}
         if self.labels is not None:
             arrays["labels"] = self.labels
-        arrays["header"] = np.array(json.dumps(header, default=_jsonable))
+        arrays["header"] = np.array(json.dumps(header, default=to_jsonable))
         return atomic_write(Path(path), lambda handle: np.savez_compressed(handle, **arrays))
 
 

@@ -40,7 +40,8 @@ from .errors import SettingsMismatchError, UsageError
 from .geometry import LayerInfo
 from .matching import (Results, as_results, check_comparable, match_layers, resolve_matching,
                        result_labels, weights_label)
-from .result import Result, atomic_write
+from .files import atomic_write
+from .result import Result
 from .shifts import ShiftGrid
 
 

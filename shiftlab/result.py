@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING, Optional, Union
 import numpy as np
 
 from .errors import ShiftlabError, UsageError
+from .files import atomic_write, to_jsonable
 from .geometry import LayerInfo
 from .shifts import ShiftGrid
 
@@ -188,38 +188,8 @@ class Result:
             "layers": [info.to_dict() for info in self.layers], "meta": self.meta,
         }
         arrays = {"mean": self.mean, "std": self.std, "n": self.n, "n_inf": self.n_inf,
-                  "n_nan": self.n_nan, "header": np.array(json.dumps(header, default=_jsonable))}
+                  "n_nan": self.n_nan, "header": np.array(json.dumps(header, default=to_jsonable))}
         return atomic_write(path, lambda handle: np.savez_compressed(handle, **arrays))
-
-
-def _jsonable(value: object) -> object:
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    if isinstance(value, (tuple, set)):
-        return list(value)
-    return str(value)
-
-
-def atomic_write(path: Path, write) -> Path:
-    """Call ``write(handle)`` on a temp file next to ``path``, then rename it into place."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise ShiftlabError(f"cannot write to {path.parent}: {exc.strerror}; choose a writable --out") from exc
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            write(handle)
-        # mkstemp makes 0600 files; outputs get the usual permissions of the user's umask
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp, 0o666 & ~umask)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def load(path: Union[str, os.PathLike]) -> Result:

@@ -1,0 +1,53 @@
+"""Files: atomic writes, JSON headers inside .npz files, and the size limits checked on reading.
+
+Every output of shiftlab is written to a temp file next to its destination and renamed into
+place, so an interrupted run never leaves a half-written file.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Union
+
+import numpy as np
+
+from .errors import ShiftlabError
+
+
+def to_jsonable(value: object) -> object:
+    """``json.dumps(..., default=to_jsonable)``: numpy scalars, tuples and sets, else ``str``.
+
+    >>> to_jsonable((1, 2))
+    [1, 2]
+    """
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    return str(value)
+
+
+def atomic_write(path: Union[str, os.PathLike], write: Callable) -> Path:
+    """Call ``write(handle)`` on a temp file next to ``path``, then rename it into place.
+
+    >>> atomic_write("out/table.csv", lambda handle: handle.write(b"a,b\\n"))   # doctest: +SKIP
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise ShiftlabError(f"cannot write to {path.parent}: {exc.strerror}; choose a writable --out") from exc
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            write(handle)
+        # mkstemp makes 0600 files; outputs get the usual permissions of the user's umask
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return path
