@@ -1,9 +1,12 @@
-"""Sample images, image folders, and the preprocessing that turns them into a batch.
+"""Sample images, image folders, and the preprocessing that turns one image into a tensor.
 
-One public verb does the work: :func:`load_images` reads files, converts any pixel format to RGB,
-resizes and centre-crops them, and returns a normalised ``(N, 3, S, S)`` tensor with
-``S = size + 2 * margin``. The margin is real image content. The ``crop`` shift mode slides a
-``size`` window inside it, so a shift brings in new pixels and never wraps around or pads.
+:class:`ImagePreprocess` does the per-image work: it reads a file (or takes a PIL image),
+converts any pixel format to RGB, resizes and centre-crops it, and returns a normalised
+``(3, S, S)`` tensor with ``S = size + 2 * margin``. The margin is real image content. The
+``crop`` shift mode slides a ``size`` window inside it, so a shift brings in new pixels and never
+wraps around or pads. :func:`load_images` stacks a few images into one batch (small runs,
+notebooks); :func:`shiftlab.sources.image_batches` streams a dataset with the same per-image
+work, so both give the same tensors bit for bit.
 
 Example:
     >>> from shiftlab.data import load_images, sample_image_paths
@@ -13,7 +16,9 @@ Example:
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence, Union
@@ -24,16 +29,22 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from .defaults import default_resize
 from .errors import ImageError, UsageError, one_line
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_SUFFIXES",
+    "MAX_PIXELS",
     "MIN_IMAGE_SIDE",
+    "ImagePreprocess",
     "LoadedImages",
+    "UnreadableImageError",
     "find_images",
+    "image_digest",
     "load_images",
+    "no_images_error",
     "sample_image_paths",
 ]
 
@@ -50,10 +61,29 @@ IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg")
 #: image, and the equivariance measured on it would say nothing about natural images.
 MIN_IMAGE_SIDE: int = 8
 
-# torchvision's convention: resize to 256 and crop 224, so the crop covers 87.5% of the short side.
-_CROP_FRACTION = 0.875
+#: Largest image, in pixels, before decoding and after the resize: Pillow's decompression-bomb
+#: warning threshold, about 1 GiB as float32 RGB. Both are checked from the file header, so an
+#: 8 x 2,000,000 px PNG (47 KB on disk, 64 million px wide once its short side is resized to 256)
+#: is refused before any pixel is allocated.
+MAX_PIXELS: int = 89_478_485
 
 _ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+class UnreadableImageError(ImageError):
+    """One image file cannot be used (corrupt, too small, too large); ``reason`` says why.
+
+    :func:`load_images` and :func:`shiftlab.sources.image_batches` skip such files and report
+    ``(path, reason)``; :class:`ImagePreprocess` and :class:`shiftlab.sources.ImageDataset` raise it.
+    """
+
+    def __init__(self, path: Path | None, reason: str) -> None:
+        self.path, self.reason = path, reason
+        where = f"{path}: " if path is not None else ""
+        super().__init__(f"{where}{reason}; replace or remove the file")
+
+    def __reduce__(self):  # pickled by DataLoader workers; the default would lose ``reason``
+        return type(self), (self.path, self.reason)
 
 
 @dataclass(frozen=True)
@@ -77,6 +107,68 @@ class LoadedImages:
     skipped: list[tuple[Path, str]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class ImagePreprocess:
+    """The per-image preprocessing, validated once and picklable (DataLoader workers use it).
+
+    Calling it on a file or a PIL image converts to RGB (rules in :func:`load_images`), resizes
+    the shorter side to ``resize`` (bilinear, antialiased), crops the centre
+    ``size + 2 * margin`` square and normalises with ``(x - mean) / std``.
+
+    Args:
+        size: side of the window the model sees.
+        margin: extra content kept on each side for the ``crop`` shift mode.
+        mean, std: per-channel normalisation (3 numbers each; std > 0).
+        resize: shorter side before cropping; None gives ``max(round(size / 0.875), size + 2 * margin)``.
+
+    Raises:
+        UsageError: a parameter is invalid.
+
+    Example:
+        >>> prep = ImagePreprocess(size=32, margin=4)
+        >>> prep.crop, prep.resize, tuple(prep(sample_image_paths()[0]).shape)
+        (40, 40, (3, 40, 40))
+    """
+
+    size: int
+    margin: int = 0
+    mean: Sequence[float] = IMAGENET_MEAN
+    std: Sequence[float] = IMAGENET_STD
+    resize: int | None = None
+
+    def __post_init__(self) -> None:
+        crop = _check_geometry(self.size, self.margin, self.resize)
+        mean, std = _channel_values(self.mean, "mean"), _channel_values(self.std, "std")
+        if any(s <= 0 for s in std):
+            raise UsageError(f"std must be positive in every channel, got {tuple(std)}; pass e.g. {IMAGENET_STD}")
+        object.__setattr__(self, "mean", tuple(mean))
+        object.__setattr__(self, "std", tuple(std))
+        resize = default_resize(int(self.size), int(self.margin)) if self.resize is None else self.resize
+        object.__setattr__(self, "resize", max(int(resize), crop))
+
+    @property
+    def crop(self) -> int:
+        """Side of the returned square: ``size + 2 * margin``."""
+        return int(self.size) + 2 * int(self.margin)
+
+    def __call__(self, image: PathLike | Image.Image) -> torch.Tensor:
+        """One image as a float32 ``(3, crop, crop)`` tensor; raises :class:`UnreadableImageError`."""
+        if isinstance(image, Image.Image):
+            _check_pixels(None, image.size, self.resize)
+            rgb = torch.from_numpy(
+                np.ascontiguousarray(_to_rgb_array(ImageOps.exif_transpose(image)).transpose(2, 0, 1)))
+            path = None
+        else:
+            path = Path(image)
+            rgb = _read_rgb(path, self.resize)
+        height, width = rgb.shape[-2:]
+        if min(height, width) < MIN_IMAGE_SIDE:
+            raise UnreadableImageError(path, _too_small(width, height))
+        rgb = TF.resize(rgb, [self.resize], interpolation=InterpolationMode.BILINEAR, antialias=True)
+        rgb = TF.center_crop(rgb, [self.crop, self.crop])
+        return TF.normalize(rgb, mean=list(self.mean), std=list(self.std))
+
+
 def sample_image_paths() -> list[Path]:
     """Return the sample photographs shipped with shiftlab, sorted by file name.
 
@@ -96,13 +188,14 @@ def sample_image_paths() -> list[Path]:
     return paths
 
 
-def find_images(source: PathLike | Sequence[PathLike]) -> list[Path]:
+def find_images(source: PathLike | Sequence[PathLike], recursive: bool = False) -> list[Path]:
     """List the image files that ``source`` names.
 
     Args:
         source: a folder, a single image file, or a list of image files. A folder is searched
-            without descending into subfolders, for files ending in ``.png``, ``.jpg`` or
-            ``.jpeg`` (any case), and the result is sorted. A list keeps its order.
+            for files ending in ``.png``, ``.jpg`` or ``.jpeg`` (any case), and the result is
+            sorted. A list keeps its order.
+        recursive: search a folder's subfolders too (a folder tree), sorted by relative path.
 
     Returns:
         The image paths. Whether a file can be decoded is checked later, by :func:`load_images`.
@@ -118,12 +211,12 @@ def find_images(source: PathLike | Sequence[PathLike]) -> list[Path]:
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if path.is_dir():
-            found = sorted(
-                p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-            )
+            candidates = path.rglob("*") if recursive else path.iterdir()
+            found = sorted(p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
+                where = "or its subfolders" if recursive else "(subfolders are not searched)"
                 raise ImageError(
-                    f"no {_suffix_list()} files in folder {path} (subfolders are not searched); "
+                    f"no {_suffix_list()} files in folder {path} {where}; "
                     "point to a folder that holds images directly, or pass the image files"
                 )
             return found
@@ -132,6 +225,28 @@ def find_images(source: PathLike | Sequence[PathLike]) -> list[Path]:
     if not files:
         raise ImageError("the list of images is empty; pass at least one image file or a folder")
     return files
+
+
+def image_digest(path: PathLike, length: int = 16) -> str:
+    """The sha256 of a file's bytes, as the first ``length`` hex digits (read in 1 MiB chunks).
+
+    The file's content, not its name, identifies the image in a result's provenance.
+
+    Raises:
+        ImageError: the file cannot be read.
+
+    Example:
+        >>> len(image_digest(sample_image_paths()[0]))
+        16
+    """
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as exc:
+        raise ImageError(f"cannot read {path} to hash it ({one_line(exc)}); check the path") from None
+    return digest.hexdigest()[:length]
 
 
 def load_images(
@@ -157,8 +272,10 @@ def load_images(
     * Grayscale images are repeated over three channels, and CMYK uses Pillow's conversion.
     * The EXIF orientation is applied, so photos from phones come out upright.
 
-    Files that cannot be decoded, or that are smaller than 8 px on a side, are left out of the
-    batch and listed in ``skipped``.
+    Files that cannot be decoded, that are smaller than 8 px on a side, or that have more than
+    :data:`MAX_PIXELS` pixels before or after the resize, are left out of the batch and listed in
+    ``skipped``. All images are held in memory at once: for a dataset, stream it with
+    :func:`shiftlab.sources.image_batches`, which gives the same tensors.
 
     Args:
         paths: image files, or a folder or single file (passed through :func:`find_images`).
@@ -182,14 +299,7 @@ def load_images(
         >>> tuple(batch.tensor.shape), batch.tensor.dtype
         ((6, 3, 256, 256), torch.float32)
     """
-    crop = _check_geometry(size, margin, resize)
-    if resize is None:
-        resize = max(round(size / _CROP_FRACTION), crop)
-    mean_t = _channel_values(mean, "mean")
-    std_t = _channel_values(std, "std")
-    if any(s <= 0 for s in std_t):
-        raise UsageError(f"std must be positive in every channel, got {tuple(std_t)}; pass e.g. {IMAGENET_STD}")
-
+    prepare = ImagePreprocess(size=size, margin=margin, mean=mean, std=std, resize=resize)
     if isinstance(paths, (str, os.PathLike)):
         paths = find_images(paths)
     loaded: list[torch.Tensor] = []
@@ -198,34 +308,33 @@ def load_images(
     for raw in paths:
         path = Path(raw)
         try:
-            image = _read_rgb(path)
-        except _Unreadable as exc:
-            skipped.append((path, str(exc)))
+            loaded.append(prepare(path))
+        except UnreadableImageError as exc:
+            skipped.append((path, exc.reason))
             continue
-        height, width = image.shape[-2:]
-        if min(height, width) < MIN_IMAGE_SIDE:
-            skipped.append(
-                (path, f"too small ({width}x{height} px); images need at least {MIN_IMAGE_SIDE} px on each side")
-            )
-            continue
-        image = TF.resize(image, [resize], interpolation=InterpolationMode.BILINEAR, antialias=True)
-        image = TF.center_crop(image, [crop, crop])
-        loaded.append(TF.normalize(image, mean=mean_t, std=std_t))
         kept.append(path)
-
     if not loaded:
-        reasons = "; ".join(f"{p}: {why}" for p, why in skipped[:3]) or "no paths were given"
-        more = f" (and {len(skipped) - 3} more)" if len(skipped) > 3 else ""
-        raise ImageError(f"no image could be loaded: {reasons}{more}; pass readable PNG or JPEG files")
+        raise no_images_error(skipped)
     return LoadedImages(tensor=torch.stack(loaded).contiguous(), paths=kept, skipped=skipped)
 
 
-class _Unreadable(Exception):
-    """A file that exists but cannot be decoded into an RGB image; the message says why."""
+def no_images_error(skipped: Sequence[tuple[Path, str]]) -> ImageError:
+    """The error for a source of which no image could be used, with the first reasons.
+
+    >>> str(no_images_error([]))
+    'no image could be loaded: no paths were given; pass readable PNG or JPEG files'
+    """
+    reasons = "; ".join(f"{p}: {why}" for p, why in skipped[:3]) or "no paths were given"
+    more = f" (and {len(skipped) - 3} more)" if len(skipped) > 3 else ""
+    return ImageError(f"no image could be loaded: {reasons}{more}; pass readable PNG or JPEG files")
 
 
 def _suffix_list() -> str:
     return "/".join(IMAGE_SUFFIXES)
+
+
+def _too_small(width: int, height: int) -> str:
+    return f"too small ({width}x{height} px); images need at least {MIN_IMAGE_SIDE} px on each side"
 
 
 def _checked_file(path: Path) -> Path:
@@ -265,20 +374,41 @@ def _channel_values(values: Sequence[float], name: str) -> list[float]:
     return out
 
 
-def _read_rgb(path: Path) -> torch.Tensor:
+def _check_pixels(path: Path | None, size: tuple[int, int], resize: int) -> None:
+    """Refuse, from the header size alone, an image too large to decode or to resize."""
+    width, height = size
+    if min(width, height) < MIN_IMAGE_SIDE:
+        raise UnreadableImageError(path, _too_small(width, height))
+    # torchvision's resize keeps the aspect ratio: the long side becomes int(resize * long / short).
+    long_side = int(resize * max(width, height) / min(width, height))
+    for what, pixels in (("has", width * height), ("would have after the resize to", resize * long_side)):
+        if pixels > MAX_PIXELS:
+            shown = f"{width}x{height} px" if what == "has" else f"{resize} px ({resize}x{long_side} px)"
+            raise UnreadableImageError(
+                path, f"too large: the image {what} {shown}, over the {MAX_PIXELS:,}-pixel limit"
+                f" (shiftlab.data.MAX_PIXELS); crop or downscale it")
+
+
+def _read_rgb(path: Path, resize: int) -> torch.Tensor:
     """Decode ``path`` into a float32 ``(3, H, W)`` tensor with values in 0..1."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            array = _to_rgb_array(image)
+        with warnings.catch_warnings():
+            # The pixel limit below is ours; Pillow's warning for the same files is noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                _check_pixels(path, image.size, resize)
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                array = _to_rgb_array(image)
     except FileNotFoundError:
-        raise _Unreadable("file not found") from None
-    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
-        raise _Unreadable(f"not a readable image ({one_line(exc)})") from None
+        raise UnreadableImageError(path, "file not found") from None
+    except Image.DecompressionBombError as exc:
+        raise UnreadableImageError(path, f"too large ({one_line(exc)}); crop or downscale it") from None
+    except UnidentifiedImageError as exc:
+        raise UnreadableImageError(path, f"not a readable image ({one_line(exc)})") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         # Pillow reports truncated or corrupt data with all of these, depending on the codec.
-        raise _Unreadable(f"corrupt or truncated image ({one_line(exc)})") from None
+        raise UnreadableImageError(path, f"corrupt or truncated image ({one_line(exc)})") from None
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 

@@ -9,24 +9,30 @@ the device (images come through pinned memory), and results reach the host once,
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
-import platform
 import time
-from typing import Callable, Optional, Sequence, Union
+import warnings
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
 from tqdm import tqdm  # plain bar: tqdm.auto warns in notebooks without ipywidgets
 
-from . import __version__, distributed
-from .align import ALIGNMENTS, Plan, compare_global, make_plan
+from . import distributed
+from .align import Plan, compare_global, make_plan
 from .capture import LayerCapture, LayerSelection
+from .checks import (batch_layout, check_choice, check_image_tensor, check_request, count_passes,
+                     window_size)
+from .defaults import BATCH_SIZE, DTYPES
 from .errors import ModelError, UsageError
 from .geometry import LayerInfo, as_feature_map, probe_layers
-from .metrics import METRICS, ComparisonStats, DistanceAccumulator, concat, distance
+from .metrics import ComparisonStats, DistanceAccumulator, concat, distance
+from .progress_file import RunProgress
+from .provenance import InputDigest, Provenance, versions
 from .result import Result, Settings
-from .shifts import MODES, ShiftGrid, apply_shifts, centre_window
+from .shifts import ShiftGrid, apply_shifts, centre_window
 from .stencil import Workspace
 
 
@@ -40,54 +46,52 @@ def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.dev
         raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from exc
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if resolved.type not in ("cpu", "cuda"):
+        raise UsageError(f"device {device!r} cannot run a measurement; use auto, cpu, cuda or cuda:N")
     return resolved
 
 
-def batch_layout(n_images: int, batch_size: int) -> tuple[int, int]:
-    """(images per batch, shifts per forward pass): at most ``batch_size`` inputs per forward.
-
-    >>> batch_layout(6, 16)
-    (6, 2)
-    """
-    images_per_batch = max(1, min(n_images, batch_size))
-    return images_per_batch, max(1, batch_size // images_per_batch)
+Images = Union[torch.Tensor, Iterable]
 
 
-def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise UsageError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
-
-
-def measure(model: nn.Module, images: torch.Tensor, grid: Optional[ShiftGrid] = None, *,
+def measure(model: nn.Module, images: Images, grid: Optional[ShiftGrid] = None, *,
             mode: str = "circular", align: str = "bilinear", metric: str = "cosine",
             layers: LayerSelection = None, margin: Optional[int] = None, border: int = 0,
-            batch_size: int = 16, device: Union[str, torch.device, None] = "auto",
+            batch_size: int = BATCH_SIZE, device: Union[str, torch.device, None] = "auto",
             dtype: Optional[str] = None, progress: Optional[bool] = None,
-            meta: Optional[dict] = None, checkpoint: Union[str, "os.PathLike", None] = None,
-            resume: bool = False) -> Result:
+            provenance: Optional[Provenance] = None, meta: Optional[dict] = None,
+            checkpoint: Union[str, "os.PathLike", None] = None, resume: bool = False,
+            resume_key: Optional[dict] = None, keep_checkpoint: bool = False) -> Result:
     """Equivariance distance of every layer for every shift of ``grid``.
 
     Args:
-        model: any ``nn.Module`` taking (N, C, H, W); put it in eval mode first. It is moved
-            to ``device``.
+        model: any ``nn.Module`` taking (N, C, H, W). It is moved to ``device`` and run in eval
+            mode; its previous mode is restored afterwards (a warning says when it was training).
         images: (N, C, H, W) in circular mode; in crop mode the canvases (N, C, H+2m, W+2m)
             whose centre window is the unshifted image (``margin`` m defaults to the grid's
-            largest |shift|, rounded up).
-        grid: the shifts; default ``ShiftGrid.square(8)`` (circular) or ``symmetric(4)`` (crop).
+            largest |shift|, rounded up). Or an iterable of such batches (a DataLoader of
+            images, or of (images, labels) pairs): streamed, never all in memory.
+        grid: the shifts; default ``defaults.default_grid(mode)`` (8×8 circular, -4..4 crop).
         mode: 'circular' (torch.roll, the paper's per-layer protocol) or 'crop' (no wrap-around).
         align: 'bilinear' (default, the paper's), 'exact' (NaN where the stride does not divide
             the shift) or 'fourier'.
         metric: 'cosine' (default), 'l2' (relative) or 'psnr' (dB).
-        layers: None (every leaf module) or glob patterns / module types.
+        layers: None (every leaf module) or glob patterns / module types ('type:MaxPool2d').
         border: crop mode: input pixels excluded at every edge of the compared region.
         batch_size: inputs per forward pass (images × shifts).
         device: 'auto', 'cpu', 'cuda', ...; progress: tqdm bar (None: only on a terminal).
         dtype: None (float32) or 'bfloat16' / 'float16': autocast for the forward passes only;
             feature maps are compared in float32 and accumulated in float64.
-        meta: extra metadata stored in the result (model name, weights, ...).
+        provenance: where the model and images came from (``shiftlab.runs`` fills it); the
+            engine adds what it measured (number of images, seconds, device, an input digest).
+        meta: extra free-form metadata, kept in ``provenance.extra``.
         checkpoint: a file where progress is saved atomically after every image batch; with
-            ``resume=True`` a run continues from it (same settings and images required) and
-            gives the same numbers as an uninterrupted run. Removed when the run completes.
+            ``resume=True`` a run continues from it (same model, settings and images required,
+            else UsageError naming what differs) and gives the same numbers as an
+            uninterrupted run. ``resume_key``: extra identity of the run (the pipeline passes
+            the model spec, seed and weights) checked on resume. Tensors only. The file is
+            removed when the run completes, unless ``keep_checkpoint`` (the CLI removes it only
+            once every output file is in place, so an interrupt while writing loses nothing).
 
     Returns:
         A ``Result`` with per-layer mean/std maps over images.
@@ -97,67 +101,160 @@ def measure(model: nn.Module, images: torch.Tensor, grid: Optional[ShiftGrid] = 
         >>> result = shiftlab.measure(net, images, ShiftGrid.square(8)) # doctest: +SKIP
         >>> result.map("features.4")                                    # doctest: +SKIP
     """
-    _check_choice("mode", mode, MODES)
-    _check_choice("alignment", align, ALIGNMENTS)
-    _check_choice("metric", metric, METRICS)
-    if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        raise UsageError("images must be a tensor of shape (N, C, H, W)")
-    if images.shape[0] == 0:
+    grid, margin = check_request(mode=mode, grid=grid, margin=margin, batch_size=batch_size,
+                                 align=align, metric=metric, border=border)
+    check_choice("dtype", dtype or "float32", DTYPES)
+    streamed = not isinstance(images, torch.Tensor)
+    if streamed and checkpoint is not None:
+        raise UsageError("checkpoint/resume needs the images as one tensor; streamed sources are"
+                         " not resumable")
+    batches = image_batches(images)
+    first = next(batches, None)
+    if first is None:
         raise UsageError("no images to measure")
-    if batch_size < 1:
-        raise UsageError(f"batch_size must be >= 1, got {batch_size}")
-    if border < 0:
-        raise UsageError(f"border must be >= 0, got {border}")
-    if grid is None:
-        grid = ShiftGrid.square(8) if mode == "circular" else ShiftGrid.symmetric(4)
-    if mode == "crop":
-        margin = int(math.ceil(grid.max_abs)) if margin is None else int(margin)
-        if grid.max_abs > margin:
-            raise UsageError(f"the grid shifts up to {grid.max_abs:g} px but the crop margin is"
-                             f" {margin} px; use a smaller grid or load images with a larger margin")
-    else:
-        margin = 0
-    height, width = images.shape[-2] - 2 * margin, images.shape[-1] - 2 * margin
-    if height < 1 or width < 1:
-        raise UsageError(f"images of {images.shape[-2]} px cannot hold a crop margin of {margin} px")
+    height, width = window_size(first.shape, margin)
 
     if distributed.active() and (device is None or str(device) == "auto"):
         device = distributed.local_device()
     device = resolve_device(device)
     autocast = _autocast(dtype, device)
-    model = model.to(device)
-    infos = probe_layers(model, (height, width), layers, channels=images.shape[1], device=device)
-    if not infos:
-        raise UsageError("no layer produced a tensor output; check the layer filter")
-    settings = Settings(grid=grid, mode=mode, align=align, metric=metric, size=(height, width),
-                        margin=margin, border=border,
-                        layers=_describe_selection(layers))
-    run = _Run(model, infos, settings, layers, device, autocast)
-    started = time.perf_counter()
+    with evaluation_mode(model):
+        model = model.to(device)
+        infos = probe_layers(model, (height, width), layers, channels=first.shape[1], device=device)
+        if not infos:
+            raise UsageError("no layer produced a tensor output; check the layer filter")
+        settings = Settings(grid=grid, mode=mode, align=align, metric=metric, size=(height, width),
+                            margin=margin, border=border, layers=_describe_selection(layers),
+                            padding=getattr(model, "shiftlab_padding", "as-trained"),
+                            dtype=dtype or "float32")
+        run = _Run(model, infos, settings, layers, device, autocast)
+        started = time.perf_counter()
+        digest = InputDigest()
+        if streamed:
+            n_total = _measure_stream(run, itertools.chain([first], batches), batch_size, progress,
+                                      digest)
+        else:
+            n_total = _measure_tensor(run, images, batch_size, progress, checkpoint, resume,
+                                      resume_key, digest, keep_checkpoint)
+        run.all_reduce()
+    if provenance is None and meta:
+        provenance, meta = Provenance.from_meta(meta), None
+    provenance = (provenance or Provenance()).replace(
+        n_images=n_total, seconds=round(time.perf_counter() - started, 3), device=str(device),
+        versions=versions(), input_digest=digest.hexdigest())
+    if meta:
+        provenance = provenance.replace(extra={**provenance.extra, **meta})
+    return run.result(provenance)
+
+
+def _measure_tensor(run: "_Run", images: torch.Tensor, batch_size: int, progress: Optional[bool],
+                    checkpoint, resume: bool, resume_key: Optional[dict], digest: InputDigest,
+                    keep_checkpoint: bool) -> int:
+    """All image batches of one tensor, with optional progress checkpoints; returns N."""
     n_total = len(images)
-    # under torchrun each rank takes every world_size-th image; sums are all-reduced below
+    digest.update(images)
+    # under torchrun each rank takes every world_size-th image; sums are all-reduced after
     mine = images[distributed.shard(n_total)] if distributed.active() else images
     images_per_batch, shifts_per_pass = batch_layout(len(mine), batch_size)
-    progress_file = _Progress(checkpoint, settings, infos, images, images_per_batch) if checkpoint else None
-    if progress_file is not None and distributed.active():
-        raise UsageError("checkpoint/resume is not supported under torchrun; run single-process")
-    done = progress_file.restore(run) if (progress_file is not None and resume) else 0
-    n_batches = math.ceil(len(mine) / images_per_batch)
-    n_passes = n_batches * math.ceil(len(run.forward_shifts) / shifts_per_pass)
-    show = (None if progress is None else progress) if distributed.is_main() else False
-    bar = tqdm(total=n_passes, desc="measuring", unit="pass", disable=None if show is None
-               else not show, leave=False)
+    progress_file = None
+    if checkpoint is not None:
+        if distributed.active():
+            raise UsageError("checkpoint/resume is not supported under torchrun; run single-process")
+        progress_file = RunProgress(checkpoint, run.settings, run.infos, images, images_per_batch,
+                                    run.model, resume_key)
+    done = progress_file.restore(run.sums) if (progress_file is not None and resume) else 0
+    per_batch = math.ceil(len(run.forward_shifts) / shifts_per_pass)
+    bar = _bar(count_passes(len(mine), len(run.forward_shifts), batch_size, reference=False),
+               progress)
     with bar:
-        bar.update(done // images_per_batch * math.ceil(len(run.forward_shifts) / shifts_per_pass))
+        bar.update(done // images_per_batch * per_batch)
         for start in range(done, len(mine), images_per_batch):
             run.image_batch(mine[start:start + images_per_batch], shifts_per_pass, bar)
             if progress_file is not None:
-                progress_file.save(run, start + images_per_batch)
-    run.all_reduce()
-    if progress_file is not None:
+                progress_file.save(run.sums, start + images_per_batch)
+    if progress_file is not None and not keep_checkpoint:
         progress_file.remove()
-    meta = {**(meta or {}), **({"dtype": dtype} if dtype else {})}
-    return run.result(n_total, time.perf_counter() - started, meta)
+    return n_total
+
+
+def _measure_stream(run: "_Run", batches: Iterator[torch.Tensor], batch_size: int,
+                    progress: Optional[bool], digest: InputDigest) -> int:
+    """Image batches of any size from an iterable, re-chunked to ``batch_size``; returns N."""
+    n_total, index = 0, 0
+    bar = _bar(None, progress, unit="image")
+    with bar:
+        for batch in batches:
+            if batch.shape[-2:] != batches_shape(run):
+                raise UsageError(f"a streamed batch has size {tuple(batch.shape[-2:])}, the first had"
+                                 f" {batches_shape(run)}; every image must have the same size")
+            digest.update(batch)
+            n_total += len(batch)
+            if distributed.active():  # every world_size-th image of the stream is this rank's
+                keep = [i for i in range(len(batch)) if (index + i) % distributed.world_size()
+                        == distributed.rank()]
+                index += len(batch)
+                batch = batch[keep]
+                if not len(batch):
+                    continue
+            images_per_batch, shifts_per_pass = batch_layout(len(batch), batch_size)
+            for start in range(0, len(batch), images_per_batch):
+                run.image_batch(batch[start:start + images_per_batch], shifts_per_pass, _NoBar())
+                bar.update(len(batch[start:start + images_per_batch]))
+    return n_total
+
+
+def batches_shape(run: "_Run") -> tuple[int, int]:
+    margin = run.settings.margin
+    return (run.settings.size[0] + 2 * margin, run.settings.size[1] + 2 * margin)
+
+
+def image_batches(images: Images) -> Iterator[torch.Tensor]:
+    """(B, C, H, W) tensors from a tensor (itself) or an iterable of batches, where a batch may
+    be a tensor, an (images, labels, ...) tuple/list, or a dict with an 'image(s)' key."""
+    if isinstance(images, torch.Tensor):
+        yield check_image_tensor(images)
+        return
+    if isinstance(images, (str, bytes)) or not hasattr(images, "__iter__"):
+        raise UsageError("images must be a tensor (N, C, H, W) or an iterable of image batches")
+    for batch in images:
+        if isinstance(batch, (tuple, list)) and batch:
+            batch = batch[0]
+        elif isinstance(batch, dict):
+            batch = batch.get("images", batch.get("image"))
+        elif hasattr(batch, "tensor"):  # shiftlab's ImageBatch / LoadedImages
+            batch = batch.tensor
+        if isinstance(batch, torch.Tensor) and batch.dim() == 3:
+            batch = batch[None]
+        yield check_image_tensor(batch)
+
+
+class _NoBar:
+    def update(self, _: int) -> None:
+        return None
+
+
+def _bar(total: Optional[int], progress: Optional[bool], unit: str = "pass") -> tqdm:
+    show = progress if distributed.is_main() else False
+    return tqdm(total=total, desc="measuring", unit=unit, disable=None if show is None else not show,
+                leave=False)
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` in eval mode and restore its mode afterwards, even when the run fails.
+
+    A model left in train mode would measure dropout noise and update BatchNorm statistics.
+    """
+    modes = {module: module.training for module in model.modules()}
+    if model.training:
+        warnings.warn("the model was in train mode; shiftlab measures it in eval mode (dropout off,"
+                      " BatchNorm running statistics) and restores its mode afterwards", stacklevel=3)
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
 
 
 def _autocast(dtype: Optional[str], device: torch.device):
@@ -332,65 +429,9 @@ class _Run:
         if distributed.active():
             distributed.all_reduce_sum([getattr(self.sums, name) for name in self.sums.FIELDS])
 
-    def result(self, n_images: int, seconds: float, meta: dict) -> Result:
+    def result(self, provenance: Provenance) -> Result:
         sums = self.sums  # (layers, shifts), in the order of self.infos
         stack = lambda name: (getattr(sums, name)() if name in ("mean", "std")  # noqa: E731
                               else getattr(sums, name)).cpu().numpy()
-        meta = {
-            **meta, "n_images": n_images, "seconds": round(seconds, 3),
-            "device": str(self.device), "shiftlab": __version__, "torch": torch.__version__,
-            "python": platform.python_version(),
-        }
         return Result(self.settings, list(self.infos), stack("mean"), stack("std"), stack("n"),
-                      stack("n_inf"), stack("n_nan"), meta)
-
-
-class _Progress:
-    """Atomic progress checkpoints of a run: accumulators after each completed image batch."""
-
-    def __init__(self, path, settings: Settings, infos: list[LayerInfo], images: torch.Tensor,
-                 images_per_batch: int) -> None:
-        import hashlib
-        import json
-        from pathlib import Path
-
-        self.path = Path(path)
-        digest = hashlib.sha256(images.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-        self.key = json.dumps({"settings": settings.to_dict(), "layers": [i.name for i in infos],
-                               "images": digest, "batch": images_per_batch}, sort_keys=True)
-
-    def save(self, run: "_Run", n_done: int) -> None:
-        import numpy as np
-
-        from .files import atomic_write
-
-        arrays = {"key": np.array(self.key), "done": np.array(n_done)}
-        sums = {name: getattr(run.sums, name).cpu().numpy() for name in run.sums.FIELDS}  # one copy
-        for index in range(len(run.infos)):
-            for name in run.sums.FIELDS:
-                arrays[f"{index}.{name}"] = sums[name][index]
-        atomic_write(self.path, lambda handle: np.savez(handle, **arrays))
-
-    def restore(self, run: "_Run") -> int:
-        """Load the accumulators; returns how many images were already done (0 if no file)."""
-        import numpy as np
-
-        if not self.path.is_file():
-            return 0
-        try:
-            with np.load(self.path, allow_pickle=False) as data:
-                if str(data["key"]) != self.key:
-                    raise UsageError(f"{self.path} belongs to a run with other settings or images;"
-                                     " delete it or rerun without --resume")
-                for index in range(len(run.infos)):
-                    for name in run.sums.FIELDS:
-                        getattr(run.sums, name)[index].copy_(torch.from_numpy(data[f"{index}.{name}"]))
-                return int(data["done"])
-        except UsageError:
-            raise
-        except Exception as exc:
-            raise UsageError(f"cannot resume from {self.path} ({type(exc).__name__}); delete it and"
-                             " start again") from exc
-
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
+                      stack("n_inf"), stack("n_nan"), provenance)

@@ -51,3 +51,28 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable) -> Path:
         Path(temp).unlink(missing_ok=True)
         raise
     return path
+
+
+def read_members(data: "np.lib.npyio.NpzFile", names, max_values: int, path) -> dict:
+    """The named arrays of an open ``np.load`` archive, each refused before it is expanded when
+    its header declares more than ``max_values`` values (a 1.5 MB npz can hold 1.3 GB).
+
+    Missing names raise ``ShiftlabError`` naming the first one.
+    """
+    from numpy.lib import format as npformat
+
+    out = {}
+    for name in names:
+        if name not in data.files:
+            raise ShiftlabError(f"{path} is not a shiftlab result file: it has no {name!r} array")
+        with data.zip.open(f"{name}.npy") as handle:
+            version = npformat.read_magic(handle)
+            read_header = (npformat.read_array_header_1_0 if version == (1, 0)
+                           else npformat.read_array_header_2_0)
+            shape, _, dtype = read_header(handle)  # the header only: nothing is expanded yet
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if count > max_values or dtype.hasobject:
+            raise ShiftlabError(f"{path}: array {name!r} declares {count:,} values ({dtype}), above"
+                                f" the limit of {max_values:,}; refusing to expand it")
+        out[name] = data[name]
+    return out

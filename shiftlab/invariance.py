@@ -1,20 +1,24 @@
 """Output-level shift invariance of a classifier: consistency, flip rate, MAC, accuracy.
 
 Everything here is computed from the model's output f(x) (the logits, (N, classes)) under the
-shifts of a grid (SPEC.md, "Output-level invariance"):
+shifts of a grid (docs/semantics.md, "Output-level invariance"):
 
 * consistency vs. reference per shift: P[argmax f(T_δ x) = argmax f(x)];
 * pairwise consistency (Zhang 2019): P[argmax f(T_δ1 x) = argmax f(T_δ2 x)] for random pairs
-  of shifts drawn from the grid, with the number of pairs and a Wilson 95% interval;
+  of shifts drawn from the grid, with a bootstrap-over-images interval;
+* the worst case over the grid (Michaeli et al. 2023): the share of images consistent, and
+  correct, under every shift;
 * along a diagonal sweep (t, t): the softmax probability of the unshifted image's top class,
   the flip rate (fraction of consecutive steps whose argmax differs, Azulay & Weiss) and the
   mean absolute change (MAC) of that probability between consecutive steps;
 * accuracy per shift when labels are given (:func:`shiftlab.labels.read_labels` reads class
   folders or a CSV).
 
-:func:`measure_invariance` runs the model once per (image, shift) and keeps only the argmax and
-the reference-class probability, so an :class:`InvarianceResult` holds every number, small
-enough to save as one ``.npz`` (:meth:`InvarianceResult.save`, :func:`load_invariance`).
+:func:`measure_invariance` runs the model (in eval mode) once per (image, shift) and keeps only
+the argmax and the reference-class probability; the :class:`InvarianceResult` it returns (module
+:mod:`shiftlab.invariance_result`) holds every number and saves as one ``.npz``. The seed
+paper's own ImageNet protocols (two random 224 crops, the diagonal) are in
+:mod:`shiftlab.protocols`.
 
 >>> result = measure_invariance(model, images, ShiftGrid.square(8))   # doctest: +SKIP
 >>> result.summary()["pairwise_consistency"]                          # doctest: +SKIP
@@ -22,15 +26,12 @@ enough to save as one ``.npz`` (:meth:`InvarianceResult.save`, :func:`load_invar
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import math
-import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from statistics import NormalDist
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+import warnings
+from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -39,289 +40,90 @@ from tqdm import tqdm  # plain bar: tqdm.auto warns in notebooks without ipywidg
 
 from . import __version__
 from .engine import batch_layout, resolve_device
-from .errors import ModelError, ShiftlabError, UsageError
+from .errors import ModelError, UsageError
+from .invariance_result import (INVALID, InvarianceResult, InvarianceSettings,  # noqa: F401
+                                bootstrap_interval, load_invariance, uninformative_across,
+                                wilson_interval)
 from .labels import LabelledImages, read_labels  # noqa: F401  (public here too)
-from .files import atomic_write, to_jsonable
 from .shifts import MODES, ShiftGrid, apply_shifts, centre_window
 
-if TYPE_CHECKING:  # pandas is imported lazily: only tables need it
-    import pandas
-
-__all__ = ["InvarianceResult", "InvarianceSettings", "LabelledImages", "default_diagonal",
-           "load_invariance", "measure_invariance", "read_labels", "wilson_interval"]
-
-FORMAT_VERSION = 1
-_KIND = "shiftlab.invariance"
-_ARRAYS = ("reference_argmax", "grid_argmax", "grid_prob", "diagonal_argmax", "diagonal_prob",
-           "pairs")
+__all__ = ["InvarianceResult", "InvarianceSettings", "LabelledImages", "bootstrap_interval",
+           "classifier_logits", "default_diagonal", "evaluation_mode", "load_invariance",
+           "measure_invariance", "read_labels", "uninformative_across", "wilson_interval"]
 
 
-# -- statistics --------------------------------------------------------------------------
-def wilson_interval(successes, n, confidence: float = 0.95):
-    """Wilson score interval for a binomial proportion: (low, high), NaN where n = 0.
+# -- model handling shared with shiftlab.protocols ---------------------------------------
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module, name: Optional[str] = None) -> Iterator[nn.Module]:
+    """Run ``model`` in eval mode inside the block and give every module its own previous mode
+    back afterwards (in ``finally``, even when the block raises); warn when it was training.
 
-    Works elementwise on arrays; scalars in, floats out.
+    Dropout and BatchNorm's batch statistics make a training-mode prediction random and change
+    the running statistics, so an invariance number measured that way means nothing.
 
-    >>> [round(v, 4) for v in wilson_interval(8, 10)]
-    [0.4902, 0.9433]
+    >>> with evaluation_mode(net, "resnet18"):            # doctest: +SKIP
+    ...     logits = net(images)
     """
-    if not 0 < confidence < 1:
-        raise UsageError(f"confidence must be between 0 and 1, got {confidence}")
-    z = NormalDist().inv_cdf(0.5 + confidence / 2)
-    k = np.asarray(successes, dtype=np.float64)
-    total = np.asarray(n, dtype=np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p = k / total
-        denominator = 1 + z * z / total
-        centre = (p + z * z / (2 * total)) / denominator
-        half = z * np.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
-        low, high = np.clip(centre - half, 0, 1), np.clip(centre + half, 0, 1)
-    low = np.where(k <= 0, 0.0, low)  # exact ends: rounding must not move them off 0 and 1
-    high = np.where(k >= total, 1.0, high)
-    low, high = np.where(total > 0, low, np.nan), np.where(total > 0, high, np.nan)
-    if low.ndim == 0:
-        return float(low), float(high)
-    return low, high
-
-
-# -- settings and result -----------------------------------------------------------------
-@dataclass(frozen=True)
-class InvarianceSettings:
-    """What defines an output-level measurement (saved with the result)."""
-
-    grid: ShiftGrid
-    diagonal: ShiftGrid
-    mode: str = "circular"
-    size: tuple[int, int] = (224, 224)
-    margin: int = 0
-    n_pairs: int = 1000
-    seed: int = 0
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["grid"], data["diagonal"] = self.grid.to_dict(), self.diagonal.to_dict()
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "InvarianceSettings":
-        return cls(grid=ShiftGrid.from_dict(data["grid"]),
-                   diagonal=ShiftGrid.from_dict(data["diagonal"]), mode=data["mode"],
-                   size=tuple(data["size"]), margin=int(data["margin"]),
-                   n_pairs=int(data["n_pairs"]), seed=int(data["seed"]))
-
-
-@dataclass
-class InvarianceResult:
-    """Per-image predictions under every shift, and the invariance numbers derived from them.
-
-    Arrays (N images, S grid shifts, D diagonal steps, P pairs):
-
-    * ``reference_argmax`` (N,): argmax f(x) of the unshifted image.
-    * ``grid_argmax`` (N, S), ``grid_prob`` (N, S): argmax f(T_δ x), and the softmax
-      probability of the reference class, for each grid shift.
-    * ``diagonal_argmax`` (N, D), ``diagonal_prob`` (N, D): the same along the diagonal sweep.
-    * ``pairs`` (P, 3): the random pairs as (image, grid index of δ1, grid index of δ2).
-    * ``labels`` (N,) class indices, or None.
-
-    Everything else (consistency, intervals, flip rate, MAC, accuracy) is computed from these.
-
-    >>> result.to_frame().head()          # doctest: +SKIP
-    >>> result.summary()["flip_rate"]     # doctest: +SKIP
-    """
-
-    settings: InvarianceSettings
-    reference_argmax: np.ndarray
-    grid_argmax: np.ndarray
-    grid_prob: np.ndarray
-    diagonal_argmax: np.ndarray
-    diagonal_prob: np.ndarray
-    pairs: np.ndarray
-    labels: Optional[np.ndarray] = None
-    meta: dict = field(default_factory=dict)
-
-    # -- per shift -------------------------------------------------------------------
-    @property
-    def grid(self) -> ShiftGrid:
-        return self.settings.grid
-
-    @property
-    def n_images(self) -> int:
-        return int(self.reference_argmax.shape[0])
-
-    @property
-    def agreement(self) -> np.ndarray:
-        """(S,) number of images whose shifted argmax equals the unshifted one."""
-        return (self.grid_argmax == self.reference_argmax[:, None]).sum(0)
-
-    @property
-    def consistency(self) -> np.ndarray:
-        """(S,) consistency vs. reference, P[argmax f(T_δ x) = argmax f(x)], per grid shift."""
-        return self.agreement / self.n_images
-
-    @property
-    def consistency_interval(self) -> tuple[np.ndarray, np.ndarray]:
-        """(S,) Wilson 95% interval of :attr:`consistency` (n = number of images)."""
-        return wilson_interval(self.agreement, np.full(len(self.grid), self.n_images))
-
-    @property
-    def accuracy(self) -> Optional[np.ndarray]:
-        """(S,) top-1 accuracy per grid shift, or None without labels."""
-        if self.labels is None:
-            return None
-        return (self.grid_argmax == self.labels[:, None]).mean(0)
-
-    @property
-    def reference_accuracy(self) -> Optional[float]:
-        """Top-1 accuracy on the unshifted images, or None without labels."""
-        return None if self.labels is None else float((self.reference_argmax == self.labels).mean())
-
-    # -- pairs -----------------------------------------------------------------------
-    @property
-    def pair_agreement(self) -> np.ndarray:
-        """(P,) whether the two shifts of each random pair give the same argmax."""
-        image, first, second = self.pairs.T
-        return self.grid_argmax[image, first] == self.grid_argmax[image, second]
-
-    @property
-    def pairwise_consistency(self) -> float:
-        """The paper's consistency: fraction of the random pairs that agree."""
-        agree = self.pair_agreement
-        return float(agree.mean()) if agree.size else math.nan
-
-    @property
-    def pairwise_interval(self) -> tuple[float, float]:
-        """Wilson 95% interval of :attr:`pairwise_consistency` (n = number of pairs)."""
-        agree = self.pair_agreement
-        return wilson_interval(int(agree.sum()), int(agree.size))
-
-    @property
-    def pairwise_consistency_all_pairs(self) -> float:
-        """The expectation the random pairs estimate: all S² ordered pairs of every image.
-
-        For one image whose argmax takes class c at n_c of the S shifts, the share of agreeing
-        ordered pairs (δ1, δ2), both drawn uniformly, is Σ_c (n_c / S)²; this is its mean over
-        images. No sampling noise.
-        """
-        n_shifts = self.grid_argmax.shape[1]
-        values = []
-        for row in self.grid_argmax:
-            counts = np.unique(row, return_counts=True)[1]
-            values.append(float(((counts / n_shifts) ** 2).sum()))
-        return float(np.mean(values))
-
-    # -- diagonal sweep --------------------------------------------------------------
-    @property
-    def diagonal_steps(self) -> np.ndarray:
-        """(D,) the sweep's position: t for a diagonal (t, t), the step index otherwise."""
-        shifts = np.asarray(self.settings.diagonal.shifts, dtype=np.float64)
-        return shifts[:, 0] if np.all(shifts[:, 0] == shifts[:, 1]) else np.arange(len(shifts), dtype=float)
-
-    @property
-    def flips(self) -> np.ndarray:
-        """(N, D-1) whether the argmax changes between consecutive steps of the sweep."""
-        return self.diagonal_argmax[:, 1:] != self.diagonal_argmax[:, :-1]
-
-    @property
-    def flip_rate(self) -> float:
-        """Fraction of consecutive sweep steps (all images) where the argmax changes; NaN if D = 1."""
-        flips = self.flips
-        return float(flips.mean()) if flips.size else math.nan
-
-    @property
-    def mac(self) -> float:
-        """Mean absolute change of the reference class's probability between consecutive steps."""
-        change = np.abs(np.diff(self.diagonal_prob, axis=1))
-        return float(change.mean()) if change.size else math.nan
-
-    @property
-    def mean_probability(self) -> np.ndarray:
-        """(D,) probability of the unshifted top class along the sweep, mean over images."""
-        return self.diagonal_prob.mean(0)
-
-    # -- tables ----------------------------------------------------------------------
-    def to_frame(self) -> "pandas.DataFrame":
-        """One row per grid shift: dh, dw, consistency, ci_low, ci_high, n, probability
-        (mean softmax probability of the unshifted top class) and accuracy (with labels)."""
-        import pandas as pd
-
-        shifts = np.asarray(self.grid.shifts, dtype=np.float64)
-        low, high = self.consistency_interval
-        frame = pd.DataFrame({
-            "dh": shifts[:, 0], "dw": shifts[:, 1], "consistency": self.consistency,
-            "ci_low": low, "ci_high": high, "n": self.n_images,
-            "probability": self.grid_prob.mean(0),
-        })
-        if self.labels is not None:
-            frame["accuracy"] = self.accuracy
-        return frame
-
-    def summary(self) -> dict:
-        """The headline numbers as a flat dict (JSON-friendly floats and ints).
-
-        Keys: pairwise_consistency, pairwise_ci_low, pairwise_ci_high, n_pairs,
-        pairwise_consistency_all_pairs, consistency_vs_reference (mean over grid shifts),
-        consistency_vs_reference_min, flip_rate, mac, diagonal_steps, step_px, accuracy (mean
-        over shifts), accuracy_unshifted, accuracy_min (the last three None without labels),
-        n_images, n_shifts.
-        """
-        low, high = self.pairwise_interval
-        steps = self.diagonal_steps
-        accuracy = self.accuracy
-        return {
-            "pairwise_consistency": self.pairwise_consistency,
-            "pairwise_ci_low": low, "pairwise_ci_high": high, "n_pairs": int(len(self.pairs)),
-            "pairwise_consistency_all_pairs": self.pairwise_consistency_all_pairs,
-            "consistency_vs_reference": float(self.consistency.mean()),
-            "consistency_vs_reference_min": float(self.consistency.min()),
-            "flip_rate": self.flip_rate, "mac": self.mac,
-            "diagonal_steps": int(len(steps)),
-            "step_px": float(np.diff(steps).min()) if len(steps) > 1 else math.nan,
-            "accuracy": None if accuracy is None else float(accuracy.mean()),
-            "accuracy_unshifted": self.reference_accuracy,
-            "accuracy_min": None if accuracy is None else float(accuracy.min()),
-            "n_images": self.n_images, "n_shifts": len(self.grid),
-        }
-
-    # -- persistence -----------------------------------------------------------------
-    def save(self, path: Union[str, os.PathLike]) -> Path:
-        """Write one ``.npz`` (arrays + JSON header, no pickle) atomically: temp file, then rename."""
-        header = {"format": FORMAT_VERSION, "kind": _KIND, "settings": self.settings.to_dict(),
-                  "meta": self.meta}
-        arrays = {name: getattr(self, name) for name in _ARRAYS}
-        if self.labels is not None:
-            arrays["labels"] = self.labels
-        arrays["header"] = np.array(json.dumps(header, default=to_jsonable))
-        return atomic_write(Path(path), lambda handle: np.savez_compressed(handle, **arrays))
-
-
-def load_invariance(path: Union[str, os.PathLike]) -> InvarianceResult:
-    """Read a result written by :meth:`InvarianceResult.save` (no pickle involved).
-
-    >>> result = load_invariance("runs/consistency/invariance-resnet18.npz")   # doctest: +SKIP
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ShiftlabError(f"no invariance file at {path}; pass an invariance-<model>.npz written"
-                            " by 'shiftlab consistency'")
+    modes = [(module, module.training) for module in model.modules()]
+    if model.training:
+        warnings.warn(f"{name or type(model).__name__} was in train mode: measured in eval mode"
+                      " (no dropout, BatchNorm running statistics), train mode restored after",
+                      stacklevel=4)
+    model.eval()
     try:
-        with np.load(path, allow_pickle=False) as data:
-            header = json.loads(str(data["header"]))
-            arrays = {name: data[name] for name in _ARRAYS}
-            labels = data["labels"] if "labels" in data.files else None
-    except Exception as exc:
-        raise ShiftlabError(f"{path} is not a shiftlab invariance file ({type(exc).__name__}:"
-                            f" {exc})") from exc
-    if not isinstance(header, dict) or header.get("kind") != _KIND \
-            or header.get("format") != FORMAT_VERSION:
-        found = header.get("format") if isinstance(header, dict) else None
-        raise ShiftlabError(f"{path} is not an invariance file of format {FORMAT_VERSION} (found"
-                            f" {found}); re-run 'shiftlab consistency'")
-    try:
-        settings = InvarianceSettings.from_dict(header["settings"])
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ShiftlabError(f"{path} has an incomplete or damaged header ({type(exc).__name__}:"
-                            f" {exc}); re-run the measurement") from exc
-    return InvarianceResult(settings=settings, labels=labels, meta=header.get("meta", {}), **arrays)
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def classifier_logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """The model's output for ``batch`` (B, C, H, W) as (B, classes) float64 logits; an output
+    (B, classes, 1, 1) is flattened, anything else is a :class:`ModelError`.
+
+    >>> classifier_logits(net, images).shape            # doctest: +SKIP
+    torch.Size([4, 1000])
+    """
+    out = model(batch)
+    if not isinstance(out, torch.Tensor):
+        raise ModelError(f"the model returned {type(out).__name__}; output-level invariance needs a"
+                         " classifier that returns a (N, classes) tensor of logits")
+    if out.dim() > 2 and all(size == 1 for size in out.shape[2:]):
+        out = out.flatten(1)
+    if out.dim() != 2 or out.shape[0] != batch.shape[0]:
+        raise ModelError(f"the model's output has shape {tuple(out.shape)}; output-level invariance"
+                         " needs (N, classes) logits from a classifier")
+    return out.detach().double()
+
+
+def top_class(logits: torch.Tensor) -> torch.Tensor:
+    """argmax over the last axis, with -1 where a row holds NaN or Inf (never an agreement).
+
+    >>> top_class(torch.tensor([[0.0, 2.0], [float("nan"), 1.0]])).tolist()
+    [1, -1]
+    """
+    return torch.where(torch.isfinite(logits).all(-1), logits.argmax(-1),
+                       torch.full_like(logits[..., 0], INVALID, dtype=torch.long))
+
+
+def model_name(model: nn.Module, meta: Optional[dict]) -> str:
+    """How warnings name a model: ``meta['label']``, else ``meta['model']``, else its class.
+
+    >>> model_name(nn.Linear(2, 2), {"model": "resnet18"})
+    'resnet18'
+    """
+    meta = meta or {}
+    return str(meta.get("label") or meta.get("model") or type(model).__name__)
+
+
+def check_finite(name: str, n_nonfinite: int, n_total: int) -> None:
+    """Warn (one line) about non-finite outputs; raise :class:`ModelError` when none is finite."""
+    if n_nonfinite >= n_total:
+        raise ModelError(f"{name} gave NaN or Inf logits for every input; check its weights and"
+                         " the input normalisation")
+    if n_nonfinite:
+        warnings.warn(f"{name}: {n_nonfinite} of {n_total} outputs have NaN or Inf logits; they are"
+                      " left out of every statistic", stacklevel=3)
 
 
 # -- measurement -------------------------------------------------------------------------
@@ -346,12 +148,13 @@ def measure_invariance(model: nn.Module, images: torch.Tensor, grid: Optional[Sh
                        labels: Optional[Sequence[int]] = None, n_pairs: int = 1000, seed: int = 0,
                        diagonal: Optional[ShiftGrid] = None, batch_size: int = 16,
                        device: Union[str, torch.device, None] = "auto",
-                       progress: Optional[bool] = None, meta: Optional[dict] = None
-                       ) -> InvarianceResult:
+                       progress: Optional[bool] = None, meta: Optional[dict] = None,
+                       n_bootstrap: int = 1000, confidence: float = 0.95) -> InvarianceResult:
     """Consistency, flip rate, MAC and accuracy of a classifier's output under input shifts.
 
     Args:
-        model: a classifier in eval mode whose output is (N, classes) logits; moved to ``device``.
+        model: a classifier whose output is (N, classes) logits; moved to ``device`` and run
+            in eval mode (its previous mode is restored afterwards; a warning if it trained).
         images: (N, C, H, W) in circular mode; in crop mode the canvases (N, C, H+2m, W+2m)
             whose centre window is the unshifted image (as for :func:`shiftlab.measure`).
         grid: the shifts; default ``ShiftGrid.square(8)`` (circular) or ``symmetric(4)`` (crop).
@@ -362,15 +165,20 @@ def measure_invariance(model: nn.Module, images: torch.Tensor, grid: Optional[Sh
         n_pairs: random shift pairs for the pairwise consistency; pair k uses image k mod N and
             two shifts drawn independently and uniformly from the grid (as in the paper, so a
             pair may repeat a shift).
-        seed: seeds the ``torch.Generator`` that draws the pairs.
+        seed: seeds the ``torch.Generator`` that draws the pairs, and the bootstrap.
         diagonal: the sweep for the probability curves, flip rate and MAC; default
             :func:`default_diagonal` of ``grid``. Shifts shared with ``grid`` run once.
         batch_size: inputs per forward pass (images × shifts); results do not depend on it.
         device: 'auto', 'cpu', 'cuda', ...; progress: tqdm bar (None: only on a terminal).
-        meta: extra metadata stored in the result (model name, weights, image names, ...).
+        meta: extra metadata stored in the result (model name, weights, image names, ...);
+            ``meta['label']`` or ``meta['model']`` names the model in warnings.
+        n_bootstrap, confidence: the bootstrap over images behind the pooled intervals.
 
     Returns:
-        An :class:`InvarianceResult`.
+        An :class:`InvarianceResult`. Outputs with NaN or Inf logits are stored as class -1,
+        left out of every statistic and counted (``n_nonfinite``, with a warning); a model with
+        no finite output raises :class:`ModelError`. When every prediction is one class, a
+        warning says consistency is uninformative (:attr:`InvarianceResult.uninformative`).
 
     Example:
         >>> net = torchvision.models.resnet18().eval()                          # doctest: +SKIP
@@ -387,6 +195,9 @@ def measure_invariance(model: nn.Module, images: torch.Tensor, grid: Optional[Sh
         raise UsageError(f"batch_size must be >= 1, got {batch_size}")
     if isinstance(n_pairs, bool) or int(n_pairs) != n_pairs or n_pairs < 1:
         raise UsageError(f"n_pairs must be a positive integer, got {n_pairs}")
+    if isinstance(n_bootstrap, bool) or int(n_bootstrap) < 1 or not 0 < confidence < 1:
+        raise UsageError(f"n_bootstrap must be >= 1 and confidence in (0, 1), got {n_bootstrap}"
+                         f" and {confidence}")
     grid = grid if grid is not None else (ShiftGrid.square(8) if mode == "circular"
                                           else ShiftGrid.symmetric(4))
     diagonal = diagonal if diagonal is not None else default_diagonal(grid)
@@ -405,13 +216,19 @@ def measure_invariance(model: nn.Module, images: torch.Tensor, grid: Optional[Sh
     label_array = _check_labels(labels, n_images)
 
     settings = InvarianceSettings(grid=grid, diagonal=diagonal, mode=mode, size=(height, width),
-                                  margin=margin, n_pairs=int(n_pairs), seed=int(seed))
+                                  margin=margin, n_pairs=int(n_pairs), seed=int(seed),
+                                  n_bootstrap=int(n_bootstrap), confidence=float(confidence))
     union = list(dict.fromkeys(grid.shifts + diagonal.shifts))  # grid order, then new sweep steps
     device = resolve_device(device)
     model = model.to(device)
+    name = model_name(model, meta)
     started = time.perf_counter()
-    argmax, prob, reference, n_classes = _predict(model, images, union, settings, batch_size,
-                                                  device, progress)
+    with evaluation_mode(model, name):
+        argmax, prob, reference, n_classes = _predict(model, images, union, settings, batch_size,
+                                                      device, progress)
+    forwarded = [k for k, shift in enumerate(union) if tuple(shift) != (0, 0)]
+    check_finite(name, int((reference == INVALID).sum() + (argmax[:, forwarded] == INVALID).sum()),
+                 n_images * (1 + len(forwarded)))
     position = {shift: k for k, shift in enumerate(union)}
     grid_index = [position[s] for s in grid.shifts]
     diagonal_index = [position[s] for s in diagonal.shifts]
@@ -429,11 +246,14 @@ def measure_invariance(model: nn.Module, images: torch.Tensor, grid: Optional[Sh
             "seconds": round(time.perf_counter() - started, 3), "device": str(device),
             "shiftlab": __version__, "torch": torch.__version__,
             "python": platform.python_version()}
-    return InvarianceResult(
+    result = InvarianceResult(
         settings=settings, reference_argmax=reference,
         grid_argmax=argmax[:, grid_index], grid_prob=prob[:, grid_index],
         diagonal_argmax=argmax[:, diagonal_index], diagonal_prob=prob[:, diagonal_index],
         pairs=pairs, labels=label_array, meta=meta)
+    if result.uninformative:
+        warnings.warn(f"{name}: {result.uninformative}", stacklevel=2)
+    return result
 
 
 def _check_labels(labels: Optional[Sequence[int]], n_images: int) -> Optional[np.ndarray]:
@@ -455,7 +275,7 @@ def _predict(model: nn.Module, images: torch.Tensor, shifts: list[tuple[float, f
              settings: InvarianceSettings, batch_size: int, device: torch.device,
              progress: Optional[bool]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """argmax (N, U) and reference-class probability (N, U) for every shift of ``shifts``, the
-    reference argmax (N,) and the number of classes."""
+    reference argmax (N,) and the number of classes; class -1 / NaN for non-finite logits."""
     n_images, n_shifts = images.shape[0], len(shifts)
     argmax = np.zeros((n_images, n_shifts), dtype=np.int64)
     prob = np.zeros((n_images, n_shifts), dtype=np.float64)
@@ -476,10 +296,10 @@ def _predict(model: nn.Module, images: torch.Tensor, shifts: list[tuple[float, f
             rows = slice(start, start + images_per_batch)
             batch = images[rows].to(device, non_blocking=True)
             window = centre_window(batch, margin) if settings.mode == "crop" else batch
-            logits = _logits(model, window)
+            logits = classifier_logits(model, window)
             n_classes = logits.shape[1]
             top = logits.argmax(1)
-            reference[rows] = top.cpu().numpy()
+            reference[rows] = top_class(logits).cpu().numpy()
             # T_0 is the identity: reuse the reference rather than a forward that could differ
             # from it by batch-size-dependent rounding.
             for k in zero_index:
@@ -490,27 +310,15 @@ def _predict(model: nn.Module, images: torch.Tensor, shifts: list[tuple[float, f
                 index = forward_index[first:first + shifts_per_pass]
                 shifted = apply_shifts(batch, table[index], settings.mode, margin)  # (k, B, C, H, W)
                 count = shifted.shape[0]
-                out = _logits(model, shifted.reshape(-1, *shifted.shape[2:]))
+                out = classifier_logits(model, shifted.reshape(-1, *shifted.shape[2:]))
                 out = out.reshape(count, -1, out.shape[1])  # (k, B, classes)
                 columns = index.tolist()
-                argmax[rows, columns] = out.argmax(2).T.cpu().numpy()
+                argmax[rows, columns] = top_class(out).T.cpu().numpy()
                 prob[rows, columns] = _probability(out, top).T.cpu().numpy()
                 bar.update(1)
+    # a non-finite output, or a non-finite reference, has no meaningful probability
+    prob[(argmax == INVALID) | (reference[:, None] == INVALID)] = math.nan
     return argmax, prob, reference, n_classes
-
-
-def _logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """The model's output as (B, classes) float64; (B, classes, 1, 1) is flattened."""
-    out = model(batch)
-    if not isinstance(out, torch.Tensor):
-        raise ModelError(f"the model returned {type(out).__name__}; output-level invariance needs a"
-                         " classifier that returns a (N, classes) tensor of logits")
-    if out.dim() > 2 and all(size == 1 for size in out.shape[2:]):
-        out = out.flatten(1)
-    if out.dim() != 2 or out.shape[0] != batch.shape[0]:
-        raise ModelError(f"the model's output has shape {tuple(out.shape)}; output-level invariance"
-                         " needs (N, classes) logits from a classifier")
-    return out.detach().double()
 
 
 def _probability(logits: torch.Tensor, top: torch.Tensor) -> torch.Tensor:

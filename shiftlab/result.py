@@ -10,16 +10,23 @@ from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 
-from .errors import ShiftlabError, UsageError
-from .files import atomic_write, to_jsonable
+from .errors import ShiftlabError, UsageError, one_line
+from .files import atomic_write, read_members, to_jsonable
 from .geometry import LayerInfo
+from .provenance import Provenance
 from .shifts import ShiftGrid
 
 if TYPE_CHECKING:  # pandas and matplotlib are imported lazily: only tables/figures need them
     import pandas
     from matplotlib.figure import Figure
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: format-1 files (an untyped ``meta`` dict instead of a typed provenance) are still read
+READABLE_FORMATS = (1, 2)
+#: refuse a result file whose arrays would expand beyond this many values (a small compressed
+#: file can expand to gigabytes); 64M float64 values = 512 MB per array
+MAX_VALUES = 64 * 2**20
+_ARRAYS = ("mean", "std", "n", "n_inf", "n_nan")
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,8 @@ class Settings:
     margin: int = 0
     border: int = 0
     layers: Optional[tuple[str, ...]] = None
+    padding: str = "as-trained"
+    dtype: str = "float32"
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -46,7 +55,8 @@ class Settings:
             grid=ShiftGrid.from_dict(data["grid"]), mode=data["mode"], align=data["align"],
             metric=data["metric"], size=tuple(data["size"]), margin=int(data["margin"]),
             border=int(data["border"]),
-            layers=tuple(data["layers"]) if data.get("layers") is not None else None)
+            layers=tuple(data["layers"]) if data.get("layers") is not None else None,
+            padding=str(data.get("padding", "as-trained")), dtype=str(data.get("dtype", "float32")))
 
     def differences(self, other: "Settings") -> list[str]:
         """Human-readable list of the settings that differ (empty when comparable)."""
@@ -86,7 +96,36 @@ class Result:
     n: np.ndarray
     n_inf: np.ndarray
     n_nan: np.ndarray
-    meta: dict = field(default_factory=dict)
+    provenance: Provenance = field(default_factory=Provenance)
+
+    @property
+    def meta(self) -> dict:
+        """The provenance as a plain dict (read-only view; use ``result.provenance``)."""
+        return {**self.provenance.extra, **self.provenance.to_dict()}
+
+    @property
+    def label(self) -> str:
+        """The name of this result in tables and figures (``provenance.name``)."""
+        return self.provenance.name
+
+    def __repr__(self) -> str:
+        return (f"Result({self.label}: {len(self.layers)} layers x {len(self.grid)} shifts,"
+                f" {self.settings.mode}/{self.settings.align}/{self.settings.metric},"
+                f" {self.provenance.n_images} images)")
+
+    def __str__(self) -> str:
+        """A short summary (a dozen lines): what was measured and the least equivariant layers."""
+        summary = self.summary()
+        spatial = summary[summary["kind"] == "spatial"].dropna(subset=["mean"])
+        worst = spatial.sort_values("mean", ascending=self.settings.metric == "psnr").head(5)
+        lines = [repr(self),
+                 f"model {self.provenance.model or '?'} ({self.provenance.weights or 'weights ?'}),"
+                 f" {self.settings.size[0]}x{self.settings.size[1]} px, padding {self.settings.padding}",
+                 "least equivariant spatial layers (mean over shifts):"]
+        lines += [f"  {row.layer:<28} {row.module:<14} s={row.stride:g}  {row.mean:.4g}"
+                  for row in worst.itertuples()]
+        lines.append("result.summary() for every layer, result.map(layer) for one map")
+        return "\n".join(lines)
 
     # -- access ----------------------------------------------------------------------
     @property
@@ -185,7 +224,8 @@ class Result:
         path = Path(path)
         header = {
             "format": FORMAT_VERSION, "settings": self.settings.to_dict(),
-            "layers": [info.to_dict() for info in self.layers], "meta": self.meta,
+            "layers": [info.to_dict() for info in self.layers],
+            "provenance": self.provenance.to_dict(),
         }
         arrays = {"mean": self.mean, "std": self.std, "n": self.n, "n_inf": self.n_inf,
                   "n_nan": self.n_nan, "header": np.array(json.dumps(header, default=to_jsonable))}
@@ -193,7 +233,7 @@ class Result:
 
 
 def load(path: Union[str, os.PathLike]) -> Result:
-    """Read a result written by ``Result.save`` (no pickle involved).
+    """Read a result written by ``Result.save`` (no pickle involved), validating every array.
 
     >>> result = shiftlab.load("runs/vgg16/result.npz")   # doctest: +SKIP
     """
@@ -202,19 +242,44 @@ def load(path: Union[str, os.PathLike]) -> Result:
         raise ShiftlabError(f"no result file at {path}; pass the result.npz written by 'shiftlab heatmap'")
     try:
         with np.load(path, allow_pickle=False) as data:
-            header = json.loads(str(data["header"]))
-            arrays = {k: data[k] for k in ("mean", "std", "n", "n_inf", "n_nan")}
+            members = read_members(data, ("header",) + _ARRAYS, MAX_VALUES, path)
+            header = json.loads(str(members["header"]))
+    except ShiftlabError:
+        raise
     except Exception as exc:
-        raise ShiftlabError(f"{path} is not a shiftlab result file ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(header, dict) or header.get("format") != FORMAT_VERSION:
+        raise ShiftlabError(f"{path} is not a shiftlab result file ({type(exc).__name__}:"
+                            f" {one_line(exc)})") from exc
+    if not isinstance(header, dict) or header.get("format") not in READABLE_FORMATS:
         found = header.get("format") if isinstance(header, dict) else None
         raise ShiftlabError(f"{path} has result format {found}, this shiftlab reads"
-                            f" {FORMAT_VERSION}; re-run the measurement")
+                            f" {', '.join(map(str, READABLE_FORMATS))}; re-run the measurement")
     try:
-        return Result(
-            settings=Settings.from_dict(header["settings"]),
-            layers=[LayerInfo.from_dict(item) for item in header["layers"]],
-            meta=header.get("meta", {}), **arrays)
+        settings = Settings.from_dict(header["settings"])
+        layers = [LayerInfo.from_dict(item) for item in header["layers"]]
+        provenance = (Provenance.from_dict(header["provenance"]) if header["format"] >= 2
+                      else Provenance.from_meta(header.get("meta", {})))
+    except ShiftlabError as exc:
+        raise ShiftlabError(f"{path}: {exc}") from exc
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ShiftlabError(f"{path} has an incomplete or damaged header ({type(exc).__name__}:"
-                            f" {exc}); re-run the measurement") from exc
+                            f" {one_line(exc)}); re-run the measurement") from exc
+    arrays = {name: members[name] for name in _ARRAYS}
+    _check_arrays(arrays, (len(layers), len(settings.grid)), path)
+    return Result(settings=settings, layers=layers, provenance=provenance, **arrays)
+
+
+def _check_arrays(arrays: dict, shape: tuple[int, int], path: Path) -> None:
+    """Every array (layers, shifts), numeric, with counts that are whole and non-negative."""
+    for name, array in arrays.items():
+        if array.shape != shape:
+            raise ShiftlabError(f"{path}: array {name!r} has shape {array.shape} but the header"
+                                f" describes {shape[0]} layers x {shape[1]} shifts; the file is damaged")
+        if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+            raise ShiftlabError(f"{path}: array {name!r} has dtype {array.dtype}, not a number type;"
+                                " the file is damaged")
+    for name in ("n", "n_inf", "n_nan"):
+        counts = arrays[name]
+        if not np.all(np.isfinite(counts)) or np.any(counts < 0) or np.any(counts != np.round(counts)):
+            raise ShiftlabError(f"{path}: counts {name!r} must be whole numbers >= 0; the file is damaged")
+    if np.any(np.isinf(arrays["std"])):
+        raise ShiftlabError(f"{path}: array 'std' holds infinite values; the file is damaged")

@@ -13,6 +13,9 @@ import torch
 from .errors import UsageError
 
 MODES = ("circular", "crop")
+#: the most shifts one grid may hold (checked before any list is built): 128 x 128, or a 32 x 32
+#: grid at quarter-pixel steps; the paper's per-layer figure uses 32 x 32 = 1,024
+MAX_SHIFTS = 16384
 
 
 def _is_integer(value: float) -> bool:
@@ -49,15 +52,17 @@ class ShiftGrid:
     @classmethod
     def square(cls, k: int, subpixel: int = 1) -> "ShiftGrid":
         """All (dh, dw) in {0, 1/p, ..., k - 1/p}², p = ``subpixel`` (the paper's figure: k=32)."""
+        _check_count(_count(k, subpixel) ** 2, f"a square grid of {k} x {k} at 1/{subpixel} px")
         values = _steps(0, k, subpixel, "square")
         return cls(tuple((dh, dw) for dh in values for dw in values), "square")
 
     @classmethod
     def symmetric(cls, k: int, subpixel: int = 1) -> "ShiftGrid":
         """All (dh, dw) in [-k, k]² in steps of 1/``subpixel`` (the crop-mode grid)."""
-        values = _steps(-k, k + 1.0 / subpixel, subpixel, "symmetric") if k >= 0 else []
         if k < 0:
             raise UsageError(f"symmetric grid needs k >= 0, got {k}")
+        _check_count(_count(2 * k + 1, subpixel) ** 2, f"a symmetric grid of -{k}..{k} at 1/{subpixel} px")
+        values = _steps(-k, k + 1.0 / subpixel, subpixel, "symmetric")
         return cls(tuple((dh, dw) for dh in values for dw in values), "symmetric")
 
     @classmethod
@@ -66,6 +71,7 @@ class ShiftGrid:
         if n < 1:
             raise UsageError(f"diagonal grid needs n >= 1, got {n}")
         _check_subpixel(subpixel)
+        _check_count(int(n), f"a diagonal sweep of {n} steps")
         values = [start + i / subpixel for i in range(n)]
         return cls(tuple((float(t), float(t)) for t in values), "diagonal")
 
@@ -127,6 +133,18 @@ class ShiftGrid:
 def _check_subpixel(subpixel: int) -> None:
     if int(subpixel) != subpixel or subpixel < 1:
         raise UsageError(f"subpixel must be a positive integer, got {subpixel}")
+
+
+def _count(extent: int, subpixel: int) -> int:
+    _check_subpixel(subpixel)
+    return max(0, int(extent)) * int(subpixel)
+
+
+def _check_count(count: int, what: str) -> None:
+    """Refuse a grid before its list of shifts is built (a typo like -k 3000 would take GBs)."""
+    if count > MAX_SHIFTS:
+        raise UsageError(f"{what} has {count:,} shifts, more than the limit of {MAX_SHIFTS:,};"
+                         " use a smaller --max-shift or --subpixel")
 
 
 def _steps(start: float, stop: float, subpixel: int, name: str) -> list[float]:

@@ -64,9 +64,16 @@ def test_a_module_marked_shiftlab_layer_is_one_leaf_and_its_children_are_not_wat
     assert list(select_modules(model)) == ["0", "1", "2"]
 
 
-def test_a_module_class_named_blurpool_is_one_leaf_and_its_children_are_not_watched():
-    model = nn.Sequential(nn.Conv2d(3, 3, 1), BlurPool(), nn.Sequential(BlurPool()))
+def test_nested_marked_modules_are_leaves_wherever_they_sit():
+    marked = type("Marked", (BlurPool,), {"shiftlab_layer": True})
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), marked(), nn.Sequential(marked()))
     assert list(select_modules(model)) == ["0", "1", "2.0"]
+
+
+def test_a_class_name_alone_does_not_make_a_module_one_layer():
+    # recognised by the marker attribute, not by the class name "BlurPool"
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), BlurPool())
+    assert list(select_modules(model)) == ["0", "1.pad"]
 
 
 def test_shiftlab_blurpool_is_watched_as_one_layer():

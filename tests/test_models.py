@@ -1,4 +1,5 @@
-"""Tests for shiftlab.models: model specs, pretrained weights offline, and checkpoint loading."""
+"""Tests for shiftlab.models: model specs, pretrained weights offline (shiftlab.pretrained), and
+checkpoint loading through load_model (the file formats themselves: tests/test_checkpoints.py)."""
 from __future__ import annotations
 
 import socket
@@ -13,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from shiftlab import models
+from shiftlab import models, pretrained
 from shiftlab.errors import ModelError, UsageError, WeightsError
 from shiftlab.models import LoadedModel, PretrainedUnavailableWarning, list_model_names, load_model
 
@@ -163,8 +164,8 @@ def test_pretrained_weights_with_other_num_classes_is_a_usage_error(offline):
 
 
 def test_auto_weights_offline_env_falls_back_to_random_init_without_trying(offline, monkeypatch):
-    monkeypatch.setattr(models, "_download_pretrained", _no_download)
-    monkeypatch.setattr(models, "_unreachable_reason", _no_download)
+    monkeypatch.setattr(pretrained, "_download_pretrained", _no_download)
+    monkeypatch.setattr(pretrained, "_unreachable_reason", _no_download)
     with pytest.warns(PretrainedUnavailableWarning, match=f"random init.*{SQUEEZE_FILE}.*SHIFTLAB_OFFLINE=1"):
         loaded = load_model("squeezenet1_0")
     assert (loaded.weights, loaded.pretrained, loaded.categories) == ("random init", False, None)
@@ -175,7 +176,7 @@ def test_auto_weights_unreachable_server_falls_back_with_the_reason(hub, monkeyp
         raise socket.gaierror(-2, "Name or service not known")
 
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)
-    monkeypatch.setattr(models, "_download_pretrained", _no_download)
+    monkeypatch.setattr(pretrained, "_download_pretrained", _no_download)
     with pytest.warns(PretrainedUnavailableWarning, match="cannot reach download.pytorch.org:443.*Name or service"):
         loaded = load_model("squeezenet1_0")
     assert loaded.weights == "random init" and not loaded.pretrained
@@ -190,8 +191,8 @@ def test_auto_weights_gives_up_on_a_server_that_never_answers(hub, monkeypatch):
         raise socket.gaierror(-3, "Temporary failure in name resolution")
 
     monkeypatch.setattr(socket, "getaddrinfo", hanging_lookup)
-    monkeypatch.setattr(models, "DOWNLOAD_TIMEOUT_S", 0.2)
-    monkeypatch.setattr(models, "_download_pretrained", _no_download)
+    monkeypatch.setattr(pretrained, "DOWNLOAD_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(pretrained, "_download_pretrained", _no_download)
     try:
         with pytest.warns(PretrainedUnavailableWarning, match="no answer within 0.2 s"):
             loaded = load_model("squeezenet1_0")
@@ -207,12 +208,12 @@ def test_download_runs_under_a_socket_timeout_that_is_restored(hub, monkeypatch)
         seen.append(socket.getdefaulttimeout())
         raise urllib.error.URLError("connection timed out")
 
-    monkeypatch.setattr(models, "_unreachable_reason", lambda url, timeout: None)
+    monkeypatch.setattr(pretrained, "_unreachable_reason", lambda url, timeout: None)
     monkeypatch.setattr(torch.hub, "urlopen", failing_urlopen)
     before = socket.getdefaulttimeout()
     with pytest.warns(PretrainedUnavailableWarning, match="download failed.*connection timed out"):
         loaded = load_model("squeezenet1_0")
-    assert seen == [models.DOWNLOAD_TIMEOUT_S]
+    assert seen == [pretrained.DOWNLOAD_TIMEOUT_S]
     assert socket.getdefaulttimeout() == before
     assert loaded.weights == "random init"
 
@@ -229,7 +230,7 @@ def test_cached_pretrained_weights_are_loaded_with_their_metadata(offline, monke
     reference = load_model("squeezenet1_0", weights="none").model
     offline.mkdir(parents=True)
     torch.save(reference.state_dict(), offline / SQUEEZE_FILE)
-    monkeypatch.setattr(models, "_unreachable_reason", _no_download)
+    monkeypatch.setattr(pretrained, "_unreachable_reason", _no_download)
     for weights in ("auto", "IMAGENET1K_V1", "SqueezeNet1_0_Weights.DEFAULT"):
         loaded = load_model("squeezenet1_0", weights=weights)
         assert (loaded.weights, loaded.pretrained) == ("IMAGENET1K_V1", True)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import shiftlab
+import shiftlab.result
 from shiftlab import ShiftGrid
 from shiftlab.errors import ShiftlabError, UsageError
 from shiftlab.geometry import LayerInfo
@@ -83,11 +84,11 @@ def test_the_header_is_json_inside_the_npz_and_needs_no_pickle(measured, tmp_pat
         assert set(data.files) == {"mean", "std", "n", "n_inf", "n_nan", "header"}
         assert data["header"].dtype.kind == "U"
         header = json.loads(str(data["header"]))
-    assert header["format"] == 1
+    assert header["format"] == shiftlab.result.FORMAT_VERSION
     assert header["settings"]["mode"] == "circular"
     assert header["settings"]["grid"]["shifts"][1] == [0.0, 1.0]
     assert [item["name"] for item in header["layers"]] == measured.layer_names
-    assert header["meta"]["model"] == "tiny"
+    assert header["provenance"]["model"] == "tiny"
 
 
 def test_the_header_is_strict_json(measured, tmp_path):

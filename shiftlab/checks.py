@@ -1,0 +1,115 @@
+"""One validation of a measurement request, shared by ``measure``, ``measure_invariance`` and
+the ``--dry-run`` estimate, and the one place that counts forward passes."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from .defaults import default_grid
+from .errors import UsageError
+from .shifts import MODES, ShiftGrid
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
+    """``value`` if it is one of ``choices``, else a UsageError listing them.
+
+    >>> check_choice("mode", "crop", ("circular", "crop"))
+    'crop'
+    """
+    if not isinstance(value, str) or value not in choices:
+        raise UsageError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+    return value
+
+
+def check_count(name: str, value: object, minimum: int = 1) -> int:
+    """A whole number >= ``minimum`` (bools and floats like 2.5 are refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value \
+            or value < minimum:
+        raise UsageError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def resolve_grid(grid: Optional[ShiftGrid], mode: str) -> ShiftGrid:
+    """``grid`` or the default grid of ``mode``."""
+    return grid if grid is not None else default_grid(mode)
+
+
+def resolve_margin(extent: float, mode: str, margin: Optional[int]) -> int:
+    """The crop margin (0 in circular mode): ``margin`` or the largest |shift| rounded up;
+    refused when the shifts reach beyond it."""
+    if mode != "crop":
+        return 0
+    margin = int(math.ceil(extent)) if margin is None else check_count("margin", margin, 0)
+    if extent > margin:
+        raise UsageError(f"the shifts reach {extent:g} px but the crop margin is {margin} px;"
+                         " use a smaller grid or load images with a larger margin")
+    return margin
+
+
+def window_size(image_shape: Sequence[int], margin: int) -> tuple[int, int]:
+    """(H, W) of the measured window: the image (circular) or the canvas less 2·margin (crop)."""
+    height, width = int(image_shape[-2]) - 2 * margin, int(image_shape[-1]) - 2 * margin
+    if height < 1 or width < 1:
+        raise UsageError(f"images of {image_shape[-2]} px cannot hold a crop margin of {margin} px")
+    return height, width
+
+
+def check_image_tensor(images: object) -> torch.Tensor:
+    """An (N, C, H, W) floating tensor with N >= 1."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise UsageError("images must be a tensor of shape (N, C, H, W) or an iterable of such batches")
+    if images.shape[0] == 0:
+        raise UsageError("no images to measure")
+    if not images.is_floating_point():
+        raise UsageError(f"images must be floating point (normalised), got {images.dtype}")
+    return images
+
+
+def check_request(*, mode: str, grid: Optional[ShiftGrid], margin: Optional[int],
+                  batch_size: int, extent: Optional[float] = None, align: Optional[str] = None,
+                  metric: Optional[str] = None, border: int = 0) -> tuple[ShiftGrid, int]:
+    """Validate the options of a measurement; returns (grid, crop margin).
+
+    ``extent`` is the largest |shift| the run will apply (default: the grid's).
+
+    >>> check_request(mode="crop", grid=ShiftGrid.symmetric(2), margin=None, batch_size=4)[1]
+    2
+    """
+    from .align import ALIGNMENTS
+    from .metrics import METRICS
+
+    check_choice("mode", mode, MODES)
+    if align is not None:
+        check_choice("alignment", align, ALIGNMENTS)
+    if metric is not None:
+        check_choice("metric", metric, METRICS)
+    check_count("batch_size", batch_size)
+    check_count("border", border, 0)
+    grid = resolve_grid(grid, mode)
+    if not isinstance(grid, ShiftGrid):
+        raise UsageError(f"grid must be a shiftlab.ShiftGrid, got {type(grid).__name__}")
+    return grid, resolve_margin(grid.max_abs if extent is None else extent, mode, margin)
+
+
+def batch_layout(n_images: int, batch_size: int) -> tuple[int, int]:
+    """(images per batch, shifts per forward pass): at most ``batch_size`` inputs per forward.
+
+    >>> batch_layout(6, 16)
+    (6, 2)
+    """
+    images_per_batch = max(1, min(n_images, batch_size))
+    return images_per_batch, max(1, batch_size // images_per_batch)
+
+
+def count_passes(n_images: int, n_shifts: int, batch_size: int, reference: bool = True) -> int:
+    """Forward passes of a run: per image batch one reference pass (when ``reference``) and the
+    non-zero shifts in passes of ``batch_size`` inputs. The zero shift reuses the reference.
+
+    >>> count_passes(6, 63, 16)   # 63 non-zero shifts (8 x 8 grid), 2 per pass, + reference
+    33
+    """
+    images_per_batch, per_pass = batch_layout(n_images, batch_size)
+    batches = math.ceil(n_images / images_per_batch)
+    return batches * (int(reference) + math.ceil(n_shifts / per_pass))

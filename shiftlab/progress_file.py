@@ -1,0 +1,75 @@
+"""Progress checkpoints of a measurement: the float64 sums after each completed image batch.
+
+The file's key fingerprints everything the sums depend on: settings, layers, the images'
+content, the batch layout, the model's weights (a hash of its state dict) and the pipeline's
+identity of the run (model spec, seed, weights, dtype, padding, antialias). ``--resume`` with
+any of them changed is refused, naming what differs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import UsageError, one_line
+from .files import atomic_write
+from .geometry import LayerInfo
+from .provenance import model_fingerprint
+from .result import Settings
+
+
+class RunProgress:
+    """Atomic progress checkpoints of one run (``measure(checkpoint=...)``)."""
+
+    def __init__(self, path, settings: Settings, infos: list[LayerInfo], images: torch.Tensor,
+                 images_per_batch: int, model: nn.Module, identity: Optional[dict] = None) -> None:
+        self.path = Path(path)
+        images_digest = hashlib.sha256(images.detach().cpu().contiguous().numpy().tobytes())
+        self.key = {
+            "settings": json.dumps(settings.to_dict(), sort_keys=True),
+            "layers": json.dumps([i.name for i in infos]),
+            "images": images_digest.hexdigest(),
+            "batch layout": str(images_per_batch),
+            "model weights": model_fingerprint(model),
+        }
+        for name, value in sorted((identity or {}).items()):
+            self.key[name] = json.dumps(value, sort_keys=True, default=str)
+
+    def save(self, sums, n_done: int) -> None:
+        arrays = {"key": np.array(json.dumps(self.key, sort_keys=True)), "done": np.array(n_done)}
+        for name in sums.FIELDS:
+            arrays[name] = getattr(sums, name).cpu().numpy()
+        atomic_write(self.path, lambda handle: np.savez(handle, **arrays))
+
+    def restore(self, sums) -> int:
+        """Load the accumulators; returns how many images were already done (0 if no file)."""
+        if not self.path.is_file():
+            return 0
+        try:
+            with np.load(self.path, allow_pickle=False) as data:
+                saved = json.loads(str(data["key"]))
+                arrays = {name: data[name] for name in sums.FIELDS}
+                done = int(data["done"])
+        except Exception as exc:  # noqa: BLE001  any unreadable file: start again
+            raise UsageError(f"cannot resume from {self.path} ({one_line(exc)}); delete it and"
+                             " start again") from exc
+        differ = [name for name in self.key if saved.get(name) != self.key[name]]
+        differ += [name for name in saved if name not in self.key]
+        if differ:
+            raise UsageError(f"cannot resume: the interrupted run in {self.path.parent} used another"
+                             f" {', '.join(differ)}; rerun with the same options, or without --resume"
+                             " into a fresh --out")
+        for name in sums.FIELDS:
+            target = getattr(sums, name)
+            if tuple(arrays[name].shape) != tuple(target.shape):
+                raise UsageError(f"{self.path} does not match this run's layers and shifts; delete it")
+            target.copy_(torch.from_numpy(arrays[name]))
+        return done
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)

@@ -1,0 +1,147 @@
+"""Which layers a figure shows, and under which names: the 'all' and 'paper' views.
+
+The 'paper' view keeps what Zhang (ICML 2019) plots per layer: every convolution, every pool
+(max/avg pools and BlurPools) and the logits (the last global layer), named like the paper.
+Names come from the measured strides, not from the architecture's module names, so any model
+gets them:
+
+- a *stage* ends at a pool that raises the stride (the pool takes the stage's number), or
+  where a later layer's stride exceeds the stage's (a strided convolution starts a new stage);
+- plain stacks (VGG, AlexNet: layers are items of one ``nn.Sequential``) are named
+  ``conv<stage>_<i>``, ``pool<stage>`` and ``blurpool<stage>``;
+- block-structured nets (ResNet ``layer1.0.conv1``, MobileNetV2 ``features.1.conv.0.0``,
+  DenseNet ``features.denseblock1.denselayer1.conv1``) name the stem like a plain stack and
+  each block ``stage<k>.block<j>.<name inside the block>``, the stage taken from the block's
+  output stride (torchvision's ResNet ``layer2.0.conv1`` → ``stage3.block1.conv1``, as in
+  He et al.'s conv3_x).
+
+>>> [shown for _, shown in select_view(result, "paper")][:4]   # doctest: +SKIP
+['conv1_1', 'conv1_2', 'pool1', 'conv2_1']
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from .capture import module_name
+from .errors import UsageError
+from .geometry import LayerInfo
+from .result import Result
+
+VIEWS = ("all", "paper")
+DEFAULT_VIEW = "all"
+LOGITS = "logits"
+
+
+def select_view(result: Result, view: str = DEFAULT_VIEW) -> list[tuple[str, str]]:
+    """The layers a figure shows in ``view``, as (layer name, display name) in network order.
+
+    Args:
+        result: a measurement (its ``layers`` carry module type, kind and measured stride).
+        view: 'all' (every layer, shown under its own name) or 'paper' (convolutions, pools,
+            BlurPools and the logits, named conv1_1, pool1, ... or stage2.block1.conv1, ...).
+
+    Returns:
+        A list of (layer name in the result, name to draw).
+
+    Raises:
+        UsageError: unknown view, or a paper view with nothing to show.
+
+    Example:
+        >>> select_view(vgg16_result, "paper")[:3]   # doctest: +SKIP
+        [('features.0', 'conv1_1'), ('features.2', 'conv1_2'), ('features.4', 'pool1')]
+    """
+    if view not in VIEWS:
+        raise UsageError(f"unknown view {view!r}; use {' or '.join(VIEWS)}")
+    if view == "all":
+        return [(info.name, info.name) for info in result.layers]
+    kept = [info for info in result.layers if info.is_spatial and (_is_conv(info) or _is_pool(info))]
+    globals_ = [info for info in result.layers if not info.is_spatial]
+    if not kept and not globals_:
+        raise UsageError("the paper view found no convolution, pool or logits layer; use view='all'")
+    shown = _paper_names(kept)
+    if globals_:
+        shown.append((globals_[-1].name, LOGITS))
+    return shown
+
+
+def _is_conv(info: LayerInfo) -> bool:
+    return "conv" in info.module.lower()
+
+
+def _is_pool(info: LayerInfo) -> bool:
+    return "pool" in info.module.lower()
+
+
+def _block_of(name: str) -> Optional[str]:
+    """The block a layer lives in: the name up to its first index that is not the last part
+    ('layer1.0' for 'layer1.0.downsample.0'), else its parent when that is nested
+    ('features.denseblock1.denselayer1'); None for items of a plain stack ('features.4', 'conv1')."""
+    parts = module_name(name).split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit() and i > 0:
+            return ".".join(parts[:i + 1])
+    return ".".join(parts[:-1]) if len(parts) > 2 else None
+
+
+def _units(infos: list[LayerInfo]) -> list[tuple[Optional[str], list[LayerInfo]]]:
+    """Consecutive layers grouped by block (None = a stem/plain-stack layer on its own)."""
+    units: list[tuple[Optional[str], list[LayerInfo]]] = []
+    for info in infos:
+        block = _block_of(info.name)
+        if block is not None and units and units[-1][0] == block:
+            units[-1][1].append(info)
+        else:
+            units.append((block, [info]))
+    return units
+
+
+def _stride(infos: list[LayerInfo]) -> float:
+    strides = [max(i.stride) for i in infos if max(i.stride) == max(i.stride)]  # drop NaN
+    return max(strides) if strides else 1.0
+
+
+def _paper_names(infos: list[LayerInfo]) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    stage, stage_stride, closed = 1, None, False
+    convs: dict[int, int] = {}
+    blocks: dict[int, int] = {}
+    used: set[str] = set()
+    for block, members in _units(infos):
+        stride = _stride(members)
+        pool = block is None and _is_pool(members[0])
+        if not pool and (closed or (stage_stride is not None and stride > stage_stride)):
+            stage, closed = stage + 1, False
+        if stage_stride is None or stride > stage_stride:
+            stage_stride = stride
+            closed = closed or pool  # a pool that raises the stride ends its stage
+        if block is not None:
+            blocks[stage] = blocks.get(stage, 0) + 1
+            prefix = f"stage{stage}.block{blocks[stage]}"
+            for info in members:
+                inner = module_name(info.name)[len(block) + 1:] or info.name
+                out.append((info.name, _unique(f"{prefix}.{inner}", used)))
+            continue
+        info = members[0]
+        if pool:
+            kind = "blurpool" if "blur" in info.module.lower() else "pool"
+            out.append((info.name, _unique(f"{kind}{stage}", used)))
+        else:
+            convs[stage] = convs.get(stage, 0) + 1
+            out.append((info.name, _unique(f"conv{stage}_{convs[stage]}", used)))
+    return _drop_single_index(out)
+
+
+def _drop_single_index(names: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """'conv1_1' → 'conv1' where a stage has one convolution (ResNet's stem: conv1, pool1)."""
+    stems = [shown.rsplit("_", 1)[0] for _, shown in names if shown.startswith("conv") and "_" in shown]
+    single = {s for s in stems if stems.count(s) == 1}
+    return [(name, shown.rsplit("_", 1)[0] if shown.startswith("conv") and shown.rsplit("_", 1)[0] in single
+             else shown) for name, shown in names]
+
+
+def _unique(text: str, used: set[str]) -> str:
+    candidate, k = text, 2
+    while candidate in used:
+        candidate, k = f"{text}#{k}", k + 1
+    used.add(candidate)
+    return candidate
