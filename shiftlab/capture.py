@@ -23,7 +23,8 @@ def select_modules(model: nn.Module, layers: LayerSelection = None) -> dict[str,
 
     ``layers`` is None (every leaf module; a BlurPool, or any module with a true
     ``shiftlab_layer`` attribute, counts as one leaf), or glob patterns on qualified names and/or module
-    types (e.g. ``["features.*", nn.MaxPool2d]``); patterns may select non-leaf modules.
+    types (e.g. ``["features.*", nn.MaxPool2d]``, or by class name ``"type:MaxPool2d,BlurPool"``);
+    a string may hold a comma list; patterns may select non-leaf modules.
 
     >>> list(select_modules(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())))
     ['0', '1']
@@ -41,20 +42,33 @@ def select_modules(model: nn.Module, layers: LayerSelection = None) -> dict[str,
         return chosen
     if isinstance(layers, (str, type)):
         layers = [layers]
-    patterns = [p for p in layers if isinstance(p, str)]
-    types = tuple(t for t in layers if isinstance(t, type))
     bad = [p for p in layers if not isinstance(p, (str, type))]
     if bad:
         raise UsageError(f"a layer filter is a glob pattern or a module type, got {bad[0]!r}")
+    patterns, type_names = split_filters([p for p in layers if isinstance(p, str)])
+    types = tuple(t for t in layers if isinstance(t, type))
     chosen = {
         name: m for name, m in named
         if any(fnmatch.fnmatchcase(name, p) for p in patterns) or (types and isinstance(m, types))
+        or any(cls.__name__ in type_names for cls in type(m).__mro__)
     }
     if not chosen:
         sample = ", ".join(name for name, _ in named[:6])
         raise UsageError(
             f"layer filter {list(map(_describe, layers))} matches no module; names look like: {sample}")
     return chosen
+
+
+def split_filters(items: Sequence[str]) -> tuple[list[str], set[str]]:
+    """Name globs and type names (``type:A,B``; comma lists in either) of string filters."""
+    patterns: list[str] = []
+    type_names: set[str] = set()
+    for item in items:
+        if item.startswith("type:"):
+            type_names.update(t.strip() for t in item[len("type:"):].split(",") if t.strip())
+        else:
+            patterns += [p.strip() for p in item.split(",") if p.strip()]
+    return patterns, type_names
 
 
 def _is_atomic(module: nn.Module) -> bool:

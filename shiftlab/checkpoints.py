@@ -57,8 +57,9 @@ STATE_DICT_KEYS: tuple[str, ...] = (
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _MAX_DEPTH = 4  # how deep candidate keys are followed: {'model_ema': {'module': {...}}} is 2
 _ZIP_MAGIC = b"PK\x03\x04"
-# The pickled magic number that starts torch.save's legacy (non-zip) format.
-_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
+# The pickled magic number (LONG1 opcode and its 10 bytes) that starts torch.save's legacy
+# (non-zip) format, after the PROTO opcode and, from pickle protocol 4 on, a FRAME opcode.
+_LEGACY_TORCH_MAGIC = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
 
 
 def is_checkpoint_path(weights: str) -> bool:
@@ -165,24 +166,26 @@ def _read_file(path: Path, trust: bool) -> Any:
         raise WeightsError(f"checkpoint {path} is not a file; pass the checkpoint file itself")
     try:
         with path.open("rb") as handle:
-            head = handle.read(16)
+            head = handle.read(32)
     except OSError as exc:
         raise WeightsError(f"cannot read checkpoint {path}: {one_line(exc)}") from None
     if path.name.lower().endswith(".safetensors") or _looks_like_safetensors(head):
         return _read_safetensors(path)
-    if _is_plain_pickle(head):
+    protocol = head[1] if len(head) >= 2 and head[0] == 0x80 else None  # pickle protocol 2+
+    if protocol is not None and _LEGACY_TORCH_MAGIC not in head:
         raise WeightsError(_plain_pickle_message(path))
+    if protocol is not None and protocol >= 4 and not trust:  # torch's weights_only reader stops at FRAME
+        raise WeightsError(
+            f"{path} is in torch.save's legacy format with pickle protocol {protocol}, which loading with "
+            "weights_only=True cannot read; if you trust the file pass --trust-checkpoint "
+            "(trust_checkpoint=True), or save it again with torch.save(model.state_dict(), path)"
+        )
     return _read_torch(path, trust)
 
 
 def _looks_like_safetensors(head: bytes) -> bool:
     # 8-byte little-endian header length, then the JSON header itself
     return len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 100_000_000
-
-
-def _is_plain_pickle(head: bytes) -> bool:
-    """A pickle (protocol 2+) that is neither torch.save's zip format nor its legacy one."""
-    return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5 and not head.startswith(_LEGACY_TORCH_MAGIC)
 
 
 def _plain_pickle_message(path: Path) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional, Sequence
 
 from .errors import SettingsMismatchError, UsageError
-from .matching import match_layers, result_labels
+from .matching import input_differences, match_layers, result_labels
 from .result import Result
 
 if TYPE_CHECKING:
@@ -25,7 +25,8 @@ class Comparison:
     BlurPool that replaced it.
     """
 
-    def __init__(self, results: Sequence[Result], labels: Optional[Sequence[str]] = None) -> None:
+    def __init__(self, results: Sequence[Result], labels: Optional[Sequence[str]] = None,
+                 allow: Sequence[str] = ()) -> None:
         results = list(results)
         if len(results) < 2:
             raise UsageError("a comparison needs at least two results")
@@ -33,18 +34,15 @@ class Comparison:
         self.labels = list(labels) if labels else result_labels(results)
         if len(self.labels) != len(results):
             raise UsageError(f"got {len(self.labels)} labels for {len(results)} results")
-        first = results[0].settings
+        first = results[0]
         for label, result in zip(self.labels[1:], results[1:]):
-            differences = first.differences(result.settings)
+            differences = [d for d in first.settings.differences(result.settings)
+                           if d.split(" ")[0] not in allow]
+            differences += input_differences(first.provenance, result.provenance)
             if differences:
                 raise SettingsMismatchError(
                     f"cannot compare {self.labels[0]} and {label}: they differ in"
-                    f" {', '.join(differences)}; measure both with the same settings")
-        images = [tuple(r.meta.get("images") or ()) for r in results]
-        known = [i for i in images if i]  # results from the Python API may not list images
-        if any(i != known[0] for i in known[1:]):
-            raise SettingsMismatchError("the results were measured on different images;"
-                                        " measure both on the same images")
+                    f" {', '.join(differences)}; measure both with the same settings and images")
 
     @property
     def rows(self) -> list[tuple[str, ...]]:
@@ -110,7 +108,9 @@ def compare(*items, labels: Optional[Sequence[str]] = None, images=None, grid=No
             raise UsageError("pass images= to measure models in a comparison")
         from .engine import measure
 
+        from .provenance import Provenance
+
         label = labels[index] if labels else f"model {index + 1}"
-        meta = {"label": label, "model": label}
-        results.append(measure(item, images, grid, meta=meta, **measure_kwargs))
+        results.append(measure(item, images, grid, provenance=Provenance(model=label, label=label),
+                               **measure_kwargs))
     return Comparison(results, labels)

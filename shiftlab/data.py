@@ -37,6 +37,7 @@ __all__ = [
     "IMAGENET_STD",
     "IMAGE_SUFFIXES",
     "MAX_PIXELS",
+    "MAX_RESIZED_PIXELS",
     "MIN_IMAGE_SIDE",
     "ImagePreprocess",
     "LoadedImages",
@@ -61,11 +62,14 @@ IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg")
 #: image, and the equivariance measured on it would say nothing about natural images.
 MIN_IMAGE_SIDE: int = 8
 
-#: Largest image, in pixels, before decoding and after the resize: Pillow's decompression-bomb
-#: warning threshold, about 1 GiB as float32 RGB. Both are checked from the file header, so an
-#: 8 x 2,000,000 px PNG (47 KB on disk, 64 million px wide once its short side is resized to 256)
-#: is refused before any pixel is allocated.
+#: Largest image, in pixels, that is decoded: Pillow's decompression-bomb warning threshold,
+#: about 1 GiB as float32 RGB. Checked from the file header, before any pixel is allocated.
 MAX_PIXELS: int = 89_478_485
+
+#: Largest image, in pixels, after the resize and before the centre crop (4096 x 4096, 200 MB as
+#: float32 RGB). Also checked from the header: an 8 x 2,000,000 px PNG is 47 KB on disk, but
+#: resizing its short side to 256 would make it 64 million px long.
+MAX_RESIZED_PIXELS: int = 4096 * 4096
 
 _ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -273,8 +277,8 @@ def load_images(
     * The EXIF orientation is applied, so photos from phones come out upright.
 
     Files that cannot be decoded, that are smaller than 8 px on a side, or that have more than
-    :data:`MAX_PIXELS` pixels before or after the resize, are left out of the batch and listed in
-    ``skipped``. All images are held in memory at once: for a dataset, stream it with
+    :data:`MAX_PIXELS` pixels (:data:`MAX_RESIZED_PIXELS` after the resize) are left out of the
+    batch and listed in ``skipped``. All images are held in memory at once: for a dataset, stream it with
     :func:`shiftlab.sources.image_batches`, which gives the same tensors.
 
     Args:
@@ -381,12 +385,15 @@ def _check_pixels(path: Path | None, size: tuple[int, int], resize: int) -> None
         raise UnreadableImageError(path, _too_small(width, height))
     # torchvision's resize keeps the aspect ratio: the long side becomes int(resize * long / short).
     long_side = int(resize * max(width, height) / min(width, height))
-    for what, pixels in (("has", width * height), ("would have after the resize to", resize * long_side)):
-        if pixels > MAX_PIXELS:
-            shown = f"{width}x{height} px" if what == "has" else f"{resize} px ({resize}x{long_side} px)"
-            raise UnreadableImageError(
-                path, f"too large: the image {what} {shown}, over the {MAX_PIXELS:,}-pixel limit"
-                f" (shiftlab.data.MAX_PIXELS); crop or downscale it")
+    if width * height > MAX_PIXELS:
+        raise UnreadableImageError(
+            path, f"too large: {width}x{height} px is over the {MAX_PIXELS:,}-pixel limit"
+            " (shiftlab.data.MAX_PIXELS); crop or downscale it")
+    if resize * long_side > MAX_RESIZED_PIXELS:
+        raise UnreadableImageError(
+            path, f"too elongated: {width}x{height} px resized to a {resize} px short side is"
+            f" {resize * long_side:,} px, over the {MAX_RESIZED_PIXELS:,}-pixel limit"
+            " (shiftlab.data.MAX_RESIZED_PIXELS); crop it closer to square")
 
 
 def _read_rgb(path: Path, resize: int) -> torch.Tensor:

@@ -133,7 +133,7 @@ def result_labels(results: list[Result], labels: Optional[Sequence[str]] = None)
         if len(labels) != len(results):
             raise UsageError(f"got {len(labels)} labels for {len(results)} results")
         return labels
-    out = [str(r.meta.get("label") or r.meta.get("model") or f"result {i + 1}")
+    out = [r.provenance.label or r.provenance.model or f"result {i + 1}"
            for i, r in enumerate(results)]
     if len(set(out)) < len(out):
         out = [f"{label} ({weights_label(r)})" if weights_label(r) else label for label, r in zip(out, results)]
@@ -163,5 +163,20 @@ def check_comparable(results: list[Result], labels: list[str], check: bool, same
 
 
 def weights_label(result: Result) -> str:
-    weights = result.meta.get("weights")
+    weights = result.provenance.weights
     return "random init" if str(weights).lower() == "none" else str(weights or "")
+
+
+def input_differences(first, second) -> list[str]:
+    """What differs between two results' inputs (``Provenance``): image content (the digest of
+    the input tensors, for results made anywhere), image files, resize and normalisation."""
+    out = []
+    if first.input_digest and second.input_digest and first.input_digest != second.input_digest:
+        names = "" if first.images == second.images else " and files"
+        out.append(f"image content{names} (input digests {first.input_digest[:8]} vs"
+                   f" {second.input_digest[:8]})")
+    elif first.images and second.images and first.images != second.images:
+        out.append("image files")
+    if first.resize and second.resize and first.resize != second.resize:
+        out.append(f"resize ({first.resize} vs {second.resize})")
+    return out

@@ -45,6 +45,7 @@ FS_TITLE, FS_PANEL, FS_TICK, FS_NOTE = 9.0, 6.5, 5.5, 6.5
 UNDEFINED = "grey = undefined (stride does not divide the shift)"
 NO_VALUE = "grey = no value for this shift"
 RANDOM_INIT = "random init"
+INF_COLOUR, ZERO_COLOUR = "black", "white"
 
 VmaxSpec = Union[str, float, int, None]
 
@@ -81,6 +82,9 @@ def provenance_field(result, name: str, default=None):
 def is_random_init(result) -> bool:
     """True when the measured model had random weights (provenance/meta 'pretrained' False, or
     weights 'none' / 'random init')."""
+    flag = getattr(getattr(result, "provenance", None), "random_init", None)
+    if flag is not None:  # the typed provenance knows best (it also handles unknown weights)
+        return bool(flag)
     pretrained = provenance_field(result, "pretrained")
     if pretrained is not None:
         return not bool(pretrained)
@@ -241,6 +245,30 @@ def tick_indices(values: Sequence[float], most: int = 5) -> list[int]:
         if len(chosen) <= most and chosen:
             return chosen
     return [values.index(min(values, key=abs))]
+
+
+def special_cells(data: np.ndarray, metric: str, scale: str) -> tuple[np.ndarray, list[Special]]:
+    """The data as drawn on the colour scale, and the cells that get a flat colour instead:
+    +inf (identical maps for PSNR, an all-zero reference for l2) and, on a log scale, exact zeros."""
+    inf = np.isinf(data)
+    what = "∞ dB (identical maps)" if metric in HIGHER_IS_BETTER else "∞ (reference map all zero)"
+    specials = [Special(inf, INF_COLOUR, what)]
+    shown = np.where(inf, np.nan, data)
+    if scale == "log":
+        zero = np.isfinite(data) & (data <= 0)
+        specials.append(Special(zero, ZERO_COLOUR, "exactly 0 (off the log scale)"))
+        shown = np.where(zero, np.nan, shown)
+    return shown, specials
+
+
+def grid_columns(n: int, ncols: Optional[int], strip: bool) -> int:
+    """Panels per row: ``ncols`` checked, else ceil(1.3·sqrt(n)) capped at 10 (5 strips)."""
+    if ncols is not None:
+        if int(ncols) < 1:
+            raise UsageError(f"ncols must be >= 1, got {ncols}")
+        return min(int(ncols), n)
+    cap, factor = (5, 1 / 1.5) if strip else (10, 1.3)
+    return max(1, min(n, cap, math.ceil(math.sqrt(n) * factor)))
 
 
 # -- layout and drawing ----------------------------------------------------------------------------

@@ -20,6 +20,7 @@ out and counted. Streaming: one batch in memory at a time, only per-image number
 """
 from __future__ import annotations
 
+import collections.abc
 import json
 import math
 import os
@@ -385,7 +386,7 @@ def _stream(batches: Iterable, epochs: int, progress: Optional[bool], labels: li
             ) -> Iterator[tuple[int, int, torch.Tensor, Optional[torch.Tensor]]]:
     """(epoch, index of the batch's first image, images, labels) over every epoch; checks that
     each epoch brings the same labels in the same order, and fills ``labels`` from epoch 0."""
-    if epochs > 1 and iter(batches) is batches:
+    if epochs > 1 and isinstance(batches, collections.abc.Iterator):
         raise UsageError("epochs > 1 needs batches that can be iterated again (a DataLoader or a"
                          " list), not a generator")
     total = len(batches) * epochs if hasattr(batches, "__len__") else None

@@ -108,6 +108,12 @@ class Result:
         """The name of this result in tables and figures (``provenance.name``)."""
         return self.provenance.name
 
+    def with_label(self, label: str) -> "Result":
+        """The same result under another name in tables and figures."""
+        import dataclasses
+
+        return dataclasses.replace(self, provenance=self.provenance.replace(label=label))
+
     def __repr__(self) -> str:
         return (f"Result({self.label}: {len(self.layers)} layers x {len(self.grid)} shifts,"
                 f" {self.settings.mode}/{self.settings.align}/{self.settings.metric},"
@@ -283,3 +289,28 @@ def _check_arrays(arrays: dict, shape: tuple[int, int], path: Path) -> None:
             raise ShiftlabError(f"{path}: counts {name!r} must be whole numbers >= 0; the file is damaged")
     if np.any(np.isinf(arrays["std"])):
         raise ShiftlabError(f"{path}: array 'std' holds infinite values; the file is damaged")
+
+
+def select_layers(result: Result, layers) -> Result:
+    """A copy of ``result`` with only the layers matching ``layers`` (name globs, comma lists,
+    ``type:Name``), for re-plotting a subset (``shiftlab plot --layers``).
+
+    >>> select_layers(result, ["features.*"]).layer_names[:2]   # doctest: +SKIP
+    """
+    import dataclasses
+    import fnmatch
+
+    from .capture import module_name, split_filters
+
+    items = [layers] if isinstance(layers, str) else list(layers or [])
+    patterns, types = split_filters(items)
+    keep = [i for i, info in enumerate(result.layers)
+            if info.module in types or any(fnmatch.fnmatchcase(info.name, p)
+                                           or fnmatch.fnmatchcase(module_name(info.name), p)
+                                           for p in patterns)]
+    if not keep:
+        raise UsageError(f"--layers {' '.join(items)} matches no layer of this result; names look"
+                         f" like {', '.join(result.layer_names[:4])}")
+    return dataclasses.replace(
+        result, layers=[result.layers[i] for i in keep],
+        **{name: getattr(result, name)[keep] for name in _ARRAYS})

@@ -11,12 +11,17 @@ import re
 from typing import Optional
 
 from .antialias import antialias
+from .checkpoints import is_checkpoint_path
 from .errors import UsageError
 from .models import LoadedModel, load_checkpoint, load_model
 
-# the weights part starts at the last '@' that is not followed by another '+aaK' (paths like
-# ci/workspace@2/model.py:factory keep their '@')
-_VARIANT = re.compile(r"^(?P<base>.+?)(?:\+aa(?P<filt>\d+))?(?:@(?P<weights>(?:(?!\+aa\d)[^@])+))?$")
+# NAME is a model spec: [TARGET:]FACTORY, where TARGET is a .py path or a dotted module name.
+# A .py path may hold '@' and '+aaK' (ci/workspace@2/model.py:factory), so the '@' that starts
+# WEIGHTS is the first one after FACTORY; WEIGHTS itself may hold '@' (runs@2/ckpt.pth).
+_VARIANT = re.compile(
+    r"^(?P<base>(?:(?:[A-Za-z]:)?[^:]*\.py:|[A-Za-z_][\w.]*:)?[^@+]+?)"
+    r"(?:\+aa(?P<filt>\d+))?(?:@(?P<weights>.+))?$"
+)
 
 
 def parse_variant(text: str) -> tuple[str, Optional[int], Optional[str]]:
@@ -24,6 +29,8 @@ def parse_variant(text: str) -> tuple[str, Optional[int], Optional[str]]:
 
     >>> parse_variant("resnet50+aa4@lpf4.pth")
     ('resnet50', 4, 'lpf4.pth')
+    >>> parse_variant("ci/workspace@2/model.py:factory@w.pth")
+    ('ci/workspace@2/model.py:factory', None, 'w.pth')
     """
     match = _VARIANT.match(text.strip()) if isinstance(text, str) else None
     if not match:
@@ -35,8 +42,13 @@ def parse_variant(text: str) -> tuple[str, Optional[int], Optional[str]]:
 
 
 def load_variant(text: str, weights: str = "auto", filt_size: Optional[int] = None,
-                 trust_checkpoint: bool = False, num_classes: Optional[int] = None) -> LoadedModel:
+                 trust_checkpoint: bool = False, num_classes: Optional[int] = None,
+                 weights_key: Optional[str] = None) -> LoadedModel:
     """Load ``NAME[+aaK][@WEIGHTS]``; ``filt_size`` antialiases even without ``+aaK``.
+
+    ``NAME+aaK@FILE`` loads the checkpoint into the converted model (a published
+    antialiased-cnns file); any other weights belong to the baseline and are copied over.
+    ``weights_key`` picks the entry of a checkpoint dict, as in :func:`load_model`.
 
     Example:
         >>> loaded = load_variant("resnet18+aa4", weights="none")      # doctest: +SKIP
@@ -47,17 +59,18 @@ def load_variant(text: str, weights: str = "auto", filt_size: Optional[int] = No
     filt = spec_filt if spec_filt is not None else filt_size
     weights = spec_weights or weights
     if filt is None:
-        return load_model(base, weights, trust_checkpoint=trust_checkpoint, num_classes=num_classes)
-    is_file = weights.lower().endswith((".pth", ".pt", ".bin", ".ckpt")) or "/" in weights
-    # NAME+aaK@FILE names a checkpoint of the converted model (e.g. a published antialiased-cnns
-    # file); with --antialias K the weights belong to the baseline and are copied over
-    if is_file and spec_filt is not None and spec_weights is not None:
+        return load_model(base, weights, trust_checkpoint=trust_checkpoint, num_classes=num_classes,
+                          weights_key=weights_key)
+    # with --antialias K (no +aaK in the spec) the weights belong to the baseline and are copied
+    if spec_filt is not None and spec_weights is not None and is_checkpoint_path(weights):
         loaded = load_model(base, "none", num_classes=num_classes)
         model = antialias(loaded.model, filt_size=filt, copy_weights=False)
-        load_checkpoint(model, weights, trust_checkpoint, name=f"{loaded.name}+aa{filt}")
+        load_checkpoint(model, weights, trust_checkpoint, name=f"{loaded.name}+aa{filt}",
+                        weights_key=weights_key)
         description = weights
     else:  # baseline weights, copied into the converted model
-        loaded = load_model(base, weights, trust_checkpoint=trust_checkpoint, num_classes=num_classes)
+        loaded = load_model(base, weights, trust_checkpoint=trust_checkpoint, num_classes=num_classes,
+                            weights_key=weights_key)
         model = antialias(loaded.model, filt_size=filt, copy_weights=True)
         description = loaded.weights
     return dataclasses.replace(loaded, model=model.eval(), name=f"{loaded.name}+aa{filt}",

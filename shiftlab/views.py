@@ -20,11 +20,14 @@ gets them:
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+from fnmatch import fnmatchcase
+from typing import Optional, Sequence
 
 from .capture import module_name
 from .errors import UsageError
 from .geometry import LayerInfo
+from .matching import as_results
 from .result import Result
 
 VIEWS = ("all", "paper")
@@ -145,3 +148,85 @@ def _unique(text: str, used: set[str]) -> str:
         candidate, k = f"{text}#{k}", k + 1
     used.add(candidate)
     return candidate
+
+
+# -- layer selection and stride labels shared by the figures ---------------------------------
+def select_layers(result: Result, layers: Optional[Sequence[str]] = None,
+                  spatial_only: bool = False) -> list[LayerInfo]:
+    """The layers matching any of ``layers`` (names or globs), in network order.
+
+    >>> [i.name for i in select_layers(result, ["features.*"], spatial_only=True)][:2]   # doctest: +SKIP
+    ['features.0', 'features.1']
+    """
+    as_results(result)
+    infos = list(result.layers)
+    if layers is not None:
+        patterns = [layers] if isinstance(layers, str) else list(layers)
+        for pattern in patterns:
+            if not any(fnmatchcase(i.name, pattern) for i in infos):
+                raise UsageError(f"no layer matches {pattern!r}; see result.layer_names")
+        infos = [i for i in infos if any(fnmatchcase(i.name, p) for p in patterns)]
+    if spatial_only:
+        infos = [i for i in infos if i.is_spatial]
+    if not infos:
+        raise UsageError("no layers left to plot (spatial_only drops global layers)")
+    return infos
+
+
+def view_rows(results: list[Result], rows: list[tuple[str, ...]], view: str) -> list[tuple[str, ...]]:
+    """Matched rows whose first layer is in the first result's view."""
+    kept = dict(select_view(results[0], view))
+    rows = [row for row in rows if row[0] in kept]
+    if not rows:
+        raise UsageError(f"no matched layers left in the {view!r} view; use view='all'")
+    return rows
+
+
+def row_texts(rows: list[tuple[str, ...]], results: list[Result], view: str) -> list[str]:
+    """One tick text per matched row: each result's (view) name, ' / '-joined where they differ."""
+    names = [dict(select_view(r, view)) for r in results]
+    return [" / ".join(dict.fromkeys(n.get(name, name) for n, name in zip(names, row))) for row in rows]
+
+
+def blocks(names: list[str]) -> list[str]:
+    """Each layer's block: its module name up to the last '.' ('layer1.0' for 'layer1.0.relu#2',
+    '' for 'fc'), except that a block one level inside the previous layer's
+    ('layer1.0.downsample' after 'layer1.0') stays in it."""
+    out: list[str] = []
+    for name in names:
+        block = module_name(name).rpartition(".")[0]
+        if out and out[-1] and block.startswith(f"{out[-1]}.") and "." not in block[len(out[-1]) + 1:]:
+            block = out[-1]
+        out.append(block)
+    return out
+
+
+def stride_text(info: LayerInfo) -> str:
+    """'s=2', 's=1/2', 's=2×4', 's=?' or 'global': the stride as a figure shows it.
+
+    >>> stride_text(LayerInfo("p", "MaxPool2d", "spatial", (2.0, 2.0), (2.0, 2.0), (4, 8, 8)))
+    's=2'
+    """
+    if not info.is_spatial:
+        return "global"
+    sh, sw = info.stride
+    if not (math.isfinite(sh) and math.isfinite(sw)):
+        return "s=?"
+    one = lambda s: f"1/{round(1 / s)}" if 0 < s < 1 else f"{s:g}"  # noqa: E731
+    return f"s={one(sh)}" if sh == sw else f"s={one(sh)}×{one(sw)}"
+
+
+def stride_changes(infos: list[LayerInfo]) -> tuple[list[tuple[float, str]], list[tuple[float, float]]]:
+    """(x, 's=2') where the stride differs from the previous spatial layer's; (x0, x1) global runs."""
+    marks, spans, previous, start = [], [], "s=1", None
+    for x, info in enumerate(infos + [None]):
+        if info is not None and not info.is_spatial:
+            start = x if start is None else start
+            continue
+        if start is not None:
+            spans.append((start - 0.5, x - 0.5))
+            start = None
+        if info is not None and stride_text(info) != previous:
+            previous = stride_text(info)
+            marks.append((x - 0.5, previous))
+    return marks, spans

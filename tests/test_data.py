@@ -1,19 +1,24 @@
 """Tests for shiftlab.data: shipped images, folder discovery, and preprocessing."""
 from __future__ import annotations
 
+import hashlib
+import pickle
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 from shiftlab.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    ImagePreprocess,
     LoadedImages,
+    UnreadableImageError,
     find_images,
+    image_digest,
     load_images,
     sample_image_paths,
 )
@@ -258,3 +263,65 @@ def test_load_images_accepts_a_folder(tmp_path):
     assert [p.name for p in batch.paths] == ["a.png", "b.png"]
     with pytest.raises(ImageError, match="does not exist"):
         load_images(tmp_path / "missing", size=16)
+
+
+# --- size limits before allocation ------------------------------------------------------------------
+
+
+def test_tall_png_is_refused_from_its_header_without_decoding(tmp_path, monkeypatch):
+    tall = tmp_path / "tall.png"
+    Image.new("1", (8, 2_000_000)).save(tall)
+    assert tall.stat().st_size < 50_000
+    good = _save(tmp_path / "good.png", _gradient())
+
+    def no_decoding(self):
+        raise AssertionError(f"{self.size} px image decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    with pytest.raises(UnreadableImageError, match=r"8x2000000 px resized to a 256 px short side is"
+                       r" 16,384,000,000 px, over the 16,777,216-pixel limit \(shiftlab.data.MAX_RESIZED_PIXELS\)"):
+        ImagePreprocess(size=224)(tall)
+    monkeypatch.undo()
+    batch = load_images([tall, good], size=224)
+    assert batch.paths == [good] and batch.skipped[0][0] == tall and "too elongated" in batch.skipped[0][1]
+
+
+def test_image_over_max_pixels_is_refused_with_the_limit_named(tmp_path, monkeypatch):
+    path = _save(tmp_path / "big.png", _gradient(40, 30))
+    monkeypatch.setattr("shiftlab.data.MAX_PIXELS", 40 * 30 - 1)
+    with pytest.raises(ImageError, match=r"40x30 px is over the 1,199-pixel limit \(shiftlab.data.MAX_PIXELS\)"):
+        ImagePreprocess(size=16)(path)
+    monkeypatch.setattr("shiftlab.data.MAX_PIXELS", 40 * 30)
+    assert ImagePreprocess(size=16)(path).shape == (3, 16, 16)
+
+
+def test_unreadable_image_error_survives_pickling_with_its_reason():
+    error = pickle.loads(pickle.dumps(UnreadableImageError(Path("a.png"), "too small")))
+    assert (error.path, error.reason) == (Path("a.png"), "too small")
+    assert str(error) == "a.png: too small; replace or remove the file"
+
+
+# --- content digests ------------------------------------------------------------------------------------
+
+
+def test_image_digest_is_the_sha256_of_the_file_bytes(tmp_path):
+    path = _save(tmp_path / "g.png", _gradient())
+    data = path.read_bytes()
+    assert image_digest(path) == hashlib.sha256(data).hexdigest()[:16]
+    assert image_digest(path, length=64) == hashlib.sha256(data).hexdigest()
+    copy = tmp_path / "renamed.png"
+    copy.write_bytes(data)
+    assert image_digest(copy) == image_digest(path)
+    changed = tmp_path / "changed.png"
+    changed.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    assert image_digest(changed) != image_digest(path)
+    with pytest.raises(ImageError, match="cannot read .*missing.png to hash it"):
+        image_digest(tmp_path / "missing.png")
+
+
+def test_image_preprocess_of_a_pil_image_equals_that_of_its_file(tmp_path):
+    path = _save(tmp_path / "g.png", _gradient(50, 35))
+    prepare = ImagePreprocess(size=24, margin=3)
+    with Image.open(path) as image:
+        assert torch.equal(prepare(image), prepare(path))
+    assert torch.equal(prepare(path), load_images([path], size=24, margin=3).tensor[0])

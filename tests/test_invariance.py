@@ -54,6 +54,10 @@ class RowParity(nn.Module):
     """Logits [sum of even rows, sum of odd rows] (even columns only): the argmax is the row
     parity that carries the larger values, so a shift by an odd dh swaps it."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.eval()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([x[..., ::2, ::2].sum((1, 2, 3)), x[..., 1::2, ::2].sum((1, 2, 3))], 1)
 
@@ -81,23 +85,34 @@ def random_images() -> torch.Tensor:
     return torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
 
 
+@pytest.fixture(scope="module")
+def coloured_images() -> torch.Tensor:
+    """Noise plus a strong colour per image, so that the random-weight invariant models below
+    predict several classes (consistency 1 of a one-class model would prove nothing)."""
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(6, 3, 16, 16, generator=generator) + 5 * torch.randn(6, 3, 1, 1, generator=generator)
+
+
 # -- known answers ---------------------------------------------------------------------------
-def test_invariant_model_is_fully_consistent_with_no_flips_and_no_probability_change(random_images):
-    result = run(make_global_pool(), random_images, ShiftGrid.square(4), n_pairs=200)
+def test_invariant_model_is_fully_consistent_with_no_flips_and_no_probability_change(coloured_images):
+    result = run(make_global_pool(seed=2), coloured_images, ShiftGrid.square(4), n_pairs=200)
+    assert result.uninformative is None and len(set(result.reference_argmax)) == 3
     np.testing.assert_array_equal(result.consistency, 1.0)
     summary = result.summary()
     assert summary["pairwise_consistency"] == 1.0 and summary["n_pairs"] == 200
     assert summary["pairwise_consistency_all_pairs"] == 1.0
     assert summary["consistency_vs_reference"] == 1.0
+    assert summary["consistent_all_shifts"] == 1.0 and summary["n_nonfinite"] == 0
+    assert (summary["pairwise_ci_low"], summary["pairwise_ci_high"]) == (1.0, 1.0)
     assert result.flip_rate == 0.0
     assert result.mac <= 1e-6
     assert np.abs(result.grid_prob - result.grid_prob[:, :1]).max() <= 1e-6
 
 
-def test_linear_invariant_model_stays_invariant_under_subpixel_shifts(random_images):
+def test_linear_invariant_model_stays_invariant_under_subpixel_shifts(coloured_images):
     grid = ShiftGrid.square(2, subpixel=4)  # steps of 0.25 px
-    result = run(linear_invariant(), random_images, grid, n_pairs=100)
-    assert not grid.is_integer
+    result = run(linear_invariant(), coloured_images, grid, n_pairs=100)
+    assert not grid.is_integer and result.uninformative is None
     np.testing.assert_array_equal(result.consistency, 1.0)
     assert result.flip_rate == 0.0 and result.mac <= 1e-6
     assert result.summary()["step_px"] == 0.25 and len(result.diagonal_steps) == 8
@@ -152,6 +167,96 @@ def test_without_labels_there_is_no_accuracy(random_images):
     result = run(tiny_classifier(), random_images, ShiftGrid.square(2), n_pairs=10)
     assert result.accuracy is None and "accuracy" not in result.to_frame()
     assert result.summary()["accuracy"] is None
+
+
+def test_worst_case_shares_need_every_shift_consistent_or_correct():
+    """Image 0 (even rows, label 0) and image 1 (odd rows, label 1) are correct at even dh only;
+    image 2 (even rows, label 1) is never correct. On square(2) (odd dh included) no image is
+    consistent or correct at every shift; on dh = 0 only, all are consistent, 2 of 3 correct."""
+    images, labels = parity_images(flip=(1,)), [0, 1, 1]
+    square = run(RowParity(), images, ShiftGrid.square(2), labels=labels, n_pairs=10).summary()
+    assert square["consistent_all_shifts"] == 0.0 and square["correct_all_shifts"] == 0.0
+    assert square["consistency_vs_reference"] == 0.5
+    even = ShiftGrid.explicit([(0, 0), (0, 1), (2, 1)])
+    rows = run(RowParity(), images, even, labels=labels, n_pairs=10).summary()
+    assert rows["consistent_all_shifts"] == 1.0 and rows["correct_all_shifts"] == pytest.approx(2 / 3)
+
+
+class NaNForMarked(RowParity):
+    """RowParity, but NaN logits for any input whose third channel holds a value > 50."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return torch.where((x[:, 2].flatten(1).amax(1) > 50)[:, None], math.nan, out)
+
+
+def test_nan_outputs_are_left_out_counted_and_named_in_a_warning():
+    """Image 0 gives NaN at every shift. Before, NaN's argmax (class 0 every time) counted as
+    agreement and, with label 0, as correct; now the numbers are those of images 1 and 2."""
+    images = parity_images()
+    images[0, 2, 5, 5] = 100.0
+    with pytest.warns(UserWarning, match=r"^parity: 4 of 12 outputs have NaN or Inf logits"):
+        result = run(NaNForMarked(), images, ShiftGrid.square(2), labels=[0, 0, 0], n_pairs=60,
+                     meta={"label": "parity"})
+    np.testing.assert_array_equal(result.consistency, [1, 1, 0, 0])
+    np.testing.assert_array_equal(result.to_frame()["n"], [2, 2, 2, 2])
+    np.testing.assert_array_equal(result.accuracy, [1, 1, 0, 0])
+    assert result.flip_rate == 1.0 and result.pairwise_consistency_all_pairs == 0.5
+    summary = result.summary()
+    assert summary["n_nonfinite"] == 4 and summary["consistent_all_shifts"] == 0.0
+    assert np.isnan(result.diagonal_prob[0]).all() and np.isfinite(result.diagonal_prob[1:]).all()
+
+
+def test_a_model_with_only_nan_outputs_is_a_model_error(random_images):
+    class AllNaN(nn.Module):
+        def forward(self, x):
+            return torch.full((x.shape[0], 3), math.nan)
+
+    with pytest.raises(ModelError, match="NaN or Inf logits for every input") as info:
+        run(AllNaN().eval(), random_images, ShiftGrid.square(2), meta={"model": "broken"})
+    assert info.value.exit_code == 1 and str(info.value).startswith("broken")
+
+
+def dropout_classifier() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, padding_mode="circular"),
+                         nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Dropout(0.5), nn.Linear(6, 5))
+
+
+def test_a_model_in_train_mode_is_measured_in_eval_mode_and_given_back_its_modes(coloured_images):
+    """In train mode dropout would make the prediction random and BatchNorm would update its
+    running statistics; measured in eval mode the circular-conv + GAP model is invariant."""
+    model = dropout_classifier().train()
+    model[0].eval()  # a submodule the user set on purpose keeps its own mode
+    model[1].running_mean.normal_(generator=torch.Generator().manual_seed(1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning, match="was in train mode"):
+        result = run(model, coloured_images, ShiftGrid.square(3), n_pairs=50)
+    assert result.uninformative is None
+    np.testing.assert_array_equal(result.consistency, 1.0)
+    assert result.pairwise_consistency == 1.0
+    assert model.training and model[1].training and model[5].training and not model[0].training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_train_mode_is_restored_when_the_forward_fails(random_images):
+    model = nn.Conv2d(3, 4, 3).train()
+    with pytest.warns(UserWarning, match="train mode"), pytest.raises(ModelError):
+        run(model, random_images, ShiftGrid.square(2))
+    assert model.training
+
+
+def test_one_class_for_every_image_and_shift_warns_that_consistency_is_uninformative(random_images):
+    class Always2(nn.Module):
+        def forward(self, x):
+            return torch.tensor([0.0, 0.0, 1.0]).expand(x.shape[0], 3) + 0 * x.mean()
+
+    with pytest.warns(UserWarning, match="consistency is uninformative: every prediction is class 2"):
+        result = run(Always2().eval(), random_images, ShiftGrid.square(2), n_pairs=10)
+    assert result.uninformative == "consistency is uninformative: every prediction is class 2"
+    assert result.pairwise_consistency == 1.0  # the number the warning puts in context
 
 
 # -- fractional shifts -----------------------------------------------------------------------
@@ -361,7 +466,7 @@ def test_bad_arguments_are_usage_errors(random_images, options, needle):
 
 def test_a_model_without_logits_is_a_model_error(random_images):
     with pytest.raises(ModelError, match="classes"):
-        run(nn.Conv2d(3, 4, 3), random_images, ShiftGrid.square(2))
+        run(nn.Conv2d(3, 4, 3).eval(), random_images, ShiftGrid.square(2))
 
 
 def test_probability_plot_draws_one_panel_per_model(random_images):

@@ -18,6 +18,7 @@ import shiftlab  # noqa: E402
 from shiftlab import plots  # noqa: E402
 from shiftlab.errors import SettingsMismatchError, UsageError  # noqa: E402
 from shiftlab.geometry import LayerInfo  # noqa: E402
+from shiftlab.provenance import Provenance  # noqa: E402
 from shiftlab.result import Result, Settings  # noqa: E402
 from shiftlab.shifts import ShiftGrid  # noqa: E402
 
@@ -49,7 +50,8 @@ def make_result(layers: list[LayerInfo], grid: ShiftGrid | None = None, metric: 
     meta = {"model": "toynet", "weights": "random init", "n_images": 3} if meta is None else meta
     return Result(settings=Settings(grid=grid, align=align, metric=metric, size=(32, 32)),
                   layers=list(layers), mean=mean, std=np.zeros_like(mean), n=n,
-                  n_inf=np.where(np.isinf(mean), 3, 0), n_nan=np.zeros_like(n), meta=meta)
+                  n_inf=np.where(np.isinf(mean), 3, 0), n_nan=np.zeros_like(n),
+                  provenance=Provenance.from_meta(meta))
 
 
 THREE = [spatial("features.0", 1), spatial("features.2", 2, "MaxPool2d"), glob("classifier.0")]

@@ -99,7 +99,7 @@ def test_tall_png_is_skipped_in_the_stream_with_the_pixel_limit_named(tmp_path):
     stream = image_batches(tmp_path, size=16, batch_size=4, on_skip=lambda *_: None)
     _, kept, _, _ = collect(stream)
     assert kept == [good]
-    assert stream.skipped[0][0] == tall and "pixel limit (shiftlab.data.MAX_PIXELS)" in stream.skipped[0][1]
+    assert stream.skipped[0][0] == tall and "pixel limit (shiftlab.data.MAX_RESIZED_PIXELS)" in stream.skipped[0][1]
 
 
 def test_stream_of_only_unusable_files_raises_image_error(tmp_path):

@@ -1,0 +1,44 @@
+"""The table ``shiftlab consistency`` prints and saves: one row per model."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import pandas as pd
+
+
+def consistency_table(results: Sequence) -> pd.DataFrame:
+    """One row per model: its label, weights and every number of ``InvarianceResult.summary()``."""
+    rows = []
+    for result in results:
+        rows.append({"model": result.label, "weights": result.provenance.weights, **result.summary()})
+    return pd.DataFrame(rows)
+
+
+def format_consistency(table: pd.DataFrame) -> str:
+    """Pairwise consistency with its bootstrap interval and the number of images behind it,
+    consistency vs. the unshifted image, the share consistent under every shift, flip rate,
+    MAC, accuracy (with labels) and the count of non-finite outputs left out."""
+    def column(name: str, fmt: str = "{:.3f}") -> list:
+        return [fmt.format(v) if pd.notna(v) else "-" for v in table[name]]
+
+    shown = pd.DataFrame({"model": table["model"]})
+    shown["consistency (pairs)"] = column("pairwise_consistency")
+    shown["95% CI"] = [f"[{lo:.3f}, {hi:.3f}]" for lo, hi in
+                       zip(table["pairwise_ci_low"], table["pairwise_ci_high"])]
+    shown["pairs"] = table["n_pairs"]
+    shown["images"] = table["n_images"]
+    shown["vs reference"] = column("consistency_vs_reference")
+    if "consistent_all_shifts" in table:
+        shown["consistent at every shift"] = column("consistent_all_shifts")
+    shown["flip rate"] = column("flip_rate")
+    shown["MAC"] = column("mac", "{:.4f}")
+    if "accuracy" in table and table["accuracy"].notna().any():
+        shown["accuracy"] = column("accuracy")
+        if "accuracy_ci_low" in table:
+            shown["acc. 95% CI"] = [f"[{lo:.3f}, {hi:.3f}]" for lo, hi in
+                                    zip(table["accuracy_ci_low"], table["accuracy_ci_high"])]
+        if "correct_all_shifts" in table:
+            shown["correct at every shift"] = column("correct_all_shifts")
+    if "n_nonfinite" in table and (table["n_nonfinite"] > 0).any():
+        shown["non-finite (left out)"] = table["n_nonfinite"]
+    return shown.to_string(index=False)

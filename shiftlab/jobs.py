@@ -1,0 +1,230 @@
+"""What each CLI command does once its options are parsed: pipeline calls, files, messages.
+
+Kept apart from ``cli.py`` (the click definitions) so the commands stay short; nothing here
+parses options or measures by itself: ``shiftlab.runs`` measures, ``shiftlab.reports`` writes.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+import click
+
+from . import runs
+from .console import warn_line
+from .errors import ShiftlabError, UsageError
+from .reports import (PROGRESS_FILE, check_out, default_out, write_comparison, write_consistency,
+                      write_heatmap, write_padding_pair)
+
+
+def _announce(quiet: bool):
+    def say(loaded, inputs, grid, options: dict) -> None:
+        if not quiet:
+            click.echo(f"{loaded.name} ({loaded.weights}): {len(inputs.paths)} images at"
+                       f" {options['size']} px, {len(grid)} shifts ({grid.kind}, {options['mode']},"
+                       f" {options.get('align', '-')}, {options.get('metric', '-')})", err=True)
+    return say
+
+
+def _model_keywords(model: dict) -> dict:
+    keys = ("weights", "seed", "num_classes", "trust_checkpoint", "weights_key", "mean", "std")
+    return {key: model[key] for key in keys if key in model}
+
+
+# -- heatmap -------------------------------------------------------------------------------
+def run_heatmap(model: dict, padding: str, options: dict, figure: dict, formats: Sequence[str],
+                dpi: int, *, out: Optional[Path], overwrite: bool, quiet: bool, resume: bool,
+                dry_run: bool, dtype: str, distributed_run: bool) -> None:
+    from . import distributed
+
+    if out is not None:
+        check_out(out, overwrite=overwrite, resume=resume)
+    if dry_run:
+        _dry_run(model, padding if padding != "both" else "as-trained", options, dtype, quiet)
+        return
+    paddings = ("as-trained", "circular") if padding == "both" else (padding,)
+    if resume and len(paddings) > 1:
+        raise UsageError("--resume continues one measurement; it does not combine with --padding both")
+    checkpoint = out / PROGRESS_FILE if (out is not None and not distributed_run) else None
+    results = []
+    for choice in paddings:
+        results.append(runs.heatmap(
+            model["spec"], padding=choice, dtype=dtype, **_model_keywords(model), **options,
+            checkpoint=checkpoint if len(paddings) == 1 else None, resume=resume,
+            keep_checkpoint=True, progress=None if not quiet else False,
+            on_ready=_announce(quiet)))
+    if not distributed.is_main():
+        return
+    folder = out if out is not None else default_out(results[0].provenance.model)
+    if len(results) == 1:
+        written = write_heatmap(results[0], folder, figure, formats, dpi)
+    else:
+        written = write_padding_pair(results, folder, figure, formats, dpi)
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)  # only now: every output is in place
+    for result in results:
+        warn_nonfinite(result, result.settings.padding if len(results) > 1 else "")
+        warn_undefined(result)
+    if padding == "as-trained" and options["mode"] == "circular" and \
+            results[0].provenance.extra.get("zero_padded"):
+        warn_line("this model pads with zeros: under circular shifts the wrap seam meets the zero"
+                  " border, which adds a boundary effect to every layer; to isolate aliasing use"
+                  " --padding circular (or both), or --mode crop --border B")
+    if not quiet:
+        report(results[-1])
+    for path in written:
+        click.echo(str(path))
+
+
+def _dry_run(model: dict, padding: str, options: dict, dtype: str, quiet: bool) -> None:
+    """Calibrate on a few shifts of the first image batch and print what the run would cost."""
+    from .engine import resolve_device
+    from .estimate import estimate_run
+
+    grid, margin = runs.shift_plan(grid=options["grid"], max_shift=options["max_shift"],
+                                   subpixel=options["subpixel"], mode=options["mode"],
+                                   size=options["size"], resize=options["resize"])
+    loaded = runs.build_model(model["spec"], padding=padding, **_model_keywords(model))
+    inputs = runs.load_inputs(loaded, images=options["images"], max_images=options["max_images"],
+                              size=options["size"], resize=options["resize"], margin=margin)
+    if not quiet:  # a big model on a CPU calibrates for minutes: say what is happening
+        click.echo(f"calibrating {loaded.name} on a few batched passes of the first images"
+                   f" (batch size {options['batch_size']})...", err=True)
+    estimate = estimate_run(
+        loaded.model, inputs.tensor, grid, batch_size=options["batch_size"], mode=options["mode"],
+        align=options["align"], metric=options["metric"], layers=options["layers"], margin=margin,
+        border=options["border"], device=resolve_device(options["device"]),
+        dtype=None if dtype == "float32" else dtype, progress=False)
+    click.echo(f"{loaded.name}: {len(inputs.paths)} images x {len(grid)} shifts at"
+               f" {options['size']} px: {estimate.describe()}")
+
+
+def report(result) -> None:
+    summary = result.summary()
+    spatial = summary[summary["kind"] == "spatial"]
+    if len(spatial) and spatial["mean"].notna().any():
+        means = spatial["mean"]
+        # PSNR: higher is more equivariant, so the least equivariant layer has the lowest value
+        worst = spatial.loc[means.idxmin() if result.settings.metric == "psnr" else means.idxmax()]
+        click.echo(f"least equivariant spatial layer: {worst['layer']} (stride"
+                   f" {worst['stride']:g}, mean {result.settings.metric} {worst['mean']:.4g})",
+                   err=True)
+    click.echo(f"measured in {result.provenance.seconds:.1f} s", err=True)
+
+
+def warn_nonfinite(result, label: str = "") -> None:
+    """One warning line naming every layer with NaN/Inf features (up to 5) and how many values."""
+    bad = result.nonfinite_layers()
+    if not bad:
+        return
+    total = {info.name: (int(nan.sum()), int(nan.sum() + n.sum() + inf.sum()))
+             for info, nan, n, inf in zip(result.layers, result.n_nan, result.n, result.n_inf)}
+    listed = ", ".join(f"{name} ({total[name][0]} of {total[name][1]} image-shifts)" for name in bad[:5])
+    more = f" and {len(bad) - 5} more (Result.n_nan)" if len(bad) > 5 else ""
+    layers = "layer" if len(bad) == 1 else "layers"
+    warn_line(f"{label + ': ' if label else ''}non-finite values (NaN/Inf) in {len(bad)} {layers},"
+              f" left out of the means: {listed}{more}")
+
+
+def warn_undefined(result) -> None:
+    """Crop mode with a border that leaves no compared region in any spatial layer."""
+    spatial = [i for i, info in enumerate(result.layers) if info.is_spatial]
+    if result.settings.mode == "crop" and spatial and \
+            all(result.n[i].sum() + result.n_inf[i].sum() == 0 for i in spatial):
+        warn_line(f"--border {result.settings.border} leaves no valid region in any spatial layer:"
+                  " every spatial value is undefined; use a smaller --border or a larger --size")
+
+
+# -- compare -------------------------------------------------------------------------------
+def run_compare(result_files: list, specs: list, filt_size: Optional[int], model: dict,
+                options: dict, figure: dict, difference: str, formats: Sequence[str], dpi: int, *,
+                out: Optional[Path], overwrite: bool, quiet: bool) -> None:
+    from .comparison import Comparison
+    from .result import load
+
+    if out is not None:
+        check_out(out, overwrite=overwrite)
+    if result_files:
+        if filt_size:
+            raise UsageError("--antialias needs --model; saved results are compared as they are")
+        results = [load(path) for path in result_files]
+    else:
+        if not specs:
+            raise UsageError("nothing to compare: pass result files or --model (with --antialias"
+                             " for a baseline-vs-antialiased comparison)")
+        variants = [(spec, None) for spec in specs] + ([(s, filt_size) for s in specs] if filt_size else [])
+        if len(variants) < 2:
+            raise UsageError("a comparison needs two models: repeat --model or add --antialias K")
+        results, labels = [], []
+        for spec, filt in variants:
+            result = runs.heatmap(spec, antialias=filt, padding=model["padding"],
+                                  **_model_keywords(model), **options,
+                                  progress=None if not quiet else False, on_ready=_announce(quiet))
+            label = unique_label(result.provenance.model, labels)
+            labels.append(label)
+            results.append(result.with_label(label))
+    comparison = Comparison(results)
+    folder = out if out is not None else default_out("compare")
+    written = write_comparison(comparison, folder, not result_files, figure, difference, formats, dpi)
+    for result, label in zip(comparison.results, comparison.labels):
+        warn_nonfinite(result, label)
+    if not quiet:
+        table = comparison.summary()
+        means = [c for c in table.columns if c.startswith("mean[")]
+        click.echo(table[[table.columns[1]] + means].to_string(index=False, float_format="%.4g"),
+                   err=True)
+    for path in written:
+        click.echo(str(path))
+
+
+def unique_label(name: str, taken: Sequence[str]) -> str:
+    label, count = name, 1
+    while label in taken:
+        count += 1
+        label = f"{name}#{count}"
+    return label
+
+
+# -- consistency ---------------------------------------------------------------------------
+def run_consistency(specs: list, filt_size: Optional[int], model: dict, options: dict, *,
+                    labels_path: Optional[str], n_pairs: int, protocol: str, epochs: int,
+                    workers: int, formats: Sequence[str], dpi: int, out: Optional[Path],
+                    overwrite: bool, quiet: bool) -> None:
+    from .consistency_table import consistency_table, format_consistency
+
+    if out is not None:
+        check_out(out, overwrite=overwrite)
+    variants = [(spec, None) for spec in specs] + ([(s, filt_size) for s in specs] if filt_size else [])
+    results, labels = [], []
+    for spec, filt in variants:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = runs.consistency(
+                spec, antialias=filt, padding=model["padding"], **_model_keywords(model),
+                labels_path=labels_path, n_pairs=n_pairs, protocol=protocol, epochs=epochs,
+                workers=workers, progress=None if not quiet else False,
+                on_ready=_announce(quiet), **options)
+        label = unique_label(result.label, labels)
+        labels.append(label)
+        for item in caught:
+            warn_line(f"{label}: {item.message}" if label not in str(item.message) else item.message)
+        results.append(result.with_label(label))
+    _warn_uninformative(results)
+    table = consistency_table(results)
+    folder = out if out is not None else default_out("consistency")
+    written = write_consistency(results, table, folder, formats, dpi)
+    click.echo(format_consistency(table))
+    if not quiet:
+        for path in written:
+            click.echo(str(path), err=True)
+    if all(getattr(r, "n_finite", 1) == 0 for r in results):
+        raise ShiftlabError("no model gave a finite output; nothing was measured")
+
+
+def _warn_uninformative(results: list) -> None:
+    from .invariance import uninformative_across
+
+    message = uninformative_across(results) if len(results) > 1 else None
+    if message:
+        warn_line(message)
