@@ -1,7 +1,7 @@
 """Streaming a dataset: images/s through shiftlab.sources.image_batches, and peak memory.
 
     python -m benchmarks.dataset                       # 2,000 JPEGs in 10 WNID class folders
-    python -m benchmarks.dataset --images 500 --workers 0,2 --model resnet18
+    python -m benchmarks.dataset --images 500 --workers 0,2 --model resnet18 --size 112
 
 Generates (once, cached under the temp folder) a class-folder dataset of random JPEGs, then:
 
@@ -46,6 +46,20 @@ def bare_forward(model: nn.Module, batch: ImageBatch) -> None:
     """The least per-batch work: one forward pass, no hooks, no shifts."""
     with torch.inference_mode():
         model(batch.tensor)
+
+
+def tiny_model() -> nn.Module:
+    """A small CNN (three conv-BN-ReLU stages, global pool, 10 classes): decoding stays visible."""
+    layers: list[nn.Module] = []
+    for c_in, c_out in ((3, 16), (16, 32), (32, 64)):
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).eval()
+
+
+def build_model(spec: str) -> nn.Module:
+    """``tiny`` (:func:`tiny_model`) or any shiftlab model spec, with random weights."""
+    torch.manual_seed(0)
+    return tiny_model() if spec == "tiny" else shiftlab.load_model(spec, "none").model.eval()
 
 
 def make_dataset(images: int, classes: int = 10, side: int = 80, seed: int = 0) -> Path:
@@ -95,8 +109,7 @@ def _peak_rss_mb() -> float:
 
 def _child(args: argparse.Namespace) -> None:
     """One fresh process: stream or load ``--count`` images, forward them, print peak RSS."""
-    torch.manual_seed(0)
-    model = shiftlab.load_model(args.model, "none").model.eval()
+    model = build_model(args.model)
     root = Path(args.root)
     if args.child == "stream":
         for batch in image_batches(root, size=args.size, batch_size=args.batch_size,
@@ -125,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--classes", type=int, default=10, choices=range(1, len(WNIDS) + 1))
     parser.add_argument("--side", type=int, default=80, help="side of the generated JPEGs")
     parser.add_argument("--size", type=int, default=64, help="model input size")
-    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--model", default="tiny", help="'tiny' (a small CNN) or a shiftlab model spec")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", default="0,2", help="comma-separated DataLoader worker counts")
     parser.add_argument("--child", choices=("stream", "load"), help=argparse.SUPPRESS)
@@ -136,8 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         return _child(args)
 
     root = make_dataset(args.images, args.classes, args.side)
-    torch.manual_seed(0)
-    model = shiftlab.load_model(args.model, "none").model.eval()
+    model = build_model(args.model)
     bare_forward(model, ImageBatch(torch.zeros(2, 3, args.size, args.size), None, [], []))  # warm-up
     print(f"{args.images} JPEGs of {args.side} px in {args.classes} WNID folders ({root}); {args.model}"
           f" at {args.size} px, batch {args.batch_size}, {torch.get_num_threads()} torch threads\n")

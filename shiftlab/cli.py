@@ -167,7 +167,13 @@ def compare(result_files: Sequence[str], model_specs: Sequence[str], filt_size: 
 @click.option("--epochs", type=click.IntRange(1), default=1, show_default=True,
               help="zhang2019: passes over the images (pairs = images x epochs).")
 @click.option("--workers", type=click.IntRange(0), default=0, show_default=True,
-              help="DataLoader workers that decode images (protocols stream the images).")
+              help="DataLoader processes that decode images for the protocols, which stream"
+                   " them (0: decode in the main process).")
+@click.option("--class-order", type=click.Choice(["auto", "names", "sorted"]), default="auto",
+              show_default=True,
+              help="How --labels folder/CSV names become class indices: names (category names or"
+                   " indices), sorted (torchvision ImageFolder order, e.g. ImageNet WNID folders),"
+                   " auto (names, or sorted for a full set of WNID folders).")
 @measure_options
 @click.option("--format", "formats", multiple=True, type=click.Choice(defaults.FIGURE_FORMATS),
               default=("png", "pdf"), show_default=True,
@@ -178,7 +184,7 @@ def compare(result_files: Sequence[str], model_specs: Sequence[str], filt_size: 
 def consistency(model_specs: Sequence[str], filt_size: Optional[int], weights: str,
                 weights_key: Optional[str], trust_checkpoint: bool, mean, std, seed: int,
                 padding: str, n_pairs: int, labels_path: Optional[str], protocol: str,
-                epochs: int, workers: int, formats: Sequence[str], dpi: int, out: Optional[str],
+                epochs: int, workers: int, class_order: str, formats: Sequence[str], dpi: int, out: Optional[str],
                 overwrite: bool, quiet: bool, **options) -> None:
     """Output-level shift invariance: does the predicted class survive a shift?
 
@@ -206,7 +212,7 @@ def consistency(model_specs: Sequence[str], filt_size: Optional[int], weights: s
                  "seed": seed, "mean": mean, "std": std, "padding": padding}
         run_consistency(list(model_specs), filt_size, model, _measure_args(options),
                         labels_path=labels_path, n_pairs=n_pairs, protocol=protocol, epochs=epochs,
-                        workers=workers, formats=formats, dpi=dpi,
+                        workers=workers, class_order=class_order, formats=formats, dpi=dpi,
                         out=Path(out) if out else None, overwrite=overwrite, quiet=quiet)
 
 

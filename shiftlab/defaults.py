@@ -25,6 +25,9 @@ GRID_KINDS = ("square", "symmetric", "diagonal")
 #: boundary-effect diagnostic); 'both' (CLI only) measures both and shows the gap
 PADDINGS = ("as-trained", "circular")
 DTYPES = ("float32", "bfloat16", "float16")
+#: output-level protocols: every grid shift per image, the paper's two random windows per
+#: image and epoch, the paper's diagonal sweep
+PROTOCOLS = ("grid", "zhang2019", "diagonal")
 FIGURE_FORMATS = ("png", "pdf", "svg")
 
 

@@ -308,7 +308,7 @@ class _Run:
         # T_0 is the identity: the zero shift reuses the reference features instead of a
         # forward that could differ from them only by batch-size-dependent rounding.
         self.zero_index = torch.nonzero(is_zero).flatten()
-        self.forward_index = torch.nonzero(~is_zero).flatten()
+        self.forward_index = self._phase_order(torch.nonzero(~is_zero).flatten())
         self.forward_shifts = shifts[self.forward_index]
         # sums stay on the device; they reach the host only for the result and checkpoints
         self.sums = DistanceAccumulator(len(shifts), device, n_layers=len(infos))
@@ -325,6 +325,19 @@ class _Run:
         self.caches: dict[str, dict] = {}
         self._phase: Callable[[str, torch.Tensor], None] = self._ignore
         self._batch = 0  # inputs in the forward pass under way
+
+    def _phase_order(self, index: torch.Tensor) -> torch.Tensor:
+        """The shifts in the order of their phase, d mod s, for each layer stride s (smallest
+        first): shifts of one phase then share a forward pass, and a bilinear plan filters the
+        reference once per phase and pass (for powers of two, every stride's phases are runs).
+        """
+        strides = sorted({round(s) for info in self.infos if info.is_spatial for s in info.stride
+                          if s > 1 and abs(s - round(s)) < 1e-6})
+        if not strides:
+            return index
+        shifts = self.shifts[index].tolist()
+        key = lambda i: tuple((dh % s, dw % s) for s in strides for dh, dw in [shifts[i]])  # noqa: E731
+        return index[sorted(range(len(index)), key=key)]
 
     # -- hooks -----------------------------------------------------------------------
     @staticmethod

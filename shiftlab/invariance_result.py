@@ -1,12 +1,10 @@
 """The result of :func:`shiftlab.invariance.measure_invariance`: settings, per-image predictions,
 and the statistics derived from them (intervals, worst-case shares, warnings), with save/load.
 
-Statistics are computed over *images*, the unit that is sampled: a shift's predictions for one
-image are not independent of another shift's for the same image. Pooled numbers (pairwise
-consistency, mean consistency vs. reference, mean accuracy) get a seeded two-stage bootstrap
-interval (:func:`bootstrap_interval`): resample images with replacement, then each resampled
-image's own trials (pairs or shifts). Per-shift numbers, one trial per image, keep the Wilson
-interval with n = the number of images.
+Intervals are over *images*, the sampled unit (one image's shifts are not independent trials):
+pooled numbers (pairwise consistency, consistency vs. reference, accuracy) get a seeded
+two-stage bootstrap (:func:`bootstrap_interval`); per-shift numbers, one trial per image, a
+Wilson interval with n = the number of images.
 
 A prediction whose logits hold NaN or Inf is stored as class ``-1`` (probability NaN) and never
 counts as agreement: it is left out of every statistic, and :attr:`InvarianceResult.n_nonfinite`
@@ -17,6 +15,7 @@ counts them.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -78,11 +77,10 @@ def bootstrap_interval(successes, trials, *, n_resamples: int = 1000, confidence
                        seed: int = 0):
     """Two-stage percentile bootstrap of a pooled proportion Σ successes / Σ trials.
 
-    ``successes`` and ``trials`` are per image, (N,) or (N, K) for K proportions at once (the
-    same image draws for every column). Each resample draws N images with replacement, then for
-    each drawn image resamples its own trials with replacement — a Binomial(trials, successes /
-    trials) draw — so the interval carries both the spread between images and the noise of the
-    trials inside one image. Images with 0 trials add nothing. Seeded: same input, same interval.
+    ``successes`` and ``trials`` are per image, (N,) or (N, K) for K proportions sharing the
+    image draws. Each resample draws N images with replacement, then resamples each drawn
+    image's own trials with replacement (a Binomial(trials, successes / trials) draw): the
+    interval carries the spread between images and the noise inside one. Seeded.
 
     Returns (low, high) as floats for (N,) input, (K,) arrays for (N, K); NaN without trials.
 
@@ -104,26 +102,34 @@ def bootstrap_interval(successes, trials, *, n_resamples: int = 1000, confidence
     if n_images == 0 or not (n > 0).any():
         nan = np.full(n_columns, np.nan)
         return (math.nan, math.nan) if single else (nan, nan.copy())
+    # images with the same (successes, trials) in every column are exchangeable: resample the
+    # counts of each such type, then Σ of c draws of Binomial(n, p) is one Binomial(c·n, p)
+    types, inverse, frequency = np.unique(np.concatenate([k, n], 1), axis=0, return_inverse=True,
+                                          return_counts=True)
+    k, n, inverse = types[:, :n_columns], types[:, n_columns:], inverse.ravel()
     with np.errstate(invalid="ignore", divide="ignore"):
         p = np.where(n > 0, k / np.where(n > 0, n, 1), 0.0)
-    mixed = (p > 0) & (p < 1)  # only these images have within-image noise to draw
+    mixed = (p > 0) & (p < 1)  # only these types have within-image noise to draw
     rng = np.random.default_rng(int(seed))
     estimates = np.empty((int(n_resamples), n_columns))
-    chunk = max(1, min(int(n_resamples), 2_000_000 // max(1, n_images * n_columns)))
+    n_types = len(types)
+    chunk = max(1, min(int(n_resamples), 2_000_000 // max(1, n_images + n_types * n_columns)))
     for start in range(0, int(n_resamples), chunk):
-        rows = slice(start, min(start + chunk, int(n_resamples)))
-        # how often each image is drawn; drawn c times, its trials resample as Binomial(c·n, p)
-        counts = rng.multinomial(n_images, np.full(n_images, 1 / n_images),
-                                 size=rows.stop - rows.start).astype(np.float64)
-        total = counts @ n
-        hits = counts @ np.where(mixed, 0.0, k)
+        size = min(chunk, int(n_resamples) - start)
+        if n_types <= 256:  # few types: draw their counts directly
+            counts = rng.multinomial(n_images, frequency / n_images, size=size)
+        else:
+            drawn = inverse[rng.integers(0, n_images, (size, n_images))] + n_types * np.arange(size)[:, None]
+            counts = np.bincount(drawn.ravel(), minlength=size * n_types).reshape(size, n_types)
+        counts = counts.astype(np.float64)
+        total, hits = counts @ n, counts @ np.where(mixed, 0.0, k)
         for column in np.flatnonzero(mixed.any(0)):
             which = mixed[:, column]
             draws = rng.binomial((counts[:, which] * n[which, column]).astype(np.int64),
                                  p[which, column])
             hits[:, column] += draws.sum(1)
         with np.errstate(invalid="ignore", divide="ignore"):
-            estimates[rows] = hits / total
+            estimates[start:start + size] = hits / total
     tail = 100 * (1 - confidence) / 2
     with np.errstate(invalid="ignore"):
         low, high = np.nanpercentile(estimates, [tail, 100 - tail], axis=0)
@@ -139,10 +145,8 @@ def _all_same_class(arrays: Sequence[np.ndarray]) -> Optional[int]:
 
 
 def uninformative_across(results: Sequence["InvarianceResult"]) -> Optional[str]:
-    """A one-line warning when every model predicts the same class for every image and shift.
-
-    Then consistency measures nothing about the models (e.g. random weights that always say the
-    same class); the CLI prints it. None when the predictions differ somewhere.
+    """A one-line warning when all models make the same predictions for every image and shift
+    (consistency then tells them apart by nothing); None when they differ somewhere.
 
     >>> uninformative_across([base, antialiased])   # doctest: +SKIP
     'consistency is uninformative: all 2 models predict the same class for every image and shift'
@@ -150,11 +154,11 @@ def uninformative_across(results: Sequence["InvarianceResult"]) -> Optional[str]
     results = list(results)
     if len(results) < 2:
         return results[0].uninformative if results else None
-    first = results[0]
+    names = ("reference_argmax", "grid_argmax", "diagonal_argmax", "predictions")  # or protocols'
+    first = [getattr(results[0], name, None) for name in names]
     for other in results[1:]:
-        for name in ("reference_argmax", "grid_argmax", "diagonal_argmax"):
-            a, b = getattr(first, name), getattr(other, name)
-            if a.shape != b.shape or not np.array_equal(a, b):
+        for a, b in zip(first, [getattr(other, name, None) for name in names]):
+            if (a is None) != (b is None) or (a is not None and not np.array_equal(a, b)):
                 return None
     return (f"consistency is uninformative: all {len(results)} models predict the same class for"
             " every image and shift")
@@ -225,6 +229,26 @@ class InvarianceResult:
     @property
     def n_images(self) -> int:
         return int(self.reference_argmax.shape[0])
+
+    @property
+    def label(self) -> str:
+        """The name in tables, figures and warnings: meta 'label', else 'model', else 'result'."""
+        return str(self.meta.get("label") or self.meta.get("model") or "result")
+
+    @property
+    def provenance(self) -> "Provenance":
+        """Where this result came from, typed (read from its metadata)."""
+        from .provenance import Provenance
+
+        known = {k: v for k, v in self.meta.items() if k != "extra"}
+        try:
+            return Provenance.from_dict(known)
+        except Exception:  # noqa: BLE001  (older, free-form metadata)
+            return Provenance.from_meta(self.meta)
+
+    def with_label(self, label: str) -> "InvarianceResult":
+        """A copy named ``label`` (the arrays are shared)."""
+        return dataclasses.replace(self, meta={**self.meta, "label": label})
 
     def _bootstrap(self, successes, trials):
         return bootstrap_interval(successes, trials, n_resamples=self.settings.n_bootstrap,

@@ -13,7 +13,7 @@ import click
 
 from . import runs
 from .console import warn_line
-from .errors import ShiftlabError, UsageError
+from .errors import UsageError
 from .reports import (PROGRESS_FILE, check_out, default_out, write_comparison, write_consistency,
                       write_heatmap, write_padding_pair)
 
@@ -73,8 +73,8 @@ def run_heatmap(model: dict, padding: str, options: dict, figure: dict, formats:
                   " --padding circular (or both), or --mode crop --border B")
     if not quiet:
         report(results[-1])
-    for path in written:
-        click.echo(str(path))
+        for path in written:
+            click.echo(str(path))
 
 
 def _dry_run(model: dict, padding: str, options: dict, dtype: str, quiet: bool) -> None:
@@ -189,7 +189,7 @@ def unique_label(name: str, taken: Sequence[str]) -> str:
 # -- consistency ---------------------------------------------------------------------------
 def run_consistency(specs: list, filt_size: Optional[int], model: dict, options: dict, *,
                     labels_path: Optional[str], n_pairs: int, protocol: str, epochs: int,
-                    workers: int, formats: Sequence[str], dpi: int, out: Optional[Path],
+                    workers: int, class_order: str, formats: Sequence[str], dpi: int, out: Optional[Path],
                     overwrite: bool, quiet: bool) -> None:
     from .consistency_table import consistency_table, format_consistency
 
@@ -203,7 +203,7 @@ def run_consistency(specs: list, filt_size: Optional[int], model: dict, options:
             result = runs.consistency(
                 spec, antialias=filt, padding=model["padding"], **_model_keywords(model),
                 labels_path=labels_path, n_pairs=n_pairs, protocol=protocol, epochs=epochs,
-                workers=workers, progress=None if not quiet else False,
+                workers=workers, class_order=class_order, progress=None if not quiet else False,
                 on_ready=_announce(quiet), **options)
         label = unique_label(result.label, labels)
         labels.append(label)
@@ -218,8 +218,6 @@ def run_consistency(specs: list, filt_size: Optional[int], model: dict, options:
     if not quiet:
         for path in written:
             click.echo(str(path), err=True)
-    if all(getattr(r, "n_finite", 1) == 0 for r in results):
-        raise ShiftlabError("no model gave a finite output; nothing was measured")
 
 
 def _warn_uninformative(results: list) -> None:

@@ -351,7 +351,7 @@ def draw(panels: list[Panel], ncols: int, cmap: Colormap, layout: Layout) -> Fig
     bar_h = min(max(box.panel_h, area_h - box.title_h), 5.5)
     wrap = max(14, int(bar_h * 72 / (7.0 * 0.55)))
     bar_lines = [w for part in layout.cbar_label.split("\n") for w in textwrap.wrap(part, wrap)]
-    right = 0.2 + 0.12 + 0.45 + 0.14 * len(bar_lines)
+    right = 0.2 + 0.12 + 0.45 + 0.14 * len(bar_lines) + (box.hgap if layout.own_bars else 0)
     top = 0.15 + (layout.title.count("\n") + 1) * FS_TITLE * 1.35 / 72
     legend = _legend_items(panels, layout.notes)
     bottom = 0.42 + len(layout.notes) * 0.16 + (0.16 if legend else 0) + 0.05
@@ -387,7 +387,8 @@ def draw(panels: list[Panel], ncols: int, cmap: Colormap, layout: Layout) -> Fig
         y = 1 - (top + row * pitch - box.vgap / 2) / height
         fig.add_artist(Line2D([0.1 / width, (left + area_w) / width], [y, y], lw=0.6, color="0.75",
                               transform=fig.transFigure))
-    cax = fig.add_axes(frac(left + area_w + 0.2, top + box.title_h, 0.12, bar_h), label="colorbar")
+    key_x = left + area_w + 0.2 + (box.hgap if layout.own_bars else 0)  # clear of the last panel's bar
+    cax = fig.add_axes(frac(key_x, top + box.title_h, 0.12, bar_h), label="colorbar")
     if layout.own_bars:  # a key only: where each panel's own range sits on the colormap
         bar = fig.colorbar(ScalarMappable(norm=Normalize(0, 1), cmap=cmap), cax=cax)
         bar.set_ticks([0, 1])

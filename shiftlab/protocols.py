@@ -21,10 +21,12 @@ out and counted. Streaming: one batch in memory at a time, only per-image number
 from __future__ import annotations
 
 import collections.abc
+import dataclasses
 import json
 import math
 import os
 import platform
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Union
@@ -90,6 +92,35 @@ class _Saved:
     probability: np.ndarray
     labels: Optional[np.ndarray] = None
     meta: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """The name in tables and warnings: meta 'label', else 'model', else 'result'."""
+        return str(self.meta.get("label") or self.meta.get("model") or "result")
+
+    @property
+    def provenance(self) -> "Provenance":
+        """Where this result came from, typed (read from its metadata)."""
+        from .provenance import Provenance
+
+        known = {k: v for k, v in self.meta.items() if k != "extra"}
+        try:
+            return Provenance.from_dict(known)
+        except Exception:  # noqa: BLE001  (older, free-form metadata)
+            return Provenance.from_meta(self.meta)
+
+    def with_label(self, label: str):
+        """A copy named ``label`` (the arrays are shared)."""
+        return dataclasses.replace(self, meta={**self.meta, "label": label})
+
+    @property
+    def uninformative(self) -> Optional[str]:
+        """'consistency is uninformative: every prediction is class K' when the finite
+        predictions are all one class K; None otherwise."""
+        classes = np.unique(self.predictions[self.predictions != INVALID])
+        if len(classes) != 1:
+            return None
+        return f"consistency is uninformative: every prediction is class {int(classes[0])}"
 
     @property
     def n_nonfinite(self) -> int:
@@ -316,10 +347,12 @@ def consistency_protocol(model: nn.Module, batches: Iterable, *, size: int = 224
     check_finite(name, int((predictions == INVALID).sum()), predictions.size)
     settings = ProtocolSettings("zhang2019", int(size), canvas, int(epochs), int(seed), 0,
                                 int(n_bootstrap), float(confidence))
-    return ProtocolResult(settings=settings, image=np.concatenate(image),
-                          offsets=np.concatenate(offsets), predictions=predictions,
-                          probability=np.concatenate(probability), labels=_labels(labels),
-                          meta=_meta(meta, device))
+    result = ProtocolResult(settings=settings, image=np.concatenate(image),
+                            offsets=np.concatenate(offsets), predictions=predictions,
+                            probability=np.concatenate(probability), labels=_labels(labels),
+                            meta=_meta(meta, device))
+    _warn_uninformative(result, name)
+    return result
 
 
 def diagonal_protocol(model: nn.Module, batches: Iterable, *, size: int = 224, max_offset: int = 32,
@@ -358,10 +391,12 @@ def diagonal_protocol(model: nn.Module, batches: Iterable, *, size: int = 224, m
     check_finite(name, int((predictions == INVALID).sum()), predictions.size)
     settings = ProtocolSettings("diagonal", int(size), canvas, 1, int(seed), int(max_offset),
                                 int(n_bootstrap), float(confidence))
-    return DiagonalResult(settings=settings, image=np.arange(len(predictions)),
-                          offsets=np.arange(int(max_offset) + 1), predictions=predictions,
-                          probability=np.concatenate(probability), labels=_labels(labels),
-                          meta=_meta(meta, device))
+    result = DiagonalResult(settings=settings, image=np.arange(len(predictions)),
+                            offsets=np.arange(int(max_offset) + 1), predictions=predictions,
+                            probability=np.concatenate(probability), labels=_labels(labels),
+                            meta=_meta(meta, device))
+    _warn_uninformative(result, name)
+    return result
 
 
 def _prepare(model, device, meta, size, epochs, n_bootstrap, confidence):
@@ -455,6 +490,11 @@ def _predict(model: nn.Module, windows: torch.Tensor, target: Optional[torch.Ten
         prob = torch.softmax(logits, 1).gather(1, target.to(logits.device)[:, None])[:, 0]
     prob = prob.cpu().numpy()
     return top, np.where(top == INVALID, np.nan, prob)
+
+
+def _warn_uninformative(result: _Saved, name: str) -> None:
+    if result.uninformative:
+        warnings.warn(f"{name}: {result.uninformative}", stacklevel=3)
 
 
 def _labels(parts: list) -> Optional[np.ndarray]:

@@ -260,12 +260,17 @@ def write_consistency(results: Sequence, table, folder: Path, formats: Sequence[
     from .plots import probability_plot
 
     def write(stage: Path) -> list[Path]:
-        written = [r.save(stage / f"invariance-{safe_name(r.label)}.npz") for r in results]
-        frames = [r.to_frame().assign(model=r.label) for r in results]
-        per_shift = pd.concat(frames, ignore_index=True)
-        per_shift = per_shift[["model"] + [c for c in per_shift.columns if c != "model"]]
-        written.append(write_table(stage / "consistency.csv", per_shift))
+        gridded = [r for r in results if hasattr(r, "to_frame")]  # protocols have no grid
+        written = [r.save(stage / f"{'invariance' if hasattr(r, 'to_frame') else 'protocol'}-"
+                                  f"{safe_name(r.label)}.npz") for r in results]
+        if gridded:
+            frames = [r.to_frame().assign(model=r.label) for r in gridded]
+            per_shift = pd.concat(frames, ignore_index=True)
+            per_shift = per_shift[["model"] + [c for c in per_shift.columns if c != "model"]]
+            written.append(write_table(stage / "consistency.csv", per_shift))
         written.append(write_table(stage / "summary.csv", table))
-        return written + save_figures([("probability", lambda: probability_plot(results))],
+        if not gridded:
+            return written
+        return written + save_figures([("probability", lambda: probability_plot(gridded))],
                                       stage, formats, dpi)
     return write_set(folder, write)

@@ -22,7 +22,8 @@ import torch
 
 from .checks import check_choice
 from .data import LoadedImages, find_images, image_digest, load_images, sample_image_paths
-from .defaults import (MAX_SHIFT, PADDINGS, SIZE, default_resize, make_grid)
+from .defaults import (BATCH_SIZE, MAX_SHIFT, PADDINGS, PAIRS, PROTOCOLS, SIZE, default_resize,
+                       make_grid)
 from .errors import UsageError
 from .models import LoadedModel
 from .provenance import Provenance, as_tuple, model_fingerprint
@@ -228,3 +229,105 @@ def heatmap(model: str = "vgg16", *, weights: str = "auto", seed: int = 0,
                    checkpoint=checkpoint, resume=resume,
                    resume_key=resume_identity(provenance, padding, dtype),
                    keep_checkpoint=keep_checkpoint, **measure_options)
+
+
+def categories(loaded: LoadedModel) -> Optional[list]:
+    """The model's class names: its weights' categories, else torchvision's for that name."""
+    if loaded.categories:
+        return list(loaded.categories)
+    from torchvision.models import get_model_weights
+
+    from .variants import parse_variant
+
+    try:
+        return list(get_model_weights(parse_variant(loaded.name)[0]).DEFAULT.meta["categories"])
+    except (ValueError, KeyError, AttributeError, TypeError):
+        return None  # not a torchvision classifier: labels must be class indices
+
+
+def consistency(model: str = "resnet18", *, weights: str = "auto", seed: int = 0,
+                antialias: Optional[int] = None, padding: str = "as-trained",
+                num_classes: Optional[int] = None, trust_checkpoint: bool = False,
+                weights_key: Optional[str] = None, mean: Optional[Sequence[float]] = None,
+                std: Optional[Sequence[float]] = None, images: Sequence[PathLike] = (),
+                max_images: Optional[int] = None, size: int = SIZE, resize: Optional[int] = None,
+                grid: str = "square", max_shift: int = MAX_SHIFT, subpixel: int = 1,
+                mode: str = "circular", labels_path: Optional[PathLike] = None,
+                n_pairs: int = PAIRS, protocol: str = "grid", epochs: int = 1, workers: int = 0,
+                class_order: str = "auto", batch_size: int = BATCH_SIZE, device: str = "auto",
+                progress: Optional[bool] = None, on_ready: Optional[Callable] = None,
+                label: Optional[str] = None, **_per_layer_options):
+    """What ``shiftlab consistency`` measures for one model: an ``InvarianceResult`` (protocol
+    'grid': every shift of the grid on every image) or a protocol result ('zhang2019': two
+    random ``size`` windows of the ``resize`` centre crop per image and epoch; 'diagonal').
+
+    Protocols stream the images (DataLoader ``workers``), so memory does not grow with them.
+
+    Example:
+        >>> result = consistency("resnet18", weights="none", size=64, max_shift=4)  # doctest: +SKIP
+        >>> result.summary()["pairwise_consistency"]                               # doctest: +SKIP
+    """
+    from .invariance import measure_invariance
+    from .labels import read_labels
+
+    check_choice("protocol", protocol, PROTOCOLS)
+    loaded = build_model(model, weights, seed=seed, antialias=antialias, padding=padding,
+                         num_classes=num_classes, trust_checkpoint=trust_checkpoint,
+                         weights_key=weights_key, mean=mean, std=std)
+    labelled = None
+    if labels_path is not None:
+        labelled = read_labels(labels_path, categories(loaded), class_order=class_order)
+        images = labelled.paths
+    if protocol != "grid":
+        return _protocol(loaded, model, protocol, images, labelled, size=size, resize=resize,
+                         max_images=max_images, epochs=epochs, seed=seed, workers=workers,
+                         batch_size=batch_size, device=device, progress=progress,
+                         antialias=antialias, label=label, on_ready=on_ready)
+    shifts, margin = shift_plan(grid=grid, max_shift=max_shift, subpixel=subpixel, mode=mode,
+                                size=size, resize=resize)
+    inputs = load_inputs(loaded, images=images, max_images=max_images, size=size, resize=resize,
+                         margin=margin)
+    provenance = provenance_for(loaded, model, inputs, seed=seed, antialias=antialias,
+                                resize=resize or default_resize(size, margin), label=label,
+                                labels=str(labels_path) if labels_path else None)
+    if on_ready is not None:
+        on_ready(loaded, inputs, shifts, {"size": size, "mode": mode})
+    return measure_invariance(
+        loaded.model, inputs.tensor, shifts, mode=mode, margin=margin,
+        labels=labelled.for_paths(inputs.paths) if labelled is not None else None,
+        n_pairs=n_pairs, seed=seed, batch_size=batch_size, device=device, progress=progress,
+        meta={**provenance.to_dict(), "padding": padding})
+
+
+def _protocol(loaded: LoadedModel, spec: str, protocol: str, images, labelled, *, size: int,
+              resize: Optional[int], max_images: Optional[int], epochs: int, seed: int,
+              workers: int, batch_size: int, device: str, progress: Optional[bool],
+              antialias: Optional[int], label: Optional[str], on_ready: Optional[Callable]):
+    """The paper's ImageNet protocols on a streamed source: R×R centre crops, R = resize."""
+    from .protocols import consistency_protocol, diagonal_protocol
+    from .sources import image_batches
+
+    crop = resize or default_resize(size)
+    if crop <= size:
+        raise UsageError(f"--protocol {protocol} draws {size} px windows from a --resize {crop} px"
+                         f" centre crop; use a --resize above --size")
+    if protocol == "diagonal" and labelled is None:
+        raise UsageError("--protocol diagonal plots the ground-truth class probability; pass --labels")
+    source = labelled if labelled is not None else image_paths(images)
+    stream = image_batches(source, size=crop, resize=crop, mean=loaded.mean, std=loaded.std,
+                           batch_size=batch_size, workers=workers, max_images=max_images,
+                           on_skip=lambda path, reason: warnings.warn(f"skipped {path}: {reason}"))
+    provenance = Provenance(model=loaded.name, label=label or loaded.name,
+                            weights=str(loaded.weights), pretrained=bool(loaded.pretrained),
+                            seed=seed, antialias=antialias, resize=crop,
+                            model_fingerprint=model_fingerprint(loaded.model),
+                            mean=as_tuple(loaded.mean), std=as_tuple(loaded.std),
+                            extra={"spec": spec, "protocol": protocol})
+    if on_ready is not None and progress is not False:
+        warnings.warn(f"{loaded.name} ({loaded.weights}): --protocol {protocol}, {size} px windows"
+                      f" of {crop} px centre crops, streamed")
+    if protocol == "zhang2019":
+        return consistency_protocol(loaded.model, stream, size=size, epochs=epochs, seed=seed,
+                                    device=device, progress=progress, meta=provenance.to_dict())
+    return diagonal_protocol(loaded.model, stream, size=size, max_offset=min(32, crop - size),
+                             device=device, progress=progress, meta=provenance.to_dict(), seed=seed)

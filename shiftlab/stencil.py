@@ -7,6 +7,8 @@ These helpers avoid the hidden passes of the obvious code:
   tensor costs page faults at every allocation (big blocks go back to the OS when freed).
 - :func:`sub_rolled` / :func:`rolled_into`: ``b - roll(a)`` and ``roll(a)`` through the (up to)
   four slices of ``a``; ``torch.roll`` would write a rolled copy that the next step reads again.
+- :func:`blocks`: cache-sized pieces of a shifted run, so that the passes over one piece after
+  the first hit the cache (a scratch the size of the whole run would go to memory and back).
 - :func:`stencil2`: a separable circulant filter with a few taps per axis as slice-wise
   multiply-adds; the same filter as a dense n×n matrix product costs O(n) flops per value.
 
@@ -27,6 +29,10 @@ IDENTITY: Taps = ((0, 1.0),)
 _SMALL_ROW = 1 << 17  # values per row below which one batched call beats a BLAS call per row
 SMALL_MAP = 64
 """Maps of at most this many positions (8×8) take dense (hw × hw) matrix products instead."""
+CACHE_BYTES = 4 * 2**20
+"""Comparisons walk the shifted maps in blocks of about this size (:func:`blocks`): every pass
+after the first over a block (a norm, a second inner product) then reads the CPU cache, not
+memory, and scratch the size of a block stays in the cache too."""
 
 
 class Workspace:
@@ -232,31 +238,6 @@ def lag_dot(x: torch.Tensor, y: torch.Tensor, lag: int, dim: int = -2) -> torch.
     return main + _wrap_fix(x_blocks, y_blocks, k)
 
 
-def lag_dots(x: torch.Tensor, ys: torch.Tensor, lag: int, dim: int = -2) -> torch.Tensor:
-    """:func:`lag_dot` of one x (B, C, h, w) with many ys (R, B, C, h, w) -> (R, B) float64.
-
-    One matrix-vector product per image reads all R maps once; ``ys`` may be a strided view.
-    """
-    n_runs, n = ys.shape[:2]
-    lag = _shortest(lag, x.shape[dim])
-    x_blocks, step = _by_axis(x, dim)
-    k = lag * step
-    flat_x = x.reshape(n, -1)
-    main = []
-    for image in range(n):
-        rows = ys[:, image].reshape(n_runs, -1)  # a view: the maps of one image are contiguous
-        if k > 0:
-            main.append(torch.mv(rows[:, :-k], flat_x[image, k:]))
-        elif k < 0:
-            main.append(torch.mv(rows[:, -k:], flat_x[image, :k]))
-        else:
-            main.append(torch.mv(rows, flat_x[image]))
-    total = torch.stack(main, 1).double()
-    if k == 0:
-        return total
-    return total + _wrap_fix(x_blocks, _by_axis(ys, dim)[0], k)
-
-
 def quadratic(x: torch.Tensor, taps: tuple[Taps, Taps], workspace: Workspace) -> torch.Tensor:
     """<x, (R ⊗ C) x> per row of x (N, C, h, w) -> (N,) float64, for symmetric circulant taps.
 
@@ -289,3 +270,65 @@ def quadratic(x: torch.Tensor, taps: tuple[Taps, Taps], workspace: Workspace) ->
         if beta_h:
             total = total + 2 * beta_h * beta_w * lag_dot(m, m, 1)
     return total
+
+
+def blocks(n_shifts: int, n_images: int, map_bytes: int,
+           budget: int = CACHE_BYTES) -> list[tuple[slice, slice]]:
+    """(shifts, images) slices covering an (S, B) run of maps of ``map_bytes`` each, about
+    ``budget`` bytes per block: whole shifts (all images, a contiguous view) while they fit,
+    else one shift and some of its images.
+
+    >>> blocks(3, 2, 1, budget=4)
+    [(slice(0, 2, None), slice(0, 2, None)), (slice(2, 3, None), slice(0, 2, None))]
+    """
+    map_bytes = max(1, map_bytes)
+    per_shift = map_bytes * n_images
+    if per_shift <= budget:
+        step = max(1, budget // per_shift)
+        return [(slice(s, min(n_shifts, s + step)), slice(0, n_images))
+                for s in range(0, n_shifts, step)]
+    step = max(1, budget // map_bytes)
+    return [(slice(s, s + 1), slice(i, min(n_images, i + step)))
+            for s in range(n_shifts) for i in range(0, n_images, step)]
+
+
+def sum_sq(x: torch.Tensor) -> torch.Tensor:
+    """Σ x² over (C, h, w) of (S, B, C, h, w) -> (S, B) float64, without a squared copy."""
+    return torch.linalg.vector_norm(x.flatten(2), dim=-1).double().square()
+
+
+def value_range(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """max - min over (C, h, w) of (S, B, C, h, w), inside ``mask`` when given -> (S, B)."""
+    if mask is None:
+        flat = values.flatten(2)
+        return (flat.amax(-1) - flat.amin(-1)).double()
+    keep = mask.bool().expand_as(values)
+    high = torch.where(keep, values, torch.full_like(values, -math.inf)).flatten(2).amax(-1)
+    low = torch.where(keep, values, torch.full_like(values, math.inf)).flatten(2).amin(-1)
+    return torch.nan_to_num(high - low, nan=0.0, posinf=0.0, neginf=0.0).double()
+
+
+def overlap_mask(n: int, offsets: torch.Tensor, border: int) -> torch.Tensor:
+    """(S, n) bool: positions i with i and i - offset both inside [border, n - 1 - border]."""
+    index = torch.arange(n, dtype=torch.float64)[None, :]
+    lo = torch.clamp(offsets[:, None], min=0) + border
+    hi = (n - 1 - border) + torch.clamp(offsets[:, None], max=0)
+    return (index >= lo - 1e-9) & (index <= hi + 1e-9)
+
+
+def device_constants(store: dict, like: torch.Tensor, make) -> dict:
+    """Per-device copies of a plan's constants (tensors, also inside lists and tuples), made once:
+    plans are built on the CPU, and copying their constants per pass would cost a transfer each."""
+    device = like.device
+
+    def moved(value):
+        if isinstance(value, torch.Tensor):
+            return value.to(device, non_blocking=True)
+        if isinstance(value, (list, tuple)):
+            return type(value)(moved(item) for item in value)
+        return value
+
+    key = (device, like.dtype)
+    if key not in store:
+        store[key] = {name: moved(value) for name, value in make().items()}
+    return store[key]

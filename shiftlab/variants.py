@@ -52,7 +52,7 @@ def load_variant(text: str, weights: str = "auto", filt_size: Optional[int] = No
 
     Example:
         >>> loaded = load_variant("resnet18+aa4", weights="none")      # doctest: +SKIP
-        >>> loaded.name
+        >>> loaded.name                                                 # doctest: +SKIP
         'resnet18+aa4'
     """
     base, spec_filt, spec_weights = parse_variant(text)

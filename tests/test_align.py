@@ -132,16 +132,16 @@ def test_crop_mode_exact_alignment_compares_only_the_overlap():
 def explicit_interpolation_cosine(ref, shifted, shifts, stride):
     """T_δ U a and U b written out for any δ and stride: U samples the circular piecewise-linear
     interpolant at k / s, T_δ U at (k - δ) / s."""
-    from shiftlab.align import _interp_matrix
+    from shiftlab.bilinear import interpolation_matrix
 
     height, width = ref.shape[-2:]
     rows = torch.arange(round(height * stride), dtype=torch.float64)
     cols = torch.arange(round(width * stride), dtype=torch.float64)
-    up_h, up_w = _interp_matrix(height, rows / stride), _interp_matrix(width, cols / stride)
+    up_h, up_w = interpolation_matrix(height, rows / stride), interpolation_matrix(width, cols / stride)
     out = torch.zeros(shifted.shape[:2], dtype=torch.float64)
     for s, (dh, dw) in enumerate(shifts):
-        at_h = _interp_matrix(height, (rows - dh) / stride)
-        at_w = _interp_matrix(width, (cols - dw) / stride)
+        at_h = interpolation_matrix(height, (rows - dh) / stride)
+        at_w = interpolation_matrix(width, (cols - dw) / stride)
         for b in range(ref.shape[0]):
             x = at_h @ ref[b].double() @ at_w.T
             y = up_h @ shifted[s, b].double() @ up_w.T
@@ -195,3 +195,12 @@ def test_large_float32_maps_give_the_distances_of_float64_maps(align):
     valid = ~double.isnan()
     assert torch.equal(valid, ~single.isnan())
     assert float((single - double)[valid].abs().max()) < 2e-6
+
+
+@pytest.mark.parametrize("align,mode", [("nearest", "circular"), ("Exact", "circular"),
+                                        ("exact", "reflect")])
+def test_make_plan_rejects_an_unknown_alignment_or_mode(align, mode):
+    from shiftlab.errors import UsageError
+
+    with pytest.raises(UsageError, match="choose one of"):
+        make_plan(layer(2, 3, 8), torch.tensor([(1.0, 0.0)], dtype=torch.float64), mode, align)

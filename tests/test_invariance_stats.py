@@ -175,3 +175,12 @@ def test_save_then_load_keeps_nonfinite_entries_and_bootstrap_settings(tmp_path)
     loaded = load_invariance(result.save(tmp_path / "r.npz"))
     assert loaded.settings == result.settings and loaded.settings.n_bootstrap == 1000
     assert loaded.summary() == result.summary() and loaded.n_nonfinite == 2
+
+
+def test_label_comes_from_meta_and_with_label_renames_a_copy():
+    result = build([[0, 1, 0, 1]])
+    assert result.label == "result"
+    result.meta = {"model": "resnet18"}
+    renamed = result.with_label("resnet18#2")
+    assert result.label == "resnet18" and renamed.label == "resnet18#2"
+    assert renamed.grid_argmax is result.grid_argmax

@@ -15,6 +15,7 @@ from matplotlib.colors import LogNorm, TwoSlopeNorm  # noqa: E402
 from torch import nn  # noqa: E402
 
 import shiftlab  # noqa: E402
+from shiftlab import panels as panels_module  # noqa: E402
 from shiftlab import plots  # noqa: E402
 from shiftlab.errors import SettingsMismatchError, UsageError  # noqa: E402
 from shiftlab.geometry import LayerInfo  # noqa: E402
@@ -70,6 +71,10 @@ def no_open_figures():
     plt.close("all")
 
 
+def legend_texts(fig) -> list[str]:
+    return [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+
+
 def panels(fig) -> list:
     return [ax for ax in fig.axes if ax.get_label().startswith("layer:")]
 
@@ -78,9 +83,13 @@ def colorbars(fig) -> list:
     return [ax for ax in fig.axes if hasattr(ax, "_colorbar")]
 
 
+def main_bar(fig):
+    return next(ax for ax in fig.axes if ax.get_label() == "colorbar")
+
+
 def bar_label(fig) -> str:
-    """The colour bar's label with its line wrapping undone."""
-    return " ".join(colorbars(fig)[0].get_ylabel().split())
+    """The main colour bar's label with its line wrapping undone."""
+    return " ".join(main_bar(fig).get_ylabel().split())
 
 
 def mesh(ax):
@@ -94,20 +103,22 @@ def test_layer_grid_draws_one_panel_per_layer_in_network_order(result):
     assert [mesh(ax).get_array().shape for ax in panels(fig)] == [(4, 4)] * 3
 
 
-def test_layer_grid_has_one_colour_bar_and_one_shared_norm(result):
-    fig = plots.layer_grid(result)
+def test_shared_color_range_has_one_colour_bar_and_one_norm(result):
+    fig = plots.layer_grid(result, color_range="shared")
     assert len(colorbars(fig)) == 1
     norms = {id(mesh(ax).norm) for ax in panels(fig)}
     assert len(norms) == 1
     finite = result.mean[np.isfinite(result.mean)]
     assert {mesh(ax).get_clim() for ax in panels(fig)} == {(0.0, finite.max())}
     assert colorbars(fig)[0]._colorbar.norm is mesh(panels(fig)[0]).norm
+    assert colorbars(fig)[0]._colorbar.extend == "neither"
 
 
-def test_panel_titles_name_stride_and_mean(result):
+def test_panel_titles_name_module_stride_and_mean(result):
     titles = [ax.get_title() for ax in panels(plots.layer_grid(result))]
-    for title, name, stride in zip(titles, result.layer_names, ["s=1", "s=2", "global"]):
-        assert name in title and stride in title
+    for title, name, stride, module in zip(titles, result.layer_names, ["s=1", "s=2", "global"],
+                                           ["Conv2d", "MaxPool2d", "Linear"]):
+        assert name in title and stride in title and module in title
         assert f"μ={result.layer_mean(name):.3g}" in title
 
 
@@ -138,14 +149,17 @@ def test_title_names_model_random_init_and_settings(result):
     assert plots.layer_grid(result, title="mine").get_suptitle() == "mine"
 
 
-def test_log_scale_uses_lognorm_from_the_smallest_positive_value(result):
-    fig = plots.layer_grid(result, scale="log")
+def test_log_scale_marks_exact_zeros_in_their_own_colour_not_clipped(result):
+    fig = plots.layer_grid(result, scale="log", color_range="shared")
     norm = mesh(panels(fig)[0]).norm
     assert isinstance(norm, LogNorm)
     finite = result.mean[np.isfinite(result.mean)]
     assert norm.vmin == pytest.approx(finite[finite > 0].min())
     drawn = mesh(panels(fig)[0]).get_array()
-    assert drawn[0, 0] == pytest.approx(norm.vmin) and not np.ma.getmaskarray(drawn)[0, 0]  # zero lifted
+    assert np.ma.getmaskarray(drawn)[0, 0]  # shift (0, 0) is exactly 0: not on the log scale
+    zero_layer = panels(fig)[0].collections[1].get_array()  # the flat-colour overlay
+    assert not np.ma.getmaskarray(zero_layer)[0, 0] and np.ma.getmaskarray(zero_layer).sum() == 15
+    assert "exactly 0 (off the log scale)" in legend_texts(fig)
     assert "log scale" in bar_label(fig)
 
 
@@ -153,24 +167,28 @@ def test_cosine_colour_bar_says_zero_is_equivariant(result):
     assert "cosine distance (0 = equivariant)" in bar_label(plots.layer_grid(result))
 
 
-def test_psnr_reverses_colormap_and_clips_inf_to_the_finite_max():
+def test_psnr_reverses_colormap_and_draws_inf_in_its_own_labelled_colour():
     psnr = make_result(THREE, metric="psnr", align="bilinear",
                        values=np.random.default_rng(3).uniform(20, 40, size=(3, 16)))
-    fig = plots.layer_grid(psnr, cmap="viridis")
-    label = bar_label(fig)
-    assert "PSNR (dB, higher = more equivariant)" in label and "∞" in label
+    fig = plots.layer_grid(psnr, cmap="viridis", color_range="shared")
+    assert "PSNR (dB, higher = more equivariant)" in bar_label(fig)
     first = mesh(panels(fig)[0])
     assert first.get_cmap().name == "viridis_r"
     finite_max = psnr.mean[np.isfinite(psnr.mean)].max()
-    assert first.get_array()[0, 0] == pytest.approx(finite_max)  # shift (0, 0) is +inf
+    assert np.ma.getmaskarray(first.get_array())[0, 0]  # shift (0, 0) is +inf: not the finite max
     assert first.get_clim()[1] == pytest.approx(finite_max)
+    overlay = panels(fig)[0].collections[1]
+    assert list(overlay.get_cmap().colors) == [panels_module.INF_COLOUR]
+    assert not np.ma.getmaskarray(overlay.get_array())[0, 0]
+    assert "∞ dB (identical maps)" in legend_texts(fig)
     values = psnr.values("features.0")
     assert f"μ={values[np.isfinite(values)].mean():.3g}" in panels(fig)[0].get_title()
 
 
 def test_user_colour_limits_are_shared(result):
-    fig = plots.layer_grid(result, vmin=0.05, vmax=0.1)
+    fig = plots.layer_grid(result, vmin=0.05, vmax=0.1, color_range="shared")
     assert {mesh(ax).get_clim() for ax in panels(fig)} == {(0.05, 0.1)}
+    assert colorbars(fig)[0]._colorbar.extend == "both"  # values above 0.1 and below 0.05
     with pytest.raises(UsageError):
         plots.layer_grid(result, vmin=0.2, vmax=0.1)
 
@@ -198,15 +216,17 @@ def test_many_layers_wrap_into_rows():
     many = make_result([spatial(f"features.{i}", 1) for i in range(45)], align="bilinear")
     fig = plots.layer_grid(many)
     axes = panels(fig)
-    assert len(axes) == 45 and len(colorbars(fig)) == 1
+    assert len(axes) == 45 and len(colorbars(fig)) == 46  # one per panel (color_range='layer') + key
     rows = {round(ax.get_position().y0, 4) for ax in axes}
     cols = {round(ax.get_position().x0, 4) for ax in axes}
     assert len(rows) > 1 and len(cols) <= 10 and len(rows) * len(cols) >= 45
     assert len(cols) == math.ceil(math.sqrt(45) * 1.3)
     left = min(cols)
-    for ax in axes:  # few ticks: dh labels on the left column only, and just first/last value
+    for ax in axes:  # dh labels and the 'dh' axis label on the left column only
         labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
-        assert labels == (["0", "3"] if round(ax.get_position().x0, 4) == left else [])
+        outer = round(ax.get_position().x0, 4) == left
+        assert labels == (["0", "1", "2", "3"] if outer else [])
+        assert ax.get_ylabel() == ("dh" if outer else "")
 
 
 def test_group_by_block_starts_a_labelled_row_per_block():
@@ -251,11 +271,11 @@ def data_line(fig, label):
 
 def test_profile_y_values_are_layer_means_in_network_order(result):
     fig = plots.layer_profile(result, labels=["mine"])
-    line, ax = data_line(fig, "mine")
+    line, ax = data_line(fig, "mine (random init)")
     assert list(line.get_xdata()) == list(range(3))
     assert np.allclose(line.get_ydata(), [result.layer_mean(n) for n in result.layer_names])
     assert [t.get_text() for t in ax.get_xticklabels()] == result.layer_names
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["mine"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["mine (random init)"]
 
 
 def test_profile_marks_stride_changes_and_global_layers():
@@ -277,7 +297,7 @@ def test_profile_of_two_results_matches_by_name_and_uses_default_labels():
     fig = plots.layer_profile([a, b])
     line, _ = data_line(fig, "net (IMAGENET1K_V1)")
     assert np.allclose(line.get_ydata(), [b.layer_mean(n) for n in a.layer_names])
-    data_line(fig, "net (random init)")
+    data_line(fig, "net (random init)")  # said once, not twice
 
 
 def test_profile_thins_tick_labels_above_40_layers():
@@ -314,7 +334,7 @@ def test_compare_grid_shares_one_colour_scale_across_results():
     a = make_result(THREE, seed=0, meta={"label": "A"})
     b = make_result(THREE, seed=1, meta={"label": "B"})
     b.mean[0, 5] = 0.9  # b holds the overall maximum
-    fig = plots.compare_grid([a, b])
+    fig = plots.compare_grid([a, b], color_range="shared")
     axes = panels(fig)
     assert len(axes) == 6 and len(colorbars(fig)) == 1
     assert {mesh(ax).get_clim() for ax in axes} == {(0.0, 0.9)}
@@ -392,7 +412,7 @@ def test_real_measurement_renders_every_layer(tmp_path):
     assert "s=2" in pool.get_title()
     assert np.array_equal(np.ma.getmaskarray(mesh(pool).get_array()), np.isnan(measured.map("2")))
     assert "random init" in fig.get_suptitle() and "2 images" in fig.get_suptitle()
-    line, _ = data_line(plots.layer_profile(measured), "tiny")
+    line, _ = data_line(plots.layer_profile(measured), "tiny (random init)")
     assert np.allclose(line.get_ydata(), [measured.layer_mean(n) for n in measured.layer_names])
     assert all(p.stat().st_size > 0 for p in plots.save_figure(fig, tmp_path / "tiny"))
 
@@ -416,3 +436,162 @@ def test_match_layers_by_structure_pairs_a_maxpool_with_the_blurpool_that_replac
     assert ("features.3", "features.4") in rows
     assert ("fc", "fc") in rows
     assert all(b != "features.2" for _, b in rows)  # the stride-1 max-pool has no partner
+
+
+# -- colour ranges and vmax ----------------------------------------------------------------
+def test_layer_color_range_gives_each_panel_its_own_scale_and_bar(result):
+    fig = plots.layer_grid(result, color_range="layer")
+    for ax, name in zip(panels(fig), result.layer_names):
+        values = result.values(name)
+        assert mesh(ax).get_clim() == (0.0, pytest.approx(np.nanmax(values)))
+        own = next(a for a in fig.axes if a.get_label() == f"colorbar:{ax.get_label()}")
+        assert own._colorbar.norm is mesh(ax).norm
+    assert len({mesh(ax).get_clim() for ax in panels(fig)}) == 3
+
+
+def test_stage_color_range_shares_one_scale_per_stride():
+    layers = [spatial("c1", 1), spatial("c2", 1), spatial("p1", 2, "MaxPool2d"), spatial("c3", 2)]
+    values = np.full((4, 16), 0.1)
+    values[1, 3], values[3, 5] = 0.5, 0.9
+    fig = plots.layer_grid(make_result(layers, align="bilinear", values=values), color_range="stage")
+    clims = [mesh(ax).get_clim() for ax in panels(fig)]
+    assert clims[0] == clims[1] == (0.0, 0.5) and clims[2] == clims[3] == (0.0, 0.9)
+
+
+def test_percentile_vmax_sets_the_top_and_the_bar_shows_an_over_arrow(result):
+    fig = plots.layer_grid(result, color_range="shared", vmax="p50")
+    finite = result.mean[np.isfinite(result.mean)]
+    assert mesh(panels(fig)[0]).get_clim()[1] == pytest.approx(np.percentile(finite, 50))
+    assert colorbars(fig)[0]._colorbar.extend == "max"
+    number = plots.layer_grid(result, color_range="shared", vmax=1.0)
+    assert mesh(panels(number)[0]).get_clim() == (0.0, 1.0)
+    assert colorbars(number)[0]._colorbar.extend == "neither"  # nothing above 1.0
+    with pytest.raises(UsageError, match="vmax"):
+        plots.layer_grid(result, vmax="q99")
+    with pytest.raises(UsageError, match="color_range"):
+        plots.layer_grid(result, color_range="everything")
+
+
+# -- ticks, axis labels, provenance -----------------------------------------------------------
+def test_tick_steps_are_round_and_symmetric_grids_have_a_zero_tick():
+    assert panels_module.tick_indices(list(range(-8, 9))) == [0, 4, 8, 12, 16]
+    assert panels_module.tick_indices(list(range(8))) == [0, 2, 4, 6]
+    fig = plots.layer_grid(make_result(THREE, grid=ShiftGrid.symmetric(3), align="bilinear"))
+    first = panels(fig)[0]
+    assert [t.get_text() for t in first.get_yticklabels()] == ["-2", "0", "2"]
+    bottom = [ax for ax in panels(fig) if ax.get_xlabel() == "dw"]
+    assert bottom and all("0" in [t.get_text() for t in ax.get_xticklabels()] for ax in bottom)
+
+
+def test_random_init_is_read_from_provenance_before_meta():
+    class Typed:  # a stand-in with a typed provenance and a meta that says otherwise
+        provenance = type("P", (), {"random_init": True})()
+        meta = {"pretrained": True}
+
+    assert panels_module.is_random_init(Typed())
+    assert panels_module.is_random_init(type("M", (), {"meta": {"weights": "none"}})())
+    assert not panels_module.is_random_init(type("M", (), {"meta": {"pretrained": True}})())
+    trained = make_result(THREE, meta={"model": "toynet", "weights": "IMAGENET1K_V1", "pretrained": True})
+    assert "random init" not in plots.layer_grid(trained).get_suptitle()
+    random = make_result(THREE)
+    fig = plots.layer_grid(random, title="mine")
+    assert fig.get_suptitle() == "mine"
+    assert any("random init" in t.get_text() for t in fig.texts)  # said even under a custom title
+
+
+# -- text escaping ----------------------------------------------------------------------------
+def test_escape_keeps_dollar_signs_literal():
+    assert panels_module.escape("$\\frac{a$") == "\\$\\frac{a\\$"
+    assert panels_module.escape("plain") == "plain"
+
+
+def test_mathtext_in_layer_model_and_title_strings_draws_literally(tmp_path):
+    odd = "$\\frac{a$"
+    layers = [spatial(odd, 1, module=odd), glob("fc")]
+    result = make_result(layers, align="bilinear", meta={"model": odd, "weights": "none", "label": odd})
+    figures = [plots.layer_grid(result, title=odd), plots.layer_profile(result),
+               plots.compare_grid([result, make_result(layers, align="bilinear", seed=1)], labels=[odd, "b"]),
+               plots.difference_grid(result, make_result(layers, align="bilinear", seed=1), difference="ratio")]
+    for k, fig in enumerate(figures):
+        plots.save_figure(fig, tmp_path / f"odd{k}", formats=("png",))  # raised ValueError before
+    assert panels(figures[0])[0].get_title().startswith("\\$\\frac{a\\$")
+
+
+# -- compare / difference ----------------------------------------------------------------------
+def base_and_antialiased():
+    def info(name, module, stride):
+        s = (float(stride),) * 2
+        return LayerInfo(name, module, "spatial", s, s, (8, 8, 8))
+
+    base = make_result([info("features.0", "Conv2d", 1), info("features.2", "MaxPool2d", 2),
+                        info("features.3", "Conv2d", 2), glob("fc")], align="bilinear", seed=0,
+                       meta={"label": "base"})
+    aa = make_result([info("features.0", "Conv2d", 1), info("features.2", "MaxPool2d", 1),
+                      info("features.3", "BlurPool", 2), info("features.4", "Conv2d", 2), glob("fc")],
+                     align="bilinear", seed=1, meta={"label": "aa"})
+    return base, aa
+
+
+def test_profile_of_renamed_layers_is_aligned_on_matched_rows_with_both_names():
+    base, aa = base_and_antialiased()
+    fig = plots.layer_profile([base, aa])
+    (line_a, ax), (line_b, _) = data_line(fig, "base"), data_line(fig, "aa")
+    assert list(line_a.get_xdata()) == list(line_b.get_xdata()) == [0, 1, 2, 3]
+    assert np.allclose(line_b.get_ydata(), [aa.layer_mean(n) for n in
+                                            ("features.0", "features.3", "features.4", "fc")])
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert ticks == ["features.0", "features.2 / features.3", "features.3 / features.4", "fc"]
+
+
+def test_ratio_difference_is_log2_of_b_over_a_with_zero_cases_marked():
+    a = make_result(THREE, align="bilinear", values=np.full((3, 16), 0.1), meta={"label": "a"})
+    b = make_result(THREE, align="bilinear", values=np.full((3, 16), 0.05), meta={"label": "b"})
+    b.mean[0, 1], a.mean[0, 2] = 0.4, 0.0  # one cell 4x worse, one where a is exactly 0
+    fig = plots.difference_grid(a, b, difference="ratio")
+    drawn = mesh(panels(fig)[0]).get_array()
+    assert drawn[0, 0] == 0  # both exactly 0 at shift (0, 0): no change
+    assert drawn[0, 1] == pytest.approx(2.0) and drawn[1, 1] == pytest.approx(-1.0)  # 4x, halved
+    assert np.ma.getmaskarray(drawn)[0, 2]
+    assert "a exactly 0, b > 0" in legend_texts(fig)
+    norm = mesh(panels(fig)[0]).norm
+    assert isinstance(norm, TwoSlopeNorm) and norm.vcenter == 0 and norm.vmax == pytest.approx(2.0)
+    assert "log2(b / a)" in bar_label(fig)
+    psnr = make_result(THREE, metric="psnr")
+    with pytest.raises(UsageError, match="ratio"):
+        plots.difference_grid(psnr, psnr, difference="ratio")
+
+
+def test_difference_with_layer_range_scales_each_panel_on_its_own():
+    a, b = make_result(THREE, seed=0), make_result(THREE, seed=1)
+    fig = plots.difference_grid(a, b, color_range="layer")
+    for ax, name in zip(panels(fig), a.layer_names):
+        diff = b.values(name) - a.values(name)
+        assert mesh(ax).norm.vmax == pytest.approx(np.nanmax(np.abs(diff)))
+
+
+def test_paper_view_compare_names_both_layers_with_module_types():
+    base, aa = base_and_antialiased()
+    fig = plots.compare_grid([base, aa], view="paper")
+    titles = {ax.get_label(): ax.get_title() for ax in panels(fig)}
+    assert titles["layer:base:features.2"].startswith("pool1\nMaxPool2d · s=2")
+    assert titles["layer:aa:features.3"].startswith("blurpool1\nBlurPool · s=2")
+    assert titles["layer:aa:fc"].startswith("logits\nLinear · global")
+
+
+# -- probabilities ---------------------------------------------------------------------------
+def test_probability_plot_has_one_legend_entry_per_image_and_dashes_misclassified_ones():
+    from conftest import tiny_classifier
+
+    images = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    measured = shiftlab.measure_invariance(
+        tiny_classifier(), images, ShiftGrid.square(2), n_pairs=4, device="cpu", progress=False,
+        meta={"label": "tiny", "model": "tiny", "weights": "none", "images": ["a.png", "b.png", "c.png"]})
+    truth = measured.reference_argmax.copy()
+    truth[1] = (truth[1] + 1) % 10  # image b's top class is not its label
+    measured.labels = truth
+    fig = plots.probability_plot(measured)
+    texts = legend_texts(fig)
+    assert texts == ["a.png", "b.png (top class ≠ label)", "c.png", "mean over images"]
+    styles = [line.get_linestyle() for line in fig.axes[0].get_lines()[:3]]
+    assert styles == ["-", "--", "-"]
+    assert "random init" in fig.axes[0].get_title()

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from shiftlab.errors import ModelError, UsageError
+from shiftlab.invariance import uninformative_across
 from shiftlab.protocols import (DiagonalResult, ProtocolResult, consistency_protocol,
                                 diagonal_protocol, load_protocol)
 
@@ -253,3 +254,18 @@ def test_diagonal_needs_labels_and_room_for_the_last_window():
     with pytest.raises(UsageError, match="too small"):
         diagonal_protocol(gap_linear(), batched(periodic_images(2, 12), [0, 1], 2), size=8,
                           max_offset=5, device="cpu", progress=False)
+
+
+def test_one_class_everywhere_warns_and_identical_models_are_flagged_across():
+    class Always1(nn.Module):
+        def forward(self, x):
+            return torch.tensor([0.0, 1.0]).expand(len(x), 2) + 0 * x.mean()
+
+    with pytest.warns(UserWarning, match="uninformative: every prediction is class 1"):
+        one = run(Always1().eval(), [position_images(3, 6)], size=SIZE, meta={"label": "one"})
+    assert one.uninformative is not None and one.label == "one"
+    assert one.with_label("renamed").label == "renamed" and one.label == "one"
+    images = batched(position_images(6, 6), range(6), 3)
+    a, b = (run(TopLeft(100), images, size=SIZE, seed=1) for _ in range(2))
+    assert a.uninformative is None and "all 2 models" in uninformative_across([a, b])
+    assert uninformative_across([a, run(TopLeft(100), images, size=SIZE, seed=2)]) is None

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from shiftlab.align import _interp_matrix
+from shiftlab.bilinear import interpolation_matrix
 from shiftlab.shifts import phase_ramp
-from shiftlab.stencil import (Workspace, circulant_taps, dot, lag_dot, lag_dots, quadratic,
+from shiftlab.stencil import (Workspace, blocks, circulant_taps, dot, lag_dot, quadratic,
                               rolled_into, stencil2, sub_rolled)
 
 
@@ -50,22 +50,24 @@ def test_a_separable_stencil_equals_the_dense_matrices(size):
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 4), (1, 1, 6, 3), (3, 4, 1, 5), (2, 2, 2, 2)])
-def test_lag_dots_equal_inner_products_with_a_rolled_map(shape):
+def test_lag_dot_equals_the_inner_product_with_a_rolled_map(shape):
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(*shape, dtype=torch.float64, generator=generator)
-    ys = torch.randn(8, *shape, dtype=torch.float64, generator=generator)[::2]  # a strided view
-    height = shape[2]
+    y = torch.randn(*shape, dtype=torch.float64, generator=generator)
+    height, width = shape[2:]
     for lag in range(-2 * height, 2 * height + 1):
         rolled = torch.roll(x, -lag, dims=2)  # rolled[i] = x[i + lag]
-        torch.testing.assert_close(lag_dot(x, ys[0], lag), (rolled * ys[0]).sum((1, 2, 3)))
-        torch.testing.assert_close(lag_dots(x, ys, lag), (rolled[None] * ys).sum((2, 3, 4)))
+        torch.testing.assert_close(lag_dot(x, y, lag), (rolled * y).sum((1, 2, 3)))
+    for lag in range(-2 * width, 2 * width + 1):
+        rolled = torch.roll(x, -lag, dims=3)
+        torch.testing.assert_close(lag_dot(x, y, lag, dim=-1), (rolled * y).sum((1, 2, 3)))
 
 
 @pytest.mark.parametrize("stride,size", [(2, (7, 6)), (4, (5, 9)), (3, (2, 2)), (2, (1, 3)),
                                          (1, (4, 4))])
 def test_the_quadratic_form_of_linear_interpolation_equals_the_dense_form(stride, size):
     def plain(n: int) -> torch.Tensor:  # UᵀU of circular linear upsampling by ``stride``
-        upsample = _interp_matrix(n, torch.arange(n * stride, dtype=torch.float64) / stride)
+        upsample = interpolation_matrix(n, torch.arange(n * stride, dtype=torch.float64) / stride)
         return upsample.T @ upsample
 
     height, width = size
@@ -106,3 +108,16 @@ def test_half_spectrum_ramp_is_the_real_part_of_the_full_spectrum_shift(size):
     half_ramp = phase_ramp(shifts, height, width)
     half = torch.fft.irfft2(torch.fft.rfft2(x)[None] * half_ramp[:, None, None], s=size)
     torch.testing.assert_close(half, full)
+
+
+@pytest.mark.parametrize("n_shifts,n_images,map_bytes,budget", [(5, 3, 10, 40), (4, 2, 50, 60),
+                                                                  (3, 1, 100, 10), (1, 4, 7, 7)])
+def test_blocks_cover_every_map_once_within_the_budget(n_shifts, n_images, map_bytes, budget):
+    seen = torch.zeros(n_shifts, n_images, dtype=torch.int64)
+    for shifts, images in blocks(n_shifts, n_images, map_bytes, budget):
+        seen[shifts, images] += 1
+        n_maps = (shifts.stop - shifts.start) * (images.stop - images.start)
+        assert n_maps == 1 or n_maps * map_bytes <= budget
+        # a block is a contiguous view of an (S, B, ...) run: all images, or a single shift
+        assert images == slice(0, n_images) or shifts.stop - shifts.start == 1
+    assert torch.equal(seen, torch.ones_like(seen))
