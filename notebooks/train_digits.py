@@ -81,8 +81,9 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 10,
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-            total += float(loss) * len(index)
+            total += loss.item() * len(index)
         losses.append(total / len(x))
+    model.eval()
     return losses
 
 

@@ -1,26 +1,41 @@
 """shiftlab: see where shift-equivariance is lost inside a convolutional network.
 
->>> import shiftlab, torchvision
+One line for the whole job, the same pipeline the CLI runs (``shiftlab.runs``):
+
+>>> result = shiftlab.runs.heatmap("vgg16", weights="none")        # doctest: +SKIP
+>>> result.map("features.4")                                      # doctest: +SKIP
+
+or the engine on your own model and images:
+
 >>> result = shiftlab.measure(torchvision.models.vgg16().eval(), images)   # doctest: +SKIP
->>> result.map("features.4")                                               # doctest: +SKIP
+
+What every number means: docs/semantics.md.
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .errors import ShiftlabError, UsageError  # noqa: E402
 from .shifts import ShiftGrid  # noqa: E402
 from .geometry import LayerInfo, probe_layers  # noqa: E402
 from .capture import LayerCapture  # noqa: E402
+from .provenance import Provenance  # noqa: E402
 from .result import Result, Settings, load  # noqa: E402
 from .engine import measure  # noqa: E402
-from .invariance import InvarianceResult, load_invariance, measure_invariance  # noqa: E402
+from .invariance import (InvarianceResult, load_invariance, measure_invariance,  # noqa: E402
+                         uninformative_across)
+from .protocols import consistency_protocol, diagonal_protocol, load_protocol  # noqa: E402
 from .antialias import BlurPool, antialias  # noqa: E402
+from .padding import circular_padding  # noqa: E402
 from .comparison import Comparison, compare  # noqa: E402
 from .models import load_model  # noqa: E402
 from .data import load_images, sample_image_paths  # noqa: E402
+from .sources import ImageDataset, image_batches  # noqa: E402
+from . import runs  # noqa: E402
 
 __all__ = [
     "__version__", "ShiftlabError", "UsageError", "ShiftGrid", "LayerInfo", "probe_layers",
-    "LayerCapture", "Result", "Settings", "load", "measure", "BlurPool", "antialias",
-    "Comparison", "compare", "load_model", "load_images", "sample_image_paths",
-    "measure_invariance", "InvarianceResult", "load_invariance",
+    "LayerCapture", "Provenance", "Result", "Settings", "load", "measure", "BlurPool",
+    "antialias", "circular_padding", "Comparison", "compare", "load_model", "load_images",
+    "sample_image_paths", "ImageDataset", "image_batches", "measure_invariance",
+    "InvarianceResult", "load_invariance", "uninformative_across", "consistency_protocol",
+    "diagonal_protocol", "load_protocol", "runs",
 ]

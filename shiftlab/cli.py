@@ -114,7 +114,8 @@ def heatmap(model_spec: str, weights: str, weights_key: Optional[str], trust_che
                    " (ratio: changes in small-valued layers show next to large ones).")
 @out_options(default="compare")
 def compare(result_files: Sequence[str], model_specs: Sequence[str], filt_size: Optional[int],
-            weights: str, weights_key: Optional[str], trust_checkpoint: bool, mean, std, seed: int,
+            weights: str, weights_key: Optional[str], trust_checkpoint: bool,
+            num_classes: Optional[int], mean, std, seed: int,
             padding: str, scale: str, color_range, vmax: str, view: str, formats: Sequence[str],
             dpi: int, difference: str, out: Optional[str], overwrite: bool, quiet: bool,
             **options) -> None:
@@ -136,7 +137,8 @@ def compare(result_files: Sequence[str], model_specs: Sequence[str], filt_size: 
         if result_files and model_specs:
             raise UsageError("give either result files or --model options, not both")
         model = {"weights": weights, "weights_key": weights_key, "trust_checkpoint": trust_checkpoint,
-                 "seed": seed, "mean": mean, "std": std, "padding": padding}
+                 "seed": seed, "mean": mean, "std": std, "padding": padding,
+                 "num_classes": num_classes}
         run_compare(list(result_files), list(model_specs), filt_size, model, _measure_args(options),
                     figure_settings(scale, color_range, vmax, view), difference, formats, dpi,
                     out=Path(out) if out else None, overwrite=overwrite, quiet=quiet)
@@ -182,7 +184,8 @@ def compare(result_files: Sequence[str], model_specs: Sequence[str], filt_size: 
               help="Resolution of PNG figures.")
 @out_options(default="consistency")
 def consistency(model_specs: Sequence[str], filt_size: Optional[int], weights: str,
-                weights_key: Optional[str], trust_checkpoint: bool, mean, std, seed: int,
+                weights_key: Optional[str], trust_checkpoint: bool, num_classes: Optional[int],
+                mean, std, seed: int,
                 padding: str, n_pairs: int, labels_path: Optional[str], protocol: str,
                 epochs: int, workers: int, class_order: str, formats: Sequence[str], dpi: int, out: Optional[str],
                 overwrite: bool, quiet: bool, **options) -> None:
@@ -209,7 +212,8 @@ def consistency(model_specs: Sequence[str], filt_size: Optional[int], weights: s
             raise UsageError("--labels names the images (class folders or the CSV's files); drop"
                              " --images")
         model = {"weights": weights, "weights_key": weights_key, "trust_checkpoint": trust_checkpoint,
-                 "seed": seed, "mean": mean, "std": std, "padding": padding}
+                 "seed": seed, "mean": mean, "std": std, "padding": padding,
+                 "num_classes": num_classes}
         run_consistency(list(model_specs), filt_size, model, _measure_args(options),
                         labels_path=labels_path, n_pairs=n_pairs, protocol=protocol, epochs=epochs,
                         workers=workers, class_order=class_order, formats=formats, dpi=dpi,

@@ -78,6 +78,9 @@ def variant_options(func):
                      help="Also measure the BlurPool version of each --model with this filter"
                           " size (weights copied from the baseline)."),
         *weights_options(),
+        click.option("--num-classes", type=click.IntRange(1), default=None,
+                     help="Classifier size, for checkpoints trained on other classes"
+                          " (default: the model's own)."),
         *normalisation_options(),
     ])
 

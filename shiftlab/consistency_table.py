@@ -21,6 +21,9 @@ def format_consistency(table: pd.DataFrame) -> str:
     def column(name: str, fmt: str = "{:.3f}") -> list:
         return [fmt.format(v) if pd.notna(v) else "-" for v in table[name]]
 
+    if "protocol" in table and table["protocol"].notna().all():
+        return _format_protocol(table, column)
+
     shown = pd.DataFrame({"model": table["model"]})
     shown["consistency (pairs)"] = column("pairwise_consistency")
     shown["95% CI"] = [f"[{lo:.3f}, {hi:.3f}]" for lo, hi in
@@ -40,5 +43,26 @@ def format_consistency(table: pd.DataFrame) -> str:
         if "correct_all_shifts" in table:
             shown["correct at every shift"] = column("correct_all_shifts")
     if "n_nonfinite" in table and (table["n_nonfinite"] > 0).any():
+        shown["non-finite (left out)"] = table["n_nonfinite"]
+    return shown.to_string(index=False)
+
+
+def _format_protocol(table: pd.DataFrame, column) -> str:
+    """The paper's protocols: consistency over random window pairs, or the diagonal sweep."""
+    shown = pd.DataFrame({"model": table["model"], "protocol": table["protocol"]})
+    if (table["protocol"] == "zhang2019").all():
+        shown["consistency"] = column("consistency")
+        shown["95% CI"] = [f"[{lo:.3f}, {hi:.3f}]" for lo, hi in zip(table["ci_low"], table["ci_high"])]
+        shown["pairs"] = table["n_pairs"]
+    else:
+        for name in ("probability", "probability_min_t", "consistent_all_offsets"):
+            if name in table:
+                shown[name.replace("_", " ")] = column(name)
+    shown["images"] = table["n_images"]
+    if table["accuracy"].notna().any():
+        shown["accuracy"] = column("accuracy")
+        shown["acc. 95% CI"] = [f"[{lo:.3f}, {hi:.3f}]" if pd.notna(lo) else "-" for lo, hi in
+                                zip(table["accuracy_ci_low"], table["accuracy_ci_high"])]
+    if (table["n_nonfinite"] > 0).any():
         shown["non-finite (left out)"] = table["n_nonfinite"]
     return shown.to_string(index=False)

@@ -1,6 +1,6 @@
 """Per-layer geometry by probing: output shape, layout, spatial vs. global, and stride.
 
-The stride is measured, not guessed from names (SPEC.md): the model runs at two input sizes and
+The stride is measured, not guessed from names (docs/semantics.md): the model runs at two input sizes and
 s = ΔH / Δh per axis. Layers whose output does not grow with the input are *global*.
 
 Three layouts of spatial outputs are recognised and compared as (N, C, h, w) feature maps

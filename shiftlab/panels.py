@@ -375,6 +375,7 @@ def draw(panels: list[Panel], ncols: int, cmap: Colormap, layout: Layout) -> Fig
             cax = fig.add_axes(frac(x + box.panel_w + 0.04, y, 0.05, box.panel_h), label=f"colorbar:{p.label}")
             bar = fig.colorbar(ScalarMappable(norm=p.scale.norm, cmap=cmap), cax=cax, extend=p.scale.extend,
                                extendfrac=0.12)
+            bar.minorticks_off()  # a log bar would label its minor ticks too
             bar.set_ticks([p.scale.norm.vmin, p.scale.norm.vmax])
             bar.set_ticklabels([fmt(p.scale.norm.vmin), fmt(p.scale.norm.vmax)])
             bar.ax.tick_params(labelsize=FS_TICK - 1, length=1, width=0.3, pad=1)

@@ -19,7 +19,7 @@ from torch import nn
 from .errors import UsageError, one_line
 from .files import atomic_write
 from .geometry import LayerInfo
-from .provenance import model_fingerprint
+from .checkpoints import state_dict_fingerprint
 from .result import Settings
 
 
@@ -35,7 +35,7 @@ class RunProgress:
             "layers": json.dumps([i.name for i in infos]),
             "images": images_digest.hexdigest(),
             "batch layout": str(images_per_batch),
-            "model weights": model_fingerprint(model),
+            "model weights": state_dict_fingerprint(model),
         }
         for name, value in sorted((identity or {}).items()):
             self.key[name] = json.dumps(value, sort_keys=True, default=str)

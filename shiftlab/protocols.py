@@ -444,7 +444,10 @@ def _stream(batches: Iterable, epochs: int, progress: Optional[bool], labels: li
 
 
 def _split(item) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    images, target = (item[0], item[1]) if isinstance(item, (tuple, list)) else (item, None)
+    if hasattr(item, "tensor"):  # shiftlab.sources.ImageBatch
+        images, target = item.tensor, item.labels
+    else:
+        images, target = (item[0], item[1]) if isinstance(item, (tuple, list)) else (item, None)
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         raise UsageError("each batch must be images (B, C, R, R) or (images, labels)")
     if target is not None:

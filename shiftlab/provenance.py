@@ -150,19 +150,3 @@ def digest_tensors(batches: Iterable[torch.Tensor]) -> str:
 def as_tuple(values: Optional[Iterable[float]]) -> Optional[tuple[float, ...]]:
     return None if values is None else tuple(float(v) for v in np.asarray(list(values)).ravel())
 
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """A short sha256 of the model's class and every state-dict entry (name, dtype, shape, bytes).
-
-    Two builds with the same weights give the same fingerprint; one changed weight changes it.
-    """
-    digest = hashlib.sha256(type(model).__name__.encode())
-    for name, tensor in model.state_dict().items():
-        if not isinstance(tensor, torch.Tensor):
-            continue
-        value = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
-        if value.dtype == torch.bfloat16:
-            value = value.float()
-        digest.update(value.numpy().tobytes() if value.numel() else b"")
-    return digest.hexdigest()[:16]

@@ -26,7 +26,8 @@ from .defaults import (BATCH_SIZE, MAX_SHIFT, PADDINGS, PAIRS, PROTOCOLS, SIZE, 
                        make_grid)
 from .errors import UsageError
 from .models import LoadedModel
-from .provenance import Provenance, as_tuple, model_fingerprint
+from .checkpoints import state_dict_fingerprint
+from .provenance import Provenance, as_tuple
 from .result import Result
 from .shifts import MODES, ShiftGrid
 
@@ -161,7 +162,7 @@ def provenance_for(loaded: LoadedModel, spec: str, inputs: Optional[LoadedImages
     return Provenance(
         model=loaded.name, label=label or loaded.name, weights=str(loaded.weights),
         pretrained=bool(loaded.pretrained), seed=seed, antialias=antialias,
-        model_fingerprint=model_fingerprint(loaded.model),
+        model_fingerprint=state_dict_fingerprint(loaded.model),
         images=tuple(p.name for p in paths), image_digests=tuple(image_digest(p) for p in paths),
         resize=resize, mean=as_tuple(loaded.mean), std=as_tuple(loaded.std), labels=labels,
         extra={"spec": spec, "zero_padded": has_zero_padding(loaded.model)})
@@ -276,7 +277,9 @@ def consistency(model: str = "resnet18", *, weights: str = "auto", seed: int = 0
                          weights_key=weights_key, mean=mean, std=std)
     labelled = None
     if labels_path is not None:
-        labelled = read_labels(labels_path, categories(loaded), class_order=class_order)
+        # a model built with its own --num-classes has no ImageNet category names
+        names = categories(loaded) if num_classes is None else None
+        labelled = read_labels(labels_path, names, class_order=class_order)
         images = labelled.paths
     if protocol != "grid":
         return _protocol(loaded, model, protocol, images, labelled, size=size, resize=resize,
@@ -320,14 +323,16 @@ def _protocol(loaded: LoadedModel, spec: str, protocol: str, images, labelled, *
     provenance = Provenance(model=loaded.name, label=label or loaded.name,
                             weights=str(loaded.weights), pretrained=bool(loaded.pretrained),
                             seed=seed, antialias=antialias, resize=crop,
-                            model_fingerprint=model_fingerprint(loaded.model),
+                            model_fingerprint=state_dict_fingerprint(loaded.model),
                             mean=as_tuple(loaded.mean), std=as_tuple(loaded.std),
                             extra={"spec": spec, "protocol": protocol})
     if on_ready is not None and progress is not False:
         warnings.warn(f"{loaded.name} ({loaded.weights}): --protocol {protocol}, {size} px windows"
                       f" of {crop} px centre crops, streamed")
+    identity = {k: v for k, v in provenance.to_dict().items()
+                if k not in ("n_images", "seconds", "device", "versions", "input_digest")}
     if protocol == "zhang2019":
         return consistency_protocol(loaded.model, stream, size=size, epochs=epochs, seed=seed,
-                                    device=device, progress=progress, meta=provenance.to_dict())
+                                    device=device, progress=progress, meta=identity)
     return diagonal_protocol(loaded.model, stream, size=size, max_offset=min(32, crop - size),
-                             device=device, progress=progress, meta=provenance.to_dict(), seed=seed)
+                             device=device, progress=progress, meta=identity, seed=seed)

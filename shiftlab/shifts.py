@@ -1,6 +1,6 @@
 """Shift grids and the shift operators T_δ (circular, crop, fractional).
 
-A shift δ = (dh, dw) moves content down by dh rows and right by dw columns (SPEC.md).
+A shift δ = (dh, dw) moves content down by dh rows and right by dw columns (docs/semantics.md).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tiny models whose equivariance is known analytically (SPEC.md, "Known answers")."""
+"""Tiny models whose equivariance is known analytically (docs/semantics.md, "Known answers")."""
 from __future__ import annotations
 
 import os

@@ -16,7 +16,7 @@ def test_bfloat16_forwards_stay_close_to_float32_and_are_recorded():
     grid = ShiftGrid.square(4)
     full = shiftlab.measure(make_maxpool(), images, grid, device="cpu", progress=False)
     half = shiftlab.measure(make_maxpool(), images, grid, device="cpu", progress=False, dtype="bfloat16")
-    assert half.meta["dtype"] == "bfloat16"
+    assert half.settings.dtype == "bfloat16"
     # bf16 has ~3 significant digits; the distances (up to ~0.08 here) move by far less than that
     assert np.nanmax(np.abs(full.mean - half.mean)) < 1e-3
     assert not np.array_equal(full.mean, half.mean)  # autocast really ran

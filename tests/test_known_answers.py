@@ -1,4 +1,4 @@
-"""SPEC.md "Known answers": every metric against cases whose answer is known analytically."""
+"""docs/semantics.md, "Known answers": every metric against cases whose answer is known analytically."""
 from __future__ import annotations
 
 import math

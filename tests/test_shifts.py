@@ -1,4 +1,4 @@
-"""ShiftGrid layout and the shift operators T_δ (SPEC.md, "Shifts")."""
+"""ShiftGrid layout and the shift operators T_δ (docs/semantics.md, "Shifts")."""
 from __future__ import annotations
 
 import json
