@@ -272,10 +272,11 @@ def difference_grid(a: Result, b: Result, labels: Optional[Sequence[str]] = None
         da, db = names[0].get(na, na), names[1].get(nb, nb)
         name = da if da == db else f"{da} → {db}"
         ia, ib = a.layer(na), b.layer(nb)
-        sa, sb = f"{ia.module} · {stride_text(ia)}", f"{ib.module} · {stride_text(ib)}"
+        module = " → ".join(dict.fromkeys((ia.module, ib.module)))
+        stride = " → ".join(dict.fromkeys((stride_text(ia), stride_text(ib))))
         delta = _summary(b, nb) - _summary(a, na)
         _, xs, ys = _image(b, nb)
-        panels.append(Panel(f"layer:{nb}", f"{name}\n{sa if sa == sb else f'{sa} → {sb}'} · Δμ={fmt(delta)}",
+        panels.append(Panel(f"layer:{nb}", f"{name}\n{module} · {stride} · Δμ={fmt(delta)}",
                             data, xs, ys, *divmod(k, ncols), sc, specials))
     if difference == "ratio":
         label = f"log2({labels[1]} / {labels[0]}) ({metric})\n< 0: {labels[1]} more equivariant (−1 = halved)"
@@ -284,8 +285,8 @@ def difference_grid(a: Result, b: Result, labels: Optional[Sequence[str]] = None
         label = f"{labels[1]} − {labels[0]} ({metric})\n{better}: {labels[1]} more equivariant"
         if any(np.isinf(m).any() for pair in pairs for m in pair):
             label += "\n∞ clipped to the finite max"
-    name = "log2 ratio" if difference == "ratio" else "−"
-    layout = Layout(label, title or f"{labels[1]} {name} {labels[0]}\n{_settings_line(a)}",
+    head = f"log2({labels[1]} / {labels[0]})" if difference == "ratio" else f"{labels[1]} − {labels[0]}"
+    layout = Layout(label, title or f"{head}\n{_settings_line(a)}",
                     _notes(results, [m for pair in pairs for m in pair], strip, "Δμ = change of μ"),
                     strip=strip, own_bars=color_range != "shared", xlabel=_xlabel(strip))
     return draw(panels, ncols, colormap(cmap, False), layout)

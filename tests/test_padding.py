@@ -1,4 +1,4 @@
-"""circular_padding(): every padding made circular, and SPEC known answer 10 (boundary vs. aliasing)."""
+"""circular_padding(): every padding made circular; SPEC known answer 10 (boundary vs. aliasing)."""
 from __future__ import annotations
 
 import warnings
@@ -84,7 +84,8 @@ def test_circular_pool_is_one_layer_for_capture():
 
 
 def test_blurpool_and_pad_modules_become_circular():
-    model = nn.Sequential(nn.ZeroPad2d(1), nn.ReflectionPad2d((1, 2, 0, 1)), nn.ConstantPad1d(2, 3.0),
+    model = nn.Sequential(nn.ZeroPad2d(1), nn.ReflectionPad2d((1, 2, 0, 1)),
+                          nn.ConstantPad1d(2, 3.0),
                           BlurPool(3, filt_size=4, stride=2, pad_type="reflect"))
     circ = converted(model)
     assert type(circ[0]) is nn.CircularPad2d and circ[0].padding == (1, 1, 1, 1)
@@ -105,6 +106,7 @@ def test_state_dict_keys_and_values_are_unchanged_and_the_original_is_untouched(
     assert model.conv1.padding_mode == "zeros" and isinstance(model.maxpool, nn.MaxPool2d)
     circ.load_state_dict(before, strict=True)
     assert circ.shiftlab_unconverted == []
+    assert circ.shiftlab_padding == "circular" and not hasattr(model, "shiftlab_padding")
 
 
 def test_modules_that_cannot_be_made_circular_are_listed_and_warned_once():
@@ -133,7 +135,8 @@ def _vgg11() -> nn.Module:
 def _densenet() -> nn.Module:
     # densenet121's module types (padded stem pool, dense layers, avg-pool transitions) at 1/100
     # of its run time.
-    return torchvision.models.DenseNet(growth_rate=8, block_config=(1, 1, 1, 1), num_init_features=8)
+    return torchvision.models.DenseNet(growth_rate=8, block_config=(1, 1, 1, 1),
+                                       num_init_features=8)
 
 
 # name -> (builder, input size); 64 px where the stride-32 layers must see a non-trivial shift.
@@ -162,8 +165,9 @@ def _divides(stride: tuple[float, float], shift: tuple[float, float]) -> bool:
     return shift[0] % stride[0] == 0 and shift[1] % stride[1] == 0
 
 
-def test_circular_padding_makes_every_spatial_layer_exact_where_its_stride_divides_the_shift(measured):
-    name, _, circular, _ = measured
+def test_circular_padding_makes_every_layer_exact_where_its_stride_divides_the_shift(measured):
+    name, _, circular, trained = measured
+    assert (circular.settings.padding, trained.settings.padding) == ("circular", "as-trained")
     spatial = [info for info in circular.layers if info.is_spatial]
     assert len(spatial) > 10
     for info in spatial:
