@@ -37,7 +37,7 @@ from .stencil import (SMALL_MAP, Taps, Workspace, blocks, circulant_taps, dense_
 def interpolation_matrix(n: int, positions: torch.Tensor) -> torch.Tensor:
     """Circular linear interpolation weights (..., N, n) of a length-n signal at ``positions``.
 
-    >>> interpolation_matrix(2, torch.tensor([0.0, 0.5]))
+    >>> interpolation_matrix(2, torch.tensor([0.0, 0.5], dtype=torch.float64))
     tensor([[1.0000, 0.0000],
             [0.5000, 0.5000]], dtype=torch.float64)
     """

@@ -55,7 +55,8 @@ def user_errors() -> Iterator[None]:
         try:
             yield
         except ShiftlabError as exc:
-            click.echo(f"error: {one_line(exc)}", err=True)
+            # our own messages name the fix, sometimes on a second line: keep every line
+            click.echo(f"error: {' '.join(str(exc).split()) or type(exc).__name__}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted: the output folder was not changed by this run (outputs are"

@@ -153,9 +153,12 @@ def probe_layers(model: nn.Module, size: tuple[int, int], layers: LayerSelection
         warnings.warn("the model does not accept a second input size; strides are estimated as"
                       " input size / feature size", stacklevel=2)
     infos = []
+    previous = None
     for name, (module, shape) in base.items():
         other = large.get(name, (module, None))[1] if large is not None else None
-        infos.append(_describe(name, module, shape, other, size, grow))
+        infos.append(_describe(name, module, shape, other, size, grow, previous))
+        if infos[-1].is_spatial:
+            previous = infos[-1].stride
     return infos
 
 
@@ -163,7 +166,8 @@ _MAX_EXTRA_TOKENS = 8  # class token, distillation token, register tokens
 
 
 def _describe(name: str, module: str, shape: tuple[int, ...], large: Optional[tuple[int, ...]],
-              size: tuple[int, int], grow: tuple[int, int]) -> LayerInfo:
+              size: tuple[int, int], grow: tuple[int, int],
+              previous: Optional[tuple[float, float]] = None) -> LayerInfo:
     """A layer's kind, layout and stride from its per-image shape at ``size`` and at ``size`` +
     ``grow`` (``large``; None when the model takes one size only)."""
     if len(shape) == 2:
@@ -172,7 +176,7 @@ def _describe(name: str, module: str, shape: tuple[int, ...], large: Optional[tu
         return _global(name, module, shape)
     if large is None:  # fixed-size model: only the ratio input / feature size is known
         for layout, (channels, h, w) in (("nchw", shape), ("nhwc", (shape[2], *shape[:2]))):
-            stride = _fixed_size_stride((h, w), size)
+            stride = _fixed_size_stride((h, w), size, previous)
             if stride is not None:
                 return LayerInfo(name, module, "spatial", stride, (size[0] / h, size[1] / w),
                                  (channels, h, w), layout)
@@ -194,15 +198,24 @@ def _global(name: str, module: str, shape: tuple[int, ...]) -> LayerInfo:
     return LayerInfo(name, module, "global", (math.nan, math.nan), (math.nan, math.nan), shape)
 
 
-def _fixed_size_stride(grid: tuple[int, int], size: tuple[int, int]) -> Optional[tuple[float, float]]:
+def _fixed_size_stride(grid: tuple[int, int], size: tuple[int, int],
+                       previous: Optional[tuple[float, float]] = None) -> Optional[tuple[float, float]]:
     """Stride H/h per axis when it is believable: the same whole stride (or 1/k) on both axes,
     whose map covers the input (|H − s·h| ≤ 2s).
+
+    The previous spatial layer's stride wins when it also covers the map: an antialiased
+    model's MaxPool(2, stride=1) after stride 4 on 32 px gives 7×7 (32/7 = 4.6, rounded 5),
+    but its stride is still 4.
 
     MaxViT's window-partitioned tensors (N, windows, tokens, C) fail this test, so they are not
     taken for (N, C, h, w) maps with strides such as (5, 3.5).
     """
     if min(grid) <= 1:
         return None
+    if previous is not None and previous[0] == previous[1] and all(
+            abs(length - previous[0] * cells) <= max(2 * previous[0], 1)
+            for length, cells in zip(size, grid)):
+        return previous
     stride = tuple(_round_stride(length / cells) for length, cells in zip(size, grid))
     if stride[0] != stride[1]:  # attention tensors (heads, tokens, dim) of timm's ViT at 64 px
         return None

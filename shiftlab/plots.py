@@ -270,7 +270,7 @@ def difference_grid(a: Result, b: Result, labels: Optional[Sequence[str]] = None
     panels = []
     for k, ((na, nb), (data, specials), sc) in enumerate(zip(rows, maps, scales)):
         da, db = names[0].get(na, na), names[1].get(nb, nb)
-        name = da if da == db else f"{da} → {db}"
+        name = da if da == db else f"{da}→{db}"
         ia, ib = a.layer(na), b.layer(nb)
         module = " → ".join(dict.fromkeys((ia.module, ib.module)))
         stride = " → ".join(dict.fromkeys((stride_text(ia), stride_text(ib))))

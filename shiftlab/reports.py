@@ -208,7 +208,8 @@ def write_padding_pair(results: Sequence, folder: Path, figure: dict, formats: S
                        dpi: int) -> list[Path]:
     """``--padding both``: result-<padding>.npz, summary.csv with both columns, heatmap.* of
     each, and padding.* (the two profiles, the gap shaded as boundary effect)."""
-    from .plots import layer_grid, padding_profile
+    from .boundary import padding_profile
+    from .plots import layer_grid
 
     def write(stage: Path) -> list[Path]:
         written = [r.save(stage / f"result-{r.settings.padding}.npz") for r in results]

@@ -174,3 +174,11 @@ def test_layer_info_round_trips_through_a_dict():
     again = LayerInfo.from_dict(info.to_dict())
     assert again == info
     assert again.integer_stride == (2, 4)
+
+
+def test_a_fixed_size_stride_keeps_the_previous_stride_when_it_covers_the_map():
+    from shiftlab.geometry import _fixed_size_stride
+
+    # 32 px, a 7x7 map after a stride-4 layer: 32/7 rounds to 5, but 4 covers it (|32 - 28| <= 8)
+    assert _fixed_size_stride((7, 7), (32, 32), previous=(4.0, 4.0)) == (4.0, 4.0)
+    assert _fixed_size_stride((8, 8), (32, 32)) == (4.0, 4.0)
