@@ -12,10 +12,14 @@ from typing import Optional, Sequence
 import click
 
 from . import __version__, defaults
-from .cli_options import (figure_options, figure_settings, layer_selection, measure_options,
-                          model_options, out_options, padding_option, variant_options)
-from .console import Group, check_matplotlib_backend, user_errors
-from .errors import UsageError
+from .console import Group, check_matplotlib_backend, import_matplotlib, user_errors
+
+import_matplotlib()  # before cli_options imports it: an invalid MPLBACKEND must not crash here
+
+from .cli_options import (figure_options, figure_settings, layer_selection,  # noqa: E402
+                          measure_options, model_options, out_options, padding_option,
+                          variant_options)
+from .errors import UsageError  # noqa: E402
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"],
@@ -276,16 +280,12 @@ def plot(result_file: str, scale: str, color_range, vmax: str, view: str, format
          dpi: int, layer_patterns: Sequence[str], title: Optional[str], out: Optional[str]) -> None:
     """Re-draw the figures of a saved result.npz without recomputing."""
     with user_errors():
-        from .reports import result_figures, write_set
-        from .result import load, select_layers
+        from .jobs import run_plot
 
         check_matplotlib_backend()
-        result = load(result_file)
-        if layer_patterns:
-            result = select_layers(result, layer_selection(layer_patterns))
-        folder = Path(out) if out else Path(result_file).parent
         figure = figure_settings(scale, color_range, vmax, view, title)
-        written = write_set(folder, lambda stage: result_figures(result, stage, figure, formats, dpi))
+        written = run_plot(Path(result_file), layer_selection(layer_patterns), figure, formats,
+                           dpi, out=Path(out) if out else None)
         for path in written:
             click.echo(str(path))
 

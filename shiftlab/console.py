@@ -103,6 +103,24 @@ def _unexpected(exc: BaseException) -> None:
     sys.exit(1)
 
 
+def import_matplotlib() -> None:
+    """Import matplotlib with an invalid MPLBACKEND set aside: matplotlib raises a ValueError on
+    import for one, before any command could report it. ``check_matplotlib_backend`` then
+    reports it as one line; a valid one is applied as matplotlib would have."""
+    backend = os.environ.get("MPLBACKEND")
+    if not backend or "matplotlib" in sys.modules:
+        return
+    del os.environ["MPLBACKEND"]
+    try:
+        import matplotlib
+    finally:
+        os.environ["MPLBACKEND"] = backend
+    try:
+        matplotlib.rcParams["backend"] = backend
+    except ValueError:
+        pass  # reported by check_matplotlib_backend when a command runs
+
+
 def check_matplotlib_backend() -> None:
     """An invalid MPLBACKEND gives one line naming the fix, before any work is done."""
     backend = os.environ.get("MPLBACKEND")

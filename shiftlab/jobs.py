@@ -6,6 +6,7 @@ parses options or measures by itself: ``shiftlab.runs`` measures, ``shiftlab.rep
 from __future__ import annotations
 
 import warnings
+from fnmatch import fnmatchcase as fnmatch
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -14,8 +15,14 @@ import click
 from . import runs
 from .console import warn_line
 from .errors import UsageError
-from .reports import (PROGRESS_FILE, check_out, default_out, write_comparison, write_consistency,
-                      write_heatmap, write_padding_pair)
+from .reports import (FIGURE_PATTERNS, PROGRESS_FILE, DrawingFailed, check_out, default_out,
+                      is_output, result_figures, write_comparison, write_consistency,
+                      write_heatmap, write_padding_pair, write_set)
+
+#: the most cells one panel of a layer grid may hold (the map of a 2-D grid, or a strip's
+#: length): every square or symmetric grid within ``shifts.MAX_SHIFTS`` fits, while the map of an
+#: irregular grid (one row and column per distinct dh and dw) is refused before it is drawn
+MAX_PANEL_CELLS = 128 * 128
 
 
 def _announce(quiet: bool):
@@ -37,9 +44,11 @@ def run_heatmap(model: dict, padding: str, options: dict, figure: dict, formats:
                 dpi: int, *, out: Optional[Path], overwrite: bool, quiet: bool, resume: bool,
                 dry_run: bool, dtype: str, distributed_run: bool) -> None:
     from . import distributed
+    from .engine import resolve_device
 
     if out is not None:
         check_out(out, overwrite=overwrite, resume=resume)
+    resolve_device(options["device"])  # a missing GPU is refused before anything is loaded
     if dry_run:
         _dry_run(model, padding if padding != "both" else "as-trained", options, dtype, quiet)
         return
@@ -57,10 +66,15 @@ def run_heatmap(model: dict, padding: str, options: dict, figure: dict, formats:
     if not distributed.is_main():
         return
     folder = out if out is not None else default_out(results[0].provenance.model)
-    if len(results) == 1:
-        written = write_heatmap(results[0], folder, figure, formats, dpi)
-    else:
-        written = write_padding_pair(results, folder, figure, formats, dpi)
+    try:
+        if len(results) == 1:
+            written = write_heatmap(results[0], folder, figure, formats, dpi)
+        else:
+            written = write_padding_pair(results, folder, figure, formats, dpi)
+    except DrawingFailed:
+        if checkpoint is not None:
+            checkpoint.unlink(missing_ok=True)  # the numbers are in place: nothing to resume
+        raise
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)  # only now: every output is in place
     for result in results:
@@ -136,6 +150,44 @@ def warn_undefined(result) -> None:
                   " every spatial value is undefined; use a smaller --border or a larger --size")
 
 
+# -- plot ----------------------------------------------------------------------------------
+def check_drawable(result, path="the result") -> None:
+    """Refuse a result whose layer-grid panels would hold more than ``MAX_PANEL_CELLS`` cells
+    (one line naming the limit), before any figure is allocated."""
+    grid = result.grid
+    strip = grid.kind == "diagonal" or (len(grid) > 1 and all(dh == dw for dh, dw in grid.shifts))
+    rows, cols = (1, len(grid)) if strip else grid.map_shape
+    if rows * cols > MAX_PANEL_CELLS:
+        raise UsageError(f"{path}: its grid of {len(grid):,} shifts makes panels of {rows:,} x"
+                         f" {cols:,} cells, above the drawing limit of {MAX_PANEL_CELLS:,} cells"
+                         " per panel; read its numbers with shiftlab.load() instead")
+
+
+def run_plot(result_file: Path, layers, figure: dict, formats: Sequence[str], dpi: int, *,
+             out: Optional[Path]) -> list[Path]:
+    """Re-draw heatmap.* and profile.* of a saved result; returns the written paths.
+
+    Into the result's own folder only its figures are replaced (the numbers stay); another
+    folder that holds results is refused, so figures never sit next to another run's numbers.
+    """
+    from .result import load, select_layers
+
+    result = load(result_file)
+    check_drawable(result, result_file)
+    if layers:
+        result = select_layers(result, layers)
+    folder = out if out is not None else result_file.parent
+    if folder.resolve() != result_file.parent.resolve() and folder.is_dir():
+        found = sorted(p.name for p in folder.iterdir()
+                       if is_output(p.name) and not any(fnmatch(p.name, f) for f in FIGURE_PATTERNS))
+        if found:
+            raise UsageError(f"--out {folder} holds another run's results ({', '.join(found[:4])});"
+                             " its figures would not match them: choose a fresh --out, or the"
+                             " result's own folder")
+    return write_set(folder, lambda stage: result_figures(result, stage, figure, formats, dpi),
+                     replaces=FIGURE_PATTERNS)
+
+
 # -- compare -------------------------------------------------------------------------------
 def run_compare(result_files: list, specs: list, filt_size: Optional[int], model: dict,
                 options: dict, figure: dict, difference: str, formats: Sequence[str], dpi: int, *,
@@ -143,16 +195,21 @@ def run_compare(result_files: list, specs: list, filt_size: Optional[int], model
     from .comparison import Comparison
     from .result import load
 
+    from .engine import resolve_device
+
     if out is not None:
         check_out(out, overwrite=overwrite)
     if result_files:
         if filt_size:
             raise UsageError("--antialias needs --model; saved results are compared as they are")
         results = [load(path) for path in result_files]
+        for path, result in zip(result_files, results):
+            check_drawable(result, path)
     else:
         if not specs:
             raise UsageError("nothing to compare: pass result files or --model (with --antialias"
                              " for a baseline-vs-antialiased comparison)")
+        resolve_device(options["device"])
         variants = [(spec, None) for spec in specs] + ([(s, filt_size) for s in specs] if filt_size else [])
         if len(variants) < 2:
             raise UsageError("a comparison needs two models: repeat --model or add --antialias K")
@@ -192,9 +249,11 @@ def run_consistency(specs: list, filt_size: Optional[int], model: dict, options:
                     workers: int, class_order: str, formats: Sequence[str], dpi: int, out: Optional[Path],
                     overwrite: bool, quiet: bool) -> None:
     from .consistency_table import consistency_table, format_consistency
+    from .engine import resolve_device
 
     if out is not None:
         check_out(out, overwrite=overwrite)
+    resolve_device(options["device"])
     variants = [(spec, None) for spec in specs] + ([(s, filt_size) for s in specs] if filt_size else [])
     results, labels = [], []
     for spec, filt in variants:

@@ -75,8 +75,13 @@ class CircularPool(nn.Module):
 
     shiftlab_layer = True  # shiftlab.capture records it as one layer, not its pool child
 
-    def __init__(self, pool: nn.Module) -> None:
+    def __init__(self, pool: nn.Module, keep_size: bool = False) -> None:
         super().__init__()
+        # keep_size: a stride-1 pool without padding (antialiased-cnns' MaxPool(2, stride=1)
+        # before a BlurPool) shrinks the map by k - 1, a window that cannot wrap; wrapping k - 1
+        # extra rows/columns at the bottom/right keeps it h x w (the BlurPool after it gives the
+        # same output size for even inputs)
+        self.keep_size = bool(keep_size)
         if not isinstance(pool, _POOLS):
             raise TypeError(f"CircularPool wraps a max- or average-pool, got {type(pool).__name__}")
         self.dims = dims = _pool_dims(pool)
@@ -95,6 +100,9 @@ class CircularPool(nn.Module):
         pads: list[int] = []
         for n, k, s, p, d in reversed(list(zip(x.shape[-self.dims:], self.kernel_size,
                                                self.stride, self.padding, self.dilation))):
+            if self.keep_size:
+                pads += [0, d * (k - 1)]
+                continue
             out = _pool_out(n, k, s, p, d, self.ceil_mode)
             pads += [p, max((out - 1) * s + d * (k - 1) + 1 - n - p, 0)]
         if any(pads):
@@ -194,6 +202,12 @@ def _convert(module: nn.Module) -> tuple[nn.Module, Optional[str]]:
         pads = any(_tuple(module.padding, 1)) or module.ceil_mode
         if pads and getattr(module, "return_indices", False):
             return module, "returns indices, which would index the padded input"
+        dims = _pool_dims(module)
+        sliding = (not pads and all(s == 1 for s in _tuple(module.stride, dims))
+                   and any(k > 1 for k in _tuple(module.kernel_size, dims))
+                   and not getattr(module, "return_indices", False))
+        if sliding:  # MaxPool(k, stride=1) of an antialiased model: wrap to keep h x w
+            return CircularPool(module, keep_size=True), None
         return (CircularPool(module) if pads else module), _grid_change(module)
     if isinstance(module, BlurPool):
         if module.pad_type != "circular":

@@ -483,8 +483,9 @@ def _settings_line(result: Result) -> str:
         grid_text = f"{grid.kind} grid {rows}×{cols} ({len(grid)} shifts)"
     mode = s.mode + (f" (margin {s.margin})" if s.mode == "crop" else "")
     border = f" · border {s.border}" if s.border else ""
+    padding = f" · {s.padding} padding" if s.padding != "as-trained" else ""
     return (f"{s.metric} · {mode} shifts · {s.align} alignment · {grid_text} · image {s.size[0]}×{s.size[1]}"
-            f" · {result.meta.get('n_images', '?')} images{border}")
+            f" · {result.meta.get('n_images', '?')} images{border}{padding}")
 
 
 def _default_title(result: Result) -> str:

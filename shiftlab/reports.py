@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from .errors import ShiftlabError, UsageError
+from .errors import ShiftlabError, UsageError, one_line
 from .files import atomic_write
 
 #: progress checkpoint of an interrupted ``heatmap`` run, kept until every output is in place
@@ -28,6 +28,8 @@ OUTPUT_PATTERNS = ("result.npz", "result-*.npz", "invariance-*.npz", "protocol-*
                    "summary.csv", "consistency.csv", "models.csv", "heatmap.*", "profile.*",
                    "paper.*", "grids.*", "difference*.*", "probability.*", "padding.*",
                    "scatter.*", "diagonal.*")
+#: the figures of one result (``shiftlab plot`` replaces only these)
+FIGURE_PATTERNS = ("heatmap.*", "profile.*", "paper.*")
 _STAGING = ".shiftlab-"
 
 
@@ -73,9 +75,23 @@ def check_out(folder: Path, *, overwrite: bool = False, resume: bool = False) ->
                              " --overwrite to replace them as a set, or choose a fresh --out")
 
 
-def write_set(folder: Path, write: Callable[[Path], list[Path]]) -> list[Path]:
-    """Call ``write(stage)`` to write every output into a staging folder, then replace the
-    folder's previous outputs with them as one set. Returns the final paths."""
+class DrawingFailed(ShiftlabError):
+    """The numbers of a run are in place but a figure could not be drawn or saved."""
+
+
+def write_set(folder: Path, write: Callable[[Path], list[Path]],
+              draw: Optional[Callable[[Path], list[Path]]] = None, *,
+              replaces: Sequence[str] = OUTPUT_PATTERNS, redraw: str = "") -> list[Path]:
+    """Call ``write(stage)`` and then ``draw(stage)`` to write every output into a staging
+    folder, then replace the folder's previous outputs (the files matching ``replaces``) with
+    them as one set. Returns the final paths.
+
+    When ``draw`` fails (any Exception), the numbers that ``write`` wrote still replace the
+    previous set, without figures, and :class:`DrawingFailed` names them and ``redraw`` (how to
+    draw them again). An interrupt (Ctrl-C, SIGTERM) changes nothing.
+
+    >>> write_set(Path("runs/x"), lambda stage: [write_table(stage / "summary.csv", frame)])  # doctest: +SKIP
+    """
     created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -86,35 +102,55 @@ def write_set(folder: Path, write: Callable[[Path], list[Path]]) -> list[Path]:
         raise ShiftlabError(f"output folder {folder} is not writable; choose another --out")
     clean_stale(folder)
     stage = Path(tempfile.mkdtemp(prefix=f"{_STAGING}{os.getpid()}-new-", dir=folder))
+    failure: Optional[Exception] = None
     try:
         written = write(stage)
-        _swap_in(folder, stage)
+        if draw is not None:
+            try:
+                written = written + draw(stage)
+            except Exception as exc:  # noqa: BLE001  the numbers are kept; reported below
+                failure = exc
+                keep = {path.name for path in written}
+                for item in stage.iterdir():  # no half-drawn set of figures
+                    if item.name not in keep:
+                        item.unlink()
+        _swap_in(folder, stage, replaces)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
         if created and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()  # a failed run leaves no new empty folder
+    if failure is not None:
+        names = ", ".join(path.name for path in written)
+        reason = one_line(failure) if isinstance(failure, ShiftlabError) else \
+            f"{type(failure).__name__}: {one_line(failure)}"
+        raise DrawingFailed(f"drawing the figures failed ({reason}); the numbers are saved in"
+                            f" {folder} ({names}){'; ' + redraw if redraw else ''}") from failure
     return [folder / path.name for path in written]
 
 
-def _swap_in(folder: Path, stage: Path) -> None:
+def _swap_in(folder: Path, stage: Path, replaces: Sequence[str] = OUTPUT_PATTERNS) -> None:
     """Move the previous outputs aside, the new ones in; on any failure restore the old set."""
     backup = Path(tempfile.mkdtemp(prefix=f"{_STAGING}{os.getpid()}-old-", dir=folder))
     moved_old: list[str] = []
     moved_new: list[str] = []
     try:
         for item in sorted(folder.iterdir()):
-            if is_output(item.name) and item.is_file():
+            if item.is_file() and any(fnmatch.fnmatchcase(item.name, p) for p in replaces):
                 os.replace(item, backup / item.name)
                 moved_old.append(item.name)
         for item in sorted(stage.iterdir()):
             os.replace(item, folder / item.name)
             moved_new.append(item.name)
-    except BaseException:
+    except BaseException as exc:
         for name in moved_new:
             (folder / name).unlink(missing_ok=True)
         for name in moved_old:
             os.replace(backup / name, folder / name)
         shutil.rmtree(backup, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise ShiftlabError(f"cannot move the new outputs into {folder} ({one_line(exc)});"
+                                " its previous outputs were put back; check the disk and"
+                                " permissions, then run again") from exc
         raise
     shutil.rmtree(backup, ignore_errors=True)
 
@@ -198,29 +234,31 @@ def result_figures(result, folder: Path, figure: dict, formats: Sequence[str], d
 def write_heatmap(result, folder: Path, figure: dict, formats: Sequence[str], dpi: int) -> list[Path]:
     """result.npz and summary.csv first (the numbers), then heatmap.* and profile.*."""
     def write(stage: Path) -> list[Path]:
-        written = [result.save(stage / "result.npz"),
-                   write_table(stage / "summary.csv", result.summary())]
-        return written + result_figures(result, stage, figure, formats, dpi)
-    return write_set(folder, write)
+        return [result.save(stage / "result.npz"),
+                write_table(stage / "summary.csv", result.summary())]
+    return write_set(folder, write, lambda stage: result_figures(result, stage, figure, formats, dpi),
+                     redraw=f"draw them with 'shiftlab plot {folder / 'result.npz'}'")
 
 
 def write_padding_pair(results: Sequence, folder: Path, figure: dict, formats: Sequence[str],
                        dpi: int) -> list[Path]:
     """``--padding both``: result-<padding>.npz, summary.csv with both columns, heatmap.* of
     each, and padding.* (the two profiles, the gap shaded as boundary effect)."""
-    from .boundary import padding_profile
-    from .plots import layer_grid
+    from .plots import layer_grid, padding_profile
 
     def write(stage: Path) -> list[Path]:
         written = [r.save(stage / f"result-{r.settings.padding}.npz") for r in results]
-        written.append(write_table(stage / "summary.csv", padding_table(results)))
-        options = {k: v for k, v in figure.items()}
+        return written + [write_table(stage / "summary.csv", padding_table(results))]
+
+    def draw(stage: Path) -> list[Path]:
+        options = dict(figure)
         figures = [(f"heatmap-{r.settings.padding}", lambda r=r: layer_grid(r, **options))
                    for r in results]
         figures.append(("padding", lambda: padding_profile(results[0], results[1],
                                                            scale=figure.get("scale", "linear"))))
-        return written + save_figures(figures, stage, formats, dpi)
-    return write_set(folder, write)
+        return save_figures(figures, stage, formats, dpi)
+    return write_set(folder, write, draw, redraw="draw each with 'shiftlab plot"
+                     f" {folder / 'result-as-trained.npz'}' (and result-circular.npz)")
 
 
 def padding_table(results: Sequence):
@@ -242,15 +280,19 @@ def write_comparison(comparison, folder: Path, save_results: bool, figure: dict,
         if save_results:
             for label, result in zip(comparison.labels, comparison.results):
                 written.append(result.save(stage / f"result-{safe_name(label)}.npz"))
-        written.append(write_table(stage / "summary.csv", comparison.summary()))
+        return written + [write_table(stage / "summary.csv", comparison.summary())]
+
+    def draw(stage: Path) -> list[Path]:
         figures = [("grids", lambda: comparison.plot_grids(**figure)),
                    ("profile", lambda: comparison.plot_profile(scale=figure.get("scale", "linear")))]
         for index in range(1, len(comparison.results)):
             stem = "difference" if len(comparison.results) == 2 else f"difference-{index}"
             figures.append((stem, lambda index=index: comparison.plot_difference(
                 0, index, difference=difference)))
-        return written + save_figures(figures, stage, formats, dpi)
-    return write_set(folder, write)
+        return save_figures(figures, stage, formats, dpi)
+    redraw = ("draw them with 'shiftlab compare' on the saved result-*.npz files" if save_results
+              else "")
+    return write_set(folder, write, draw, redraw=redraw)
 
 
 def write_consistency(results: Sequence, table, folder: Path, formats: Sequence[str],
@@ -269,9 +311,12 @@ def write_consistency(results: Sequence, table, folder: Path, formats: Sequence[
             per_shift = pd.concat(frames, ignore_index=True)
             per_shift = per_shift[["model"] + [c for c in per_shift.columns if c != "model"]]
             written.append(write_table(stage / "consistency.csv", per_shift))
-        written.append(write_table(stage / "summary.csv", table))
+        return written + [write_table(stage / "summary.csv", table)]
+
+    def draw(stage: Path) -> list[Path]:
+        gridded = [r for r in results if hasattr(r, "to_frame")]
         if not gridded:
-            return written
-        return written + save_figures([("probability", lambda: probability_plot(gridded))],
-                                      stage, formats, dpi)
-    return write_set(folder, write)
+            return []
+        return save_figures([("probability", lambda: probability_plot(gridded))], stage, formats,
+                            dpi)
+    return write_set(folder, write, draw)

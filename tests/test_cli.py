@@ -115,11 +115,14 @@ def assert_clean_error(result, exit_code: int, *needles: str, out: Path | None =
 
 
 def assert_click_usage_error(result, option: str, out: Path | None = None) -> None:
+    """click's usage errors are one line (console.Group): the option and where to read more."""
     everything = result.output + result.stderr
     assert isinstance(result.exception, SystemExit), f"uncaught {result.exception!r}\n{everything}"
     assert result.exit_code == 2, everything
     assert "Traceback" not in everything
-    assert "Error:" in result.stderr and option in result.stderr, result.stderr
+    lines = error_lines(result)
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert option in lines[0] and re.search(r"\(see '\S+ \w+ --help'\)$", lines[0]), lines
     assert result.stdout == ""
     if out is not None:
         assert not out.exists()
@@ -232,11 +235,23 @@ def test_heatmap_writes_every_output_lists_it_and_reports_the_worst_layer(images
     assert f"least equivariant spatial layer: {worst['layer']} (stride" in result.stderr
 
 
-def test_heatmap_quiet_prints_nothing(images, tmp_path):
+ZERO_PADDING_HINT = "warning: this model pads with zeros"
+
+
+def test_heatmap_quiet_prints_only_the_zero_padding_hint(images, tmp_path):
     result = invoke(*heatmap_args(images, tmp_path / "out"))
     assert result.exit_code == 0, result.output
-    assert result.stdout == "" and result.stderr == ""
+    assert result.stdout == ""
+    lines = error_lines(result)  # the tiny classifier pads with zeros and is shifted circularly
+    assert len(lines) == 1 and lines[0].startswith(ZERO_PADDING_HINT), lines
+    assert "--padding circular" in lines[0]
     assert {p.name for p in (tmp_path / "out").iterdir()} == FAST_OUTPUTS
+
+
+def test_heatmap_quiet_with_circular_padding_prints_nothing(images, tmp_path):
+    result = invoke(*heatmap_args(images, tmp_path / "out", "--padding", "circular"))
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "" and result.stderr == ""
 
 
 def _layer(rows, name):
@@ -460,7 +475,7 @@ def test_heatmap_ctrl_c_exits_130_and_keeps_the_previous_result(images, tmp_path
         raise KeyboardInterrupt
 
     monkeypatch.setattr("shiftlab.engine.measure", interrupted)
-    result = invoke(*heatmap_args(images, out, "--metric", "l2"))
+    result = invoke(*heatmap_args(images, out, "--metric", "l2", "--overwrite"))
     assert result.exit_code == 130
     assert "interrupted" in result.stderr and "Traceback" not in result.output
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -475,10 +490,11 @@ def test_heatmap_ctrl_c_while_drawing_keeps_the_previous_result(images, tmp_path
         raise KeyboardInterrupt
 
     monkeypatch.setattr("shiftlab.plots.layer_grid", interrupted)
-    result = invoke(*heatmap_args(images, out, "--metric", "l2"))
+    result = invoke(*heatmap_args(images, out, "--metric", "l2", "--overwrite"))
     assert result.exit_code == 130
-    assert "no output was changed" in result.stderr
-    assert leftover_temp_files(out) == []
+    assert "the output folder was not changed" in result.stderr
+    # the progress file stays, so that --resume need not measure again; no staging folder
+    assert leftover_temp_files(out) == [".shiftlab-progress.npz"]
     assert {name: (out / name).read_bytes() for name in before} == before
 
 
@@ -488,9 +504,10 @@ def test_heatmap_unexpected_exception_is_one_line_with_a_debug_hint(images, tmp_
 
     monkeypatch.setattr("shiftlab.engine.measure", broken)
     out = tmp_path / "out"
-    line = assert_clean_error(invoke(*heatmap_args(images, out)), 1, "RuntimeError: boom second line",
+    line = assert_clean_error(invoke(*heatmap_args(images, out)), 1, "RuntimeError: boom",
                               "SHIFTLAB_DEBUG=1", out=out)
     assert line.count("error:") == 1
+    assert "second line" not in line  # third-party text: its first line (errors.one_line)
 
     monkeypatch.setenv("SHIFTLAB_DEBUG", "1")
     result = invoke(*heatmap_args(images, out))
@@ -530,7 +547,7 @@ def test_heatmap_cuda_out_of_memory_suggests_a_smaller_batch(images, tmp_path, m
     assert "please report" not in line
 
 
-def test_heatmap_failed_figure_write_leaves_no_temp_file(images, tmp_path, monkeypatch):
+def test_heatmap_failed_figure_write_keeps_the_numbers_and_names_plot(images, tmp_path, monkeypatch):
     from matplotlib.figure import Figure
 
     def full_disk(self, *args, **kwargs):
@@ -538,9 +555,16 @@ def test_heatmap_failed_figure_write_leaves_no_temp_file(images, tmp_path, monke
 
     monkeypatch.setattr(Figure, "savefig", full_disk)
     out = tmp_path / "out"
-    assert_clean_error(invoke(*heatmap_args(images, out)), 1, "No space left on device")
-    assert leftover_temp_files(out) == []
-    assert not list(out.glob("heatmap.*")) and not list(out.glob("profile.*"))
+    line = assert_clean_error(invoke(*heatmap_args(images, out)), 1, "drawing the figures failed",
+                              "No space left on device", "result.npz", "shiftlab plot")
+    assert leftover_temp_files(out) == []  # no staging folder, no progress file
+    assert {p.name for p in out.iterdir()} == {"result.npz", "summary.csv"}
+    assert shiftlab.load(out / "result.npz").layer_names == TINY_LAYERS
+    monkeypatch.undo()  # the redraw the message names works
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    redraw = re.search(r"'(shiftlab plot [^']+)'", line).group(1).split()[2:]
+    assert invoke("plot", *redraw, "--format", "png", "--dpi", "30").exit_code == 0
+    assert {p.name for p in out.iterdir()} == FAST_OUTPUTS
 
 
 def test_heatmap_outputs_follow_the_umask(images, tmp_path):
@@ -594,18 +618,18 @@ def test_torchvision_model_with_weights_none_and_auto_offline(images, tmp_path):
     none_out, auto_out, seed_out = tmp_path / "none", tmp_path / "auto", tmp_path / "seed1"
     result = _torchvision_run(images, none_out, "--weights", "none")
     assert result.exit_code == 0, result.output
-    assert result.stderr == ""
+    assert [line[:35] for line in error_lines(result)] == [ZERO_PADDING_HINT]  # squeezenet pads
     loaded = shiftlab.load(none_out / "result.npz")
-    assert loaded.meta["model"] == "squeezenet1_1" and loaded.meta["weights"] == "random init"
-    assert loaded.meta["pretrained"] is False
+    assert loaded.provenance.model == "squeezenet1_1"
+    assert loaded.provenance.weights == "random init" and loaded.provenance.pretrained is False
     assert "features.0" in loaded.layer_names and loaded.settings.size == (32, 32)
 
     result = _torchvision_run(images, auto_out)  # --weights auto is the default
     assert result.exit_code == 0, result.output
-    lines = error_lines(result)
+    lines = [line for line in error_lines(result) if not line.startswith(ZERO_PADDING_HINT)]
     assert len(lines) == 1 and lines[0].startswith("warning: ") and "random init" in lines[0], lines
     auto = shiftlab.load(auto_out / "result.npz")
-    assert auto.meta["weights"] == "random init" and auto.meta["pretrained"] is False
+    assert auto.provenance.weights == "random init" and auto.provenance.pretrained is False
     # --seed (default 0) fixes the random init: auto fell back to the same weights as none
     np.testing.assert_array_equal(auto.mean, loaded.mean)
 
@@ -1046,21 +1070,32 @@ def test_corrupt_image_next_to_good_ones_is_skipped_with_a_warning(images, tmp_p
     out = tmp_path / "out"
     result = invoke(*heatmap_args(images, out, "--max-images", "5"))
     assert result.exit_code == 0, result.output
-    lines = error_lines(result)
+    lines = [line for line in error_lines(result) if not line.startswith(ZERO_PADDING_HINT)]
     assert len(lines) == 1 and lines[0].startswith("warning: skipped") and "broken.png" in lines[0]
     assert shiftlab.load(out / "result.npz").meta["images"] == ["im0.png", "im1.png", "im2.png"]
 
 
-def test_max_shift_too_large_for_crop_mode_is_a_usage_error(images, tmp_path):
+def test_max_shift_too_large_for_the_given_resize_is_a_usage_error(images, tmp_path):
     out = tmp_path / "out"
     assert_clean_error(invoke(*heatmap_args(images, out, "--mode", "crop", "--max-shift", "50",
-                                            "--size", "32")), 2, "--max-shift 50", "--resize", out=out)
+                                            "--size", "32", "--resize", "36")), 2,
+                       "--max-shift 50", "--resize 130", out=out)
+
+
+def test_crop_mode_default_resize_grows_to_fit_the_margin(images, tmp_path):
+    out = tmp_path / "out"
+    result = invoke(*heatmap_args(images, out, "--mode", "crop", "--grid", "symmetric",
+                                  "--max-shift", "3", "--size", "16"))
+    assert result.exit_code == 0, result.output
+    loaded = shiftlab.load(out / "result.npz")
+    assert loaded.settings.margin == 3 and loaded.provenance.resize == 22  # 16 + 2 x 3
 
 
 def test_crop_margin_error_names_a_resize_that_works(images, tmp_path):
     out = tmp_path / "out"
     extra = ["--mode", "crop", "--grid", "symmetric", "--max-shift", "3", "--size", "32"]
-    line = assert_clean_error(invoke(*heatmap_args(images, out, *extra)), 2, "--resize", out=out)
+    line = assert_clean_error(invoke(*heatmap_args(images, out, *extra, "--resize", "36")), 2,
+                              "--resize", out=out)
     resize = re.search(r"--resize (\d+)", line).group(1)
     result = invoke(*heatmap_args(images, out, *extra, "--resize", resize))
     assert result.exit_code == 0, result.output
@@ -1148,7 +1183,7 @@ class _NoWriteAccess:
 def test_out_folder_without_write_access_is_a_runtime_error(images, tmp_path, monkeypatch):
     out = tmp_path / "locked"
     out.mkdir()
-    monkeypatch.setattr("shiftlab.cli.os", _NoWriteAccess(out))
+    monkeypatch.setattr("shiftlab.reports.os", _NoWriteAccess(out))
     assert_clean_error(invoke(*heatmap_args(images, out)), 1, "not writable", "--out", out=out)
 
 

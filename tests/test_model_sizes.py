@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from torch import nn
 from torchvision.models import ViT_H_14_Weights
 
-from shiftlab import models
+from shiftlab import models, pretrained
 from shiftlab.cli import main
 from shiftlab.models import PretrainedUnavailableWarning, load_model
 
@@ -49,7 +49,7 @@ def test_random_init_vit_b_16_min_size_is_its_image_size(weights):
 
 def test_loaded_weights_keep_the_size_the_builder_gave_the_model(tmp_path, monkeypatch):
     chosen = torchvision.models.ViT_B_16_Weights.IMAGENET1K_SWAG_E2E_V1  # trained at 384
-    cache = models._cache_file(chosen)
+    cache = pretrained.cache_file(chosen)
     cache.parent.mkdir(parents=True)
     cache.write_bytes(b"")  # 'cached': no download is tried
 
@@ -57,7 +57,7 @@ def test_loaded_weights_keep_the_size_the_builder_gave_the_model(tmp_path, monke
         assert weights is chosen
         return torchvision.models.vit_b_16(image_size=384)
 
-    monkeypatch.setattr(models, "_download_pretrained", build)
+    monkeypatch.setattr(pretrained, "_download_pretrained", build)
     loaded = load_model("vit_b_16", weights="IMAGENET1K_SWAG_E2E_V1")
     assert loaded.pretrained and loaded.weights == "IMAGENET1K_SWAG_E2E_V1"
     assert loaded.min_size == 384  # not the DEFAULT weights' 224

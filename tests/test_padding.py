@@ -115,7 +115,7 @@ def test_modules_that_cannot_be_made_circular_are_listed_and_warned_once():
             return super().forward(F.pad(x, [1, 1, 1, 1]))
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ConvTranspose2d(4, 4, 3, padding=1),
-                          OwnPadConv(4, 4, 3), nn.MaxPool2d(2, stride=1),
+                          OwnPadConv(4, 4, 3), nn.MaxPool2d(5, stride=2),
                           nn.MaxPool2d(3, stride=2, padding=1, return_indices=True),
                           nn.Unfold(3, padding=1))
     with pytest.warns(UserWarning, match="not made circular") as caught:
@@ -125,7 +125,7 @@ def test_modules_that_cannot_be_made_circular_are_listed_and_warned_once():
     assert circ[0].padding_mode == "circular"
 
 
-# -- SPEC known answer 10: boundary vs. aliasing on torchvision models ------------------------
+# -- known answer 10 (docs/semantics.md): boundary vs. aliasing on torchvision models ------------------------
 def _vgg11() -> nn.Module:
     model = torchvision.models.vgg11()
     model.classifier = nn.Linear(512 * 7 * 7, 10)  # the 4096-wide head only costs test time
@@ -205,3 +205,27 @@ def test_as_trained_zero_padding_breaks_equivariance_at_every_spatial_layer(meas
         if info.stride == (1.0, 1.0):  # the seam meets the zero border at every shift
             assert np.all(values[nonzero] > 1e-4), (name, info.name, values)
         assert np.nanmax(values[nonzero]) > 1e-3, (name, info.name, values)
+
+
+def test_an_antialiased_model_is_fully_circular_and_exact_where_its_stride_divides_the_shift():
+    # antialias() makes MaxPool(2, stride=1) + BlurPool: the stride-1 pool must wrap, not shrink
+    import torchvision
+
+    torch.manual_seed(0)
+    model = shiftlab.antialias(torchvision.models.vgg11(num_classes=10), filt_size=4).eval()
+    circular = circular_padding(model)
+    assert circular.shiftlab_unconverted == []
+    images = torch.randn(2, 3, 64, 64)
+    assert circular(images).shape == model(images).shape
+    grid = shiftlab.ShiftGrid.explicit([(0, 0), (2, 2), (4, 0), (8, 8), (32, 32)])
+    result = shiftlab.measure(circular, images, grid, align="exact", progress=False, device="cpu")
+    checked = 0
+    for info in result.layers:
+        if not info.is_spatial:
+            continue
+        stride = int(info.stride[0])
+        for (dh, dw), value in zip(grid.shifts, result.values(info.name)):
+            if dh % stride == 0 and dw % stride == 0:
+                assert value <= 1e-6, (info.name, stride, dh, dw, value)
+                checked += 1
+    assert checked > 40

@@ -1,0 +1,41 @@
+"""Accuracy against consistency across models: the antialiased-cnns README's scatter plot."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from .panels import escape
+
+
+def accuracy_consistency_plot(table: pd.DataFrame):
+    """One point per model (``consistency_table`` rows with accuracy), with 95% intervals.
+
+    Works for the grid protocol (pairwise consistency) and for ``--protocol zhang2019``.
+
+    >>> fig = accuracy_consistency_plot(consistency_table(results))   # doctest: +SKIP
+    """
+    from matplotlib import pyplot as plt
+
+    paper = "consistency" in table and table["consistency"].notna().all()
+    x_name, low, high = (("consistency", "ci_low", "ci_high") if paper else
+                         ("pairwise_consistency", "pairwise_ci_low", "pairwise_ci_high"))
+    figure, axes = plt.subplots(figsize=(5.2, 4.2), layout="constrained")
+    for index, row in enumerate(table.itertuples(index=False)):
+        x, y = getattr(row, x_name), row.accuracy
+        if x is None or y is None or (isinstance(y, float) and math.isnan(y)):
+            continue
+        xerr = [[x - getattr(row, low)], [getattr(row, high) - x]]
+        yerr = None
+        if getattr(row, "accuracy_ci_low", None) is not None and \
+                not math.isnan(getattr(row, "accuracy_ci_low")):
+            yerr = [[y - row.accuracy_ci_low], [row.accuracy_ci_high - y]]
+        axes.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", color=f"C{index % 10}", capsize=3,
+                      label=escape(row.model))
+    axes.set_xlabel("consistency (top-1 agreement under shifts)")
+    axes.set_ylabel("accuracy")
+    axes.set_title(f"accuracy vs. consistency ({len(table)} models, 95% bootstrap intervals)",
+                   fontsize=9)
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
+    return figure
