@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import numpy as np
 
+from .provenance import NamedByMeta
 from .errors import ShiftlabError, UsageError, one_line
 from .files import atomic_write, to_jsonable
 from .shifts import ShiftGrid
@@ -195,7 +196,7 @@ class InvarianceSettings:
 
 
 @dataclass
-class InvarianceResult:
+class InvarianceResult(NamedByMeta):
     """Per-image predictions under every shift, and the invariance numbers derived from them.
 
     Arrays (N images, S grid shifts, D diagonal steps, P pairs); class -1 / probability NaN mark
@@ -229,26 +230,6 @@ class InvarianceResult:
     @property
     def n_images(self) -> int:
         return int(self.reference_argmax.shape[0])
-
-    @property
-    def label(self) -> str:
-        """The name in tables, figures and warnings: meta 'label', else 'model', else 'result'."""
-        return str(self.meta.get("label") or self.meta.get("model") or "result")
-
-    @property
-    def provenance(self) -> "Provenance":
-        """Where this result came from, typed (read from its metadata)."""
-        from .provenance import Provenance
-
-        known = {k: v for k, v in self.meta.items() if k != "extra"}
-        try:
-            return Provenance.from_dict(known)
-        except Exception:  # noqa: BLE001  (older, free-form metadata)
-            return Provenance.from_meta(self.meta)
-
-    def with_label(self, label: str) -> "InvarianceResult":
-        """A copy named ``label`` (the arrays are shared)."""
-        return dataclasses.replace(self, meta={**self.meta, "label": label})
 
     def _bootstrap(self, successes, trials):
         return bootstrap_interval(successes, trials, n_resamples=self.settings.n_bootstrap,

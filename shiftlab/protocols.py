@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .provenance import NamedByMeta
 from . import __version__
 from .engine import resolve_device
 from .errors import ShiftlabError, UsageError, one_line
@@ -82,7 +83,7 @@ class ProtocolSettings:
 
 
 @dataclass
-class _Saved:
+class _Saved(NamedByMeta):
     """Save/load shared by the two results: arrays + JSON header in one ``.npz``, no pickle."""
 
     settings: ProtocolSettings
@@ -92,26 +93,6 @@ class _Saved:
     probability: np.ndarray
     labels: Optional[np.ndarray] = None
     meta: dict = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        """The name in tables and warnings: meta 'label', else 'model', else 'result'."""
-        return str(self.meta.get("label") or self.meta.get("model") or "result")
-
-    @property
-    def provenance(self) -> "Provenance":
-        """Where this result came from, typed (read from its metadata)."""
-        from .provenance import Provenance
-
-        known = {k: v for k, v in self.meta.items() if k != "extra"}
-        try:
-            return Provenance.from_dict(known)
-        except Exception:  # noqa: BLE001  (older, free-form metadata)
-            return Provenance.from_meta(self.meta)
-
-    def with_label(self, label: str):
-        """A copy named ``label`` (the arrays are shared)."""
-        return dataclasses.replace(self, meta={**self.meta, "label": label})
 
     @property
     def uninformative(self) -> Optional[str]:

@@ -150,3 +150,28 @@ def digest_tensors(batches: Iterable[torch.Tensor]) -> str:
 def as_tuple(values: Optional[Iterable[float]]) -> Optional[tuple[float, ...]]:
     return None if values is None else tuple(float(v) for v in np.asarray(list(values)).ravel())
 
+
+
+class NamedByMeta:
+    """Mixin of the output-level results, which keep their provenance as a ``meta`` dict:
+    ``label``, ``with_label`` and a typed ``provenance`` read from it."""
+
+    meta: dict
+
+    @property
+    def label(self) -> str:
+        """The name in tables, figures and warnings: meta 'label', else 'model', else 'result'."""
+        return str(self.meta.get("label") or self.meta.get("model") or "result")
+
+    @property
+    def provenance(self) -> Provenance:
+        """Where this result came from, typed (read from its metadata)."""
+        known = {k: v for k, v in self.meta.items() if k != "extra"}
+        try:
+            return Provenance.from_dict(known)
+        except Exception:  # noqa: BLE001  (older, free-form metadata)
+            return Provenance.from_meta(self.meta)
+
+    def with_label(self, label: str):
+        """A copy named ``label`` (the arrays are shared)."""
+        return dataclasses.replace(self, meta={**self.meta, "label": label})

@@ -72,6 +72,27 @@ FACTORIES = """
         def forward(self, x):
             return torch.nan_to_num(x)
 
+    class NaNLogits(nn.Module):
+        def forward(self, x):
+            return torch.full((len(x), 3), float("nan"))
+
+    def all_nan():
+        '''A classifier without one finite output.'''
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"), NaNLogits())
+
+    class Slow(nn.Module):
+        def forward(self, x):
+            import os, time
+            marker = os.environ.get("STARTED_MARKER")
+            if marker:
+                open(marker, "a").close()
+            time.sleep(0.2)
+            return x
+
+    def slow():
+        '''0.2 s per forward; touches $STARTED_MARKER once the measurement runs.'''
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"), Slow())
+
     def with_nan():
         '''Layer "1" is all NaN; "2" turns it back into zeros, so only "1" is non-finite.'''
         torch.manual_seed(0)
@@ -180,6 +201,8 @@ class Case:
     out: str = "fresh"  # fresh (absent), prefilled (holds a file from before), locked, under-a-file
     quiet: bool = True
     payload_on_path: bool = False  # the pickled class's module is importable, as for its author
+    command: str = "heatmap"
+    env: tuple = ()  # (name, value) pairs set for the run
     skip: Optional[str] = None
     xfail: Optional[str] = None
 
@@ -241,6 +264,12 @@ ERRORS = {
     "out-folder-not-writable": Case(
         _tiny(), 1, ("not writable", "choose another --out"), out="locked",
         skip="running as root, who can write any folder" if IS_ROOT else None),
+    "invalid-mplbackend": Case(
+        _tiny(), 1, ("MPLBACKEND='nonsense' is not a usable matplotlib backend", "MPLBACKEND=Agg"),
+        env=(("MPLBACKEND", "nonsense"),)),
+    "consistency-of-a-model-without-finite-output": Case(
+        _factory("all_nan"), 1, ("all_nan gave NaN or Inf logits for every input", "weights"),
+        command="consistency"),
     "device-cuda-without-cuda": Case(
         _tiny("images", "--device", "cuda"), 2, ("no CUDA", "--device cpu"),
         skip="CUDA is available" if HAS_CUDA else None),
@@ -300,9 +329,10 @@ def _run(ws: Path, name: str) -> Run:
     before = _contents(out)
     cwd = ws / "cwd" / name
     cwd.mkdir(parents=True)
-    args = ["heatmap", *map(str, case.args(ws, out)), *(["--quiet"] if case.quiet else [])]
+    args = [case.command, *map(str, case.args(ws, out)), *(["--quiet"] if case.quiet else [])]
     env = dict(os.environ, SHIFTLAB_OFFLINE="1", MPLBACKEND="Agg", OMP_NUM_THREADS="1",
                TORCH_HOME=str(ws / "torch_home"))
+    env.update(case.env)
     env.pop("SHIFTLAB_DEBUG", None)
     if case.payload_on_path:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ws), os.environ.get("PYTHONPATH")]))
@@ -447,3 +477,31 @@ def test_nan_layer_is_reported_and_left_out_of_the_means(runs, case):
         means = {row["layer"]: row["mean"] for row in csv.DictReader(handle)}
     assert not means["1"] or math.isnan(float(means["1"])), means  # pandas writes NaN as ''
     assert all(math.isfinite(float(means[name])) for name in ("0", "2", "3")), means
+
+
+def test_sigterm_during_a_measurement_exits_143_with_one_line(workspace, tmp_path):
+    out, marker = tmp_path / "out", tmp_path / "started"
+    env = dict(os.environ, SHIFTLAB_OFFLINE="1", MPLBACKEND="Agg", OMP_NUM_THREADS="1",
+               STARTED_MARKER=str(marker))
+    env.pop("SHIFTLAB_DEBUG", None)
+    command = [*_launcher(), "heatmap", "--model", f"{workspace / 'factories.py'}:slow", "--images",
+               str(workspace / "images"), *FAST, "--quiet", "--out", str(out)]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):  # the model is running (imports take a few seconds)
+            if marker.exists() or proc.poll() is not None:
+                break
+            subprocess.run(["sleep", "0.1"])
+        assert marker.exists(), proc.communicate()
+        proc.send_signal(15)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 143, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("terminated (SIGTERM)"), stderr
+    assert "Traceback" not in stderr and stdout == ""
+    assert _contents(out) <= {".shiftlab-progress.npz"}  # no outputs, no staging folder
