@@ -163,8 +163,9 @@ def check_comparable(results: list[Result], labels: list[str], check: bool, same
 
 
 def weights_label(result: Result) -> str:
-    weights = result.provenance.weights
-    return "random init" if str(weights).lower() == "none" else str(weights or "")
+    if result.provenance.random_init:
+        return "random init"
+    return str(result.provenance.weights or "")
 
 
 def input_differences(first, second) -> list[str]:
