@@ -25,8 +25,8 @@ PROGRESS_FILE = ".shiftlab-progress.npz"
 #: names of the files shiftlab writes into --out (any command): a folder holding one of these
 #: holds another run's results
 OUTPUT_PATTERNS = ("result.npz", "result-*.npz", "invariance-*.npz", "protocol-*.npz",
-                   "summary.csv", "consistency.csv", "models.csv", "heatmap.*", "profile.*",
-                   "paper.*", "grids.*", "difference*.*", "probability.*", "padding.*",
+                   "summary.csv", "consistency.csv", "models.csv", "heatmap.*", "heatmap-*.*",
+                   "profile.*", "paper.*", "grids.*", "difference*.*", "probability.*", "padding.*",
                    "scatter.*", "diagonal.*")
 #: the figures of one result (``shiftlab plot`` replaces only these)
 FIGURE_PATTERNS = ("heatmap.*", "profile.*", "paper.*")
@@ -244,7 +244,8 @@ def write_padding_pair(results: Sequence, folder: Path, figure: dict, formats: S
                        dpi: int) -> list[Path]:
     """``--padding both``: result-<padding>.npz, summary.csv with both columns, heatmap.* of
     each, and padding.* (the two profiles, the gap shaded as boundary effect)."""
-    from .plots import layer_grid, padding_profile
+    from .boundary import padding_profile
+    from .plots import layer_grid
 
     def write(stage: Path) -> list[Path]:
         written = [r.save(stage / f"result-{r.settings.padding}.npz") for r in results]

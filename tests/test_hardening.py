@@ -254,6 +254,16 @@ def test_overwrite_replaces_the_whole_set_so_old_pdfs_are_gone(setup, tmp_path):
     assert shiftlab.load(out / "result.npz").settings.metric == "l2"
 
 
+def test_overwrite_replaces_the_padding_pair_figures_too(setup, tmp_path):
+    images, model = setup
+    out = tmp_path / "out"
+    assert invoke(*heatmap(images, model, out, "--padding", "both", "--format", "pdf")).exit_code == 0
+    assert (out / "heatmap-as-trained.pdf").is_file()
+    assert invoke(*heatmap(images, model, out, "--overwrite")).exit_code == 0
+    assert {p.name for p in out.iterdir()} == {"result.npz", "summary.csv", "heatmap.png",
+                                               "profile.png"}
+
+
 class _FailingReplace:
     """``os`` for shiftlab.reports, whose n-th ``replace`` fails as a full disk would."""
 
