@@ -284,12 +284,14 @@ def write_comparison(comparison, folder: Path, save_results: bool, figure: dict,
         return written + [write_table(stage / "summary.csv", comparison.summary())]
 
     def draw(stage: Path) -> list[Path]:
+        profile = {k: v for k, v in figure.items() if k in ("scale", "view", "title")}
+        diff = {k: v for k, v in figure.items() if k in ("vmax", "view", "title")}
         figures = [("grids", lambda: comparison.plot_grids(**figure)),
-                   ("profile", lambda: comparison.plot_profile(scale=figure.get("scale", "linear")))]
+                   ("profile", lambda: comparison.plot_profile(**profile))]
         for index in range(1, len(comparison.results)):
             stem = "difference" if len(comparison.results) == 2 else f"difference-{index}"
             figures.append((stem, lambda index=index: comparison.plot_difference(
-                0, index, difference=difference)))
+                0, index, difference=difference, **diff)))
         return save_figures(figures, stage, formats, dpi)
     redraw = ("draw them with 'shiftlab compare' on the saved result-*.npz files" if save_results
               else "")
@@ -298,7 +300,9 @@ def write_comparison(comparison, folder: Path, save_results: bool, figure: dict,
 
 def write_consistency(results: Sequence, table, folder: Path, formats: Sequence[str],
                       dpi: int) -> list[Path]:
-    """invariance-<label>.npz, consistency.csv (per model and shift), summary.csv, probability.*."""
+    """invariance-<label>.npz (protocol-<label>.npz), consistency.csv (per model and shift),
+    summary.csv, probability.*, and scatter.* (accuracy vs. consistency) for several models
+    measured with labels."""
     import pandas as pd
 
     from .plots import probability_plot
@@ -315,9 +319,11 @@ def write_consistency(results: Sequence, table, folder: Path, formats: Sequence[
         return written + [write_table(stage / "summary.csv", table)]
 
     def draw(stage: Path) -> list[Path]:
+        from .tradeoff import accuracy_consistency_plot
+
         gridded = [r for r in results if hasattr(r, "to_frame")]
-        if not gridded:
-            return []
-        return save_figures([("probability", lambda: probability_plot(gridded))], stage, formats,
-                            dpi)
+        figures = [("probability", lambda: probability_plot(gridded))] if gridded else []
+        if len(results) > 1 and "accuracy" in table and table["accuracy"].notna().sum() > 1:
+            figures.append(("scatter", lambda: accuracy_consistency_plot(table)))
+        return save_figures(figures, stage, formats, dpi)
     return write_set(folder, write, draw)

@@ -547,7 +547,7 @@ def test_cli_labels_from_class_index_folders_give_accuracy(tmp_path):
     result = invoke("consistency", "--model", TINY, "--labels", tmp_path / "labelled", *FAST,
                     "--max-images", "3", "--out", out)
     assert result.exit_code == 0, result.output + result.stderr
-    assert "accuracy (mean)" in result.stdout
+    assert "accuracy" in result.stdout and "acc. 95% CI" in result.stdout
     saved = load_invariance(out / "invariance-conftest_tiny_classifier.npz")
     assert list(saved.labels) == [3, 3, 7]
     rows = read_csv(out / "consistency.csv")
