@@ -19,6 +19,7 @@ selection and paper names in :mod:`shiftlab.views`.
 from __future__ import annotations
 
 import math
+import textwrap
 import os
 import warnings
 from pathlib import Path
@@ -178,7 +179,10 @@ def layer_profile(results: Results, labels: Optional[Sequence[str]] = None, scal
     ax.grid(axis="y", lw=0.4, color="0.88")
     ax.spines[["top", "right"]].set_visible(False)
     ax.legend(fontsize=7, frameon=False, loc="best")
-    fig.suptitle(escape(title or f"Per-layer mean distance\n{_settings_line(results[0])}"), fontsize=FS_TITLE)
+    # a narrow figure wraps the settings line instead of cutting it at both edges
+    width = int(fig.get_figwidth() * 120 / FS_TITLE)
+    settings = "\n".join(textwrap.wrap(_settings_line(results[0]), width, break_on_hyphens=False))
+    fig.suptitle(escape(title or f"Per-layer mean distance\n{settings}"), fontsize=FS_TITLE)
     return fig
 
 
@@ -422,6 +426,10 @@ def _image(result: Result, name: str) -> tuple[np.ndarray, list[float], Optional
 
 
 
+#: distances at or below this are rounding, not aliasing: the ratio map shows them as equivariant
+RATIO_FLOOR = 1e-6
+
+
 def _difference(pa: np.ndarray, pb: np.ndarray, labels: list[str], difference: str,
                 pairs: list) -> tuple[np.ndarray, list[Special]]:
     if difference == "diff":
@@ -432,11 +440,16 @@ def _difference(pa: np.ndarray, pb: np.ndarray, labels: list[str], difference: s
         return clip(pb) - clip(pa), []
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.log2(pb / pa)
-    both_zero = (pa == 0) & (pb == 0)
-    only_b, only_a = (pa == 0) & (pb > 0), (pa > 0) & (pb == 0)
+    # distances at float32 rounding level are "equivariant", not numbers to take a ratio of:
+    # 1e-9 / 1e-12 would read log2 = 10 and set the colour scale for every panel
+    zero_a, zero_b = pa <= RATIO_FLOOR, pb <= RATIO_FLOOR
+    both_zero = zero_a & zero_b
+    only_b, only_a = zero_a & (pb > RATIO_FLOOR), (pa > RATIO_FLOOR) & zero_b
     ratio = np.where(both_zero, 0.0, np.where(only_a | only_b, np.nan, ratio))
-    return ratio, [Special(only_b, RATIO_COLOURS[0], f"{labels[0]} exactly 0, {labels[1]} > 0"),
-                   Special(only_a, RATIO_COLOURS[1], f"{labels[1]} exactly 0, {labels[0]} > 0")]
+    return ratio, [Special(only_b, RATIO_COLOURS[0], f"{labels[0]} ≤ {RATIO_FLOOR:g} (equivariant),"
+                                                     f" {labels[1]} above"),
+                   Special(only_a, RATIO_COLOURS[1], f"{labels[1]} ≤ {RATIO_FLOOR:g} (equivariant),"
+                                                     f" {labels[0]} above")]
 
 
 def _range_keys(infos: list[LayerInfo], color_range: str) -> list:
