@@ -29,9 +29,9 @@ import torch
 
 from .metrics import ComparisonStats
 from .shifts import roll_many
-from .stencil import (SMALL_MAP, Taps, Workspace, blocks, circulant_taps, dense_circulant,
-                      device_constants, dot, overlap_mask, quadratic, rolled_into, stencil2,
-                      sub_rolled, value_range)
+from .stencil import (IDENTITY, SMALL_MAP, Taps, Workspace, blocks, circulant_taps,
+                      dense_circulant, device_constants, dot, overlap_mask, quadratic,
+                      rolled_into, stencil2, sub_rolled, value_range)
 
 
 def interpolation_matrix(n: int, positions: torch.Tensor) -> torch.Tensor:
@@ -189,11 +189,17 @@ class BilinearPlan:
         self.offsets = list(zip(self.rows.quotient.tolist(), self.cols.quotient.tolist()))
         self.circulant = self.rows.taps is not None and self.cols.taps is not None
         self._constants: dict = {}
-        self.phases: dict[tuple[Taps, Taps], list[int]] = {}  # inexact shifts by filter
+        # inexact shifts by the cross filter of one axis without its roll, that axis being the
+        # one with fewer distinct filters: (axis, [(taps, shifts)])
+        self.cross_groups: tuple[int, list[tuple[Taps, list[int]]]] = (-2, [])
         if self.circulant:
-            for s in self.inexact.tolist():
-                key = (self.rows.taps.phase[s], self.cols.taps.phase[s])
-                self.phases.setdefault(key, []).append(s)
+            by_axis = {}
+            for axis, taps in ((-2, self.rows.taps), (-1, self.cols.taps)):
+                groups: dict[Taps, list[int]] = {}
+                for s in self.inexact.tolist():
+                    groups.setdefault(taps.phase[s], []).append(s)
+                by_axis[axis] = list(groups.items())
+            self.cross_groups = min(by_axis.items(), key=lambda item: len(item[1]))
 
     def _small_map_constants(self, ref: torch.Tensor) -> dict:
         """Small maps: every inexact shift's cross stencil as one dense (hw × hw) matrix."""
@@ -218,23 +224,38 @@ class BilinearPlan:
 
     def _cross(self, ref: torch.Tensor, shifted: torch.Tensor, cross: torch.Tensor,
                workspace: Workspace) -> None:
-        """cross[s] = <T_δ U a, U b_s> for the inexact shifts: the reference filtered once per
-        phase (the roll folded into the taps when a phase has one shift), then per shift and
-        cache-sized block of images a slice-wise roll into scratch and one inner product."""
+        """cross[s] = <T_δ U a, U b_s> for the inexact shifts. The cross filter is separable
+        (R ⊗ C): the reference is filtered along one axis once per distinct filter of the chunk
+        (the axis with fewer of them), then along the other once per phase (the roll folded into
+        the taps when a phase has one shift), then per shift and cache-sized block of images a
+        slice-wise roll into scratch and one inner product. Filtering along both axes per phase
+        would repeat the first axis's passes for every phase."""
         map_bytes = ref[0].numel() * ref.element_size()
-        rows, cols = self.rows.taps, self.cols.taps
-        for phase, members in self.phases.items():
-            single = len(members) == 1  # fold the roll into the taps: no separate roll
-            taps = (rows.cross[members[0]], cols.cross[members[0]]) if single else phase
-            filtered = stencil2(workspace.take("phase", ref.shape, ref), ref, taps, workspace)
+        axis, groups = self.cross_groups
+        other = self.cols.taps if axis == -2 else self.rows.taps
+        pair = (lambda first, second: (first, second)) if axis == -2 else (  # noqa: E731
+            lambda first, second: (second, first))
+        for taps, members in groups:
+            half = stencil2(workspace.take("phase", ref.shape, ref), ref, pair(taps, IDENTITY),
+                            workspace)
+            phases: dict[Taps, list[int]] = {}
             for s in members:
-                offset = (0, 0) if single else self.offsets[s]
-                for _, images in blocks(1, ref.shape[0], map_bytes):
-                    source = filtered[images]
-                    if offset != (0, 0):
-                        source = rolled_into(workspace.take("rolled", source.shape, source),
-                                             source, offset)
-                    cross[s, images] = dot(source, shifted[s, images])
+                phases.setdefault(other.phase[s], []).append(s)
+            for phase, shifts in phases.items():
+                single = len(shifts) == 1  # fold the other axis's roll into its taps
+                filtered = stencil2(workspace.take("phase_other", ref.shape, ref), half,
+                                    pair(IDENTITY, other.cross[shifts[0]] if single else phase),
+                                    workspace)
+                for s in shifts:
+                    offset = self.offsets[s]
+                    if single:
+                        offset = (offset[0], 0) if axis == -2 else (0, offset[1])
+                    for _, images in blocks(1, ref.shape[0], map_bytes):
+                        source = filtered[images]
+                        if offset != (0, 0):
+                            source = rolled_into(workspace.take("rolled", source.shape, source),
+                                                 source, offset)
+                        cross[s, images] = dot(source, shifted[s, images])
 
     def _compare_circulant(self, ref: torch.Tensor, shifted: torch.Tensor, cache: dict,
                            workspace: Workspace) -> ComparisonStats:

@@ -27,7 +27,11 @@ MAX_PANEL_CELLS = 128 * 128
 
 def _announce(quiet: bool):
     def say(loaded, inputs, grid, options: dict) -> None:
-        if not quiet:
+        if not quiet and grid is None:  # a protocol: images are streamed, counted as they come
+            click.echo(f"{loaded.name} ({loaded.weights}): --protocol {options['protocol']},"
+                       f" {options['size']} px windows of {options['resize']} px centre crops,"
+                       " images streamed", err=True)
+        elif not quiet:
             click.echo(f"{loaded.name} ({loaded.weights}): {len(inputs.paths)} images at"
                        f" {options['size']} px, {len(grid)} shifts ({grid.kind}, {options['mode']},"
                        f" {options.get('align', '-')}, {options.get('metric', '-')})", err=True)

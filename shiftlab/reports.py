@@ -319,11 +319,17 @@ def write_consistency(results: Sequence, table, folder: Path, formats: Sequence[
         return written + [write_table(stage / "summary.csv", table)]
 
     def draw(stage: Path) -> list[Path]:
-        from .tradeoff import accuracy_consistency_plot
+        from .tradeoff import accuracy_consistency_plot, diagonal_plot
 
         gridded = [r for r in results if hasattr(r, "to_frame")]
         figures = [("probability", lambda: probability_plot(gridded))] if gridded else []
-        if len(results) > 1 and "accuracy" in table and table["accuracy"].notna().sum() > 1:
+        diagonal = [r for r in results if hasattr(r, "mean_curve")]
+        if diagonal:
+            figures.append(("diagonal", lambda: diagonal_plot(diagonal)))
+        has_consistency = any(c in table and table[c].notna().all()
+                              for c in ("pairwise_consistency", "consistency"))
+        if len(results) > 1 and has_consistency and "accuracy" in table \
+                and table["accuracy"].notna().sum() > 1:
             figures.append(("scatter", lambda: accuracy_consistency_plot(table)))
         return save_figures(figures, stage, formats, dpi)
     return write_set(folder, write, draw)

@@ -326,9 +326,8 @@ def _protocol(loaded: LoadedModel, spec: str, protocol: str, images, labelled, *
                             model_fingerprint=state_dict_fingerprint(loaded.model),
                             mean=as_tuple(loaded.mean), std=as_tuple(loaded.std),
                             extra={"spec": spec, "protocol": protocol})
-    if on_ready is not None and progress is not False:
-        warnings.warn(f"{loaded.name} ({loaded.weights}): --protocol {protocol}, {size} px windows"
-                      f" of {crop} px centre crops, streamed")
+    if on_ready is not None:
+        on_ready(loaded, None, None, {"size": size, "protocol": protocol, "resize": crop})
     identity = {k: v for k, v in provenance.to_dict().items()
                 if k not in ("n_images", "seconds", "device", "versions", "input_digest")}
     if protocol == "zhang2019":

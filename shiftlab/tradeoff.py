@@ -1,4 +1,6 @@
-"""Accuracy against consistency across models: the antialiased-cnns README's scatter plot."""
+"""Figures of the output-level results across models: accuracy against consistency (the
+antialiased-cnns README's scatter plot) and the diagonal protocol's probability curves (the
+paper's Figure 1)."""
 from __future__ import annotations
 
 import math
@@ -38,4 +40,30 @@ def accuracy_consistency_plot(table: pd.DataFrame):
                    fontsize=9)
     axes.legend(fontsize=8)
     axes.grid(alpha=0.3)
+    return figure
+
+
+def diagonal_plot(results, max_images: int = 12):
+    """Ground-truth class probability along the windows (t, t), one panel per model: the mean
+    over images (thick) and up to ``max_images`` single images (thin).
+
+    >>> fig = diagonal_plot([baseline_diagonal, antialiased_diagonal])   # doctest: +SKIP
+    """
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.4), sharey=True,
+                                layout="constrained", squeeze=False)
+    for ax, result in zip(axes[0], results):
+        offsets = result.offsets
+        for row in result.probability[:max_images]:
+            ax.plot(offsets, row, lw=0.6, alpha=0.5, color="0.5")
+        ax.plot(offsets, result.mean_curve, lw=2.0, color="C0", label="mean over images")
+        note = " · random init" if result.provenance.random_init else ""
+        ax.set_title(f"{escape(result.label)} ({result.n_images} images){note}", fontsize=9)
+        ax.set_xlabel("window offset (t, t) in px")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("probability of the true class")
+    axes[0][0].legend(fontsize=8)
+    figure.suptitle("the paper's diagonal protocol: true-class probability vs. diagonal shift",
+                    fontsize=10)
     return figure

@@ -104,9 +104,27 @@ def test_bilinear_plan_on_maps_larger_than_the_dense_limit_equals_explicit_upsam
                                atol=2e-6)
 
 
-def test_bilinear_plan_needs_one_filtered_reference_per_phase():
+def test_bilinear_plan_filters_the_reference_once_per_distinct_filter_of_one_axis():
     info = LayerInfo("x", "Test", "spatial", (4.0, 4.0), (4.0, 4.0), (3, 16, 16))
     shifts = torch.tensor([(1, 2), (5, 2), (1, 6), (9, 10), (3, 3), (4, 0)], dtype=torch.float64)
     plan = make_plan(info, shifts, "circular", "bilinear")
-    # phase (1, 2) x4 (the rolls differ), (3, 3) x1; (4, 0) is whole feature pixels (exact)
-    assert sorted(len(members) for members in plan.phases.values()) == [1, 4]
+    # row phase 1 x4 (the rolls differ), 3 x1, and column phase 2 x4, 3 x1: two filtered
+    # references either way; (4, 0) is whole feature pixels (exact)
+    assert sorted(len(members) for _, members in plan.cross_groups[1]) == [1, 4]
+
+
+def test_bilinear_plan_prefiltering_along_columns_with_rolls_equals_explicit_upsampling():
+    """One column phase and three row phases: the columns are filtered once, the rows per phase;
+    (11, 5) is alone in its row phase (row roll folded into the taps, column roll a copy)."""
+    stride, size = 4, 10
+    shifts = [(1, 1), (2, 1), (9, 9), (11, 5)]
+    generator = torch.Generator().manual_seed(3)
+    ref = torch.randn(2, 3, size, size + 1, generator=generator)
+    shifted = ref[None] + 0.5 * torch.randn(len(shifts), 2, 3, size, size + 1, generator=generator)
+    info = LayerInfo("x", "Test", "spatial", (float(stride),) * 2, (float(stride),) * 2,
+                     (3, size, size + 1))
+    plan = make_plan(info, torch.tensor(shifts, dtype=torch.float64), "circular", "bilinear")
+    assert plan.cross_groups[0] == -1 and len(plan.cross_groups[1]) == 1
+    got = distance(plan.compare(ref, shifted), "cosine").numpy()
+    np.testing.assert_allclose(got, explicit_cosine(ref, shifted, shifts, stride), rtol=1e-4,
+                               atol=2e-6)

@@ -34,3 +34,25 @@ def test_protocol_tables_use_their_consistency_and_models_without_accuracy_are_s
     axes = accuracy_consistency_plot(table).axes[0]
     points = [line.get_xydata()[0].tolist() for line in axes.lines if line.get_marker() == "o"]
     assert points == [[0.9, 0.5]]
+
+
+def test_diagonal_plot_draws_each_models_mean_curve_and_marks_random_init():
+    import numpy as np
+
+    from shiftlab.tradeoff import diagonal_plot
+
+    class Diagonal:  # the attributes diagonal_plot reads from a DiagonalResult
+        def __init__(self, label, curves):
+            from shiftlab.provenance import Provenance
+
+            self.label, self.probability = label, np.asarray(curves)
+            self.offsets = np.arange(self.probability.shape[1])
+            self.mean_curve = self.probability.mean(0)
+            self.n_images = len(curves)
+            self.provenance = Provenance(model=label, weights="none")
+
+    figure = diagonal_plot([Diagonal("a", [[0.2, 0.4], [0.4, 0.6]]), Diagonal("b", [[0.5, 0.5]])])
+    first, second = figure.axes
+    assert first.lines[-1].get_ydata().tolist() == [0.30000000000000004, 0.5]
+    assert "random init" in first.get_title() and "(2 images)" in first.get_title()
+    assert second.lines[-1].get_ydata().tolist() == [0.5, 0.5]
