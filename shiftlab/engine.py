@@ -314,8 +314,7 @@ class _Run:
         self.sums = DistanceAccumulator(len(shifts), device, n_layers=len(infos))
         self.position = {info.name: i for i, info in enumerate(infos)}
         # one forward pass's statistics, reduced to distances together when the pass ends
-        self.pending: list[tuple[str, ComparisonStats]] = []
-        self.pending_key: object = None
+        self.pending: list[tuple[str, ComparisonStats, object, torch.Tensor]] = []
         self.flat_index: dict[tuple, torch.Tensor] = {}
         self.plans: dict[tuple, Plan] = {}
         self.workspace = Workspace()  # scratch shared by every layer's comparisons
@@ -383,22 +382,21 @@ class _Run:
             stats = plan.compare(reference, shifted, self.caches.setdefault(layer, {}), self.workspace)
         else:
             stats = compare_global(reference, shifted, self.need_peak)
-        self.pending.append((layer, stats))
-        self.pending_key = (key, index)
+        self.pending.append((layer, stats, key, index))
 
     def _flush(self) -> None:
         """Distances of every layer of the pass that just ended, into the sums: a few operations
         per pass instead of per layer."""
         if not self.pending:
             return
-        layers = tuple(layer for layer, _ in self.pending)
-        key, index = self.pending_key
-        flat = self.flat_index.get((key, layers))
+        layers = tuple((layer, key) for layer, _, key, _ in self.pending)
+        flat = self.flat_index.get(layers)
         if flat is None:  # the sums' flat positions of (layer, shift), built once per pass kind
             n_shifts = len(self.shifts)
-            flat = torch.cat([index + self.position[layer] * n_shifts for layer in layers])
-            flat = self.flat_index[(key, layers)] = flat.to(self.device, non_blocking=True)
-        stats = concat([item for _, item in self.pending])
+            flat = torch.cat([index + self.position[layer] * n_shifts
+                              for layer, _, _, index in self.pending])
+            flat = self.flat_index[layers] = flat.to(self.device, non_blocking=True)
+        stats = concat([item for _, item, _, _ in self.pending])
         self.pending.clear()
         self.sums.add(flat, distance(stats, self.settings.metric), stats.valid)
 
@@ -408,30 +406,63 @@ class _Run:
         images = to_device(images, self.device)
         margin = self.settings.margin
         capture = LayerCapture(self.model, self.selection, self._on_output)
+        reference = centre_window(images, margin) if self.settings.mode == "crop" else images
         with capture, torch.inference_mode(), self.autocast():
-            self._phase = self._store_reference
-            self._batch = len(images)
             try:
-                self.model(centre_window(images, margin) if self.settings.mode == "crop" else images)
-                self._flush()
-                for chunk, start in enumerate(range(0, len(self.forward_shifts), shifts_per_pass)):
-                    window = slice(start, start + shifts_per_pass)
-                    shifts, index = self.forward_shifts[window], self.forward_index[window]
+                pending_reference = True
+                for chunk, (start, stop) in enumerate(self._chunks(shifts_per_pass)):
+                    shifts, index = self.forward_shifts[start:stop], self.forward_index[start:stop]
                     batch = apply_shifts(images, shifts, self.settings.mode, margin)
                     count = batch.shape[0]
-                    self._phase = self._shifted_phase(index, count, chunk)
-                    self._batch = count * len(images)
-                    self.model(batch.reshape(-1, *batch.shape[2:]))
+                    batch = batch.reshape(-1, *batch.shape[2:])
+                    # within the batch size only: a pass that left room for the reference
+                    joined = (pending_reference and count < shifts_per_pass
+                              and batch.shape[1:] == reference.shape[1:])
+                    if pending_reference and not joined:
+                        self._reference_pass(reference)
+                    if joined:  # the reference rides with the first shifts: one pass fewer
+                        batch = torch.cat([reference, batch])
+                    pending_reference = False
+                    self._phase = self._shifted_phase(index, count, chunk,
+                                                      len(images) if joined else 0)
+                    self._batch = len(batch)
+                    self.model(batch)
                     self._flush()
                     bar.update(1)
+                if pending_reference:
+                    self._reference_pass(reference)
             finally:
                 self._phase = self._ignore
                 self.pending.clear()
                 self.references.clear()
                 self.caches.clear()
 
-    def _shifted_phase(self, index: torch.Tensor, count: int, chunk: int) -> Callable:
+    def _chunks(self, shifts_per_pass: int) -> list[tuple[int, int]]:
+        """[start, stop) of the forward shifts per pass. The first pass also carries the
+        reference images, so with a zero shift it takes one shift fewer (the floor's layout:
+        every batch full) unless that would add a pass."""
+        total = len(self.forward_shifts)
+        first = shifts_per_pass
+        if len(self.zero_index) and shifts_per_pass > 1 and total >= shifts_per_pass and (
+                1 + math.ceil((total - shifts_per_pass + 1) / shifts_per_pass)
+                == math.ceil(total / shifts_per_pass)):
+            first = shifts_per_pass - 1
+        starts = [0] + list(range(first, total, shifts_per_pass)) if total else []
+        return [(start, min(total, start + (first if start == 0 else shifts_per_pass)))
+                for start in starts]
+
+    def _reference_pass(self, reference: torch.Tensor) -> None:
+        self._phase = self._store_reference
+        self._batch = len(reference)
+        self.model(reference)
+        self._flush()
+
+    def _shifted_phase(self, index: torch.Tensor, count: int, chunk: int,
+                       n_reference: int = 0) -> Callable:
         def on_shifted(layer: str, tensor: torch.Tensor) -> None:
+            if n_reference:  # the first n_reference maps are the reference's
+                self._store_reference(layer, tensor[:n_reference])
+                tensor = tensor[n_reference:]
             shifted = tensor.detach().float()
             shifted = shifted.reshape(count, -1, *shifted.shape[1:])
             self._compare(layer, shifted, index, chunk)

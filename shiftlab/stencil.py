@@ -27,6 +27,7 @@ meaning out[i] = Σ weight · x[(i + offset) % n]."""
 
 IDENTITY: Taps = ((0, 1.0),)
 _SMALL_ROW = 1 << 17  # values per row below which one batched call beats a BLAS call per row
+_ALIGN = 16  # bytes: BLAS dot wants both operands at the same offset modulo this
 SMALL_MAP = 64
 """Maps of at most this many positions (8×8) take dense (hw × hw) matrix products instead."""
 CACHE_BYTES = 4 * 2**20
@@ -169,9 +170,24 @@ def dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     x, y = x.reshape(n, -1), y.reshape(n, -1)
     if x.shape[1] < _SMALL_ROW:  # short rows: one call, not one per row
         return torch.linalg.vecdot(x, y).double()
+    scratch = None
+    if (x.data_ptr() - y.data_ptr()) % _ALIGN or x.stride(0) % (_ALIGN // x.element_size()) \
+            or y.stride(0) % (_ALIGN // y.element_size()):
+        # BLAS dot runs several times slower when the operands' addresses differ modulo 16
+        # bytes (a lag of one column or an odd row width, lag_dot): a copy of the row beside
+        # x's alignment costs less
+        scratch = torch.empty(x.shape[1] + _ALIGN, dtype=y.dtype, device=y.device)
+
+    def row(i: int) -> torch.Tensor:
+        a, b = x[i], y[i]
+        if scratch is not None and (a.data_ptr() - b.data_ptr()) % _ALIGN:
+            start = (a.data_ptr() - scratch.data_ptr()) % _ALIGN // scratch.element_size()
+            b = scratch[start:start + b.numel()].copy_(b)
+        return torch.dot(a, b)
+
     if n == 1:
-        return torch.dot(x[0], y[0]).view(1).double()
-    return torch.stack([torch.dot(x[i], y[i]) for i in range(n)]).double()
+        return row(0).view(1).double()
+    return torch.stack([row(i) for i in range(n)]).double()
 
 
 def _tridiagonal(taps: Taps, n: int) -> Optional[tuple[float, float]]:

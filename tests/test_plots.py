@@ -552,13 +552,22 @@ def test_ratio_difference_is_log2_of_b_over_a_with_zero_cases_marked():
     assert drawn[0, 0] == 0  # both exactly 0 at shift (0, 0): no change
     assert drawn[0, 1] == pytest.approx(2.0) and drawn[1, 1] == pytest.approx(-1.0)  # 4x, halved
     assert np.ma.getmaskarray(drawn)[0, 2]
-    assert "a exactly 0, b > 0" in legend_texts(fig)
+    assert "a ≤ 1e-06 (equivariant), b above" in legend_texts(fig)
     norm = mesh(panels(fig)[0]).norm
     assert isinstance(norm, TwoSlopeNorm) and norm.vcenter == 0 and norm.vmax == pytest.approx(2.0)
     assert "log2(b / a)" in bar_label(fig)
     psnr = make_result(THREE, metric="psnr")
     with pytest.raises(UsageError, match="ratio"):
         plots.difference_grid(psnr, psnr, difference="ratio")
+
+
+def test_ratio_treats_distances_at_rounding_level_as_equivariant():
+    # 1e-9 against 1e-12 is rounding in both, not a 1000x change that would set the colour scale
+    a = make_result(THREE, align="bilinear", values=np.full((3, 16), 0.1), meta={"label": "a"})
+    b = make_result(THREE, align="bilinear", values=np.full((3, 16), 0.05), meta={"label": "b"})
+    a.mean[0, 3], b.mean[0, 3] = 1e-12, 1e-9
+    drawn = mesh(panels(plots.difference_grid(a, b, difference="ratio"))[0]).get_array()
+    assert drawn[0, 3] == 0
 
 
 def test_difference_with_layer_range_scales_each_panel_on_its_own():

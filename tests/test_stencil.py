@@ -121,3 +121,13 @@ def test_blocks_cover_every_map_once_within_the_budget(n_shifts, n_images, map_b
         # a block is a contiguous view of an (S, B, ...) run: all images, or a single shift
         assert images == slice(0, n_images) or shifts.stop - shifts.start == 1
     assert torch.equal(seen, torch.ones_like(seen))
+
+
+@pytest.mark.parametrize("lag", [1, 2, 3, 4, 14])
+def test_dot_of_long_rows_at_different_alignments_equals_the_float64_product(lag):
+    # BLAS is slow when the operands' addresses differ modulo 16 bytes; dot copies one row
+    # beside the other, which must not change the value
+    flat = torch.randn(2, (1 << 17) + 64, generator=torch.Generator().manual_seed(lag))
+    x, y = flat[:, lag:lag + (1 << 17)], flat[:, : 1 << 17]
+    expected = (x.double() * y.double()).sum(1)
+    torch.testing.assert_close(dot(x, y), expected, rtol=1e-5, atol=1e-3)
