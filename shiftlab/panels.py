@@ -483,3 +483,32 @@ def mark_strides(ax, marks: dict, spans: dict, n_results: int, colours, length: 
         last[level:level + 1] = [x]
         ax.text(x + 0.1, 1.01 + 0.055 * level, text, transform=trans, fontsize=6.5, color=colour,
                 va="bottom", ha="left", fontstyle=style, clip_on=False)
+
+
+RATIO_COLOURS = ("#3b0a45", "#0b5d1e")  # baseline exactly 0 / other exactly 0: outside any log
+#: distances at or below this are rounding, not aliasing: the ratio map shows them as equivariant
+RATIO_FLOOR = 1e-6
+
+
+def difference_map(pa: np.ndarray, pb: np.ndarray, labels: list[str], difference: str,
+                   pairs: list) -> tuple[np.ndarray, list[Special]]:
+    """The drawn map of ``difference_grid``: b − a ('diff', ±inf clipped to the finite range of
+    all pairs) or log2(b / a) ('ratio', with cells where one side is equivariant marked)."""
+    if difference == "diff":
+        values = np.concatenate([np.ravel(m) for pair in pairs for m in pair])
+        finite = values[np.isfinite(values)]
+        top, bottom = (float(finite.max()), float(finite.min())) if finite.size else (1.0, 0.0)
+        clip = lambda m: np.where(np.isposinf(m), top, np.where(np.isneginf(m), bottom, m))  # noqa: E731
+        return clip(pb) - clip(pa), []
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.log2(pb / pa)
+    # distances at float32 rounding level are "equivariant", not numbers to take a ratio of:
+    # 1e-9 / 1e-12 would read log2 = 10 and set the colour scale for every panel
+    zero_a, zero_b = pa <= RATIO_FLOOR, pb <= RATIO_FLOOR
+    both_zero = zero_a & zero_b
+    only_b, only_a = zero_a & (pb > RATIO_FLOOR), (pa > RATIO_FLOOR) & zero_b
+    ratio = np.where(both_zero, 0.0, np.where(only_a | only_b, np.nan, ratio))
+    return ratio, [Special(only_b, RATIO_COLOURS[0], f"{labels[0]} ≤ {RATIO_FLOOR:g} (equivariant),"
+                                                     f" {labels[1]} above"),
+                   Special(only_a, RATIO_COLOURS[1], f"{labels[1]} ≤ {RATIO_FLOOR:g} (equivariant),"
+                                                     f" {labels[0]} above")]

@@ -34,7 +34,7 @@ from .errors import SettingsMismatchError, UsageError
 from .files import atomic_write
 from .geometry import LayerInfo
 from .matching import Results, as_results, check_comparable, match_layers, resolve_matching, result_labels
-from .panels import (COLOR_RANGES, DEFAULT_COLOR_RANGE, DIFFERENCES, FS_TITLE, HIGHER_IS_BETTER,
+from .panels import (difference_map, COLOR_RANGES, DEFAULT_COLOR_RANGE, DIFFERENCES, FS_TITLE, HIGHER_IS_BETTER,
                      METRIC_LABELS, NO_VALUE, RANDOM_INIT, SCALES, UNDEFINED, Layout, Panel, Scale,
                      Special, VmaxSpec, check_choice, colormap, grid_columns, special_cells, colour_scale, diverging_scale, draw,
                      escape, fmt, image_names, is_random_init, mark_strides, weights_text)
@@ -47,7 +47,6 @@ __all__ = ["layer_grid", "layer_profile", "compare_grid", "difference_grid", "pr
            "save_figure", "match_layers", "select_view", "COLOR_RANGES", "DEFAULT_COLOR_RANGE",
            "DIFFERENCES", "SCALES", "VIEWS", "DEFAULT_VIEW"]
 
-RATIO_COLOURS = ("#3b0a45", "#0b5d1e")  # baseline exactly 0 / other exactly 0: outside any log
 
 
 # -- public API ------------------------------------------------------------------------
@@ -266,7 +265,7 @@ def difference_grid(a: Result, b: Result, labels: Optional[Sequence[str]] = None
     rows = view_rows(results, match_layers(results, by=by), view)
     strip = _is_strip(a.grid)
     pairs = [(_image(a, na)[0], _image(b, nb)[0]) for na, nb in rows]
-    maps = [_difference(pa, pb, labels, difference, pairs) for pa, pb in pairs]
+    maps = [difference_map(pa, pb, labels, difference, pairs) for pa, pb in pairs]
     keys = _range_keys([a.layer(na) for na, _ in rows], color_range)
     scales = _scales([m for m, _ in maps], keys, lambda group: diverging_scale(group, vmax))
     ncols = grid_columns(len(rows), ncols, strip)
@@ -426,30 +425,6 @@ def _image(result: Result, name: str) -> tuple[np.ndarray, list[float], Optional
 
 
 
-#: distances at or below this are rounding, not aliasing: the ratio map shows them as equivariant
-RATIO_FLOOR = 1e-6
-
-
-def _difference(pa: np.ndarray, pb: np.ndarray, labels: list[str], difference: str,
-                pairs: list) -> tuple[np.ndarray, list[Special]]:
-    if difference == "diff":
-        values = np.concatenate([np.ravel(m) for pair in pairs for m in pair])
-        finite = values[np.isfinite(values)]
-        top, bottom = (float(finite.max()), float(finite.min())) if finite.size else (1.0, 0.0)
-        clip = lambda m: np.where(np.isposinf(m), top, np.where(np.isneginf(m), bottom, m))  # noqa: E731
-        return clip(pb) - clip(pa), []
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.log2(pb / pa)
-    # distances at float32 rounding level are "equivariant", not numbers to take a ratio of:
-    # 1e-9 / 1e-12 would read log2 = 10 and set the colour scale for every panel
-    zero_a, zero_b = pa <= RATIO_FLOOR, pb <= RATIO_FLOOR
-    both_zero = zero_a & zero_b
-    only_b, only_a = zero_a & (pb > RATIO_FLOOR), (pa > RATIO_FLOOR) & zero_b
-    ratio = np.where(both_zero, 0.0, np.where(only_a | only_b, np.nan, ratio))
-    return ratio, [Special(only_b, RATIO_COLOURS[0], f"{labels[0]} ≤ {RATIO_FLOOR:g} (equivariant),"
-                                                     f" {labels[1]} above"),
-                   Special(only_a, RATIO_COLOURS[1], f"{labels[1]} ≤ {RATIO_FLOOR:g} (equivariant),"
-                                                     f" {labels[0]} above")]
 
 
 def _range_keys(infos: list[LayerInfo], color_range: str) -> list:
