@@ -14,7 +14,7 @@ import math
 import os
 import time
 import warnings
-from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import nn

@@ -1,7 +1,6 @@
 """Peak-memory sampling and a short calibration that predicts a run's time and memory."""
 from __future__ import annotations
 
-import math
 import threading
 import time
 from contextlib import contextmanager
@@ -85,13 +84,12 @@ def estimate_run(model: torch.nn.Module, images: torch.Tensor, grid: ShiftGrid,
     Example:
         >>> print(estimate_run(vgg16, images, ShiftGrid.square(32)).describe())  # doctest: +SKIP
     """
-    from .engine import batch_layout, measure, resolve_device
+    from .checks import batch_layout, count_passes
+    from .engine import measure, resolve_device
 
     images_per_batch, per_pass = batch_layout(len(images), batch_size)
-    n_batches = math.ceil(len(images) / images_per_batch)
     forward_shifts = sum(1 for s in grid.shifts if s != (0.0, 0.0))
-    passes_per_batch = 1 + math.ceil(forward_shifts / per_pass)
-    total_passes = n_batches * passes_per_batch
+    total_passes = count_passes(len(images), forward_shifts, batch_size)
     sample = images[:images_per_batch]
     n_shifts = min(len(grid), per_pass * calibration_passes)
     calibration = ShiftGrid.explicit(grid.shifts[:n_shifts])
@@ -100,6 +98,7 @@ def estimate_run(model: torch.nn.Module, images: torch.Tensor, grid: ShiftGrid,
         started = time.perf_counter()
         measure(model, sample, calibration, batch_size=batch_size, **measure_kwargs)
         seconds = time.perf_counter() - started
-    calibration_passes_done = 1 + math.ceil(sum(1 for s in calibration.shifts if s != (0.0, 0.0)) / per_pass)
+    calibration_passes_done = count_passes(len(sample), sum(1 for s in calibration.shifts
+                                                             if s != (0.0, 0.0)), batch_size)
     per_forward = seconds / max(1, calibration_passes_done)
     return RunEstimate(total_passes, per_forward * total_passes, memory["peak_mb"], seconds)

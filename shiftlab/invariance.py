@@ -39,7 +39,9 @@ from torch import nn
 from tqdm import tqdm  # plain bar: tqdm.auto warns in notebooks without ipywidgets
 
 from . import __version__
-from .engine import batch_layout, resolve_device
+from .checks import (batch_layout, check_count, check_image_tensor, check_request, resolve_grid,
+                     window_size)
+from .engine import resolve_device
 from .errors import ModelError, UsageError
 from .invariance_result import (INVALID, InvarianceResult, InvarianceSettings,  # noqa: F401
                                 bootstrap_interval, load_invariance, uninformative_across,
@@ -185,33 +187,19 @@ def measure_invariance(model: nn.Module, images: torch.Tensor, grid: Optional[Sh
         >>> result = measure_invariance(net, images, ShiftGrid.square(8), n_pairs=1000)  # doctest: +SKIP
         >>> result.summary()["pairwise_consistency"], result.flip_rate          # doctest: +SKIP
     """
-    if mode not in MODES:
-        raise UsageError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        raise UsageError("images must be a tensor of shape (N, C, H, W)")
-    if images.shape[0] == 0:
-        raise UsageError("no images to measure")
-    if isinstance(batch_size, bool) or int(batch_size) < 1:
-        raise UsageError(f"batch_size must be >= 1, got {batch_size}")
-    if isinstance(n_pairs, bool) or int(n_pairs) != n_pairs or n_pairs < 1:
-        raise UsageError(f"n_pairs must be a positive integer, got {n_pairs}")
+    images = check_image_tensor(images)
+    check_count("n_pairs", n_pairs)
     if isinstance(n_bootstrap, bool) or int(n_bootstrap) < 1 or not 0 < confidence < 1:
         raise UsageError(f"n_bootstrap must be >= 1 and confidence in (0, 1), got {n_bootstrap}"
                          f" and {confidence}")
-    grid = grid if grid is not None else (ShiftGrid.square(8) if mode == "circular"
-                                          else ShiftGrid.symmetric(4))
+    grid = resolve_grid(grid, mode) if mode in MODES else grid
+    diagonal = diagonal if diagonal is not None else (default_diagonal(grid) if grid is not None
+                                                      else None)
+    extent = max(grid.max_abs, diagonal.max_abs) if grid is not None else None
+    grid, margin = check_request(mode=mode, grid=grid, margin=margin, batch_size=batch_size,
+                                 extent=extent)
     diagonal = diagonal if diagonal is not None else default_diagonal(grid)
-    extent = max(grid.max_abs, diagonal.max_abs)
-    if mode == "crop":
-        margin = int(math.ceil(extent)) if margin is None else int(margin)
-        if extent > margin:
-            raise UsageError(f"the shifts reach {extent:g} px but the crop margin is {margin} px;"
-                             " use a smaller grid or load images with a larger margin")
-    else:
-        margin = 0
-    height, width = images.shape[-2] - 2 * margin, images.shape[-1] - 2 * margin
-    if height < 1 or width < 1:
-        raise UsageError(f"images of {images.shape[-2]} px cannot hold a crop margin of {margin} px")
+    height, width = window_size(images.shape, margin)
     n_images = images.shape[0]
     label_array = _check_labels(labels, n_images)
 

@@ -15,7 +15,6 @@ counts them.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os

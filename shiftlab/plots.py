@@ -36,7 +36,7 @@ from .geometry import LayerInfo
 from .matching import Results, as_results, check_comparable, match_layers, resolve_matching, result_labels
 from .panels import (difference_map, COLOR_RANGES, DEFAULT_COLOR_RANGE, DIFFERENCES, FS_TITLE, HIGHER_IS_BETTER,
                      METRIC_LABELS, NO_VALUE, RANDOM_INIT, SCALES, UNDEFINED, Layout, Panel, Scale,
-                     Special, VmaxSpec, check_choice, colormap, grid_columns, special_cells, colour_scale, diverging_scale, draw,
+                     VmaxSpec, check_choice, colormap, grid_columns, special_cells, colour_scale, diverging_scale, draw,
                      escape, fmt, image_names, is_random_init, mark_strides, weights_text)
 from .result import Result
 from .shifts import ShiftGrid
