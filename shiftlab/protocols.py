@@ -21,7 +21,6 @@ out and counted. Streaming: one batch in memory at a time, only per-image number
 from __future__ import annotations
 
 import collections.abc
-
 import json
 import math
 import os
