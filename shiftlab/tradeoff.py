@@ -34,6 +34,9 @@ def accuracy_consistency_plot(table: pd.DataFrame):
             yerr = [[y - row.accuracy_ci_low], [row.accuracy_ci_high - y]]
         axes.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", color=f"C{index % 10}", capsize=3,
                       label=escape(row.model))
+        # a name beside each point, staggered: models that coincide stay readable
+        axes.annotate(escape(row.model), (x, y), xytext=(6, 6 + 10 * index),
+                      textcoords="offset points", fontsize=7, color=f"C{index % 10}")
     axes.set_xlabel("consistency (top-1 agreement under shifts)")
     axes.set_ylabel("accuracy")
     axes.set_title(f"accuracy vs. consistency ({len(table)} models, 95% bootstrap intervals)",
