@@ -27,6 +27,7 @@ paper's own ImageNet protocols (two random 224 crops, the diagonal) are in
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import platform
 import time
@@ -158,7 +159,10 @@ def measure_invariance(model: nn.Module, images: torch.Tensor, grid: Optional[Sh
         model: a classifier whose output is (N, classes) logits; moved to ``device`` and run
             in eval mode (its previous mode is restored afterwards; a warning if it trained).
         images: (N, C, H, W) in circular mode; in crop mode the canvases (N, C, H+2m, W+2m)
-            whose centre window is the unshifted image (as for :func:`shiftlab.measure`).
+            whose centre window is the unshifted image (as for :func:`shiftlab.measure`). Or an
+            iterable of batches (a DataLoader of images or (images, labels), shiftlab's
+            ``image_batches``): streamed, one batch in memory at a time; their labels are used
+            when ``labels`` is None.
         grid: the shifts; default ``ShiftGrid.square(8)`` (circular) or ``symmetric(4)`` (crop).
             Fractional (sub-pixel) shifts are band-limited FFT shifts.
         mode: 'circular' (torch.roll) or 'crop' (windows of a larger canvas, no wrap-around).
@@ -187,7 +191,11 @@ def measure_invariance(model: nn.Module, images: torch.Tensor, grid: Optional[Sh
         >>> result = measure_invariance(net, images, ShiftGrid.square(8), n_pairs=1000)  # doctest: +SKIP
         >>> result.summary()["pairwise_consistency"], result.flip_rate          # doctest: +SKIP
     """
-    images = check_image_tensor(images)
+    streamed = not isinstance(images, torch.Tensor)
+    batches = _labelled_batches(images)
+    first = next(batches, None)
+    if first is None:
+        raise UsageError("no images to measure")
     check_count("n_pairs", n_pairs)
     if isinstance(n_bootstrap, bool) or int(n_bootstrap) < 1 or not 0 < confidence < 1:
         raise UsageError(f"n_bootstrap must be >= 1 and confidence in (0, 1), got {n_bootstrap}"
@@ -199,9 +207,7 @@ def measure_invariance(model: nn.Module, images: torch.Tensor, grid: Optional[Sh
     grid, margin = check_request(mode=mode, grid=grid, margin=margin, batch_size=batch_size,
                                  extent=extent)
     diagonal = diagonal if diagonal is not None else default_diagonal(grid)
-    height, width = window_size(images.shape, margin)
-    n_images = images.shape[0]
-    label_array = _check_labels(labels, n_images)
+    height, width = window_size(first[0].shape, margin)
 
     settings = InvarianceSettings(grid=grid, diagonal=diagonal, mode=mode, size=(height, width),
                                   margin=margin, n_pairs=int(n_pairs), seed=int(seed),
@@ -212,8 +218,20 @@ def measure_invariance(model: nn.Module, images: torch.Tensor, grid: Optional[Sh
     name = model_name(model, meta)
     started = time.perf_counter()
     with evaluation_mode(model, name):
-        argmax, prob, reference, n_classes = _predict(model, images, union, settings, batch_size,
-                                                      device, progress)
+        if not streamed:
+            argmax, prob, reference, n_classes = _predict(model, images, union, settings,
+                                                          batch_size, device, progress)
+        else:  # one batch of the stream at a time; only the small per-image arrays are kept
+            parts, streamed_labels = [], []
+            for tensor, batch_labels in itertools.chain([first], batches):
+                parts.append(_predict(model, tensor, union, settings, batch_size, device, False))
+                streamed_labels.append(batch_labels)
+            argmax, prob, reference = (np.concatenate([part[k] for part in parts]) for k in range(3))
+            n_classes = max(part[3] for part in parts)
+            if labels is None and all(item is not None for item in streamed_labels):
+                labels = np.concatenate([np.asarray(item).reshape(-1) for item in streamed_labels])
+    n_images = int(reference.shape[0])
+    label_array = _check_labels(labels, n_images)
     forwarded = [k for k, shift in enumerate(union) if tuple(shift) != (0, 0)]
     check_finite(name, int((reference == INVALID).sum() + (argmax[:, forwarded] == INVALID).sum()),
                  n_images * (1 + len(forwarded)))
@@ -257,6 +275,23 @@ def _check_labels(labels: Optional[Sequence[int]], n_images: int) -> Optional[np
     if (array < 0).any():
         raise UsageError(f"labels must be class indices >= 0, got {int(array.min())}")
     return array.astype(np.int64)
+
+
+def _labelled_batches(images) -> Iterator[tuple[torch.Tensor, Optional[object]]]:
+    """(images (B, C, H, W), labels or None) from a tensor (itself, once) or an iterable of
+    batches: tensors, (images, labels) pairs, or shiftlab ``ImageBatch`` objects."""
+    if isinstance(images, torch.Tensor):
+        yield check_image_tensor(images), None
+        return
+    if isinstance(images, (str, bytes)) or not hasattr(images, "__iter__"):
+        raise UsageError("images must be a tensor (N, C, H, W) or an iterable of image batches")
+    for batch in images:
+        target = None
+        if hasattr(batch, "tensor"):
+            batch, target = batch.tensor, getattr(batch, "labels", None)
+        elif isinstance(batch, (tuple, list)) and batch:
+            batch, target = batch[0], (batch[1] if len(batch) > 1 else None)
+        yield check_image_tensor(batch), target
 
 
 def _predict(model: nn.Module, images: torch.Tensor, shifts: list[tuple[float, float]],

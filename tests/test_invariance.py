@@ -163,6 +163,21 @@ def test_accuracy_per_shift_follows_the_labels():
     assert list(result.to_frame()["accuracy"]) == pytest.approx([2 / 3, 2 / 3, 1 / 3, 1 / 3])
 
 
+def test_a_dataloader_of_images_and_labels_streams_to_the_same_result():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    images = parity_images(count=5, flip=(1, 3))
+    labels = torch.tensor([0, 1, 1, 1, 0])
+    whole = run(RowParity(), images, ShiftGrid.square(2), labels=labels.tolist(), n_pairs=20)
+    loader = DataLoader(TensorDataset(images, labels), batch_size=2)  # 3 batches: 2 + 2 + 1
+    streamed = run(RowParity(), loader, ShiftGrid.square(2), n_pairs=20)
+    assert streamed.n_images == 5
+    np.testing.assert_array_equal(streamed.grid_argmax, whole.grid_argmax)
+    np.testing.assert_array_equal(streamed.labels, whole.labels)
+    np.testing.assert_allclose(streamed.accuracy, whole.accuracy)
+    assert streamed.summary()["pairwise_consistency"] == whole.summary()["pairwise_consistency"]
+
+
 def test_without_labels_there_is_no_accuracy(random_images):
     result = run(tiny_classifier(), random_images, ShiftGrid.square(2), n_pairs=10)
     assert result.accuracy is None and "accuracy" not in result.to_frame()
