@@ -2,6 +2,7 @@
 
     python -m benchmarks.dataset                       # 2,000 JPEGs in 10 WNID class folders
     python -m benchmarks.dataset --images 500 --workers 0,2 --model resnet18 --size 112
+    python -m benchmarks.dataset --work protocol       # the zhang2019 protocol's two windows
 
 Generates (once, cached under the temp folder) a class-folder dataset of random JPEGs, then:
 
@@ -48,6 +49,21 @@ def bare_forward(model: nn.Module, batch: ImageBatch) -> None:
         model(batch.tensor)
 
 
+def protocol_pairs(size: int) -> Work:
+    """The per-batch work of ``--protocol zhang2019``: two random ``size`` windows of each image's
+    R×R centre crop, one forward each (offsets 0..R−size−1, seeded per batch)."""
+    generator = torch.Generator().manual_seed(0)
+
+    def work(model: nn.Module, batch: ImageBatch) -> None:
+        images = batch.tensor
+        spare = images.shape[-1] - size
+        with torch.inference_mode():
+            for _ in range(2):
+                oh, ow = (int(v) for v in torch.randint(max(spare, 1), (2,), generator=generator))
+                model(images[..., oh:oh + size, ow:ow + size])
+    return work
+
+
 def tiny_model() -> nn.Module:
     """A small CNN (three conv-BN-ReLU stages, global pool, 10 classes): decoding stays visible."""
     layers: list[nn.Module] = []
@@ -79,9 +95,13 @@ def make_dataset(images: int, classes: int = 10, side: int = 80, seed: int = 0) 
 
 
 def throughput(root: Path, model: nn.Module, size: int, batch_size: int, workers: int,
-               work: Work = bare_forward) -> dict:
-    """Images/s of streaming ``root`` through ``work``, and of ``work`` alone (the floor)."""
-    stream = image_batches(root, size=size, batch_size=batch_size, workers=workers)
+               work: Work = bare_forward, decode: int | None = None) -> dict:
+    """Images/s of streaming ``root`` through ``work``, and of ``work`` alone (the floor).
+
+    ``decode``: the side images are decoded to (default ``size``; the protocol decodes the
+    R×R crop its windows are taken from)."""
+    side = decode or size
+    stream = image_batches(root, size=side, resize=side, batch_size=batch_size, workers=workers)
     started, count, first = time.perf_counter(), 0, None
     for batch in stream:
         first = first or batch
@@ -111,23 +131,31 @@ def _child(args: argparse.Namespace) -> None:
     """One fresh process: stream or load ``--count`` images, forward them, print peak RSS."""
     model = build_model(args.model)
     root = Path(args.root)
+    work, side = _work(args)
     if args.child == "stream":
-        for batch in image_batches(root, size=args.size, batch_size=args.batch_size,
+        for batch in image_batches(root, size=side, resize=side, batch_size=args.batch_size,
                                    workers=0, max_images=args.count):
-            bare_forward(model, batch)
+            work(model, batch)
     else:
         paths = sorted(root.glob("n*/*.jpg"))[:args.count]
-        tensor = load_images(paths, size=args.size).tensor
+        tensor = load_images(paths, size=side, resize=side).tensor
         for start in range(0, len(tensor), args.batch_size):
-            bare_forward(model, ImageBatch(tensor[start:start + args.batch_size], None, [], []))
+            work(model, ImageBatch(tensor[start:start + args.batch_size], None, [], []))
     print(json.dumps({"peak_rss_mb": round(_peak_rss_mb(), 1)}))
+
+
+def _work(args: argparse.Namespace) -> tuple[Work, int]:
+    """The per-batch work and the decoded side of ``--work``."""
+    if args.work == "protocol":
+        return protocol_pairs(args.size), round(args.size / 0.875)
+    return bare_forward, args.size
 
 
 def peak_rss(root: Path, mode: str, count: int, args: argparse.Namespace) -> float:
     """Peak RSS in MB of a fresh process that streams or loads ``count`` images."""
     command = [sys.executable, "-m", "benchmarks.dataset", "--child", mode, "--count", str(count),
                "--root", str(root), "--model", args.model, "--size", str(args.size),
-               "--batch-size", str(args.batch_size)]
+               "--batch-size", str(args.batch_size), "--work", args.work]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_rss_mb"]
 
@@ -141,6 +169,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="tiny", help="'tiny' (a small CNN) or a shiftlab model spec")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", default="0,2", help="comma-separated DataLoader worker counts")
+    parser.add_argument("--work", choices=("forward", "protocol"), default="forward",
+                        help="per-batch work: one bare forward, or the zhang2019 protocol's two"
+                             " random windows of a size/0.875 centre crop (two forwards)")
     parser.add_argument("--child", choices=("stream", "load"), help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
@@ -155,8 +186,10 @@ def main(argv: list[str] | None = None) -> None:
           f" at {args.size} px, batch {args.batch_size}, {torch.get_num_threads()} torch threads\n")
     print("| workers | images | streamed s | images/s | floor images/s | streamed / floor |")
     print("|---:|---:|---:|---:|---:|---:|")
+    work, side = _work(args)
+    print(f"work: {args.work} (images decoded at {side} px)\n")
     for workers in (int(w) for w in args.workers.split(",")):
-        row = throughput(root, model, args.size, args.batch_size, workers)
+        row = throughput(root, model, args.size, args.batch_size, workers, work, side)
         print(f"| {row['workers']} | {row['images']} | {row['streamed_s']} | {row['images_per_s']} |"
               f" {row['floor_images_per_s']} | {row['ratio']} |")
     counts = sorted({max(1, args.images // 10), args.images})
