@@ -184,10 +184,10 @@ def main(argv: list[str] | None = None) -> None:
     bare_forward(model, ImageBatch(torch.zeros(2, 3, args.size, args.size), None, [], []))  # warm-up
     print(f"{args.images} JPEGs of {args.side} px in {args.classes} WNID folders ({root}); {args.model}"
           f" at {args.size} px, batch {args.batch_size}, {torch.get_num_threads()} torch threads\n")
-    print("| workers | images | streamed s | images/s | floor images/s | streamed / floor |")
-    print("|---:|---:|---:|---:|---:|---:|")
     work, side = _work(args)
     print(f"work: {args.work} (images decoded at {side} px)\n")
+    print("| workers | images | streamed s | images/s | floor images/s | streamed / floor |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for workers in (int(w) for w in args.workers.split(",")):
         row = throughput(root, model, args.size, args.batch_size, workers, work, side)
         print(f"| {row['workers']} | {row['images']} | {row['streamed_s']} | {row['images_per_s']} |"
