@@ -404,9 +404,12 @@ def _stream(batches: Iterable, epochs: int, progress: Optional[bool], labels: li
     if epochs > 1 and isinstance(batches, collections.abc.Iterator):
         raise UsageError("epochs > 1 needs batches that can be iterated again (a DataLoader or a"
                          " list), not a generator")
-    total = len(batches) * epochs if hasattr(batches, "__len__") else None
-    bar = tqdm(total=total, desc="protocol", unit="batch", leave=False,
-               disable=None if progress is None else not progress)
+    # count images, so the bar shows images/s (the number to compare with a bare forward)
+    per_epoch = getattr(batches, "total", None)
+    if per_epoch is None and hasattr(getattr(batches, "dataset", None), "__len__"):
+        per_epoch = len(batches.dataset)
+    bar = tqdm(total=per_epoch * epochs if per_epoch else None, desc="protocol", unit="image",
+               leave=False, disable=None if progress is None else not progress)
     with bar:
         for epoch in range(epochs):
             start, seen = 0, []
@@ -415,7 +418,8 @@ def _stream(batches: Iterable, epochs: int, progress: Optional[bool], labels: li
                 (labels if epoch == 0 else seen).append(None if target is None else target.numpy())
                 yield epoch, start, images, target
                 start += len(images)
-                bar.update(1)
+                bar.set_postfix_str(f"epoch {epoch + 1}/{epochs}", refresh=False)
+                bar.update(len(images))
             if start == 0:
                 raise UsageError("the batches hold no images")
             if epoch and not _same_labels(labels, seen):
