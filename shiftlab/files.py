@@ -12,7 +12,7 @@ from typing import Callable, Union
 
 import numpy as np
 
-from .errors import ShiftlabError
+from .errors import ShiftlabError, one_line
 
 
 def to_jsonable(value: object) -> object:
@@ -53,7 +53,8 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable) -> Path:
     return path
 
 
-def read_members(data: "np.lib.npyio.NpzFile", names, max_values: int, path) -> dict:
+def read_members(data: "np.lib.npyio.NpzFile", names, max_values: int, path,
+                 what: str = "result") -> dict:
     """The named arrays of an open ``np.load`` archive, each refused before it is expanded when
     its header declares more than ``max_values`` values (a 1.5 MB npz can hold 1.3 GB).
 
@@ -64,7 +65,7 @@ def read_members(data: "np.lib.npyio.NpzFile", names, max_values: int, path) -> 
     out = {}
     for name in names:
         if name not in data.files:
-            raise ShiftlabError(f"{path} is not a shiftlab result file: it has no {name!r} array")
+            raise ShiftlabError(f"{path} is not a shiftlab {what} file: it has no {name!r} array")
         with data.zip.open(f"{name}.npy") as handle:
             version = npformat.read_magic(handle)
             read_header = (npformat.read_array_header_1_0 if version == (1, 0)
@@ -76,3 +77,36 @@ def read_members(data: "np.lib.npyio.NpzFile", names, max_values: int, path) -> 
                                 f" the limit of {max_values:,}; refusing to expand it")
         out[name] = data[name]
     return out
+
+
+#: the most values one array of a shiftlab file may declare (checked before it is expanded)
+MAX_ARRAY_VALUES = 64 * 2**20
+
+
+def read_archive(path, required, optional=(), max_values: int = MAX_ARRAY_VALUES,
+                 what: str = "result"):
+    """(JSON header, arrays) of a shiftlab ``.npz``: ``required`` arrays must be there,
+    ``optional`` ones may be; each is refused before expansion above ``max_values`` values.
+    Raises ``ShiftlabError`` for a file that is not such an archive.
+
+    >>> header, arrays = read_archive("runs/x/invariance-resnet18.npz", ("grid_argmax",))  # doctest: +SKIP
+    """
+    import json
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            present = tuple(name for name in optional if name in data.files)
+            arrays = read_members(data, ("header",) + tuple(required) + present, max_values, path,
+                                  what)
+    except ShiftlabError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (zip, npy or pickle-refusal errors)
+        raise ShiftlabError(f"{path} is not a shiftlab {what} file ({type(exc).__name__}:"
+                            f" {one_line(exc)})") from exc
+    try:
+        header = json.loads(str(arrays.pop("header")))
+    except ValueError as exc:
+        raise ShiftlabError(f"{path} has a damaged header ({one_line(exc)})") from exc
+    if not isinstance(header, dict):
+        raise ShiftlabError(f"{path} has a damaged header (not a JSON object)")
+    return header, arrays

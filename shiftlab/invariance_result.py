@@ -27,7 +27,7 @@ import numpy as np
 
 from .provenance import NamedByMeta
 from .errors import ShiftlabError, UsageError, one_line
-from .files import atomic_write, to_jsonable
+from .files import atomic_write, read_archive, to_jsonable
 from .shifts import ShiftGrid
 
 if TYPE_CHECKING:  # pandas is imported lazily: only tables need it
@@ -487,14 +487,8 @@ def load_invariance(path: Union[str, os.PathLike]) -> InvarianceResult:
     if not path.is_file():
         raise ShiftlabError(f"no invariance file at {path}; pass an invariance-<model>.npz written"
                             " by 'shiftlab consistency'")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            header = json.loads(str(data["header"]))
-            arrays = {name: data[name] for name in _ARRAYS}
-            labels = data["labels"] if "labels" in data.files else None
-    except Exception as exc:
-        raise ShiftlabError(f"{path} is not a shiftlab invariance file ({type(exc).__name__}:"
-                            f" {one_line(exc)})") from exc
+    header, arrays = read_archive(path, _ARRAYS, ("labels",), what="invariance")
+    labels = arrays.pop("labels", None)
     if not isinstance(header, dict) or header.get("kind") != _KIND \
             or header.get("format") not in _READABLE:
         found = header.get("format") if isinstance(header, dict) else None

@@ -39,7 +39,7 @@ from .provenance import NamedByMeta
 from . import __version__
 from .engine import resolve_device
 from .errors import ShiftlabError, UsageError, one_line
-from .files import atomic_write, to_jsonable
+from .files import atomic_write, read_archive, to_jsonable
 from .invariance import (check_finite, classifier_logits, evaluation_mode, model_name,
                          top_class)
 from .invariance_result import INVALID, bootstrap_interval
@@ -266,11 +266,9 @@ def load_protocol(path: Union[str, os.PathLike]) -> Union[ProtocolResult, Diagon
     if not path.is_file():
         raise ShiftlabError(f"no protocol file at {path}; pass a protocol-<model>.npz written by"
                             " 'shiftlab consistency --protocol'")
+    header, arrays = read_archive(path, _ARRAYS, ("labels",), what="protocol")
+    labels = arrays.pop("labels", None)
     try:
-        with np.load(path, allow_pickle=False) as data:
-            header = json.loads(str(data["header"]))
-            arrays = {name: data[name] for name in _ARRAYS}
-            labels = data["labels"] if "labels" in data.files else None
         if header.get("kind") != _KIND or header.get("format") != FORMAT_VERSION:
             raise ValueError(f"kind {header.get('kind')!r}, format {header.get('format')!r}")
         settings = ProtocolSettings.from_dict(header["settings"])
