@@ -165,7 +165,7 @@ def compare(result_files: Sequence[str], model_specs: Sequence[str], filt_size: 
               help="Class labels for accuracy: class folders ROOT/<class>/*.jpg (category names,"
                    " class indices, or ImageNet WNIDs in sorted order) or a CSV with rows"
                    " file,label. The images are then taken from it (no --images).")
-@click.option("--protocol", type=click.Choice(["grid", "zhang2019", "diagonal"]), default="grid",
+@click.option("--protocol", type=click.Choice(defaults.PROTOCOLS), default="grid",
               show_default=True,
               help="grid: every shift of --grid on every image; zhang2019: the paper's ImageNet"
                    " protocol (two random --size windows of the --resize centre crop per image"

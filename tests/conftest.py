@@ -196,3 +196,15 @@ def make_channels_last(seed: int = 0, pool: bool = False) -> nn.Module:
         circular_conv(3, 8), *([nn.MaxPool2d(2)] if pool else []), Permute(0, 2, 3, 1),
         nn.LayerNorm(8), nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8), Permute(0, 3, 1, 2),
         circular_conv(8, 8)).eval()
+
+
+def random_png_folder(folder, count: int = 4, side: int = 24):
+    """``folder`` filled with ``count`` seeded random RGB PNGs (0.png, 1.png, ...); returns it."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(folder / f"{index}.png")
+    return folder

@@ -7,11 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from PIL import Image
 
 import shiftlab
 from shiftlab.cli import main
-from conftest import run_torchrun
+from conftest import random_png_folder, run_torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 FACTORY = textwrap.dedent('''
@@ -40,11 +39,7 @@ FACTORY = textwrap.dedent('''
 
 @pytest.fixture
 def setup(tmp_path):
-    images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for index in range(4):
-        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(images / f"{index}.png")
+    images = random_png_folder(tmp_path / "images")
     factory = tmp_path / "net.py"
     factory.write_text(FACTORY)
     return images, f"{factory}:build"

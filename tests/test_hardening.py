@@ -30,7 +30,7 @@ from shiftlab.comparison import Comparison
 from shiftlab.errors import SettingsMismatchError, ShiftlabError, UsageError
 from shiftlab.geometry import LayerInfo
 from shiftlab.result import Result, Settings
-from conftest import make_maxpool
+from conftest import random_png_folder, make_maxpool
 
 PROGRESS = ".shiftlab-progress.npz"
 FACTORY = textwrap.dedent('''
@@ -81,11 +81,7 @@ def _environment(monkeypatch):
 @pytest.fixture
 def setup(tmp_path):
     """(images folder, model spec); the factory sits in a folder whose name holds an '@'."""
-    images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for index in range(4):
-        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(images / f"{index}.png")
+    images = random_png_folder(tmp_path / "images")
     folder = tmp_path / "ws@2"
     folder.mkdir()
     (folder / "net.py").write_text(FACTORY)
