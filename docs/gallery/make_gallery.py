@@ -1,4 +1,4 @@
-"""Regenerate the README gallery: ``python docs/gallery/make_gallery.py`` (about 3 min on 2 CPU cores).
+"""Regenerate the README gallery: ``python docs/gallery/make_gallery.py`` (a few minutes on 2 CPU cores).
 
 1. The default run (``shiftlab heatmap --model vgg16``: random init, 6 sample photos, 112 px,
    8x8 circular shifts): the layer grid and the paper view.
