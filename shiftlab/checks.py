@@ -3,7 +3,7 @@ the ``--dry-run`` estimate, and the one place that counts forward passes."""
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -65,6 +65,38 @@ def check_image_tensor(images: object) -> torch.Tensor:
     if not images.is_floating_point():
         raise UsageError(f"images must be floating point (normalised), got {images.dtype}")
     return images
+
+
+def split_batch(item: object) -> tuple[object, Optional[object]]:
+    """(images, labels or None) of one batch of a stream, unchecked: a tensor, an (images,
+    labels, ...) tuple/list, a dict with an 'images'/'image' key (and 'labels'/'label'), or
+    shiftlab's ``ImageBatch`` (``.tensor``, ``.labels``)."""
+    if hasattr(item, "tensor"):
+        return item.tensor, getattr(item, "labels", None)
+    if isinstance(item, (tuple, list)) and item:
+        return item[0], (item[1] if len(item) > 1 else None)
+    if isinstance(item, dict):
+        return item.get("images", item.get("image")), item.get("labels", item.get("label"))
+    return item, None
+
+
+def labelled_batches(images: object) -> Iterator[tuple[torch.Tensor, Optional[object]]]:
+    """(images (B, C, H, W), labels or None) from a tensor (itself, once) or an iterable of
+    batches (see :func:`split_batch`); a single (C, H, W) image counts as a batch of one.
+
+    >>> [tuple(t.shape) for t, _ in labelled_batches([torch.zeros(3, 4, 4)])]
+    [(1, 3, 4, 4)]
+    """
+    if isinstance(images, torch.Tensor):
+        yield check_image_tensor(images), None
+        return
+    if isinstance(images, (str, bytes)) or not hasattr(images, "__iter__"):
+        raise UsageError("images must be a tensor (N, C, H, W) or an iterable of image batches")
+    for item in images:
+        batch, labels = split_batch(item)
+        if isinstance(batch, torch.Tensor) and batch.dim() == 3:
+            batch = batch[None]
+        yield check_image_tensor(batch), labels
 
 
 def check_request(*, mode: str, grid: Optional[ShiftGrid], margin: Optional[int],

@@ -23,7 +23,7 @@ from tqdm import tqdm  # plain bar: tqdm.auto warns in notebooks without ipywidg
 from . import distributed
 from .align import Plan, compare_global, make_plan
 from .capture import LayerCapture, LayerSelection
-from .checks import (batch_layout, check_choice, check_image_tensor, check_request, count_passes,
+from .checks import (batch_layout, check_choice, check_request, count_passes, labelled_batches,
                      window_size)
 from .defaults import BATCH_SIZE, DTYPES
 from .errors import ModelError, UsageError
@@ -108,7 +108,7 @@ def measure(model: nn.Module, images: Images, grid: Optional[ShiftGrid] = None, 
     if streamed and checkpoint is not None:
         raise UsageError("checkpoint/resume needs the images as one tensor; streamed sources are"
                          " not resumable")
-    batches = image_batches(images)
+    batches = (tensor for tensor, _ in labelled_batches(images))
     first = next(batches, None)
     if first is None:
         raise UsageError("no images to measure")
@@ -179,14 +179,19 @@ def _measure_tensor(run: "_Run", images: torch.Tensor, batch_size: int, progress
 
 def _measure_stream(run: "_Run", batches: Iterator[torch.Tensor], batch_size: int,
                     progress: Optional[bool], digest: InputDigest) -> int:
-    """Image batches of any size from an iterable, re-chunked to ``batch_size``; returns N."""
-    n_total, index = 0, 0
+    """Image batches of any size from an iterable, re-chunked to ``batch_size``; returns N.
+
+    The layout (images per batch, shifts per pass) is fixed by the first batch, as for a tensor:
+    the passes' plans are cached by their position in the grid, so it must not change.
+    """
+    n_total, index, layout = 0, 0, None
+    canvas = _canvas_shape(run)
     bar = _bar(None, progress, unit="image")
     with bar:
         for batch in batches:
-            if batch.shape[-2:] != batches_shape(run):
+            if tuple(batch.shape[-2:]) != canvas:
                 raise UsageError(f"a streamed batch has size {tuple(batch.shape[-2:])}, the first had"
-                                 f" {batches_shape(run)}; every image must have the same size")
+                                 f" {canvas}; every image must have the same size")
             digest.update(batch)
             n_total += len(batch)
             if distributed.active():  # every world_size-th image of the stream is this rank's
@@ -196,36 +201,18 @@ def _measure_stream(run: "_Run", batches: Iterator[torch.Tensor], batch_size: in
                 batch = batch[keep]
                 if not len(batch):
                     continue
-            images_per_batch, shifts_per_pass = batch_layout(len(batch), batch_size)
+            layout = layout or batch_layout(len(batch), batch_size)
+            images_per_batch, shifts_per_pass = layout
             for start in range(0, len(batch), images_per_batch):
-                run.image_batch(batch[start:start + images_per_batch], shifts_per_pass, _NoBar())
-                bar.update(len(batch[start:start + images_per_batch]))
+                chunk = batch[start:start + images_per_batch]
+                run.image_batch(chunk, shifts_per_pass, _NoBar())
+                bar.update(len(chunk))
     return n_total
 
 
-def batches_shape(run: "_Run") -> tuple[int, int]:
+def _canvas_shape(run: "_Run") -> tuple[int, int]:
     margin = run.settings.margin
     return (run.settings.size[0] + 2 * margin, run.settings.size[1] + 2 * margin)
-
-
-def image_batches(images: Images) -> Iterator[torch.Tensor]:
-    """(B, C, H, W) tensors from a tensor (itself) or an iterable of batches, where a batch may
-    be a tensor, an (images, labels, ...) tuple/list, or a dict with an 'image(s)' key."""
-    if isinstance(images, torch.Tensor):
-        yield check_image_tensor(images)
-        return
-    if isinstance(images, (str, bytes)) or not hasattr(images, "__iter__"):
-        raise UsageError("images must be a tensor (N, C, H, W) or an iterable of image batches")
-    for batch in images:
-        if isinstance(batch, (tuple, list)) and batch:
-            batch = batch[0]
-        elif isinstance(batch, dict):
-            batch = batch.get("images", batch.get("image"))
-        elif hasattr(batch, "tensor"):  # shiftlab's ImageBatch / LoadedImages
-            batch = batch.tensor
-        if isinstance(batch, torch.Tensor) and batch.dim() == 3:
-            batch = batch[None]
-        yield check_image_tensor(batch)
 
 
 class _NoBar:

@@ -40,7 +40,7 @@ from torch import nn
 from tqdm import tqdm  # plain bar: tqdm.auto warns in notebooks without ipywidgets
 
 from . import __version__
-from .checks import (batch_layout, check_count, check_image_tensor, check_request, resolve_grid,
+from .checks import (batch_layout, check_count, check_request, labelled_batches, resolve_grid,
                      window_size)
 from .engine import resolve_device
 from .errors import ModelError, UsageError
@@ -192,7 +192,7 @@ def measure_invariance(model: nn.Module, images: torch.Tensor, grid: Optional[Sh
         >>> result.summary()["pairwise_consistency"], result.flip_rate          # doctest: +SKIP
     """
     streamed = not isinstance(images, torch.Tensor)
-    batches = _labelled_batches(images)
+    batches = labelled_batches(images)
     first = next(batches, None)
     if first is None:
         raise UsageError("no images to measure")
@@ -275,23 +275,6 @@ def _check_labels(labels: Optional[Sequence[int]], n_images: int) -> Optional[np
     if (array < 0).any():
         raise UsageError(f"labels must be class indices >= 0, got {int(array.min())}")
     return array.astype(np.int64)
-
-
-def _labelled_batches(images) -> Iterator[tuple[torch.Tensor, Optional[object]]]:
-    """(images (B, C, H, W), labels or None) from a tensor (itself, once) or an iterable of
-    batches: tensors, (images, labels) pairs, or shiftlab ``ImageBatch`` objects."""
-    if isinstance(images, torch.Tensor):
-        yield check_image_tensor(images), None
-        return
-    if isinstance(images, (str, bytes)) or not hasattr(images, "__iter__"):
-        raise UsageError("images must be a tensor (N, C, H, W) or an iterable of image batches")
-    for batch in images:
-        target = None
-        if hasattr(batch, "tensor"):
-            batch, target = batch.tensor, getattr(batch, "labels", None)
-        elif isinstance(batch, (tuple, list)) and batch:
-            batch, target = batch[0], (batch[1] if len(batch) > 1 else None)
-        yield check_image_tensor(batch), target
 
 
 def _predict(model: nn.Module, images: torch.Tensor, shifts: list[tuple[float, float]],

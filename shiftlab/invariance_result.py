@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import numpy as np
 
-from .provenance import NamedByMeta
 from .errors import ShiftlabError, UsageError, one_line
 from .files import atomic_write, read_archive, to_jsonable
+from .provenance import NamedByMeta
 from .shifts import ShiftGrid
 
 if TYPE_CHECKING:  # pandas is imported lazily: only tables need it

@@ -35,19 +35,21 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .provenance import NamedByMeta
 from . import __version__
+from .checks import split_batch
+from .defaults import PROTOCOLS as DEFAULT_PROTOCOLS
 from .engine import resolve_device
 from .errors import ShiftlabError, UsageError, one_line
 from .files import atomic_write, read_archive, to_jsonable
 from .invariance import (check_finite, classifier_logits, evaluation_mode, model_name,
                          top_class)
 from .invariance_result import INVALID, bootstrap_interval
+from .provenance import NamedByMeta
 
 __all__ = ["DiagonalResult", "PROTOCOLS", "ProtocolResult", "ProtocolSettings",
            "consistency_protocol", "diagonal_protocol", "load_protocol"]
 
-PROTOCOLS = ("zhang2019", "diagonal")
+PROTOCOLS = tuple(p for p in DEFAULT_PROTOCOLS if p != "grid")  # the streamed ones
 FORMAT_VERSION = 1
 _KIND = "shiftlab.protocol"
 _ARRAYS = ("image", "offsets", "predictions", "probability")
@@ -426,10 +428,7 @@ def _stream(batches: Iterable, epochs: int, progress: Optional[bool], labels: li
 
 
 def _split(item) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    if hasattr(item, "tensor"):  # shiftlab.sources.ImageBatch
-        images, target = item.tensor, item.labels
-    else:
-        images, target = (item[0], item[1]) if isinstance(item, (tuple, list)) else (item, None)
+    images, target = split_batch(item)
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         raise UsageError("each batch must be images (B, C, R, R) or (images, labels)")
     if target is not None:

@@ -143,3 +143,23 @@ def test_a_model_failing_on_the_probe_raises_model_error_and_leaves_no_hooks():
 def test_a_layer_filter_matching_nothing_raises_usage_error():
     with pytest.raises(UsageError, match="matches no module"):
         _run(make_equivariant(), _images(), ShiftGrid.square(2), layers="features.*")
+
+
+def test_a_stream_of_batches_gives_the_numbers_of_the_whole_tensor():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from conftest import make_maxpool
+
+    images, grid = _images(5, 16), ShiftGrid.square(3)
+    whole = _run(make_maxpool(), images, grid, batch_size=4)
+    loader = DataLoader(TensorDataset(images, torch.arange(5)), batch_size=2)  # 2 + 2 + 1
+    for stream in (loader, list(images)):  # (images, labels) batches; single (C, H, W) images
+        streamed = _run(make_maxpool(), stream, grid, batch_size=4)
+        assert streamed.provenance.n_images == 5
+        np.testing.assert_allclose(streamed.mean, whole.mean, atol=1e-5, equal_nan=True)
+        np.testing.assert_array_equal(streamed.n, whole.n)
+
+
+def test_a_stream_whose_image_size_changes_is_refused():
+    with pytest.raises(UsageError, match="same size"):
+        _run(make_equivariant(), [_images(1, 8), _images(1, 12)], ShiftGrid.square(2))
