@@ -160,8 +160,9 @@ def _measure_tensor(run: "_Run", images: torch.Tensor, batch_size: int, progress
     if checkpoint is not None:
         if distributed.active():
             raise UsageError("checkpoint/resume is not supported under torchrun; run single-process")
-        progress_file = RunProgress(checkpoint, run.settings, run.infos, images, images_per_batch,
-                                    run.model, resume_key)
+        # the input digest of the provenance is the checkpoint's image key: one hash, not two
+        progress_file = RunProgress(checkpoint, run.settings, run.infos, digest.hexdigest(),
+                                    images_per_batch, run.model, resume_key)
     done = progress_file.restore(run.sums) if (progress_file is not None and resume) else 0
     per_batch = math.ceil(len(run.forward_shifts) / shifts_per_pass)
     bar = _bar(count_passes(len(mine), len(run.forward_shifts), batch_size, reference=False),

@@ -7,7 +7,6 @@ any of them changed is refused, naming what differs.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Optional
@@ -26,14 +25,14 @@ from .result import Settings
 class RunProgress:
     """Atomic progress checkpoints of one run (``measure(checkpoint=...)``)."""
 
-    def __init__(self, path, settings: Settings, infos: list[LayerInfo], images: torch.Tensor,
+    def __init__(self, path, settings: Settings, infos: list[LayerInfo], images_digest: str,
                  images_per_batch: int, model: nn.Module, identity: Optional[dict] = None) -> None:
+        """``images_digest``: a hash of the image tensor (the engine's ``InputDigest``)."""
         self.path = Path(path)
-        images_digest = hashlib.sha256(images.detach().cpu().contiguous().numpy().tobytes())
         self.key = {
             "settings": json.dumps(settings.to_dict(), sort_keys=True),
             "layers": json.dumps([i.name for i in infos]),
-            "images": images_digest.hexdigest(),
+            "images": images_digest,
             "batch layout": str(images_per_batch),
             "model weights": state_dict_fingerprint(model),
         }
