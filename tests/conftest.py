@@ -208,3 +208,28 @@ def random_png_folder(folder, count: int = 4, side: int = 24):
     for index in range(count):
         Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(folder / f"{index}.png")
     return folder
+
+
+# A torchvision-free model with both kinds of downsampling antialias() rewrites:
+# conv, relu, MaxPool2d(2), conv(stride 2), relu, global pool, flatten, linear. Written into a
+# factory file by the tests that load models by spec.
+ANTIALIAS_FACTORY_SOURCE = """
+    from torch import nn
+
+
+    def factory():
+        return nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(4, 4, 3, padding=1, stride=2), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+"""
+
+
+def assert_holds(model, state) -> None:
+    """``model``'s state dict has exactly the keys of ``state``, each tensor equal."""
+    import torch
+
+    got = model.state_dict()
+    assert set(got) == set(state)
+    for key, value in state.items():
+        assert torch.equal(got[key], value), key

@@ -15,6 +15,8 @@ from shiftlab.checkpoints import is_checkpoint_path, load_checkpoint, state_dict
 from shiftlab.errors import UsageError, WeightsError
 from shiftlab.models import load_model
 
+from conftest import assert_holds
+
 
 class Net(nn.Module):
     """Conv + BatchNorm (float and integer buffers) + linear head."""
@@ -46,13 +48,6 @@ def trained(seed: int) -> dict[str, torch.Tensor]:
         model.bn.running_var.uniform_(0.5, 1.5)
     model.bn.num_batches_tracked.fill_(seed + 1)
     return {key: value.clone() for key, value in model.state_dict().items()}
-
-
-def assert_holds(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    got = model.state_dict()
-    assert set(got) == set(state)
-    for key, value in state.items():
-        assert torch.equal(got[key], value), key
 
 
 # --- what names a checkpoint file ----------------------------------------------------------------

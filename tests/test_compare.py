@@ -29,18 +29,7 @@ from shiftlab.errors import SettingsMismatchError, UsageError, WeightsError  # n
 from shiftlab.result import Result  # noqa: E402
 from shiftlab.variants import load_variant, parse_variant  # noqa: E402
 
-# A torchvision-free model with both kinds of downsampling antialias() rewrites:
-# conv, relu, MaxPool2d(2), conv(stride 2), relu, global pool, flatten, linear.
-FACTORY_SOURCE = """
-    from torch import nn
-
-
-    def factory():
-        return nn.Sequential(
-            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(4, 4, 3, padding=1, stride=2), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
-"""
+from conftest import ANTIALIAS_FACTORY_SOURCE as FACTORY_SOURCE  # noqa: E402
 FAST = ["--size", "16", "--max-shift", "2", "--max-images", "2", "--device", "cpu", "--quiet"]
 
 

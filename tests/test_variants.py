@@ -12,18 +12,8 @@ from torch import nn
 from shiftlab import BlurPool
 from shiftlab.variants import load_variant, parse_variant
 
-# conv, relu, MaxPool2d(2), conv(stride 2), relu, global pool, flatten, linear: both kinds of
-# downsampling antialias() rewrites.
-FACTORY_SOURCE = """
-    from torch import nn
+from conftest import ANTIALIAS_FACTORY_SOURCE as FACTORY_SOURCE, assert_holds
 
-
-    def factory():
-        return nn.Sequential(
-            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(4, 4, 3, padding=1, stride=2), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
-"""
 
 
 def write_factory(folder: Path) -> str:
@@ -45,13 +35,6 @@ def randomised(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
         for parameter in model.parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=generator))
     return {key: value.clone() for key, value in model.state_dict().items()}
-
-
-def assert_holds(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    got = model.state_dict()
-    assert set(got) == set(state)
-    for key, value in state.items():
-        assert torch.equal(got[key], value), key
 
 
 def blurpools(model: nn.Module) -> list[BlurPool]:
