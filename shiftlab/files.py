@@ -83,6 +83,16 @@ def read_members(data: "np.lib.npyio.NpzFile", names, max_values: int, path,
 MAX_ARRAY_VALUES = 64 * 2**20
 
 
+def write_archive(path, header: dict, arrays: dict) -> Path:
+    """Write ``arrays`` and the JSON ``header`` as one compressed ``.npz`` (no pickle),
+    atomically; the counterpart of :func:`read_archive`. ``None`` arrays are left out."""
+    import json
+
+    members = {name: array for name, array in arrays.items() if array is not None}
+    members["header"] = np.array(json.dumps(header, default=to_jsonable))
+    return atomic_write(Path(path), lambda handle: np.savez_compressed(handle, **members))
+
+
 def read_archive(path, required, optional=(), max_values: int = MAX_ARRAY_VALUES,
                  what: str = "result"):
     """(JSON header, arrays) of a shiftlab ``.npz``: ``required`` arrays must be there,

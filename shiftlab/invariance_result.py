@@ -15,7 +15,6 @@ counts them.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -26,7 +25,7 @@ from typing import TYPE_CHECKING, Optional, Sequence, Union
 import numpy as np
 
 from .errors import ShiftlabError, UsageError, one_line
-from .files import atomic_write, read_archive, to_jsonable
+from .files import read_archive, write_archive
 from .provenance import NamedByMeta
 from .shifts import ShiftGrid
 
@@ -471,11 +470,8 @@ class InvarianceResult(NamedByMeta):
         """Write one ``.npz`` (arrays + JSON header, no pickle) atomically: temp file, then rename."""
         header = {"format": FORMAT_VERSION, "kind": _KIND, "settings": self.settings.to_dict(),
                   "meta": self.meta}
-        arrays = {name: getattr(self, name) for name in _ARRAYS}
-        if self.labels is not None:
-            arrays["labels"] = self.labels
-        arrays["header"] = np.array(json.dumps(header, default=to_jsonable))
-        return atomic_write(Path(path), lambda handle: np.savez_compressed(handle, **arrays))
+        arrays = {name: getattr(self, name) for name in _ARRAYS + ("labels",)}
+        return write_archive(path, header, arrays)
 
 
 def load_invariance(path: Union[str, os.PathLike]) -> InvarianceResult:

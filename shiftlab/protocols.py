@@ -21,7 +21,6 @@ out and counted. Streaming: one batch in memory at a time, only per-image number
 from __future__ import annotations
 
 import collections.abc
-import json
 import math
 import os
 import platform
@@ -40,7 +39,7 @@ from .checks import split_batch
 from .defaults import PROTOCOLS as DEFAULT_PROTOCOLS
 from .engine import resolve_device
 from .errors import ShiftlabError, UsageError, one_line
-from .files import atomic_write, read_archive, to_jsonable
+from .files import read_archive, write_archive
 from .invariance import (check_finite, classifier_logits, evaluation_mode, model_name,
                          top_class)
 from .invariance_result import INVALID, bootstrap_interval
@@ -120,11 +119,8 @@ class _Saved(NamedByMeta):
         """
         header = {"format": FORMAT_VERSION, "kind": _KIND, "settings": asdict(self.settings),
                   "meta": self.meta}
-        arrays = {name: getattr(self, name) for name in _ARRAYS}
-        if self.labels is not None:
-            arrays["labels"] = self.labels
-        arrays["header"] = np.array(json.dumps(header, default=to_jsonable))
-        return atomic_write(Path(path), lambda handle: np.savez_compressed(handle, **arrays))
+        arrays = {name: getattr(self, name) for name in _ARRAYS + ("labels",)}
+        return write_archive(path, header, arrays)
 
 
 @dataclass

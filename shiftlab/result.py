@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Optional, Union
 import numpy as np
 
 from .errors import ShiftlabError, UsageError, one_line
-from .files import atomic_write, read_members, to_jsonable
+from .files import read_members, write_archive
 from .geometry import LayerInfo
 from .provenance import Provenance
 from .shifts import ShiftGrid
@@ -227,15 +227,12 @@ class Result:
     # -- persistence -----------------------------------------------------------------
     def save(self, path: Union[str, os.PathLike]) -> Path:
         """Write one ``.npz`` (arrays + JSON metadata) atomically: temp file, then rename."""
-        path = Path(path)
         header = {
             "format": FORMAT_VERSION, "settings": self.settings.to_dict(),
             "layers": [info.to_dict() for info in self.layers],
             "provenance": self.provenance.to_dict(),
         }
-        arrays = {"mean": self.mean, "std": self.std, "n": self.n, "n_inf": self.n_inf,
-                  "n_nan": self.n_nan, "header": np.array(json.dumps(header, default=to_jsonable))}
-        return atomic_write(path, lambda handle: np.savez_compressed(handle, **arrays))
+        return write_archive(path, header, {name: getattr(self, name) for name in _ARRAYS})
 
 
 def load(path: Union[str, os.PathLike]) -> Result:
