@@ -166,9 +166,8 @@ class NamedByMeta:
     @property
     def provenance(self) -> Provenance:
         """Where this result came from, typed (read from its metadata)."""
-        known = {k: v for k, v in self.meta.items() if k != "extra"}
-        try:
-            return Provenance.from_dict(known)
+        try:  # the meta of these results is a Provenance dict plus what the measurement added
+            return Provenance.from_dict(self.meta)
         except Exception:  # noqa: BLE001  (older, free-form metadata)
             return Provenance.from_meta(self.meta)
 

@@ -612,3 +612,13 @@ def test_cli_model_without_logits_is_a_runtime_error(image_folder, tmp_path):
     result = invoke("consistency", "--model", f"{module}:net", "--images", image_folder, *FAST,
                     "--out", tmp_path / "out")
     assert_clean_error(result, 1, "classes")
+
+
+def test_the_typed_provenance_of_a_saved_result_keeps_its_extra_fields(tmp_path, random_images):
+    from shiftlab.provenance import Provenance
+
+    meta = Provenance(model="net", weights="none", extra={"spec": "net.py:build"}).to_dict()
+    result = run(tiny_classifier(), random_images, ShiftGrid.square(2), n_pairs=10, meta=meta)
+    loaded = load_invariance(result.save(tmp_path / "invariance.npz"))
+    assert loaded.provenance.model == "net" and loaded.provenance.random_init
+    assert loaded.provenance.extra["spec"] == "net.py:build"
