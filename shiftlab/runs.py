@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .checks import check_choice
+from .checks import check_choice, resolve_margin
 from .data import LoadedImages, find_images, image_digest, load_images, sample_image_paths
 from .defaults import (BATCH_SIZE, MAX_SHIFT, PADDINGS, PAIRS, PROTOCOLS, SIZE, default_resize,
                        make_grid)
@@ -116,7 +116,7 @@ def shift_plan(*, grid: str = "square", max_shift: int = MAX_SHIFT, subpixel: in
                 f" shifts of a {size} px image repeat every {size} px; use a --max-shift below"
                 f" {size} (or --size above {shifts.max_abs:g})")
         return shifts, 0
-    margin = int(math.ceil(shifts.max_abs))
+    margin = resolve_margin(shifts.max_abs, mode, None)
     available = ((resize or default_resize(size)) - size) // 2
     if resize is None:
         return shifts, margin  # the default resize grows to fit the margin
@@ -320,12 +320,9 @@ def _protocol(loaded: LoadedModel, spec: str, protocol: str, images, labelled, *
     stream = image_batches(source, size=crop, resize=crop, mean=loaded.mean, std=loaded.std,
                            batch_size=batch_size, workers=workers, max_images=max_images,
                            on_skip=lambda path, reason: warnings.warn(f"skipped {path}: {reason}"))
-    provenance = Provenance(model=loaded.name, label=label or loaded.name,
-                            weights=str(loaded.weights), pretrained=bool(loaded.pretrained),
-                            seed=seed, antialias=antialias, resize=crop,
-                            model_fingerprint=state_dict_fingerprint(loaded.model),
-                            mean=as_tuple(loaded.mean), std=as_tuple(loaded.std),
-                            extra={"spec": spec, "protocol": protocol})
+    provenance = provenance_for(loaded, spec, seed=seed, antialias=antialias, resize=crop,
+                                label=label)
+    provenance = provenance.replace(extra={**provenance.extra, "protocol": protocol})
     if on_ready is not None:
         on_ready(loaded, None, None, {"size": size, "protocol": protocol, "resize": crop})
     identity = {k: v for k, v in provenance.to_dict().items()
