@@ -1,7 +1,6 @@
 """Result: per-layer distance maps plus every setting that produced them; save/load as one .npz."""
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -11,7 +10,7 @@ from typing import TYPE_CHECKING, Optional, Union
 import numpy as np
 
 from .errors import ShiftlabError, UsageError, one_line
-from .files import read_members, write_archive
+from .files import read_archive, write_archive
 from .geometry import LayerInfo
 from .provenance import Provenance
 from .shifts import ShiftGrid
@@ -23,9 +22,6 @@ if TYPE_CHECKING:  # pandas and matplotlib are imported lazily: only tables/figu
 FORMAT_VERSION = 2
 #: format-1 files (an untyped ``meta`` dict instead of a typed provenance) are still read
 READABLE_FORMATS = (1, 2)
-#: refuse a result file whose arrays would expand beyond this many values (a small compressed
-#: file can expand to gigabytes); 64M float64 values = 512 MB per array
-MAX_VALUES = 64 * 2**20
 _ARRAYS = ("mean", "std", "n", "n_inf", "n_nan")
 
 
@@ -243,17 +239,9 @@ def load(path: Union[str, os.PathLike]) -> Result:
     path = Path(path)
     if not path.is_file():
         raise ShiftlabError(f"no result file at {path}; pass the result.npz written by 'shiftlab heatmap'")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            members = read_members(data, ("header",) + _ARRAYS, MAX_VALUES, path)
-            header = json.loads(str(members["header"]))
-    except ShiftlabError:
-        raise
-    except Exception as exc:
-        raise ShiftlabError(f"{path} is not a shiftlab result file ({type(exc).__name__}:"
-                            f" {one_line(exc)})") from exc
-    if not isinstance(header, dict) or header.get("format") not in READABLE_FORMATS:
-        found = header.get("format") if isinstance(header, dict) else None
+    header, arrays = read_archive(path, _ARRAYS)
+    if header.get("format") not in READABLE_FORMATS:
+        found = header.get("format")
         raise ShiftlabError(f"{path} has result format {found}, this shiftlab reads"
                             f" {', '.join(map(str, READABLE_FORMATS))}; re-run the measurement")
     try:
@@ -266,7 +254,6 @@ def load(path: Union[str, os.PathLike]) -> Result:
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ShiftlabError(f"{path} has an incomplete or damaged header ({type(exc).__name__}:"
                             f" {one_line(exc)}); re-run the measurement") from exc
-    arrays = {name: members[name] for name in _ARRAYS}
     _check_arrays(arrays, (len(layers), len(settings.grid)), path)
     return Result(settings=settings, layers=layers, provenance=provenance, **arrays)
 
