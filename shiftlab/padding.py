@@ -279,3 +279,11 @@ def _grid_change(module: nn.Module) -> Optional[str]:
             return (f"output is not input / stride (kernel {k}, stride {s}, padding {p}):"
                     " a window that shrinks or grows the map")
     return None
+
+
+def has_zero_padding(model: nn.Module) -> bool:
+    """True when a convolution or pool pads with zeros (or -inf): circular shifts then move the
+    wrap seam against a fixed border, a boundary effect on top of aliasing."""
+    return any((isinstance(module, nn.modules.conv._ConvNd) and module.padding_mode == "zeros"
+                or isinstance(module, _POOLS)) and _pads(module.padding)
+               for module in model.modules())

@@ -26,6 +26,7 @@ from .defaults import (BATCH_SIZE, MAX_SHIFT, PADDINGS, PAIRS, PROTOCOLS, SIZE, 
                        make_grid)
 from .errors import UsageError
 from .models import LoadedModel
+from .padding import has_zero_padding
 from .checkpoints import state_dict_fingerprint
 from .provenance import Provenance, as_tuple
 from .result import Result
@@ -166,21 +167,6 @@ def provenance_for(loaded: LoadedModel, spec: str, inputs: Optional[LoadedImages
         images=tuple(p.name for p in paths), image_digests=tuple(image_digest(p) for p in paths),
         resize=resize, mean=as_tuple(loaded.mean), std=as_tuple(loaded.std), labels=labels,
         extra={"spec": spec, "zero_padded": has_zero_padding(loaded.model)})
-
-
-def has_zero_padding(model: torch.nn.Module) -> bool:
-    """True when a convolution or pool pads with zeros (or -inf): circular shifts then move the
-    wrap seam against a fixed border, a boundary effect on top of aliasing."""
-    for module in model.modules():
-        padding = getattr(module, "padding", 0)
-        if isinstance(module, torch.nn.modules.conv._ConvNd):
-            if module.padding_mode == "zeros" and (padding == "same" or any(
-                    p > 0 for p in (padding if isinstance(padding, tuple) else (padding,)))):
-                return True
-        elif isinstance(module, (torch.nn.MaxPool2d, torch.nn.AvgPool2d)):
-            if any(p > 0 for p in (padding if isinstance(padding, tuple) else (padding,))):
-                return True
-    return False
 
 
 def resume_identity(provenance: Provenance, padding: str, dtype: str) -> dict:

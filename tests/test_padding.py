@@ -229,3 +229,13 @@ def test_an_antialiased_model_is_fully_circular_and_exact_where_its_stride_divid
                 assert value <= 1e-6, (info.name, stride, dh, dw, value)
                 checked += 1
     assert checked > 40
+
+
+def test_has_zero_padding_names_what_the_circular_shift_hint_is_about():
+    from shiftlab.padding import has_zero_padding
+
+    assert has_zero_padding(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1)))
+    assert has_zero_padding(nn.Sequential(nn.Conv2d(3, 4, 3, padding="same")))
+    assert has_zero_padding(nn.Sequential(nn.MaxPool2d(3, stride=2, padding=1)))
+    assert not has_zero_padding(nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2)))
+    assert not has_zero_padding(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular")))
