@@ -187,12 +187,16 @@ def compare(result_files: Sequence[str], model_specs: Sequence[str], filt_size: 
 @click.option("--dpi", type=click.IntRange(30, 1200), default=150, show_default=True,
               help="Resolution of PNG figures.")
 @out_options(default="consistency")
+@click.option("--resume", is_flag=True,
+              help="zhang2019/diagonal: continue an interrupted run in --out after its last"
+                   " completed epoch (models already finished are not run again; refused when"
+                   " the model, weights, seed, images or settings differ).")
 def consistency(model_specs: Sequence[str], filt_size: Optional[int], weights: str,
                 weights_key: Optional[str], trust_checkpoint: bool, num_classes: Optional[int],
                 mean, std, seed: int,
                 padding: str, n_pairs: int, labels_path: Optional[str], protocol: str,
                 epochs: int, workers: int, class_order: str, formats: Sequence[str], dpi: int, out: Optional[str],
-                overwrite: bool, quiet: bool, **options) -> None:
+                overwrite: bool, quiet: bool, resume: bool, **options) -> None:
     """Output-level shift invariance: does the predicted class survive a shift?
 
     For each model, on the grid of shifts: consistency vs. the unshifted prediction per shift,
@@ -206,22 +210,36 @@ def consistency(model_specs: Sequence[str], filt_size: Optional[int], weights: s
     shiftlab consistency -m resnet50 --labels val/ --protocol zhang2019 --size 224 --resize 256
 
     Prints one row per model to stdout and writes summary.csv, consistency.csv (per model and
-    shift), invariance-<model>.npz and probability.{png,pdf} into --out.
+    shift), invariance-<model>.npz and probability.{png,pdf} into --out. Under
+    torchrun --nproc_per_node=N -m shiftlab consistency ... each process measures 1/N of the
+    images (the protocols decode only theirs); the numbers equal one process's.
     """
     with user_errors():
+        from . import distributed
         from .jobs import run_consistency
 
         check_matplotlib_backend()
         if labels_path and options["image_sources"]:
             raise UsageError("--labels names the images (class folders or the CSV's files); drop"
                              " --images")
+        if resume and not out:
+            raise UsageError("--resume needs the --out folder of the interrupted run")
+        if resume and protocol == "grid":
+            raise UsageError("--resume continues the zhang2019 and diagonal protocols per epoch;"
+                             " the grid protocol runs in one pass")
         model = {"weights": weights, "weights_key": weights_key, "trust_checkpoint": trust_checkpoint,
                  "seed": seed, "mean": mean, "std": std, "padding": padding,
                  "num_classes": num_classes}
-        run_consistency(list(model_specs), filt_size, model, _measure_args(options),
-                        labels_path=labels_path, n_pairs=n_pairs, protocol=protocol, epochs=epochs,
-                        workers=workers, class_order=class_order, formats=formats, dpi=dpi,
-                        out=Path(out) if out else None, overwrite=overwrite, quiet=quiet)
+        distributed.init_from_env()
+        try:
+            run_consistency(list(model_specs), filt_size, model, _measure_args(options),
+                            labels_path=labels_path, n_pairs=n_pairs, protocol=protocol,
+                            epochs=epochs, workers=workers, class_order=class_order,
+                            formats=formats, dpi=dpi, out=Path(out) if out else None,
+                            overwrite=overwrite, quiet=quiet, resume=resume)
+            distributed.finish()  # every rank waits for rank 0's files, then leaves together
+        finally:
+            distributed.shutdown()
 
 
 # -- layers ------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Under ``torchrun --nproc_per_node=N -m shiftlab heatmap ...`` every rank measures its share of
 the images (rank r takes images r, r+N, ...), the per-shift float64 sums are all-reduced, and
-only rank 0 writes outputs. NCCL on GPUs, gloo on CPU.
+only rank 0 writes outputs. ``shiftlab consistency`` shards the same way and gathers its small
+per-image arrays (:func:`gather`). NCCL on GPUs, gloo on CPU.
 """
 from __future__ import annotations
 
@@ -68,6 +69,25 @@ def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:
         buffer = tensor.to(device)
         dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
         tensor.copy_(buffer.to(tensor.device))
+
+
+def gather(value: object) -> list:
+    """Every rank's ``value`` in rank order (pickled by torch.distributed: keep it small, e.g.
+    per-image arrays); ``[value]`` single-process."""
+    if not active():
+        return [value]
+    gathered: list = [None] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def broadcast(value: object) -> object:
+    """Rank 0's ``value`` on every rank (e.g. what rank 0 read from a progress file)."""
+    if not active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def finish() -> None:

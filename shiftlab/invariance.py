@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from tqdm import tqdm  # plain bar: tqdm.auto warns in notebooks without ipywidgets
 
-from . import __version__
+from . import __version__, distributed
 from .checks import (batch_layout, check_count, check_request, labelled_batches, resolve_grid,
                      window_size)
 from .engine import resolve_device
@@ -213,23 +213,29 @@ def measure_invariance(model: nn.Module, images: torch.Tensor, grid: Optional[Sh
                                   margin=margin, n_pairs=int(n_pairs), seed=int(seed),
                                   n_bootstrap=int(n_bootstrap), confidence=float(confidence))
     union = list(dict.fromkeys(grid.shifts + diagonal.shifts))  # grid order, then new sweep steps
-    device = resolve_device(device)
+    auto = device is None or str(device) == "auto"  # under torchrun: this rank's GPU
+    device = distributed.local_device() if auto and distributed.active() else resolve_device(device)
     model = model.to(device)
     name = model_name(model, meta)
     started = time.perf_counter()
+    show = progress if distributed.is_main() else False
     with evaluation_mode(model, name):
-        if not streamed:
-            argmax, prob, reference, n_classes = _predict(model, images, union, settings,
-                                                          batch_size, device, progress)
-        else:  # one batch of the stream at a time; only the small per-image arrays are kept
-            parts, streamed_labels = [], []
-            for tensor, batch_labels in itertools.chain([first], batches):
-                parts.append(_predict(model, tensor, union, settings, batch_size, device, False))
-                streamed_labels.append(batch_labels)
-            argmax, prob, reference = (np.concatenate([part[k] for part in parts]) for k in range(3))
-            n_classes = max(part[3] for part in parts)
-            if labels is None and all(item is not None for item in streamed_labels):
-                labels = np.concatenate([np.asarray(item).reshape(-1) for item in streamed_labels])
+        # one batch at a time; only the small per-image arrays are kept (and, under torchrun,
+        # this rank's images r, r+N, ..., gathered afterwards)
+        parts, start = [], 0
+        for tensor, batch_labels in itertools.chain([first], batches):
+            ids = np.arange(start, start + len(tensor))
+            start += len(tensor)
+            if distributed.active():
+                keep = ids % distributed.world_size() == distributed.rank()
+                ids, tensor = ids[keep], tensor[torch.from_numpy(keep)]
+                batch_labels = None if batch_labels is None else np.asarray(batch_labels).reshape(-1)[keep]
+            if len(ids):
+                parts.append((ids, *_predict(model, tensor, union, settings, batch_size, device,
+                                             show if not streamed else False), batch_labels))
+        argmax, prob, reference, n_classes, streamed_labels = _gathered(parts)
+        if labels is None and streamed and streamed_labels is not None:
+            labels = streamed_labels
     n_images = int(reference.shape[0])
     label_array = _check_labels(labels, n_images)
     forwarded = [k for k, shift in enumerate(union) if tuple(shift) != (0, 0)]
@@ -260,6 +266,18 @@ def measure_invariance(model: nn.Module, images: torch.Tensor, grid: Optional[Sh
     if result.uninformative:
         warnings.warn(f"{name}: {result.uninformative}", stacklevel=2)
     return result
+
+
+def _gathered(parts: list) -> tuple:
+    """argmax, prob, reference, n_classes and labels (None unless every batch had some) of
+    every rank's ``(ids, argmax, prob, reference, n_classes, labels)`` parts, in image order."""
+    parts = [part for gathered in distributed.gather(parts) for part in gathered]
+    order = np.argsort(np.concatenate([part[0] for part in parts]), kind="stable")
+    argmax, prob, reference = (np.concatenate([part[k] for part in parts])[order] for k in (1, 2, 3))
+    labels = None
+    if all(part[5] is not None for part in parts):
+        labels = np.concatenate([np.asarray(part[5]).reshape(-1) for part in parts])[order]
+    return argmax, prob, reference, max(part[4] for part in parts), labels
 
 
 def _check_labels(labels: Optional[Sequence[int]], n_images: int) -> Optional[np.ndarray]:

@@ -16,7 +16,7 @@ from . import runs
 from .console import warn_line
 from .errors import UsageError
 from .reports import (FIGURE_PATTERNS, PROGRESS_FILE, DrawingFailed, check_out, default_out,
-                      is_output, result_figures, write_comparison, write_consistency,
+                      is_output, result_figures, safe_name, write_comparison, write_consistency,
                       write_heatmap, write_padding_pair, write_set)
 
 #: the most cells one panel of a layer grid may hold (the map of a 2-D grid, or a strip's
@@ -251,36 +251,59 @@ def unique_label(name: str, taken: Sequence[str]) -> str:
 def run_consistency(specs: list, filt_size: Optional[int], model: dict, options: dict, *,
                     labels_path: Optional[str], n_pairs: int, protocol: str, epochs: int,
                     workers: int, class_order: str, formats: Sequence[str], dpi: int, out: Optional[Path],
-                    overwrite: bool, quiet: bool) -> None:
+                    overwrite: bool, quiet: bool, resume: bool = False) -> None:
+    """Measure every spec (and its ``+aaK`` version with ``filt_size``) and write one table.
+
+    Under torchrun every rank measures its share and gets every result; rank 0 writes. With
+    ``out``, the protocols keep a per-epoch checkpoint per model there until the outputs are
+    written, and ``resume`` continues from them (finished models are not run again).
+    """
+    from . import distributed
     from .consistency_table import consistency_table, format_consistency
     from .engine import resolve_device
 
     if out is not None:
-        check_out(out, overwrite=overwrite)
+        check_out(out, overwrite=overwrite, resume=resume)
     resolve_device(options["device"])
+    quiet = quiet or not distributed.is_main()
     variants = [(spec, None) for spec in specs] + ([(s, filt_size) for s in specs] if filt_size else [])
+    checkpoints = [_protocol_checkpoint(out, protocol, spec, filt) for spec, filt in variants]
     results, labels = [], []
-    for spec, filt in variants:
+    for (spec, filt), checkpoint in zip(variants, checkpoints):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             result = runs.consistency(
                 spec, antialias=filt, padding=model["padding"], **_model_keywords(model),
                 labels_path=labels_path, n_pairs=n_pairs, protocol=protocol, epochs=epochs,
                 workers=workers, class_order=class_order, progress=None if not quiet else False,
-                on_ready=_announce(quiet), **options)
+                on_ready=_announce(quiet), checkpoint=checkpoint, resume=resume, **options)
         label = unique_label(result.label, labels)
         labels.append(label)
-        for item in caught:
+        for item in caught if distributed.is_main() else ():
             warn_line(f"{label}: {item.message}" if label not in str(item.message) else item.message)
         results.append(result.with_label(label))
+    if not distributed.is_main():
+        return
     _warn_uninformative(results)
     table = consistency_table(results)
     folder = out if out is not None else default_out("consistency")
     written = write_consistency(results, table, folder, formats, dpi)
+    for checkpoint in checkpoints:
+        if checkpoint is not None:
+            checkpoint.unlink(missing_ok=True)  # only now: every output is in place
     click.echo(format_consistency(table))
     if not quiet:
         for path in written:
             click.echo(str(path), err=True)
+
+
+def _protocol_checkpoint(out: Optional[Path], protocol: str, spec: str,
+                         filt: Optional[int]) -> Optional[Path]:
+    """Where a protocol run of one model keeps its per-epoch progress (None: grid, or no --out)."""
+    if out is None or protocol == "grid":
+        return None
+    name = safe_name(spec if filt is None else f"{spec}+aa{filt}")
+    return out / PROGRESS_FILE.replace(".npz", f"-{name}.npz")
 
 
 def _warn_uninformative(results: list) -> None:

@@ -1,6 +1,8 @@
-"""Progress checkpoints of a measurement: the float64 sums after each completed image batch.
+"""Progress checkpoints: a measurement's float64 sums after each completed image batch
+(:class:`RunProgress`), a protocol's per-image rows after each completed epoch
+(:class:`EpochProgress`).
 
-The file's key fingerprints everything the sums depend on: settings, layers, the images'
+A file's key fingerprints everything the sums depend on: settings, layers, the images'
 content, the batch layout, the model's weights (a hash of its state dict) and the pipeline's
 identity of the run (model spec, seed, weights, dtype, padding, antialias). ``--resume`` with
 any of them changed is refused, naming what differs.
@@ -69,6 +71,57 @@ class RunProgress:
                 raise UsageError(f"{self.path} does not match this run's layers and shifts; delete it")
             target.copy_(torch.from_numpy(arrays[name]))
         return done
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class EpochProgress:
+    """Atomic per-epoch checkpoints of a protocol run (``consistency_protocol(checkpoint=...)``).
+
+    Each completed epoch is a record of per-image arrays (``ids``, ``labels``, ``offsets``,
+    ``predictions``, ``probability``; the same images every epoch) and the input ``canvas``.
+    The key is the model's weights and the caller's ``identity`` (protocol settings but the
+    number of epochs, model spec, images, ...), so a run can be continued with more epochs.
+    """
+
+    def __init__(self, path, model: nn.Module, identity: dict) -> None:
+        self.path = Path(path)
+        self.key = {"model weights": state_dict_fingerprint(model)}
+        for name, value in sorted(identity.items()):
+            self.key[name] = json.dumps(value, sort_keys=True, default=str)
+
+    def save(self, epochs: list[dict]) -> None:
+        arrays = {"key": np.array(json.dumps(self.key, sort_keys=True)),
+                  "n_epochs": np.array(len(epochs)), "canvas": np.asarray(epochs[0]["canvas"])}
+        if epochs[0]["labels"] is not None:
+            arrays["labels"] = epochs[0]["labels"]
+        for name in epochs[0]:
+            if name not in ("labels", "canvas"):
+                arrays[name] = np.stack([record[name] for record in epochs])
+        atomic_write(self.path, lambda handle: np.savez(handle, **arrays))
+
+    def restore(self) -> list[dict]:
+        """The records of the completed epochs ([] without a file); refuses another run's file."""
+        if not self.path.is_file():
+            return []
+        try:
+            with np.load(self.path, allow_pickle=False) as data:
+                saved = json.loads(str(data["key"]))
+                arrays = {name: data[name] for name in data.files if name not in ("key", "n_epochs")}
+                n_epochs = int(data["n_epochs"])
+        except Exception as exc:  # noqa: BLE001  any unreadable file: start again
+            raise UsageError(f"cannot resume from {self.path} ({one_line(exc)}); delete it and"
+                             " start again") from exc
+        differ = [name for name in self.key if saved.get(name) != self.key[name]]
+        differ += [name for name in saved if name not in self.key]
+        if differ:
+            raise UsageError(f"cannot resume: the interrupted run in {self.path.parent} used another"
+                             f" {', '.join(differ)}; rerun with the same options, or without --resume"
+                             " into a fresh --out")
+        labels, canvas = arrays.pop("labels", None), tuple(int(v) for v in arrays.pop("canvas"))
+        return [{"labels": labels, "canvas": canvas, **{name: values[e] for name, values in arrays.items()}}
+                for e in range(n_epochs)]
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

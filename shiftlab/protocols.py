@@ -15,18 +15,22 @@ paper draws one offset pair per batch, shared by its images: same expectation, b
 batch are not independent); the interval is a bootstrap over images; NaN/Inf outputs are left
 out and counted. Streaming: one batch in memory at a time, only per-image numbers are kept.
 
+Scale-out and resume: under ``torchrun`` each rank runs its share of the images (a stream from
+``image_batches(..., shard=True)`` decodes only that share; any other stream is filtered to
+images r, r+N, ...) and the per-image rows of every epoch are gathered, so every rank ends with
+the result of a single process. With ``checkpoint=PATH`` the rows of each completed epoch are
+saved (by rank 0), and ``resume=True`` continues after the last completed one; this is exact
+because the offsets of an image depend on (seed, epoch, image) only.
+
 >>> loader = DataLoader(ImageFolder("val", transform), batch_size=64)   # doctest: +SKIP
 >>> consistency_protocol(model, loader, epochs=5).summary()["consistency"]   # doctest: +SKIP
 """
 from __future__ import annotations
 
 import collections.abc
-import math
 import os
 import platform
 import warnings
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Iterable, Iterator, Optional, Union
 
 import numpy as np
@@ -34,254 +38,30 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, distributed
 from .checks import split_batch
 from .defaults import PROTOCOLS as DEFAULT_PROTOCOLS
 from .engine import resolve_device
-from .errors import ShiftlabError, UsageError, one_line
-from .files import read_archive, write_archive
+from .errors import UsageError
 from .invariance import (check_finite, classifier_logits, evaluation_mode, model_name,
                          top_class)
-from .invariance_result import INVALID, bootstrap_interval
-from .provenance import NamedByMeta
+from .invariance_result import INVALID
+from .progress_file import EpochProgress
+from .sources import ImageBatch
+from .protocol_result import DiagonalResult, ProtocolResult, ProtocolSettings, load_protocol
 
 __all__ = ["DiagonalResult", "PROTOCOLS", "ProtocolResult", "ProtocolSettings",
            "consistency_protocol", "diagonal_protocol", "load_protocol"]
 
 PROTOCOLS = tuple(p for p in DEFAULT_PROTOCOLS if p != "grid")  # the streamed ones
-FORMAT_VERSION = 1
-_KIND = "shiftlab.protocol"
-_ARRAYS = ("image", "offsets", "predictions", "probability")
+Checkpoint = Union[str, "os.PathLike[str]", None]
 
 
-@dataclass(frozen=True)
-class ProtocolSettings:
-    """What defines a protocol run (saved with it). ``canvas`` is the input (R_h, R_w)."""
-
-    protocol: str
-    size: int
-    canvas: tuple[int, int]
-    epochs: int = 1
-    seed: int = 0
-    max_offset: int = 0
-    n_bootstrap: int = 1000
-    confidence: float = 0.95
-
-    @property
-    def n_offsets(self) -> tuple[int, int]:
-        """zhang2019: how many offsets each axis draws from (R − size); diagonal: steps."""
-        if self.protocol == "diagonal":
-            return (self.max_offset + 1,) * 2
-        return self.canvas[0] - self.size, self.canvas[1] - self.size
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ProtocolSettings":
-        return cls(protocol=str(data["protocol"]), size=int(data["size"]),
-                   canvas=tuple(int(v) for v in data["canvas"]), epochs=int(data["epochs"]),
-                   seed=int(data["seed"]), max_offset=int(data["max_offset"]),
-                   n_bootstrap=int(data["n_bootstrap"]), confidence=float(data["confidence"]))
-
-
-@dataclass
-class _Saved(NamedByMeta):
-    """Save/load shared by the two results: arrays + JSON header in one ``.npz``, no pickle."""
-
-    settings: ProtocolSettings
-    image: np.ndarray
-    offsets: np.ndarray
-    predictions: np.ndarray
-    probability: np.ndarray
-    labels: Optional[np.ndarray] = None
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def uninformative(self) -> Optional[str]:
-        """'consistency is uninformative: every prediction is class K' when the finite
-        predictions are all one class K; None otherwise."""
-        classes = np.unique(self.predictions[self.predictions != INVALID])
-        if len(classes) != 1:
-            return None
-        return f"consistency is uninformative: every prediction is class {int(classes[0])}"
-
-    @property
-    def n_nonfinite(self) -> int:
-        """Forward outputs (one per window) whose logits held NaN or Inf; left out everywhere."""
-        return int((self.predictions == INVALID).sum())
-
-    def _bootstrap(self, successes, trials):
-        return bootstrap_interval(successes, trials, n_resamples=self.settings.n_bootstrap,
-                                  confidence=self.settings.confidence, seed=self.settings.seed)
-
-    def save(self, path: Union[str, os.PathLike]) -> Path:
-        """Write one ``.npz`` (arrays + JSON header, no pickle) atomically.
-
-        >>> result.save("runs/zhang2019/protocol-resnet18.npz")   # doctest: +SKIP
-        """
-        header = {"format": FORMAT_VERSION, "kind": _KIND, "settings": asdict(self.settings),
-                  "meta": self.meta}
-        arrays = {name: getattr(self, name) for name in _ARRAYS + ("labels",)}
-        return write_archive(path, header, arrays)
-
-
-@dataclass
-class ProtocolResult(_Saved):
-    """The paper's consistency protocol: P pairs = images × epochs, two windows each.
-
-    Arrays: ``image`` (P,) the image of each pair (epoch-major: pair e·N + i is image i in epoch
-    e); ``offsets`` (P, 4) as (oh1, ow1, oh2, ow2); ``predictions`` (P, 2) top-1 of both
-    windows (-1: non-finite logits); ``probability`` (P, 2) the ground-truth class's softmax
-    probability (NaN without labels); ``labels`` (N,) or None.
-
-    >>> result.consistency, result.consistency_interval, result.n_pairs   # doctest: +SKIP
-    """
-
-    @property
-    def n_images(self) -> int:
-        return int(self.image.max()) + 1 if self.image.size else 0
-
-    @property
-    def n_pairs(self) -> int:
-        return int(len(self.image))
-
-    @property
-    def valid(self) -> np.ndarray:
-        """(P,) both windows of the pair gave finite logits."""
-        return (self.predictions != INVALID).all(1)
-
-    @property
-    def agree(self) -> np.ndarray:
-        """(P,) both windows got the same (finite) top-1 class."""
-        return (self.predictions[:, 0] == self.predictions[:, 1]) & self.valid
-
-    def _per_image(self, values: np.ndarray) -> np.ndarray:
-        return np.bincount(self.image, values.astype(np.float64), minlength=self.n_images)
-
-    @property
-    def per_image_consistency(self) -> np.ndarray:
-        """(N,) share of an image's (finite) pairs that agree, over the epochs."""
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return self._per_image(self.agree) / self._per_image(self.valid)
-
-    @property
-    def consistency(self) -> float:
-        """P[argmax f(window 1) = argmax f(window 2)] over the finite pairs."""
-        valid = self.valid
-        return float(self.agree[valid].mean()) if valid.any() else math.nan
-
-    @property
-    def consistency_interval(self) -> tuple[float, float]:
-        """Bootstrap over images, an image's pairs (one per epoch) resampled within it."""
-        return self._bootstrap(self._per_image(self.agree), self._per_image(self.valid))
-
-    def _correct(self) -> tuple[np.ndarray, np.ndarray]:
-        finite = self.predictions != INVALID
-        return (self.predictions == self.labels[self.image][:, None]) & finite, finite
-
-    @property
-    def accuracy(self) -> Optional[float]:
-        """Top-1 accuracy over every (finite) window, or None without labels."""
-        if self.labels is None:
-            return None
-        correct, finite = self._correct()
-        return float(correct.sum() / finite.sum()) if finite.any() else math.nan
-
-    def summary(self) -> dict:
-        """consistency, ci_low, ci_high, n_pairs, n_images, epochs, offsets_per_axis, accuracy,
-        accuracy_ci_low, accuracy_ci_high (None without labels), n_nonfinite, n_bootstrap."""
-        low, high = self.consistency_interval
-        summary = {"protocol": "zhang2019", "consistency": self.consistency, "ci_low": low,
-                   "ci_high": high, "n_pairs": self.n_pairs, "n_images": self.n_images,
-                   "epochs": self.settings.epochs,
-                   "offsets_per_axis": list(self.settings.n_offsets),
-                   "accuracy": self.accuracy, "accuracy_ci_low": None, "accuracy_ci_high": None,
-                   "n_nonfinite": self.n_nonfinite, "n_bootstrap": self.settings.n_bootstrap}
-        if self.labels is not None:
-            correct, finite = self._correct()
-            summary["accuracy_ci_low"], summary["accuracy_ci_high"] = self._bootstrap(
-                self._per_image(correct.sum(1)), self._per_image(finite.sum(1)))
-        return summary
-
-
-@dataclass
-class DiagonalResult(_Saved):
-    """The paper's diagonal protocol: windows at (t, t), t = 0..max_offset, per image.
-
-    Arrays: ``image`` (N,); ``offsets`` (D,) the t values; ``predictions`` (N, D) top-1 (-1:
-    non-finite); ``probability`` (N, D) ground-truth class probability (NaN where non-finite);
-    ``labels`` (N,).
-
-    >>> result.mean_curve      # (D,) mean over images          # doctest: +SKIP
-    """
-
-    @property
-    def n_images(self) -> int:
-        return int(len(self.image))
-
-    @property
-    def mean_curve(self) -> np.ndarray:
-        """(D,) ground-truth probability at each t, mean over the images finite there."""
-        finite = np.isfinite(self.probability)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(finite, self.probability, 0.0).sum(0) / finite.sum(0)
-
-    @property
-    def accuracy_curve(self) -> np.ndarray:
-        """(D,) top-1 accuracy at each t (finite outputs only)."""
-        finite = self.predictions != INVALID
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return ((self.predictions == self.labels[:, None]) & finite).sum(0) / finite.sum(0)
-
-    def summary(self) -> dict:
-        """probability (mean over t and images), probability_min_t (lowest point of the mean
-        curve), accuracy (pooled) with accuracy_ci_low/high, correct_all_offsets and
-        consistent_all_offsets (share of images correct / with one prediction at every t),
-        steps, n_images, n_nonfinite, n_bootstrap."""
-        finite = self.predictions != INVALID
-        correct = (self.predictions == self.labels[:, None]) & finite
-        counted = finite.any(1)
-        first = np.take_along_axis(self.predictions, finite.argmax(1)[:, None], 1)
-        same = ((self.predictions == first) | ~finite).all(1)
-        low, high = self._bootstrap(correct.sum(1), finite.sum(1))
-        curve = self.mean_curve
-        return {"protocol": "diagonal",
-                "probability": float(np.nanmean(self.probability)) if counted.any() else math.nan,
-                "probability_min_t": float(np.nanmin(curve)) if counted.any() else math.nan,
-                "accuracy": float(correct.sum() / finite.sum()) if counted.any() else math.nan,
-                "accuracy_ci_low": low, "accuracy_ci_high": high,
-                "correct_all_offsets": float((correct | ~finite).all(1)[counted].mean())
-                if counted.any() else math.nan,
-                "consistent_all_offsets": float(same[counted].mean()) if counted.any() else math.nan,
-                "steps": int(len(self.offsets)), "n_images": self.n_images,
-                "n_nonfinite": self.n_nonfinite, "n_bootstrap": self.settings.n_bootstrap}
-
-
-def load_protocol(path: Union[str, os.PathLike]) -> Union[ProtocolResult, DiagonalResult]:
-    """Read a file written by ``ProtocolResult.save`` / ``DiagonalResult.save`` (no pickle).
-
-    >>> result = load_protocol("runs/zhang2019/protocol-resnet18.npz")   # doctest: +SKIP
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ShiftlabError(f"no protocol file at {path}; pass a protocol-<model>.npz written by"
-                            " 'shiftlab consistency --protocol'")
-    header, arrays = read_archive(path, _ARRAYS, ("labels",), what="protocol")
-    labels = arrays.pop("labels", None)
-    try:
-        if header.get("kind") != _KIND or header.get("format") != FORMAT_VERSION:
-            raise ValueError(f"kind {header.get('kind')!r}, format {header.get('format')!r}")
-        settings = ProtocolSettings.from_dict(header["settings"])
-    except Exception as exc:
-        raise ShiftlabError(f"{path} is not a shiftlab protocol file of format {FORMAT_VERSION}"
-                            f" ({type(exc).__name__}: {one_line(exc)}); re-run the protocol") from exc
-    kind = DiagonalResult if settings.protocol == "diagonal" else ProtocolResult
-    return kind(settings=settings, labels=labels, meta=header.get("meta", {}), **arrays)
-
-
-# -- running the protocols -----------------------------------------------------------------
 def consistency_protocol(model: nn.Module, batches: Iterable, *, size: int = 224, epochs: int = 1,
                          seed: int = 0, device: Union[str, torch.device, None] = "auto",
                          progress: Optional[bool] = None, meta: Optional[dict] = None,
-                         n_bootstrap: int = 1000, confidence: float = 0.95) -> ProtocolResult:
+                         n_bootstrap: int = 1000, confidence: float = 0.95,
+                         checkpoint: Checkpoint = None, resume: bool = False) -> ProtocolResult:
     """The paper's consistency: two random ``size`` windows per image and epoch, one forward each.
 
     Args:
@@ -291,42 +71,49 @@ def consistency_protocol(model: nn.Module, batches: Iterable, *, size: int = 224
             the same images in the same order every epoch (a DataLoader with shuffle=False).
         size: the window side; offsets per axis are uniform in 0..R−size−1.
         epochs: passes over the images; n_pairs = images × epochs.
-        seed: the offsets of image i in epoch e depend on (seed, e, i) only — not on batching —
-            and the bootstrap.
+        seed: the offsets of image i in epoch e depend on (seed, e, i) only — not on batching
+            or torchrun sharding — and the bootstrap. i is the image's position in the source
+            (``ImageBatch.indices`` for shiftlab's streams, else its place in the stream).
         device, progress, meta: as for :func:`shiftlab.measure_invariance`.
+        checkpoint: a file for the rows of each completed epoch (written atomically, by rank 0);
+            ``resume=True`` continues from it (refused when settings, weights or ``meta``
+            differ; a missing file starts at epoch 0).
 
     Example:
         >>> result = consistency_protocol(net, loader, size=224, epochs=5)   # doctest: +SKIP
         >>> result.summary()["consistency"], result.n_pairs                  # doctest: +SKIP
     """
     model, device, name = _prepare(model, device, meta, size, epochs, n_bootstrap, confidence)
-    image, offsets, predictions, probability, labels = [], [], [], [], []
-    canvas = None
+    saved = _progress(checkpoint, "zhang2019", size, seed, 0, model, meta)
+    done = _restore(saved, resume, epochs)
     with evaluation_mode(model, name):
-        for epoch, start, images, target in _stream(batches, epochs, progress, labels):
-            canvas = _check_canvas(images, canvas, size, 1)
-            rng = _epoch_rng(seed, epoch, start)
-            draws = np.floor(rng.random((len(images), 4)) * np.tile(np.subtract(canvas, size), 2))
-            draws = draws.astype(np.int64)
-            pair_top, pair_prob = [], []
-            for first in (0, 2):  # one forward per window: 2 per image and epoch
-                windows = torch.stack([img[:, oh:oh + size, ow:ow + size] for img, (oh, ow)
-                                       in zip(images, draws[:, first:first + 2].tolist())])
-                top, prob = _predict(model, windows, target, device)
-                pair_top.append(top)
-                pair_prob.append(prob)
-            image.append(np.arange(start, start + len(images)))
-            offsets.append(draws)
-            predictions.append(np.stack(pair_top, 1))
-            probability.append(np.stack(pair_prob, 1))
-    predictions = np.concatenate(predictions)
+        for epoch, stream in _passes(batches, epochs, len(done), progress):
+            rows, canvas = [], _canvas_of(done)
+            for ids, images, target in stream:
+                canvas = _check_canvas(images, canvas, size, 1)
+                draws = _window_offsets(seed, epoch, ids, np.subtract(canvas, size))
+                pair_top, pair_prob = [], []
+                for first in (0, 2):  # one forward per window: 2 per image and epoch
+                    windows = torch.stack([img[:, oh:oh + size, ow:ow + size] for img, (oh, ow)
+                                           in zip(images, draws[:, first:first + 2].tolist())])
+                    top, prob = _predict(model, windows, target, device)
+                    pair_top.append(top)
+                    pair_prob.append(prob)
+                rows.append(_row(ids, target, canvas, offsets=draws,
+                                 predictions=np.stack(pair_top, 1),
+                                 probability=np.stack(pair_prob, 1)))
+            done.append(_merge(rows, done[0] if done else None))
+            _save(saved, done)
+    predictions = np.concatenate([record["predictions"] for record in done])
     check_finite(name, int((predictions == INVALID).sum()), predictions.size)
-    settings = ProtocolSettings("zhang2019", int(size), canvas, int(epochs), int(seed), 0,
+    settings = ProtocolSettings("zhang2019", int(size), _canvas_of(done), int(epochs), int(seed), 0,
                                 int(n_bootstrap), float(confidence))
-    result = ProtocolResult(settings=settings, image=np.concatenate(image),
-                            offsets=np.concatenate(offsets), predictions=predictions,
-                            probability=np.concatenate(probability), labels=_labels(labels),
-                            meta=_meta(meta, device))
+    image = np.arange(len(done[0]["ids"]))  # images numbered in source order, skips closed up
+    result = ProtocolResult(settings=settings, image=np.tile(image, epochs),
+                            offsets=np.concatenate([record["offsets"] for record in done]),
+                            predictions=predictions,
+                            probability=np.concatenate([record["probability"] for record in done]),
+                            labels=done[0]["labels"], meta=_meta(meta, device))
     _warn_uninformative(result, name)
     return result
 
@@ -335,12 +122,14 @@ def diagonal_protocol(model: nn.Module, batches: Iterable, *, size: int = 224, m
                       device: Union[str, torch.device, None] = "auto",
                       progress: Optional[bool] = None, meta: Optional[dict] = None,
                       n_bootstrap: int = 1000, confidence: float = 0.95,
-                      seed: int = 0) -> DiagonalResult:
+                      seed: int = 0, checkpoint: Checkpoint = None,
+                      resume: bool = False) -> DiagonalResult:
     """The paper's diagonal: the ground-truth class probability at windows (t, t), t = 0..max_offset.
 
     ``batches`` yields ``(images, labels)`` with images (B, C, R, R), R ≥ size + max_offset;
     one forward of B windows per t. The paper: R = 256, size = 224, max_offset = 32 (33 steps).
-    ``seed`` seeds only the bootstrap.
+    ``seed`` seeds only the bootstrap. ``checkpoint``/``resume`` as for
+    :func:`consistency_protocol` (one pass: a finished run's file is reused whole).
 
     Example:
         >>> result = diagonal_protocol(net, loader, size=224, max_offset=32)   # doctest: +SKIP
@@ -350,27 +139,32 @@ def diagonal_protocol(model: nn.Module, batches: Iterable, *, size: int = 224, m
     if isinstance(max_offset, bool) or int(max_offset) != max_offset or max_offset < 0:
         raise UsageError(f"max_offset must be an integer >= 0, got {max_offset}")
     model, device, name = _prepare(model, device, meta, size, 1, n_bootstrap, confidence)
-    predictions, probability, labels = [], [], []
-    canvas = None
+    saved = _progress(checkpoint, "diagonal", size, seed, int(max_offset), model, meta)
+    done = _restore(saved, resume, 1)
     steps = range(int(max_offset) + 1)
     with evaluation_mode(model, name):
-        for _, _, images, target in _stream(batches, 1, progress, labels):
-            if target is None:
-                raise UsageError("the diagonal protocol needs labels: batches must yield"
-                                 " (images, labels)")
-            canvas = _check_canvas(images, canvas, size + int(max_offset), 0)
-            outputs = [_predict(model, images[..., t:t + size, t:t + size], target, device)
-                       for t in steps]
-            predictions.append(np.stack([top for top, _ in outputs], 1))
-            probability.append(np.stack([prob for _, prob in outputs], 1))
-    predictions = np.concatenate(predictions)
-    check_finite(name, int((predictions == INVALID).sum()), predictions.size)
-    settings = ProtocolSettings("diagonal", int(size), canvas, 1, int(seed), int(max_offset),
-                                int(n_bootstrap), float(confidence))
-    result = DiagonalResult(settings=settings, image=np.arange(len(predictions)),
-                            offsets=np.arange(int(max_offset) + 1), predictions=predictions,
-                            probability=np.concatenate(probability), labels=_labels(labels),
-                            meta=_meta(meta, device))
+        for _, stream in _passes(batches, 1, len(done), progress):
+            rows, canvas = [], None
+            for ids, images, target in stream:
+                if target is None:
+                    raise UsageError("the diagonal protocol needs labels: batches must yield"
+                                     " (images, labels)")
+                canvas = _check_canvas(images, canvas, size + int(max_offset), 0)
+                outputs = [_predict(model, images[..., t:t + size, t:t + size], target, device)
+                           for t in steps]
+                rows.append(_row(ids, target, canvas,
+                                 predictions=np.stack([top for top, _ in outputs], 1),
+                                 probability=np.stack([prob for _, prob in outputs], 1)))
+            done.append(_merge(rows, None))
+            _save(saved, done)
+    record = done[0]
+    check_finite(name, int((record["predictions"] == INVALID).sum()), record["predictions"].size)
+    settings = ProtocolSettings("diagonal", int(size), _canvas_of(done), 1, int(seed),
+                                int(max_offset), int(n_bootstrap), float(confidence))
+    result = DiagonalResult(settings=settings, image=np.arange(len(record["ids"])),
+                            offsets=np.arange(int(max_offset) + 1),
+                            predictions=record["predictions"], probability=record["probability"],
+                            labels=record["labels"], meta=_meta(meta, device))
     _warn_uninformative(result, name)
     return result
 
@@ -381,46 +175,67 @@ def _prepare(model, device, meta, size, epochs, n_bootstrap, confidence):
             raise UsageError(f"{label} must be a positive integer, got {value}")
     if not 0 < confidence < 1:
         raise UsageError(f"confidence must be between 0 and 1, got {confidence}")
-    device = resolve_device(device)
+    auto = device is None or str(device) == "auto"  # under torchrun: this rank's GPU
+    device = distributed.local_device() if auto and distributed.active() else resolve_device(device)
     return model.to(device), device, model_name(model, meta)
 
 
-def _epoch_rng(seed: int, epoch: int, start: int) -> np.random.Generator:
-    """The generator for the images from ``start`` on in ``epoch``: each uniform double uses one
-    64-bit draw, so skipping ``4·start`` draws makes the offsets independent of batching."""
+def _window_offsets(seed: int, epoch: int, ids: np.ndarray, bounds) -> np.ndarray:
+    """(n, 4) offsets (oh1, ow1, oh2, ow2) of images ``ids`` in ``epoch``, each uniform in
+    0..bound−1. Image i takes uniform doubles 4i..4i+3 of the stream seeded by (seed, epoch)
+    (one 64-bit draw each), so its offsets do not depend on batching or sharding."""
     bits = np.random.PCG64(np.random.SeedSequence([int(seed), int(epoch)]))
-    bits.advance(4 * int(start))
-    return np.random.Generator(bits)
+    generator, position = np.random.Generator(bits), 0
+    uniform = np.empty((len(ids), 4))
+    for row, index in enumerate(ids.tolist()):
+        if index < position:  # out of order: start the stream again
+            bits = np.random.PCG64(np.random.SeedSequence([int(seed), int(epoch)]))
+            generator, position = np.random.Generator(bits), 0
+        bits.advance(4 * (index - position))
+        uniform[row] = generator.random(4)
+        position = index + 1
+    return np.floor(uniform * np.tile(bounds, 2)).astype(np.int64)
 
 
-def _stream(batches: Iterable, epochs: int, progress: Optional[bool], labels: list
-            ) -> Iterator[tuple[int, int, torch.Tensor, Optional[torch.Tensor]]]:
-    """(epoch, index of the batch's first image, images, labels) over every epoch; checks that
-    each epoch brings the same labels in the same order, and fills ``labels`` from epoch 0."""
-    if epochs > 1 and isinstance(batches, collections.abc.Iterator):
+def _passes(batches: Iterable, epochs: int, first: int, progress: Optional[bool]
+            ) -> Iterator[tuple[int, Iterator]]:
+    """(epoch, this rank's (ids, images, labels) batches) for the epochs from ``first`` on,
+    under one progress bar that counts images (rank 0's)."""
+    if epochs - first > 1 and isinstance(batches, collections.abc.Iterator):
         raise UsageError("epochs > 1 needs batches that can be iterated again (a DataLoader or a"
                          " list), not a generator")
-    # count images, so the bar shows images/s (the number to compare with a bare forward)
     per_epoch = getattr(batches, "total", None)
     if per_epoch is None and hasattr(getattr(batches, "dataset", None), "__len__"):
         per_epoch = len(batches.dataset)
-    bar = tqdm(total=per_epoch * epochs if per_epoch else None, desc="protocol", unit="image",
-               leave=False, disable=None if progress is None else not progress)
+    if distributed.active() and not getattr(batches, "sharded", False):
+        per_epoch = None  # filtered here: this rank's count is not known up front
+    show = progress if distributed.is_main() else False
+    bar = tqdm(total=per_epoch * (epochs - first) if per_epoch else None, desc="protocol",
+               unit="image", leave=False, disable=None if show is None else not show)
     with bar:
-        for epoch in range(epochs):
-            start, seen = 0, []
-            for item in batches:
-                images, target = _split(item)
-                (labels if epoch == 0 else seen).append(None if target is None else target.numpy())
-                yield epoch, start, images, target
-                start += len(images)
-                bar.set_postfix_str(f"epoch {epoch + 1}/{epochs}", refresh=False)
-                bar.update(len(images))
-            if start == 0:
-                raise UsageError("the batches hold no images")
-            if epoch and not _same_labels(labels, seen):
-                raise UsageError("the batches changed between epochs; iterate the same images in"
-                                 " the same order (DataLoader(..., shuffle=False))")
+        for epoch in range(first, epochs):
+            bar.set_postfix_str(f"epoch {epoch + 1}/{epochs}", refresh=False)
+            yield epoch, _mine(batches, bar)
+
+
+def _mine(batches: Iterable, bar: tqdm) -> Iterator[tuple[np.ndarray, torch.Tensor, Optional[torch.Tensor]]]:
+    """(source positions, images, labels) of this rank's images, batch by batch."""
+    keep_all = getattr(batches, "sharded", False) or not distributed.active()
+    start = 0
+    for item in batches:
+        images, target = _split(item)
+        ids = np.asarray(item.indices, dtype=np.int64) if isinstance(item, ImageBatch) else \
+            np.arange(start, start + len(images))
+        start += len(images)
+        if not keep_all:
+            keep = ids % distributed.world_size() == distributed.rank()
+            ids, images = ids[keep], images[torch.from_numpy(keep)]
+            target = None if target is None else target[torch.from_numpy(keep)]
+        if len(ids):
+            yield ids, images, target
+            bar.update(len(ids))
+    if start == 0:
+        raise UsageError("the batches hold no images")
 
 
 def _split(item) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -435,11 +250,71 @@ def _split(item) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     return images, target
 
 
-def _same_labels(first: list, later: list) -> bool:
-    if len(first) != len(later):
-        return False
-    return all((a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
-               for a, b in zip(first, later))
+def _row(ids: np.ndarray, target: Optional[torch.Tensor], canvas, **arrays) -> dict:
+    return {"ids": ids, "labels": None if target is None else target.numpy(), "canvas": canvas,
+            **arrays}
+
+
+def _merge(rows: list[dict], first: Optional[dict]) -> dict:
+    """One epoch's rows of every rank, in source order; checked against epoch 0 (``first``)."""
+    gathered = [part for parts in distributed.gather(rows) for part in parts]
+    if not gathered:
+        raise UsageError("the batches hold no images")
+    canvases = {tuple(part["canvas"]) for part in gathered}
+    if len(canvases) > 1:
+        raise UsageError(f"batches have images of {' and '.join(map(str, sorted(canvases)))};"
+                         " resize and centre-crop every image to the same R×R")
+    ids = np.concatenate([part["ids"] for part in gathered])
+    order = np.argsort(ids, kind="stable")
+    record = {"ids": ids[order], "canvas": canvases.pop(), "labels": None}
+    if all(part["labels"] is not None for part in gathered):
+        record["labels"] = np.concatenate([part["labels"] for part in gathered])[order].astype(np.int64)
+    for name in gathered[0]:
+        if name not in record:
+            record[name] = np.concatenate([part[name] for part in gathered])[order]
+    if first is not None and not (np.array_equal(first["ids"], record["ids"]) and _same(
+            first["labels"], record["labels"])):
+        raise UsageError("the batches changed between epochs; iterate the same images in the same"
+                         " order (DataLoader(..., shuffle=False))")
+    return record
+
+
+def _same(a: Optional[np.ndarray], b: Optional[np.ndarray]) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
+
+
+def _canvas_of(done: list[dict]) -> Optional[tuple[int, int]]:
+    return tuple(int(v) for v in done[0]["canvas"]) if done else None
+
+
+def _progress(checkpoint: Checkpoint, protocol: str, size: int, seed: int, max_offset: int,
+              model: nn.Module, meta: Optional[dict]) -> Optional[EpochProgress]:
+    if checkpoint is None:
+        return None
+    identity = {"protocol": protocol, "size": int(size), "seed": int(seed),
+                "max_offset": int(max_offset), **(meta or {})}
+    return EpochProgress(checkpoint, model, identity)
+
+
+def _restore(saved: Optional[EpochProgress], resume: bool, epochs: int) -> list[dict]:
+    """The completed epochs to continue from (rank 0 reads; every rank gets them)."""
+    if saved is None or not resume:
+        return []
+    found: object = None
+    if distributed.is_main():
+        try:
+            found = saved.restore()
+        except UsageError as exc:
+            found = str(exc)
+    found = distributed.broadcast(found)
+    if isinstance(found, str):
+        raise UsageError(found)
+    return found[:epochs]
+
+
+def _save(saved: Optional[EpochProgress], done: list[dict]) -> None:
+    if saved is not None and distributed.is_main():
+        saved.save(done)
 
 
 def _check_canvas(images: torch.Tensor, canvas, needed: int, spare: int) -> tuple[int, int]:
@@ -475,12 +350,6 @@ def _predict(model: nn.Module, windows: torch.Tensor, target: Optional[torch.Ten
 def _warn_uninformative(result: _Saved, name: str) -> None:
     if result.uninformative:
         warnings.warn(f"{name}: {result.uninformative}", stacklevel=3)
-
-
-def _labels(parts: list) -> Optional[np.ndarray]:
-    if not parts or any(p is None for p in parts):
-        return None
-    return np.concatenate(parts).astype(np.int64)
 
 
 def _meta(meta: Optional[dict], device: torch.device) -> dict:

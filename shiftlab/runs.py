@@ -13,6 +13,7 @@ Each step is a public function, so a notebook does exactly what ``shiftlab heatm
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import warnings
 from pathlib import Path
@@ -243,12 +244,16 @@ def consistency(model: str = "resnet18", *, weights: str = "auto", seed: int = 0
                 n_pairs: int = PAIRS, protocol: str = "grid", epochs: int = 1, workers: int = 0,
                 class_order: str = "auto", batch_size: int = BATCH_SIZE, device: str = "auto",
                 progress: Optional[bool] = None, on_ready: Optional[Callable] = None,
-                label: Optional[str] = None, **_per_layer_options):
+                label: Optional[str] = None, checkpoint: Optional[PathLike] = None,
+                resume: bool = False, **_per_layer_options):
     """What ``shiftlab consistency`` measures for one model: an ``InvarianceResult`` (protocol
     'grid': every shift of the grid on every image) or a protocol result ('zhang2019': two
     random ``size`` windows of the ``resize`` centre crop per image and epoch; 'diagonal').
 
-    Protocols stream the images (DataLoader ``workers``), so memory does not grow with them.
+    Protocols stream the images (DataLoader ``workers``), so memory does not grow with them;
+    with ``checkpoint`` they save each completed epoch there and ``resume`` continues from it.
+    Under ``torchrun`` every rank measures its share of the images (protocols decode only
+    theirs) and every rank returns the single-process result.
 
     Example:
         >>> result = consistency("resnet18", weights="none", size=64, max_shift=4)  # doctest: +SKIP
@@ -271,7 +276,11 @@ def consistency(model: str = "resnet18", *, weights: str = "auto", seed: int = 0
         return _protocol(loaded, model, protocol, images, labelled, size=size, resize=resize,
                          max_images=max_images, epochs=epochs, seed=seed, workers=workers,
                          batch_size=batch_size, device=device, progress=progress,
-                         antialias=antialias, label=label, on_ready=on_ready)
+                         antialias=antialias, padding=padding, label=label, on_ready=on_ready,
+                         checkpoint=checkpoint, resume=resume)
+    if checkpoint is not None or resume:
+        raise UsageError("--resume continues the zhang2019 and diagonal protocols per epoch; the"
+                         " grid protocol runs in one pass (use fewer --images per run instead)")
     shifts, margin = shift_plan(grid=grid, max_shift=max_shift, subpixel=subpixel, mode=mode,
                                 size=size, resize=resize)
     inputs = load_inputs(loaded, images=images, max_images=max_images, size=size, resize=resize,
@@ -291,7 +300,8 @@ def consistency(model: str = "resnet18", *, weights: str = "auto", seed: int = 0
 def _protocol(loaded: LoadedModel, spec: str, protocol: str, images, labelled, *, size: int,
               resize: Optional[int], max_images: Optional[int], epochs: int, seed: int,
               workers: int, batch_size: int, device: str, progress: Optional[bool],
-              antialias: Optional[int], label: Optional[str], on_ready: Optional[Callable]):
+              antialias: Optional[int], padding: str, label: Optional[str],
+              on_ready: Optional[Callable], checkpoint: Optional[PathLike], resume: bool):
     """The paper's ImageNet protocols on a streamed source: R×R centre crops, R = resize."""
     from .protocols import consistency_protocol, diagonal_protocol
     from .sources import image_batches
@@ -305,7 +315,8 @@ def _protocol(loaded: LoadedModel, spec: str, protocol: str, images, labelled, *
     source = labelled if labelled is not None else image_paths(images)
     stream = image_batches(source, size=crop, resize=crop, mean=loaded.mean, std=loaded.std,
                            batch_size=batch_size, workers=workers, max_images=max_images,
-                           on_skip=lambda path, reason: warnings.warn(f"skipped {path}: {reason}"))
+                           on_skip=lambda path, reason: warnings.warn(f"skipped {path}: {reason}"),
+                           shard=True)
     provenance = provenance_for(loaded, spec, seed=seed, antialias=antialias, resize=crop,
                                 label=label)
     provenance = provenance.replace(extra={**provenance.extra, "protocol": protocol})
@@ -313,8 +324,18 @@ def _protocol(loaded: LoadedModel, spec: str, protocol: str, images, labelled, *
         on_ready(loaded, None, None, {"size": size, "protocol": protocol, "resize": crop})
     identity = {k: v for k, v in provenance.to_dict().items()
                 if k not in ("n_images", "seconds", "device", "versions", "input_digest")}
+    identity.update(padding=padding, source=_source_digest(source, max_images))
+    keywords = {"size": size, "device": device, "progress": progress, "meta": identity,
+                "seed": seed, "checkpoint": checkpoint, "resume": resume}
     if protocol == "zhang2019":
-        return consistency_protocol(loaded.model, stream, size=size, epochs=epochs, seed=seed,
-                                    device=device, progress=progress, meta=identity)
-    return diagonal_protocol(loaded.model, stream, size=size, max_offset=min(32, crop - size),
-                             device=device, progress=progress, meta=identity, seed=seed)
+        return consistency_protocol(loaded.model, stream, epochs=epochs, **keywords)
+    return diagonal_protocol(loaded.model, stream, max_offset=min(32, crop - size), **keywords)
+
+
+def _source_digest(source, max_images: Optional[int]) -> str:
+    """sha256 of the file list (and labels) a protocol reads: a resumed run must read the same
+    files in the same order. File contents are not read (50,000 files would take minutes)."""
+    paths = list(getattr(source, "paths", source))[:max_images]
+    labels = list(getattr(source, "labels", []))[:max_images]
+    text = "\n".join(str(Path(p).resolve()) for p in paths) + "\n" + ",".join(map(str, labels))
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from . import distributed
 from .data import (IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, ImagePreprocess,
                    UnreadableImageError, find_images, no_images_error)
 from .errors import ShiftlabError, UsageError
@@ -90,8 +91,12 @@ class ImageStream:
 
     ``skipped`` lists ``(path, reason)`` for the files left out by the last pass, each reported
     once to ``on_skip`` as it happens (or, without ``on_skip``, in one warning at the end).
-    ``total`` is the number of items in the source (before skips; None for a DataLoader).
+    ``total`` is the number of items this stream reads (before skips; None for a DataLoader):
+    under torchrun with ``shard=True``, this rank's share. ``sharded`` says whether the stream
+    holds only this rank's share; batch ``indices`` are positions in the whole source either way.
     """
+
+    sharded = False
 
     def __init__(self, dataset: Optional[Dataset], loader: Optional[DataLoader], total: Optional[int],
                  crop: int, batch_size: int, workers: int,
@@ -155,7 +160,8 @@ def image_batches(source: Source, *, size: int, resize: Optional[int] = None, ma
                   batch_size: int = 32, workers: int = 0, max_images: Optional[int] = None,
                   with_labels: bool = True, categories: Optional[Sequence[str]] = None,
                   class_order: str = "auto",
-                  on_skip: Optional[Callable[[Optional[Path], str], None]] = None) -> ImageStream:
+                  on_skip: Optional[Callable[[Optional[Path], str], None]] = None,
+                  shard: bool = False) -> ImageStream:
     """Stream a source as batches of preprocessed images, decoded in ``workers`` processes.
 
     Sources, in the order they are recognised:
@@ -180,6 +186,9 @@ def image_batches(source: Source, *, size: int, resize: Optional[int] = None, ma
         with_labels: read labels from class folders and CSVs; False streams their images only.
         categories, class_order: how class names become indices (:func:`~shiftlab.labels.read_labels`).
         on_skip: called once with ``(path, reason)`` for each unusable file, in this process.
+        shard: under ``torchrun``, decode only this rank's share of the source (items r, r+N,
+            ...; batch ``indices`` stay positions in the whole source). Not for a DataLoader
+            (give it a ``DistributedSampler`` instead).
 
     Returns:
         An :class:`ImageStream`: iterable of :class:`ImageBatch`, with ``skipped`` and ``total``.
@@ -203,14 +212,25 @@ def image_batches(source: Source, *, size: int, resize: Optional[int] = None, ma
         raise UsageError(f"max_images must be a positive integer or None, got {max_images!r}")
     prepare = ImagePreprocess(size=size, margin=margin, mean=mean, std=std, resize=resize)
     if isinstance(source, DataLoader):
+        if shard and distributed.active():
+            raise UsageError("shard=True cannot split a DataLoader; pass its Dataset, or give the"
+                             " DataLoader a DistributedSampler")
         return ImageStream(None, source, max_images, prepare.crop, batch_size, workers, on_skip)
     if not isinstance(source, Dataset):
         paths, labels = _files_and_labels(source, with_labels, categories, class_order)
         source = ImageDataset(paths, labels if with_labels else None, size=size, resize=resize,
                               margin=margin, mean=mean, std=std)
     total = len(source) if max_images is None else min(len(source), max_images)
-    dataset = _Tolerant(source, total, prepare)
-    return ImageStream(dataset, None, total, prepare.crop, batch_size, workers, on_skip)
+    positions = range(total)
+    if shard and distributed.active():
+        if total < distributed.world_size():
+            raise UsageError(f"{total} images for {distributed.world_size()} torchrun processes;"
+                             " use fewer processes than images")
+        positions = range(distributed.rank(), total, distributed.world_size())
+    stream = ImageStream(_Tolerant(source, positions, prepare), None, len(positions), prepare.crop,
+                         batch_size, workers, on_skip)
+    stream.sharded = bool(shard and distributed.active())
+    return stream
 
 
 def _files_and_labels(source: Any, with_labels: bool, categories: Optional[Sequence[str]],
@@ -255,13 +275,15 @@ class _Item:
 class _Tolerant(Dataset):
     """Wraps a Dataset so that an unusable file becomes a skip record, not a dead worker."""
 
-    def __init__(self, dataset: Dataset, total: int, prepare: ImagePreprocess) -> None:
-        self.dataset, self.total, self.prepare = dataset, total, prepare
+    def __init__(self, dataset: Dataset, positions: range, prepare: ImagePreprocess) -> None:
+        """``positions``: the items of ``dataset`` to read (all, or one torchrun rank's share)."""
+        self.dataset, self.positions, self.prepare = dataset, positions, prepare
 
     def __len__(self) -> int:
-        return self.total
+        return len(self.positions)
 
-    def __getitem__(self, index: int) -> _Item:
+    def __getitem__(self, position: int) -> _Item:
+        index = self.positions[position]
         item = _Item(index, _item_path(self.dataset, index))
         try:
             raw = self.dataset[index]

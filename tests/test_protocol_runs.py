@@ -1,0 +1,163 @@
+"""shiftlab consistency at scale: per-epoch --resume of the protocols and torchrun sharding."""
+from __future__ import annotations
+
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from shiftlab import distributed, load_invariance, load_protocol
+from shiftlab.cli import main
+from shiftlab.protocols import consistency_protocol
+from shiftlab.sources import image_batches
+from conftest import random_png_folder, run_torchrun
+
+FACTORY = textwrap.dedent('''
+    import os, torch
+    from torch import nn
+
+    class Net(nn.Module):
+        """A 3-class classifier that raises KeyboardInterrupt on forward INTERRUPT_AT."""
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.body = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(6, 6, 3, padding=1, stride=2), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+            self.calls = 0
+        def forward(self, x):
+            self.calls += 1
+            if self.calls == int(os.environ.get("INTERRUPT_AT", "0")):
+                raise KeyboardInterrupt
+            return self.body(x)
+
+    def build(num_classes=3):
+        return Net().eval()
+''')
+
+
+@pytest.fixture
+def setup(tmp_path):
+    """Three class folders '0', '1', '2' of 3 random PNGs each, and the factory's spec."""
+    root = tmp_path / "val"
+    for label in range(3):
+        random_png_folder(root / str(label), count=3, side=28)
+        for path in (root / str(label)).iterdir():  # distinct images per class
+            path.rename(path.with_name(f"{label}-{path.name}"))
+    factory = tmp_path / "net.py"
+    factory.write_text(FACTORY)
+    return root, f"{factory}:build"
+
+
+def args(root, model, out, protocol="zhang2019", *extra):
+    return ["consistency", "--model", model, "--weights", "none", "--num-classes", "3",
+            "--labels", str(root), "--protocol", protocol, "--size", "16", "--resize", "24",
+            "--epochs", "3", "--batch-size", "4", "--device", "cpu", "--format", "png",
+            "--dpi", "30", "--quiet", "--out", str(out), *extra]
+
+
+def assert_same_protocol(a, b):
+    for name in ("image", "offsets", "predictions", "labels"):
+        np.testing.assert_array_equal(getattr(b, name), getattr(a, name), err_msg=name)
+    np.testing.assert_allclose(b.probability, a.probability, rtol=1e-6, equal_nan=True)
+
+
+def test_resume_after_ctrl_c_in_an_epoch_equals_an_uninterrupted_protocol(setup, tmp_path,
+                                                                           monkeypatch):
+    root, model = setup
+    runner = CliRunner()
+    clean = runner.invoke(main, args(root, model, tmp_path / "clean"))
+    assert clean.exit_code == 0, clean.output
+    out = tmp_path / "out"
+    # 9 images in batches of 4: 3 batches x 2 windows = 6 forwards per epoch -> 9th is in epoch 2
+    monkeypatch.setenv("INTERRUPT_AT", "9")
+    interrupted = runner.invoke(main, args(root, model, out))
+    assert interrupted.exit_code == 130
+    progress = list(out.glob(".shiftlab-progress-*.npz"))
+    assert len(progress) == 1 and not list(out.glob("protocol-*.npz"))
+    with np.load(progress[0]) as saved:
+        assert int(saved["n_epochs"]) == 1  # epoch 1 kept, the interrupted epoch 2 is not
+    monkeypatch.setenv("INTERRUPT_AT", "4")  # resumed: epoch 1 is not run again, so this is
+    # the 4th forward of epoch 2 ...
+    again = runner.invoke(main, args(root, model, out, "zhang2019", "--resume"))
+    assert again.exit_code == 130
+    monkeypatch.delenv("INTERRUPT_AT")
+    resumed = runner.invoke(main, args(root, model, out, "zhang2019", "--resume"))
+    assert resumed.exit_code == 0, resumed.output
+    [a] = list((tmp_path / "clean").glob("protocol-*.npz"))
+    [b] = list(out.glob("protocol-*.npz"))
+    assert_same_protocol(load_protocol(a), load_protocol(b))
+    assert load_protocol(b).n_pairs == 27
+    assert not list(out.glob(".shiftlab-progress-*.npz"))  # removed once the outputs are in place
+
+
+def test_resume_refuses_another_seed_and_the_grid_protocol(setup, tmp_path, monkeypatch):
+    root, model = setup
+    out = tmp_path / "out"
+    monkeypatch.setenv("INTERRUPT_AT", "9")
+    assert CliRunner().invoke(main, args(root, model, out)).exit_code == 130
+    monkeypatch.delenv("INTERRUPT_AT")
+    other = CliRunner().invoke(main, args(root, model, out, "zhang2019", "--resume", "--seed", "1"))
+    assert other.exit_code != 0 and "cannot resume" in other.output and "seed" in other.output
+    grid = CliRunner().invoke(main, args(root, model, out, "grid", "--resume"))
+    assert grid.exit_code == 2 and "grid protocol runs in one pass" in grid.output
+
+
+def test_resume_with_more_epochs_continues_a_finished_checkpoint():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveMaxPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    images = torch.randn(5, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    batches = [(images[:3], torch.tensor([0, 1, 2])), (images[3:], torch.tensor([1, 0]))]
+    full = consistency_protocol(model, batches, size=8, epochs=4, progress=False, device="cpu")
+    import tempfile
+    from pathlib import Path
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "progress.npz"
+        consistency_protocol(model, batches, size=8, epochs=2, progress=False, device="cpu",
+                             checkpoint=path)
+        calls = []
+        model.register_forward_hook(lambda *_: calls.append(1))
+        more = consistency_protocol(model, batches, size=8, epochs=4, progress=False, device="cpu",
+                                    checkpoint=path, resume=True)
+    assert len(calls) == 2 * 2 * 2  # only epochs 3 and 4: 2 batches x 2 windows each
+    assert_same_protocol(full, more)
+
+
+def test_a_sharded_stream_decodes_only_its_share_with_source_positions(tmp_path, monkeypatch):
+    folder = random_png_folder(tmp_path / "images", count=5, side=20)
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    stream = image_batches(folder, size=16, batch_size=4, shard=True)
+    batches = list(stream)
+    assert stream.sharded and stream.total == 2
+    assert [i for b in batches for i in b.indices] == [1, 3]
+    assert [p.name for b in batches for p in b.paths] == ["1.png", "3.png"]
+    with pytest.raises(Exception, match="6 torchrun processes"):
+        monkeypatch.setattr(distributed, "world_size", lambda: 6)
+        image_batches(folder, size=16, shard=True)
+
+
+@pytest.mark.parametrize("protocol", ["zhang2019", "grid"])
+def test_torchrun_consistency_writes_once_and_equals_a_single_process(setup, tmp_path, protocol):
+    root, model = setup
+    extra = ("--max-shift", "2") if protocol == "grid" else ()
+    single = CliRunner().invoke(main, args(root, model, tmp_path / "single", protocol, *extra))
+    assert single.exit_code == 0, single.output
+    run_torchrun(["-m", "shiftlab", *args(root, model, tmp_path / "ddp", protocol, *extra)], tmp_path)
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(
+        p.name for p in (tmp_path / "single").iterdir())
+    pattern = "protocol-*.npz" if protocol == "zhang2019" else "invariance-*.npz"
+    [a] = list((tmp_path / "single").glob(pattern))
+    [b] = list((tmp_path / "ddp").glob(pattern))
+    if protocol == "zhang2019":
+        assert_same_protocol(load_protocol(a), load_protocol(b))
+    else:
+        a, b = load_invariance(a), load_invariance(b)
+        np.testing.assert_array_equal(b.grid_argmax, a.grid_argmax)
+        np.testing.assert_array_equal(b.reference_argmax, a.reference_argmax)
+        np.testing.assert_allclose(b.grid_prob, a.grid_prob, rtol=1e-5, equal_nan=True)
+        assert b.summary() == pytest.approx(a.summary(), nan_ok=True)
