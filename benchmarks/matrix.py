@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--grids", default="4,8")
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--malloc", choices=("default", "stable"), default="default")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     rows = []
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                     report = bench(["--model", model, "--size", str(size), "--grid", str(grid),
                                     "--images", str(args.images), "--repeat", str(args.repeat),
-                                    "--memory-shifts", ""])
+                                    "--memory-shifts", "", "--malloc", args.malloc])
                 ratios = {row["variant"].replace("measure align=", "").split(" ")[0]: row["ratio_to_floor"]
                           for row in report["rows"]}
                 row = {"model": model, "size": size, "grid": f"{grid}x{grid}", **ratios}
