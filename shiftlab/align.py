@@ -31,8 +31,8 @@ from .errors import UsageError
 from .geometry import LayerInfo
 from .metrics import ComparisonStats
 from .shifts import MODES, phase_ramp
-from .stencil import (Workspace, blocks, device_constants, overlap_mask, rolled_into, sub_rolled,
-                      sum_sq, value_range)
+from .stencil import (Workspace, blocks, device_constants, overlap_mask, rolled_into, same_tensor,
+                      sub_rolled, sum_sq, value_range)
 
 SCRATCH_BYTES = 32 * 2**20
 """Crop mode: shifts compared in one step are capped so that each scratch tensor stays near this
@@ -147,6 +147,13 @@ class RollPlan:
         if mask is None and "roll" not in cache:  # a roll changes neither the norm nor the peak
             cache["roll"] = (sum_sq(ref[None])[0],
                              value_range(ref[None], None)[0] if self.need_peak else None)
+        if mask is None and n_shifts == 1 and bool(self.valid[0]) and \
+                not bool(self.feature_shifts[0].any()) and same_tensor(shifted[0], ref):
+            # the reference against itself (the zero shift): nothing to compute
+            norm, top = cache["roll"]
+            count = (const["counts"] * ref.shape[1])[:, None].expand(1, n_images)
+            return ComparisonStats(norm[None], norm[None], diff_sq, count,
+                                   None if top is None else top[None], const["valid"])
         shifter = _FractionalShifts(ref, const)
         limit = _step(ref)
         map_bytes = ref[0].numel() * ref.element_size()

@@ -31,7 +31,7 @@ from .metrics import ComparisonStats
 from .shifts import roll_many
 from .stencil import (IDENTITY, SMALL_MAP, Taps, Workspace, blocks, circulant_taps,
                       dense_circulant, device_constants, dot, overlap_mask, quadratic,
-                      rolled_into, stencil2, sub_rolled, value_range)
+                      rolled_into, same_tensor, stencil2, sub_rolled, value_range)
 
 
 def interpolation_matrix(n: int, positions: torch.Tensor) -> torch.Tensor:
@@ -286,7 +286,7 @@ class BilinearPlan:
                     norms[key] = quadratic(ref, key, workspace)
                 ref_sq[s] = norms[key]
         if n_shifts == 1 and self.offsets[0] == (0, 0) and self.exact_flags[0] \
-                and _same_tensor(shifted[0], ref):
+                and same_tensor(shifted[0], ref):
             # the reference against itself (the zero shift): nothing to compute
             return ComparisonStats(ref_sq, ref_sq, _zeros(1, n_images, device), count, peak, valid)
         channels, height, width = ref.shape[1:]
@@ -348,10 +348,3 @@ class BilinearPlan:
             peak = value_range(aligned, mask)
         valid = count[:, 0] > 0
         return ComparisonStats(ref_sq, shifted_sq, diff_sq, count, peak, valid)
-
-
-
-def _same_tensor(x: torch.Tensor, y: torch.Tensor) -> bool:
-    """x and y are views of the same values (no data read: no wait for a device)."""
-    return (x.data_ptr() == y.data_ptr() and x.shape == y.shape and x.stride() == y.stride()
-            and x.dtype == y.dtype)

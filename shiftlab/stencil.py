@@ -308,6 +308,12 @@ def blocks(n_shifts: int, n_images: int, map_bytes: int,
             for s in range(n_shifts) for i in range(0, n_images, step)]
 
 
+def same_tensor(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """x and y are views of the same values (no data read: no wait for a device)."""
+    return (x.data_ptr() == y.data_ptr() and x.shape == y.shape and x.stride() == y.stride()
+            and x.dtype == y.dtype)
+
+
 def sum_sq(x: torch.Tensor) -> torch.Tensor:
     """Σ x² over (C, h, w) of (S, B, C, h, w) -> (S, B) float64, without a squared copy."""
     return torch.linalg.vector_norm(x.flatten(2), dim=-1).double().square()
