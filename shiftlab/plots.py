@@ -40,7 +40,7 @@ from .panels import (difference_map, COLOR_RANGES, DEFAULT_COLOR_RANGE, DIFFEREN
                      escape, fmt, image_names, is_random_init, mark_strides, weights_text)
 from .result import Result
 from .shifts import ShiftGrid
-from .views import (DEFAULT_VIEW, VIEWS, blocks, row_texts, select_layers, select_view, stride_changes,
+from .views import (DEFAULT_VIEW, VIEWS, blocks, plotted_layers, row_texts, select_view, stride_changes,
                     stride_text, view_rows)
 
 __all__ = ["layer_grid", "layer_profile", "compare_grid", "difference_grid", "probability_plot",
@@ -83,7 +83,7 @@ def layer_grid(result: Result, layers: Optional[Sequence[str]] = None, ncols: Op
         >>> fig = layer_grid(result, view="paper", color_range="shared", vmax="p99")   # doctest: +SKIP
     """
     shown = dict(select_view(result, view))
-    infos = [i for i in select_layers(result, layers, spatial_only) if i.name in shown]
+    infos = [i for i in plotted_layers(result, layers, spatial_only) if i.name in shown]
     if not infos:
         raise UsageError(f"no layers left to plot in the {view!r} view; use view='all'")
     strip = _is_strip(result.grid)

@@ -347,7 +347,7 @@ def _predict(model: nn.Module, windows: torch.Tensor, target: Optional[torch.Ten
     return top, np.where(top == INVALID, np.nan, prob)
 
 
-def _warn_uninformative(result: _Saved, name: str) -> None:
+def _warn_uninformative(result: Union[ProtocolResult, DiagonalResult], name: str) -> None:
     if result.uninformative:
         warnings.warn(f"{name}: {result.uninformative}", stacklevel=3)
 

@@ -275,26 +275,39 @@ def _check_arrays(arrays: dict, shape: tuple[int, int], path: Path) -> None:
         raise ShiftlabError(f"{path}: array 'std' holds infinite values; the file is damaged")
 
 
-def select_layers(result: Result, layers) -> Result:
-    """A copy of ``result`` with only the layers matching ``layers`` (name globs, comma lists,
-    ``type:Name``), for re-plotting a subset (``shiftlab plot --layers``).
+def layer_indices(result: Result, layers) -> list[int]:
+    """Positions (network order) of the layers matching any of ``layers``: name globs (also
+    against the module name, without ``#k[i]``), comma lists, ``type:Name``. None: all.
 
-    >>> select_layers(result, ["features.*"]).layer_names[:2]   # doctest: +SKIP
+    >>> [result.layer_names[i] for i in layer_indices(result, ["features.*"])][:2]   # doctest: +SKIP
     """
-    import dataclasses
     import fnmatch
 
     from .capture import module_name, split_filters
 
-    items = [layers] if isinstance(layers, str) else list(layers or [])
+    if layers is None:
+        return list(range(len(result.layers)))
+    items = [layers] if isinstance(layers, str) else list(layers)
     patterns, types = split_filters(items)
     keep = [i for i, info in enumerate(result.layers)
             if info.module in types or any(fnmatch.fnmatchcase(info.name, p)
                                            or fnmatch.fnmatchcase(module_name(info.name), p)
                                            for p in patterns)]
     if not keep:
-        raise UsageError(f"--layers {' '.join(items)} matches no layer of this result; names look"
-                         f" like {', '.join(result.layer_names[:4])}")
+        raise UsageError(f"no layer matches {' '.join(items)}; names look like"
+                         f" {', '.join(result.layer_names[:4])} (result.layer_names)")
+    return keep
+
+
+def select_layers(result: Result, layers) -> Result:
+    """A copy of ``result`` with only the layers matching ``layers`` (see :func:`layer_indices`),
+    for re-plotting a subset (``shiftlab plot --layers``).
+
+    >>> select_layers(result, ["features.*"]).layer_names[:2]   # doctest: +SKIP
+    """
+    import dataclasses
+
+    keep = layer_indices(result, layers)
     return dataclasses.replace(
         result, layers=[result.layers[i] for i in keep],
         **{name: getattr(result, name)[keep] for name in _ARRAYS})

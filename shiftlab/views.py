@@ -21,14 +21,13 @@ gets them:
 from __future__ import annotations
 
 import math
-from fnmatch import fnmatchcase
 from typing import Optional, Sequence
 
 from .capture import module_name
 from .errors import UsageError
 from .geometry import LayerInfo
 from .matching import as_results
-from .result import Result
+from .result import Result, layer_indices
 
 VIEWS = ("all", "paper")
 DEFAULT_VIEW = "all"
@@ -151,21 +150,16 @@ def _unique(text: str, used: set[str]) -> str:
 
 
 # -- layer selection and stride labels shared by the figures ---------------------------------
-def select_layers(result: Result, layers: Optional[Sequence[str]] = None,
-                  spatial_only: bool = False) -> list[LayerInfo]:
-    """The layers matching any of ``layers`` (names or globs), in network order.
+def plotted_layers(result: Result, layers: Optional[Sequence[str]] = None,
+                   spatial_only: bool = False) -> list[LayerInfo]:
+    """The layers a figure shows: those matching ``layers`` (globs, ``type:Name``; see
+    :func:`shiftlab.result.layer_indices`), in network order, spatial ones only if asked.
 
-    >>> [i.name for i in select_layers(result, ["features.*"], spatial_only=True)][:2]   # doctest: +SKIP
+    >>> [i.name for i in plotted_layers(result, ["features.*"], spatial_only=True)][:2]   # doctest: +SKIP
     ['features.0', 'features.1']
     """
     as_results(result)
-    infos = list(result.layers)
-    if layers is not None:
-        patterns = [layers] if isinstance(layers, str) else list(layers)
-        for pattern in patterns:
-            if not any(fnmatchcase(i.name, pattern) for i in infos):
-                raise UsageError(f"no layer matches {pattern!r}; see result.layer_names")
-        infos = [i for i in infos if any(fnmatchcase(i.name, p) for p in patterns)]
+    infos = [result.layers[i] for i in layer_indices(result, layers)]
     if spatial_only:
         infos = [i for i in infos if i.is_spatial]
     if not infos:
