@@ -17,7 +17,7 @@ depends on the allocation history, so the floor's time varies by up to 1.8× bet
 with ``stable`` the forwards are also faster (ResNet-50 at 224 px: about 1.7×).
 
 ``measure`` includes a one-off cost that does not grow with images or shifts: probing the
-layers' strides (two forwards of two images at two sizes). It is timed apart, once, and the
+layers' strides (two small forwards at two sizes). It is timed apart, once, and the
 table's last column is the ratio without it (what a long run converges to).
 """
 from __future__ import annotations

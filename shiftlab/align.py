@@ -107,8 +107,10 @@ class RollPlan:
                 offset = tuple(int(v) for v in base[index].tolist())
                 residue = tuple(round(float(v), 9) for v in shifts[index] - base[index]) if frac else None
                 groups.setdefault(residue, {}).setdefault(offset, []).append(index)
-        # [(fraction r or None, [(roll q, shift indices)])]
-        self.groups = [(residue, list(by_offset.items())) for residue, by_offset in groups.items()]
+        # [(fraction r or None, [(roll q, shift indices)])], by row fraction: the shifter keeps
+        # one row-shifted spectrum at a time
+        order = sorted(groups, key=lambda r: (-1.0, -1.0) if r is None else r)
+        self.groups = [(residue, list(groups[residue].items())) for residue in order]
         self.fractional = [residue for residue, _ in self.groups if residue is not None]
         self._constants: dict = {}
 
@@ -152,6 +154,8 @@ class RollPlan:
             # the reference against itself (the zero shift): nothing to compute
             norm, top = cache["roll"]
             count = (const["counts"] * ref.shape[1])[:, None].expand(1, n_images)
+            # a - a is NaN where a holds Inf or NaN: keep that (counted as n_nan), not 0
+            diff_sq = torch.where(torch.isfinite(norm), diff_sq, torch.full_like(diff_sq, math.nan))
             return ComparisonStats(norm[None], norm[None], diff_sq, count,
                                    None if top is None else top[None], const["valid"])
         shifter = _FractionalShifts(ref, const)
@@ -219,6 +223,7 @@ class _FractionalShifts:
         if ramp_w is None:  # a row fraction only
             return self._along_rows(rows, ramp_h)
         if rows not in self._rows:
+            self._rows.clear()  # fractions come sorted by row part: this one is done with
             base = self.ref if ramp_h is None else self._along_rows(rows, ramp_h)
             self._rows[rows] = torch.fft.rfft(base, dim=-1)
         out = torch.fft.irfft(self._rows[rows] * ramp_w, n=self.width, dim=-1)

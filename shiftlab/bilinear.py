@@ -287,8 +287,11 @@ class BilinearPlan:
                 ref_sq[s] = norms[key]
         if n_shifts == 1 and self.offsets[0] == (0, 0) and self.exact_flags[0] \
                 and same_tensor(shifted[0], ref):
-            # the reference against itself (the zero shift): nothing to compute
-            return ComparisonStats(ref_sq, ref_sq, _zeros(1, n_images, device), count, peak, valid)
+            # the reference against itself (the zero shift): nothing to compute, except that
+            # a - a is NaN where a holds Inf or NaN (counted as n_nan, not as 0)
+            zero = _zeros(1, n_images, device)
+            diff = torch.where(torch.isfinite(ref_sq), zero, torch.full_like(zero, math.nan))
+            return ComparisonStats(ref_sq, ref_sq, diff, count, peak, valid)
         channels, height, width = ref.shape[1:]
         map_bytes = ref[0].numel() * ref.element_size()
         shifted_sq, cross = _zeros(n_shifts, n_images, device), _zeros(n_shifts, n_images, device)

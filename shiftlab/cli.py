@@ -190,7 +190,8 @@ def compare(result_files: Sequence[str], model_specs: Sequence[str], filt_size: 
 @click.option("--resume", is_flag=True,
               help="zhang2019/diagonal: continue an interrupted run in --out after its last"
                    " completed epoch (models already finished are not run again; refused when"
-                   " the model, weights, seed, images or settings differ).")
+                   " the model, weights, seed, settings or image files (names, order, labels;"
+                   " not their contents) differ).")
 def consistency(model_specs: Sequence[str], filt_size: Optional[int], weights: str,
                 weights_key: Optional[str], trust_checkpoint: bool, num_classes: Optional[int],
                 mean, std, seed: int,

@@ -8,7 +8,7 @@ per-image arrays (:func:`gather`). NCCL on GPUs, gloo on CPU.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -79,6 +79,25 @@ def gather(value: object) -> list:
     gathered: list = [None] * world_size()
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+def portable(error: Optional[BaseException]) -> Optional[tuple[type, str]]:
+    """An error as (class, message), to send to the other ranks (None stays None)."""
+    return None if error is None else (type(error), str(error))
+
+
+def raise_shared(errors: Sequence[Optional[tuple[type, str]]]) -> None:
+    """Raise the first of the ranks' :func:`portable` errors here too (no-op when all None):
+    every rank then fails with the same one-line error instead of waiting for a lost peer."""
+    for error in errors:
+        if error is not None:
+            kind, message = error
+            try:
+                failure = kind(message)
+            except TypeError:  # a class whose constructor wants more than a message
+                from .errors import ShiftlabError
+                failure = ShiftlabError(message)
+            raise failure
 
 
 def broadcast(value: object) -> object:

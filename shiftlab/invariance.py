@@ -43,7 +43,7 @@ from . import __version__, distributed
 from .checks import (batch_layout, check_count, check_request, labelled_batches, resolve_grid,
                      window_size)
 from .engine import resolve_device
-from .errors import ModelError, UsageError
+from .errors import ModelError, ShiftlabError, UsageError
 from .invariance_result import (INVALID, InvarianceResult, InvarianceSettings,  # noqa: F401
                                 bootstrap_interval, load_invariance, uninformative_across,
                                 wilson_interval)
@@ -222,18 +222,23 @@ def measure_invariance(model: nn.Module, images: torch.Tensor, grid: Optional[Sh
     with evaluation_mode(model, name):
         # one batch at a time; only the small per-image arrays are kept (and, under torchrun,
         # this rank's images r, r+N, ..., gathered afterwards)
-        parts, start = [], 0
-        for tensor, batch_labels in itertools.chain([first], batches):
-            ids = np.arange(start, start + len(tensor))
-            start += len(tensor)
-            if distributed.active():
-                keep = ids % distributed.world_size() == distributed.rank()
-                ids, tensor = ids[keep], tensor[torch.from_numpy(keep)]
-                batch_labels = None if batch_labels is None else np.asarray(batch_labels).reshape(-1)[keep]
-            if len(ids):
-                parts.append((ids, *_predict(model, tensor, union, settings, batch_size, device,
-                                             show if not streamed else False), batch_labels))
-        argmax, prob, reference, n_classes, streamed_labels = _gathered(parts)
+        parts, start, failure = [], 0, None
+        try:
+            for tensor, batch_labels in itertools.chain([first], batches):
+                ids = np.arange(start, start + len(tensor))
+                start += len(tensor)
+                if distributed.active():
+                    keep = ids % distributed.world_size() == distributed.rank()
+                    ids, tensor = ids[keep], tensor[torch.from_numpy(keep)]
+                    batch_labels = None if batch_labels is None else \
+                        np.asarray(batch_labels).reshape(-1)[keep]
+                if len(ids):
+                    parts.append((ids, *_predict(model, tensor, union, settings, batch_size,
+                                                 device, show if not streamed else False),
+                                  batch_labels))
+        except ShiftlabError as exc:  # raised on every rank by _gathered, none left waiting
+            failure = exc
+        argmax, prob, reference, n_classes, streamed_labels = _gathered(parts, failure)
         if labels is None and streamed and streamed_labels is not None:
             labels = streamed_labels
     n_images = int(reference.shape[0])
@@ -268,10 +273,15 @@ def measure_invariance(model: nn.Module, images: torch.Tensor, grid: Optional[Sh
     return result
 
 
-def _gathered(parts: list) -> tuple:
+def _gathered(parts: list, failure: Optional[ShiftlabError] = None) -> tuple:
     """argmax, prob, reference, n_classes and labels (None unless every batch had some) of
-    every rank's ``(ids, argmax, prob, reference, n_classes, labels)`` parts, in image order."""
-    parts = [part for gathered in distributed.gather(parts) for part in gathered]
+    every rank's ``(ids, argmax, prob, reference, n_classes, labels)`` parts, in image order;
+    a rank's ``failure`` is raised on every rank."""
+    shared = distributed.gather((parts, distributed.portable(failure)))
+    if failure is not None:
+        raise failure
+    distributed.raise_shared([error for _, error in shared])
+    parts = [part for gathered, _ in shared for part in gathered]
     order = np.argsort(np.concatenate([part[0] for part in parts]), kind="stable")
     argmax, prob, reference = (np.concatenate([part[k] for part in parts])[order] for k in (1, 2, 3))
     labels = None

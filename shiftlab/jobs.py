@@ -259,7 +259,6 @@ def run_consistency(specs: list, filt_size: Optional[int], model: dict, options:
     written, and ``resume`` continues from them (finished models are not run again).
     """
     from . import distributed
-    from .consistency_table import consistency_table, format_consistency
     from .engine import resolve_device
 
     if out is not None:
@@ -279,22 +278,47 @@ def run_consistency(specs: list, filt_size: Optional[int], model: dict, options:
                 on_ready=_announce(quiet), checkpoint=checkpoint, resume=resume, **options)
         label = unique_label(result.label, labels)
         labels.append(label)
-        for item in caught if distributed.is_main() else ():
-            warn_line(f"{label}: {item.message}" if label not in str(item.message) else item.message)
+        # every rank's warnings (skipped files are seen by the rank that decodes them), once
+        messages = dict.fromkeys(m for part in distributed.gather([str(i.message) for i in caught])
+                                 for m in part)
+        for message in messages if distributed.is_main() else ():
+            warn_line(f"{label}: {message}" if label not in message else message)
         results.append(result.with_label(label))
-    if not distributed.is_main():
-        return
+    failure = None
+    if distributed.is_main():
+        try:
+            _write_consistency(results, folder=out if out is not None else default_out("consistency"),
+                               checkpoints=checkpoints, formats=formats, dpi=dpi, quiet=quiet)
+        except Exception as exc:  # noqa: BLE001  told to the other ranks, then raised here
+            failure = exc
+    shared = distributed.broadcast(distributed.portable(failure))  # no rank waits for a lost one
+    if failure is not None:
+        raise failure
+    distributed.raise_shared([shared])
+
+
+def _write_consistency(results: list, *, folder: Path, checkpoints: list, formats: Sequence[str],
+                       dpi: int, quiet: bool) -> None:
+    from .consistency_table import consistency_table, format_consistency
+
     _warn_uninformative(results)
     table = consistency_table(results)
-    folder = out if out is not None else default_out("consistency")
-    written = write_consistency(results, table, folder, formats, dpi)
-    for checkpoint in checkpoints:
-        if checkpoint is not None:
-            checkpoint.unlink(missing_ok=True)  # only now: every output is in place
+    try:
+        written = write_consistency(results, table, folder, formats, dpi)
+    except DrawingFailed:
+        _remove(checkpoints)  # the numbers are in place: nothing to resume
+        raise
+    _remove(checkpoints)  # only now: every output is in place
     click.echo(format_consistency(table))
     if not quiet:
         for path in written:
             click.echo(str(path), err=True)
+
+
+def _remove(checkpoints: list) -> None:
+    for checkpoint in checkpoints:
+        if checkpoint is not None:
+            checkpoint.unlink(missing_ok=True)
 
 
 def _protocol_checkpoint(out: Optional[Path], protocol: str, spec: str,

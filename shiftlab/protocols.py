@@ -42,7 +42,7 @@ from . import __version__, distributed
 from .checks import split_batch
 from .defaults import PROTOCOLS as DEFAULT_PROTOCOLS
 from .engine import resolve_device
-from .errors import UsageError
+from .errors import ShiftlabError, UsageError
 from .invariance import (check_finite, classifier_logits, evaluation_mode, model_name,
                          top_class)
 from .invariance_result import INVALID
@@ -88,21 +88,24 @@ def consistency_protocol(model: nn.Module, batches: Iterable, *, size: int = 224
     done = _restore(saved, resume, epochs)
     with evaluation_mode(model, name):
         for epoch, stream in _passes(batches, epochs, len(done), progress):
-            rows, canvas = [], _canvas_of(done)
-            for ids, images, target in stream:
-                canvas = _check_canvas(images, canvas, size, 1)
-                draws = _window_offsets(seed, epoch, ids, np.subtract(canvas, size))
-                pair_top, pair_prob = [], []
-                for first in (0, 2):  # one forward per window: 2 per image and epoch
-                    windows = torch.stack([img[:, oh:oh + size, ow:ow + size] for img, (oh, ow)
-                                           in zip(images, draws[:, first:first + 2].tolist())])
-                    top, prob = _predict(model, windows, target, device)
-                    pair_top.append(top)
-                    pair_prob.append(prob)
-                rows.append(_row(ids, target, canvas, offsets=draws,
-                                 predictions=np.stack(pair_top, 1),
-                                 probability=np.stack(pair_prob, 1)))
-            done.append(_merge(rows, done[0] if done else None))
+            rows, canvas, failure = [], _canvas_of(done), None
+            try:
+                for ids, images, target in stream:
+                    canvas = _check_canvas(images, canvas, size, 1)
+                    draws = _window_offsets(seed, epoch, ids, np.subtract(canvas, size))
+                    pair_top, pair_prob = [], []
+                    for first in (0, 2):  # one forward per window: 2 per image and epoch
+                        windows = torch.stack([img[:, oh:oh + size, ow:ow + size] for img, (oh, ow)
+                                               in zip(images, draws[:, first:first + 2].tolist())])
+                        top, prob = _predict(model, windows, target, device)
+                        pair_top.append(top)
+                        pair_prob.append(prob)
+                    rows.append(_row(ids, target, canvas, offsets=draws,
+                                     predictions=np.stack(pair_top, 1),
+                                     probability=np.stack(pair_prob, 1)))
+            except ShiftlabError as exc:  # raised on every rank by _merge, not left waiting
+                failure = exc
+            done.append(_merge(rows, done[0] if done else None, failure))
             _save(saved, done)
     predictions = np.concatenate([record["predictions"] for record in done])
     check_finite(name, int((predictions == INVALID).sum()), predictions.size)
@@ -144,18 +147,21 @@ def diagonal_protocol(model: nn.Module, batches: Iterable, *, size: int = 224, m
     steps = range(int(max_offset) + 1)
     with evaluation_mode(model, name):
         for _, stream in _passes(batches, 1, len(done), progress):
-            rows, canvas = [], None
-            for ids, images, target in stream:
-                if target is None:
-                    raise UsageError("the diagonal protocol needs labels: batches must yield"
-                                     " (images, labels)")
-                canvas = _check_canvas(images, canvas, size + int(max_offset), 0)
-                outputs = [_predict(model, images[..., t:t + size, t:t + size], target, device)
-                           for t in steps]
-                rows.append(_row(ids, target, canvas,
-                                 predictions=np.stack([top for top, _ in outputs], 1),
-                                 probability=np.stack([prob for _, prob in outputs], 1)))
-            done.append(_merge(rows, None))
+            rows, canvas, failure = [], None, None
+            try:
+                for ids, images, target in stream:
+                    if target is None:
+                        raise UsageError("the diagonal protocol needs labels: batches must yield"
+                                         " (images, labels)")
+                    canvas = _check_canvas(images, canvas, size + int(max_offset), 0)
+                    outputs = [_predict(model, images[..., t:t + size, t:t + size], target, device)
+                               for t in steps]
+                    rows.append(_row(ids, target, canvas,
+                                     predictions=np.stack([top for top, _ in outputs], 1),
+                                     probability=np.stack([prob for _, prob in outputs], 1)))
+            except ShiftlabError as exc:  # raised on every rank by _merge, not left waiting
+                failure = exc
+            done.append(_merge(rows, None, failure))
             _save(saved, done)
     record = done[0]
     check_finite(name, int((record["predictions"] == INVALID).sum()), record["predictions"].size)
@@ -234,7 +240,7 @@ def _mine(batches: Iterable, bar: tqdm) -> Iterator[tuple[np.ndarray, torch.Tens
         if len(ids):
             yield ids, images, target
             bar.update(len(ids))
-    if start == 0:
+    if start == 0 and not getattr(batches, "sharded", False):  # a rank's share may be empty
         raise UsageError("the batches hold no images")
 
 
@@ -255,9 +261,17 @@ def _row(ids: np.ndarray, target: Optional[torch.Tensor], canvas, **arrays) -> d
             **arrays}
 
 
-def _merge(rows: list[dict], first: Optional[dict]) -> dict:
-    """One epoch's rows of every rank, in source order; checked against epoch 0 (``first``)."""
-    gathered = [part for parts in distributed.gather(rows) for part in parts]
+def _merge(rows: list[dict], first: Optional[dict], failure: Optional[ShiftlabError]) -> dict:
+    """One epoch's rows of every rank, in source order; checked against epoch 0 (``first``).
+
+    A rank's ``failure`` is raised on every rank (the lowest rank's, if several failed), so
+    no rank is left waiting in a collective for one that gave up.
+    """
+    shared = distributed.gather((rows, distributed.portable(failure)))
+    if failure is not None:
+        raise failure
+    distributed.raise_shared([other for _, other in shared])
+    gathered = [part for parts, _ in shared for part in parts]
     if not gathered:
         raise UsageError("the batches hold no images")
     canvases = {tuple(part["canvas"]) for part in gathered}

@@ -112,7 +112,7 @@ class ImageStream:
         for batch in batches:
             yielded += len(batch.indices)
             yield batch
-        if not yielded:
+        if not yielded and not self.sharded:  # a rank's share may be empty: its caller decides
             raise no_images_error(self.skipped)
         if self.skipped and self._on_skip is None:
             path, reason = self.skipped[0]
@@ -187,8 +187,9 @@ def image_batches(source: Source, *, size: int, resize: Optional[int] = None, ma
         categories, class_order: how class names become indices (:func:`~shiftlab.labels.read_labels`).
         on_skip: called once with ``(path, reason)`` for each unusable file, in this process.
         shard: under ``torchrun``, decode only this rank's share of the source (items r, r+N,
-            ...; batch ``indices`` stay positions in the whole source). Not for a DataLoader
-            (give it a ``DistributedSampler`` instead).
+            ...; batch ``indices`` stay positions in the whole source; a rank's share may be
+            empty). Not for a DataLoader: shiftlab's protocols and ``measure_invariance`` split an
+            unsharded stream per rank themselves, so never give them a ``DistributedSampler``.
 
     Returns:
         An :class:`ImageStream`: iterable of :class:`ImageBatch`, with ``skipped`` and ``total``.
@@ -213,8 +214,9 @@ def image_batches(source: Source, *, size: int, resize: Optional[int] = None, ma
     prepare = ImagePreprocess(size=size, margin=margin, mean=mean, std=std, resize=resize)
     if isinstance(source, DataLoader):
         if shard and distributed.active():
-            raise UsageError("shard=True cannot split a DataLoader; pass its Dataset, or give the"
-                             " DataLoader a DistributedSampler")
+            raise UsageError("shard=True cannot split a DataLoader; pass its Dataset instead (a"
+                             " DataLoader given to shiftlab under torchrun is split per rank by"
+                             " shiftlab: do not give it a DistributedSampler)")
         return ImageStream(None, source, max_images, prepare.crop, batch_size, workers, on_skip)
     if not isinstance(source, Dataset):
         paths, labels = _files_and_labels(source, with_labels, categories, class_order)
@@ -223,9 +225,6 @@ def image_batches(source: Source, *, size: int, resize: Optional[int] = None, ma
     total = len(source) if max_images is None else min(len(source), max_images)
     positions = range(total)
     if shard and distributed.active():
-        if total < distributed.world_size():
-            raise UsageError(f"{total} images for {distributed.world_size()} torchrun processes;"
-                             " use fewer processes than images")
         positions = range(distributed.rank(), total, distributed.world_size())
     stream = ImageStream(_Tolerant(source, positions, prepare), None, len(positions), prepare.crop,
                          batch_size, workers, on_skip)

@@ -84,8 +84,9 @@ def _one_torch_thread():
     torch.set_num_threads(previous)
 
 
-def run_torchrun(arguments: list, cwd, timeout: float = 180) -> str:
-    """Run ``python -m torch.distributed.run --nproc_per_node=2 ...`` on loopback; stderr back.
+def run_torchrun(arguments: list, cwd, timeout: float = 180, expect_success: bool = True) -> str:
+    """Run ``python -m torch.distributed.run --nproc_per_node=2 ...`` on loopback; stderr back
+    (``expect_success=False``: the run must fail instead).
 
     A session of its own, so that a hung rendezvous is killed with all its workers.
     """
@@ -111,7 +112,7 @@ def run_torchrun(arguments: list, cwd, timeout: float = 180) -> str:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         raise AssertionError(f"torchrun did not finish in {timeout:.0f} s")
-    assert proc.returncode == 0, stderr[-2000:]
+    assert (proc.returncode == 0) == expect_success, stderr[-2000:]
     return stderr
 
 

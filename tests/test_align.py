@@ -221,3 +221,14 @@ def test_make_plan_rejects_an_unknown_alignment_or_mode(align, mode):
 
     with pytest.raises(UsageError, match="choose one of"):
         make_plan(layer(2, 3, 8), torch.tensor([(1.0, 0.0)], dtype=torch.float64), mode, align)
+
+
+@pytest.mark.parametrize("align", ["exact", "fourier", "bilinear"])
+def test_the_zero_shift_of_a_map_holding_inf_is_nan_not_zero(align):
+    """The zero shift is not computed (the map against itself), but a - a is NaN where a holds
+    Inf: the shortcut must give what the computation would (counted as NaN, not as 0)."""
+    ref = torch.ones(2, 3, 8, 8)
+    ref[1, 0, 2, 2] = math.inf
+    plan = make_plan(layer(2, 3, 8), torch.zeros(1, 2, dtype=torch.float64), "circular", align)
+    got = distance(plan.compare(ref, ref[None]), "l2")
+    assert got[0, 0] == 0 and torch.isnan(got[0, 1])
