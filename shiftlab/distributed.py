@@ -81,14 +81,41 @@ def gather(value: object) -> list:
     return gathered
 
 
-def portable(error: Optional[BaseException]) -> Optional[tuple[type, str]]:
+def broadcast(value: object) -> object:
+    """Rank 0's ``value`` on every rank (e.g. what rank 0 read from a progress file)."""
+    if not active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_checked(value: object, failure: Optional[BaseException] = None) -> list:
+    """:func:`gather`, with this rank's ``failure`` (if any) raised on every rank: the failing
+    rank raises its own, the others the lowest failing rank's (same class and message). So no
+    rank is left waiting in a later collective for a peer that gave up."""
+    shared = gather((value, _portable(failure)))
+    if failure is not None:
+        raise failure
+    _raise_first([error for _, error in shared])
+    return [item for item, _ in shared]
+
+
+def broadcast_checked(value: object, failure: Optional[BaseException] = None) -> object:
+    """:func:`broadcast` of rank 0's ``value``; rank 0's ``failure`` is raised on every rank."""
+    shared, error = broadcast((value, _portable(failure)))
+    if failure is not None:
+        raise failure
+    _raise_first([error])
+    return shared
+
+
+def _portable(error: Optional[BaseException]) -> Optional[tuple[type, str]]:
     """An error as (class, message), to send to the other ranks (None stays None)."""
     return None if error is None else (type(error), str(error))
 
 
-def raise_shared(errors: Sequence[Optional[tuple[type, str]]]) -> None:
-    """Raise the first of the ranks' :func:`portable` errors here too (no-op when all None):
-    every rank then fails with the same one-line error instead of waiting for a lost peer."""
+def _raise_first(errors: Sequence[Optional[tuple[type, str]]]) -> None:
     for error in errors:
         if error is not None:
             kind, message = error
@@ -98,15 +125,6 @@ def raise_shared(errors: Sequence[Optional[tuple[type, str]]]) -> None:
                 from .errors import ShiftlabError
                 failure = ShiftlabError(message)
             raise failure
-
-
-def broadcast(value: object) -> object:
-    """Rank 0's ``value`` on every rank (e.g. what rank 0 read from a progress file)."""
-    if not active():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def finish() -> None:

@@ -277,11 +277,7 @@ def _gathered(parts: list, failure: Optional[ShiftlabError] = None) -> tuple:
     """argmax, prob, reference, n_classes and labels (None unless every batch had some) of
     every rank's ``(ids, argmax, prob, reference, n_classes, labels)`` parts, in image order;
     a rank's ``failure`` is raised on every rank."""
-    shared = distributed.gather((parts, distributed.portable(failure)))
-    if failure is not None:
-        raise failure
-    distributed.raise_shared([error for _, error in shared])
-    parts = [part for gathered, _ in shared for part in gathered]
+    parts = [part for gathered in distributed.gather_checked(parts, failure) for part in gathered]
     order = np.argsort(np.concatenate([part[0] for part in parts]), kind="stable")
     argmax, prob, reference = (np.concatenate([part[k] for part in parts])[order] for k in (1, 2, 3))
     labels = None

@@ -291,10 +291,7 @@ def run_consistency(specs: list, filt_size: Optional[int], model: dict, options:
                                checkpoints=checkpoints, formats=formats, dpi=dpi, quiet=quiet)
         except Exception as exc:  # noqa: BLE001  told to the other ranks, then raised here
             failure = exc
-    shared = distributed.broadcast(distributed.portable(failure))  # no rank waits for a lost one
-    if failure is not None:
-        raise failure
-    distributed.raise_shared([shared])
+    distributed.broadcast_checked(None, failure)  # no rank waits in finish() for a lost one
 
 
 def _write_consistency(results: list, *, folder: Path, checkpoints: list, formats: Sequence[str],

@@ -267,11 +267,7 @@ def _merge(rows: list[dict], first: Optional[dict], failure: Optional[ShiftlabEr
     A rank's ``failure`` is raised on every rank (the lowest rank's, if several failed), so
     no rank is left waiting in a collective for one that gave up.
     """
-    shared = distributed.gather((rows, distributed.portable(failure)))
-    if failure is not None:
-        raise failure
-    distributed.raise_shared([other for _, other in shared])
-    gathered = [part for parts, _ in shared for part in parts]
+    gathered = [part for parts in distributed.gather_checked(rows, failure) for part in parts]
     if not gathered:
         raise UsageError("the batches hold no images")
     canvases = {tuple(part["canvas"]) for part in gathered}
@@ -314,16 +310,13 @@ def _restore(saved: Optional[EpochProgress], resume: bool, epochs: int) -> list[
     """The completed epochs to continue from (rank 0 reads; every rank gets them)."""
     if saved is None or not resume:
         return []
-    found: object = None
+    found, failure = [], None
     if distributed.is_main():
         try:
             found = saved.restore()
-        except UsageError as exc:
-            found = str(exc)
-    found = distributed.broadcast(found)
-    if isinstance(found, str):
-        raise UsageError(found)
-    return found[:epochs]
+        except ShiftlabError as exc:
+            failure = exc
+    return distributed.broadcast_checked(found, failure)[:epochs]
 
 
 def _save(saved: Optional[EpochProgress], done: list[dict]) -> None:
