@@ -211,6 +211,33 @@ def random_png_folder(folder, count: int = 4, side: int = 24):
     return folder
 
 
+# A stride-4, 3-class classifier whose forward number INTERRUPT_AT raises KeyboardInterrupt (a
+# Ctrl-C at a known point of a run). Written into a factory file by the resume tests; its
+# ``build`` takes (and ignores) ``num_classes`` so that ``--num-classes 3`` works too.
+INTERRUPTIBLE_FACTORY = """
+import os, torch
+from torch import nn
+
+class Net(nn.Module):
+    \"\"\"A stride-4 classifier that raises KeyboardInterrupt on forward INTERRUPT_AT.\"\"\"
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                  nn.Conv2d(4, 4, 3, padding=1, stride=2), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+        self.calls = 0
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == int(os.environ.get("INTERRUPT_AT", "0")):
+            raise KeyboardInterrupt
+        return self.body(x)
+
+def build(num_classes=3):
+    return Net().eval()
+"""
+
+
 # A torchvision-free model with both kinds of downsampling antialias() rewrites:
 # conv, relu, MaxPool2d(2), conv(stride 2), relu, global pool, flatten, linear. Written into a
 # factory file by the tests that load models by spec.

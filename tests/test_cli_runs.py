@@ -1,7 +1,6 @@
 """CLI run control: --dry-run, --resume after Ctrl-C, and torchrun -m shiftlab heatmap."""
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -10,38 +9,16 @@ from click.testing import CliRunner
 
 import shiftlab
 from shiftlab.cli import main
-from conftest import random_png_folder, run_torchrun
+from conftest import INTERRUPTIBLE_FACTORY, random_png_folder, run_torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
-FACTORY = textwrap.dedent('''
-    import os, torch
-    from torch import nn
-
-    class Net(nn.Module):
-        """A stride-4 classifier that raises KeyboardInterrupt on forward INTERRUPT_AT."""
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                                      nn.Conv2d(4, 4, 3, padding=1, stride=2), nn.ReLU(),
-                                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
-            self.calls = 0
-        def forward(self, x):
-            self.calls += 1
-            if self.calls == int(os.environ.get("INTERRUPT_AT", "0")):
-                raise KeyboardInterrupt
-            return self.body(x)
-
-    def build():
-        return Net().eval()
-''')
 
 
 @pytest.fixture
 def setup(tmp_path):
     images = random_png_folder(tmp_path / "images")
     factory = tmp_path / "net.py"
-    factory.write_text(FACTORY)
+    factory.write_text(INTERRUPTIBLE_FACTORY)
     return images, f"{factory}:build"
 
 

@@ -1,7 +1,6 @@
 """shiftlab consistency at scale: per-epoch --resume of the protocols and torchrun sharding."""
 from __future__ import annotations
 
-import textwrap
 
 import numpy as np
 import pytest
@@ -12,30 +11,8 @@ from shiftlab import distributed, load_invariance, load_protocol
 from shiftlab.cli import main
 from shiftlab.protocols import consistency_protocol
 from shiftlab.sources import image_batches
-from conftest import random_png_folder, run_torchrun
+from conftest import INTERRUPTIBLE_FACTORY, random_png_folder, run_torchrun
 
-FACTORY = textwrap.dedent('''
-    import os, torch
-    from torch import nn
-
-    class Net(nn.Module):
-        """A 3-class classifier that raises KeyboardInterrupt on forward INTERRUPT_AT."""
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.body = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                                      nn.Conv2d(6, 6, 3, padding=1, stride=2), nn.ReLU(),
-                                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
-            self.calls = 0
-        def forward(self, x):
-            self.calls += 1
-            if self.calls == int(os.environ.get("INTERRUPT_AT", "0")):
-                raise KeyboardInterrupt
-            return self.body(x)
-
-    def build(num_classes=3):
-        return Net().eval()
-''')
 
 
 @pytest.fixture
@@ -47,7 +24,7 @@ def setup(tmp_path):
         for path in (root / str(label)).iterdir():  # distinct images per class
             path.rename(path.with_name(f"{label}-{path.name}"))
     factory = tmp_path / "net.py"
-    factory.write_text(FACTORY)
+    factory.write_text(INTERRUPTIBLE_FACTORY)
     return root, f"{factory}:build"
 
 
