@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -57,6 +58,11 @@ def local_device() -> torch.device:
 def shard(count: int) -> list[int]:
     """Indices of the items this rank handles: r, r + N, r + 2N, ..."""
     return list(range(rank(), count, world_size()))
+
+
+def owned(positions: np.ndarray) -> np.ndarray:
+    """Which of these item positions this rank handles (the rule of :func:`shard`): a mask."""
+    return np.asarray(positions) % world_size() == rank()
 
 
 def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:

@@ -16,6 +16,7 @@ import time
 import warnings
 from typing import Callable, Iterable, Iterator, Optional, Union
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm  # plain bar: tqdm.auto warns in notebooks without ipywidgets
@@ -37,8 +38,11 @@ from .stencil import Workspace
 
 
 def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.device:
-    """'auto' -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    """'auto' -> CUDA when available (under torchrun: this rank's GPU), else CPU; anything else
+    is passed to ``torch.device``."""
     if device is None or str(device) == "auto":
+        if distributed.active():
+            return distributed.local_device()
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
@@ -114,8 +118,6 @@ def measure(model: nn.Module, images: Images, grid: Optional[ShiftGrid] = None, 
         raise UsageError("no images to measure")
     height, width = window_size(first.shape, margin)
 
-    if distributed.active() and (device is None or str(device) == "auto"):
-        device = distributed.local_device()
     device = resolve_device(device)
     autocast = _autocast(dtype, device)
     with evaluation_mode(model):
@@ -196,10 +198,9 @@ def _measure_stream(run: "_Run", batches: Iterator[torch.Tensor], batch_size: in
             digest.update(batch)
             n_total += len(batch)
             if distributed.active():  # every world_size-th image of the stream is this rank's
-                keep = [i for i in range(len(batch)) if (index + i) % distributed.world_size()
-                        == distributed.rank()]
+                keep = distributed.owned(np.arange(index, index + len(batch)))
                 index += len(batch)
-                batch = batch[keep]
+                batch = batch[torch.from_numpy(keep)]
                 if not len(batch):
                     continue
             layout = layout or batch_layout(len(batch), batch_size)

@@ -213,8 +213,7 @@ def measure_invariance(model: nn.Module, images: torch.Tensor, grid: Optional[Sh
                                   margin=margin, n_pairs=int(n_pairs), seed=int(seed),
                                   n_bootstrap=int(n_bootstrap), confidence=float(confidence))
     union = list(dict.fromkeys(grid.shifts + diagonal.shifts))  # grid order, then new sweep steps
-    auto = device is None or str(device) == "auto"  # under torchrun: this rank's GPU
-    device = distributed.local_device() if auto and distributed.active() else resolve_device(device)
+    device = resolve_device(device)
     model = model.to(device)
     name = model_name(model, meta)
     started = time.perf_counter()
@@ -228,7 +227,7 @@ def measure_invariance(model: nn.Module, images: torch.Tensor, grid: Optional[Sh
                 ids = np.arange(start, start + len(tensor))
                 start += len(tensor)
                 if distributed.active():
-                    keep = ids % distributed.world_size() == distributed.rank()
+                    keep = distributed.owned(ids)
                     ids, tensor = ids[keep], tensor[torch.from_numpy(keep)]
                     batch_labels = None if batch_labels is None else \
                         np.asarray(batch_labels).reshape(-1)[keep]

@@ -181,8 +181,7 @@ def _prepare(model, device, meta, size, epochs, n_bootstrap, confidence):
             raise UsageError(f"{label} must be a positive integer, got {value}")
     if not 0 < confidence < 1:
         raise UsageError(f"confidence must be between 0 and 1, got {confidence}")
-    auto = device is None or str(device) == "auto"  # under torchrun: this rank's GPU
-    device = distributed.local_device() if auto and distributed.active() else resolve_device(device)
+    device = resolve_device(device)
     return model.to(device), device, model_name(model, meta)
 
 
@@ -234,7 +233,7 @@ def _mine(batches: Iterable, bar: tqdm) -> Iterator[tuple[np.ndarray, torch.Tens
             np.arange(start, start + len(images))
         start += len(images)
         if not keep_all:
-            keep = ids % distributed.world_size() == distributed.rank()
+            keep = distributed.owned(ids)
             ids, images = ids[keep], images[torch.from_numpy(keep)]
             target = None if target is None else target[torch.from_numpy(keep)]
         if len(ids):
