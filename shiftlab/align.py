@@ -202,17 +202,18 @@ class RollPlan:
 
 
 class _FractionalShifts:
-    """The band-limited shifts T_r a of one reference for a compare call: spectra along each
-    axis and the row-shifted maps (with their column spectra) computed once and shared."""
+    """The band-limited shifts T_r a of one reference for a compare call: the row spectrum
+    computed once, and the column spectrum of the current row shift kept while the fractions
+    (sorted by row part) share it."""
 
     def __init__(self, ref: torch.Tensor, const: dict) -> None:
         self.ref, self.const = ref, const
         self.height, self.width = ref.shape[-2:]
-        self._rows: dict[float, torch.Tensor] = {}  # r_h -> column spectrum of T_(r_h, 0) a
+        self._rows: Optional[tuple[float, torch.Tensor]] = None  # r_h, spectrum of T_(r_h, 0) a
         self._spectrum_h: Optional[torch.Tensor] = None
         self._corner: Optional[torch.Tensor] = None
 
-    def _along_rows(self, rows: float, ramp: torch.Tensor) -> torch.Tensor:
+    def _along_rows(self, ramp: torch.Tensor) -> torch.Tensor:
         if self._spectrum_h is None:
             self._spectrum_h = torch.fft.rfft(self.ref, dim=-2)
         return torch.fft.irfft(self._spectrum_h * ramp, n=self.height, dim=-2)
@@ -221,12 +222,11 @@ class _FractionalShifts:
         """T_r a for fraction ``index`` of the plan (whose row part is ``rows``)."""
         ramp_h, ramp_w = self.const["ramps"][index]
         if ramp_w is None:  # a row fraction only
-            return self._along_rows(rows, ramp_h)
-        if rows not in self._rows:
-            self._rows.clear()  # fractions come sorted by row part: this one is done with
-            base = self.ref if ramp_h is None else self._along_rows(rows, ramp_h)
-            self._rows[rows] = torch.fft.rfft(base, dim=-1)
-        out = torch.fft.irfft(self._rows[rows] * ramp_w, n=self.width, dim=-1)
+            return self._along_rows(ramp_h)
+        if self._rows is None or self._rows[0] != rows:  # the previous row part is done with
+            base = self.ref if ramp_h is None else self._along_rows(ramp_h)
+            self._rows = (rows, torch.fft.rfft(base, dim=-1))
+        out = torch.fft.irfft(self._rows[1] * ramp_w, n=self.width, dim=-1)
         corner = self.const["corners"][index]
         if corner:
             if self._corner is None:  # the reference's corner bin: Σ a·(-1)^(i+j) per map
