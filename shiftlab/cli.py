@@ -225,9 +225,6 @@ def consistency(model_specs: Sequence[str], filt_size: Optional[int], weights: s
                              " --images")
         if resume and not out:
             raise UsageError("--resume needs the --out folder of the interrupted run")
-        if resume and protocol == "grid":
-            raise UsageError("--resume continues the zhang2019 and diagonal protocols per epoch;"
-                             " the grid protocol runs in one pass")
         model = {"weights": weights, "weights_key": weights_key, "trust_checkpoint": trust_checkpoint,
                  "seed": seed, "mean": mean, "std": std, "padding": padding,
                  "num_classes": num_classes}

@@ -263,6 +263,9 @@ def consistency(model: str = "resnet18", *, weights: str = "auto", seed: int = 0
     from .labels import read_labels
 
     check_choice("protocol", protocol, PROTOCOLS)
+    if protocol == "grid" and (checkpoint is not None or resume):
+        raise UsageError("--resume continues the zhang2019 and diagonal protocols per epoch; the"
+                         " grid protocol runs in one pass (use fewer --images per run instead)")
     loaded = build_model(model, weights, seed=seed, antialias=antialias, padding=padding,
                          num_classes=num_classes, trust_checkpoint=trust_checkpoint,
                          weights_key=weights_key, mean=mean, std=std)
@@ -278,9 +281,6 @@ def consistency(model: str = "resnet18", *, weights: str = "auto", seed: int = 0
                          batch_size=batch_size, device=device, progress=progress,
                          antialias=antialias, padding=padding, label=label, on_ready=on_ready,
                          checkpoint=checkpoint, resume=resume)
-    if checkpoint is not None or resume:
-        raise UsageError("--resume continues the zhang2019 and diagonal protocols per epoch; the"
-                         " grid protocol runs in one pass (use fewer --images per run instead)")
     shifts, margin = shift_plan(grid=grid, max_shift=max_shift, subpixel=subpixel, mode=mode,
                                 size=size, resize=resize)
     inputs = load_inputs(loaded, images=images, max_images=max_images, size=size, resize=resize,
