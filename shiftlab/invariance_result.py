@@ -136,7 +136,7 @@ def bootstrap_interval(successes, trials, *, n_resamples: int = 1000, confidence
     return (float(low[0]), float(high[0])) if single else (low, high)
 
 
-def _all_same_class(arrays: Sequence[np.ndarray]) -> Optional[int]:
+def single_class(arrays: Sequence[np.ndarray]) -> Optional[int]:
     """The one class every finite prediction has, or None (several, or none finite)."""
     classes = np.unique(np.concatenate([np.asarray(a).ravel() for a in arrays]))
     classes = classes[classes != INVALID]
@@ -255,7 +255,7 @@ class InvarianceResult(NamedByMeta):
     def uninformative(self) -> Optional[str]:
         """A one-line warning when every finite prediction (all images, all shifts) is one class
         K: consistency is then 1 whatever the model does with shifts. None otherwise."""
-        only = _all_same_class([self.reference_argmax, self.grid_argmax, self.diagonal_argmax])
+        only = single_class([self.reference_argmax, self.grid_argmax, self.diagonal_argmax])
         if only is None:
             return None
         return f"consistency is uninformative: every prediction is class {only}"

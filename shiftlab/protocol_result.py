@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import ShiftlabError, one_line
 from .files import read_archive, write_archive
-from .invariance_result import INVALID, bootstrap_interval
+from .invariance_result import INVALID, bootstrap_interval, single_class
 from .provenance import NamedByMeta
 
 __all__ = ["DiagonalResult", "ProtocolResult", "ProtocolSettings", "load_protocol"]
@@ -73,10 +73,10 @@ class _Saved(NamedByMeta):
     def uninformative(self) -> Optional[str]:
         """'consistency is uninformative: every prediction is class K' when the finite
         predictions are all one class K; None otherwise."""
-        classes = np.unique(self.predictions[self.predictions != INVALID])
-        if len(classes) != 1:
+        only = single_class([self.predictions])
+        if only is None:
             return None
-        return f"consistency is uninformative: every prediction is class {int(classes[0])}"
+        return f"consistency is uninformative: every prediction is class {only}"
 
     @property
     def n_nonfinite(self) -> int:
