@@ -27,10 +27,11 @@ from typing import Optional
 
 import torch
 
+from . import native
 from .metrics import ComparisonStats
 from .shifts import roll_many
 from .stencil import (IDENTITY, SMALL_MAP, Taps, Workspace, blocks, circulant_taps,
-                      dense_circulant, device_constants, dot, overlap_mask, quadratic,
+                      dense_circulant, device_constants, dot, overlap_mask, quadratic, quadratic_lags,
                       rolled_into, same_tensor, stencil2, sub_rolled, value_range)
 
 
@@ -257,6 +258,20 @@ class BilinearPlan:
                                                  source, offset)
                         cross[s, images] = dot(source, shifted[s, images])
 
+    def _native(self, ref: torch.Tensor, shifted: torch.Tensor,
+                plain: tuple[Taps, Taps]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """|U b|², |U(a' - b)|² (exact shifts) and the cross terms (others) from the compiled
+        kernel's lag sums, in one read of each shifted map -> three (S, B) float64."""
+        height, width = ref.shape[-2:]
+        lags, coefficients = quadratic_lags(plain, height, width)
+        rows, cols = self.rows.taps, self.cols.taps
+        lag_sums, diff_sums, cross = native.bilinear_sums(
+            ref, shifted, lags, self.exact_flags, self.offsets,
+            [None if flag else rows.cross[s] for s, flag in enumerate(self.exact_flags)],
+            [None if flag else cols.cross[s] for s, flag in enumerate(self.exact_flags)])
+        weights = torch.tensor(coefficients, dtype=torch.float64)
+        return lag_sums @ weights, diff_sums @ weights, cross
+
     def _compare_circulant(self, ref: torch.Tensor, shifted: torch.Tensor, cache: dict,
                            workspace: Workspace) -> ComparisonStats:
         """Circular mode: every matrix is a stencil of a few taps per axis (see the module)."""
@@ -294,6 +309,10 @@ class BilinearPlan:
             return ComparisonStats(ref_sq, ref_sq, diff, count, peak, valid)
         channels, height, width = ref.shape[1:]
         map_bytes = ref[0].numel() * ref.element_size()
+        if native.usable(ref, shifted):
+            shifted_sq, exact_diff, cross = self._native(ref, shifted, plain)
+            diff_sq = torch.where(const["exact"][:, None], exact_diff, ref_sq + shifted_sq - 2 * cross)
+            return ComparisonStats(ref_sq, shifted_sq, diff_sq, count, peak, valid)
         shifted_sq, cross = _zeros(n_shifts, n_images, device), _zeros(n_shifts, n_images, device)
         exact_diff = _zeros(n_shifts, n_images, device)
         for shift_range, images in blocks(n_shifts, n_images, map_bytes):

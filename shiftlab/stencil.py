@@ -288,6 +288,25 @@ def quadratic(x: torch.Tensor, taps: tuple[Taps, Taps], workspace: Workspace) ->
     return total
 
 
+def quadratic_lags(taps: tuple[Taps, Taps], height: int, width: int
+                   ) -> tuple[list[tuple[int, int]], list[float]]:
+    """<x, (R ⊗ C) x> as Σ coefficient · Σ x ⊙ roll(x, -lag) over the distinct lags: lags
+    (l_h, l_w) and (-l_h, -l_w) give the same sum, so each pair is kept once.
+
+    >>> quadratic_lags((((0, 2.0), (1, 0.5), (3, 0.5)), ((0, 1.0),)), 4, 5)
+    ([(0, 0), (1, 0)], [2.0, 1.0])
+    """
+    merged: dict[tuple[int, int], float] = {}
+    for offset_h, weight_h in taps[0]:
+        for offset_w, weight_w in taps[1]:
+            lag = (offset_h % height, offset_w % width)
+            mirror = ((-lag[0]) % height, (-lag[1]) % width)
+            key = min(lag, mirror)
+            merged[key] = merged.get(key, 0.0) + weight_h * weight_w
+    keys = sorted(merged)
+    return keys, [merged[key] for key in keys]
+
+
 def blocks(n_shifts: int, n_images: int, map_bytes: int,
            budget: int = CACHE_BYTES) -> list[tuple[slice, slice]]:
     """(shifts, images) slices covering an (S, B) run of maps of ``map_bytes`` each, about

@@ -1,0 +1,265 @@
+"""Compiled CPU kernels, built on first use with the machine's C compiler and cached.
+
+Why: on a CPU each eager PyTorch operation is one pass over a feature map, and the circular
+bilinear comparison needs about a dozen of them per shifted map (a 3-tap norm, a filtered and
+rolled reference, an inner product), where the forward pass that made the map read it once. The
+kernel in ``csrc/bilinear.c`` does all of it in one read (see there). ``torch.compile`` would be
+the library route; on this kind of CPU its code for these reductions was ~100× slower than a BLAS
+dot (measured for #17), so this is a small hand-written C file instead, called through ctypes.
+
+It is an accelerator, never a requirement: without a compiler, on a GPU, for float64 maps or with
+``SHIFTLAB_NATIVE=0`` the eager code runs and gives the same numbers (to float rounding; tested).
+``SHIFTLAB_NATIVE=1`` makes a failed build an error (benchmarks use it). The shared object is
+cached under ``$SHIFTLAB_CACHE_DIR``, else ``$XDG_CACHE_HOME/shiftlab``, else
+``~/.cache/shiftlab``, keyed by the source, the compiler, its flags and the CPU.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .errors import ShiftlabError, one_line
+
+SOURCE = Path(__file__).with_name("csrc") / "bilinear.c"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-std=gnu99", "-shared", "-fPIC")
+# without an OpenMP runtime (Apple clang): one thread per call, several calls on Python threads;
+# without -march=native: a compiler that does not know this CPU
+_FALLBACKS = (FLAGS, tuple("-fopenmp-simd" if flag == "-fopenmp" else flag for flag in FLAGS),
+              tuple(flag for flag in FLAGS if flag not in ("-march=native", "-fopenmp")) +
+              ("-fopenmp-simd",))
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _mode() -> str:
+    value = os.environ.get("SHIFTLAB_NATIVE", "auto").strip().lower()
+    return {"0": "off", "false": "off", "no": "off", "1": "on", "true": "on", "yes": "on"}.get(
+        value, "auto")
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("SHIFTLAB_CACHE_DIR"):
+        return Path(os.environ["SHIFTLAB_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "shiftlab"
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU's model and feature flags."""
+    lines = []
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if line.startswith(("model name", "flags", "Features", "CPU part")):
+                    lines.append(line.strip())
+                    if len(lines) >= 3:
+                        break
+    except OSError:
+        pass
+    return "\n".join([platform.machine(), platform.processor(), *lines])
+
+
+def _compiler() -> Optional[str]:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _build(compiler: str) -> Path:
+    source = SOURCE.read_bytes()
+    errors = []
+    for flags in _FALLBACKS:
+        key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(),
+                                         _cpu_signature().encode()])).hexdigest()[:20]
+        for directory in (_cache_dir(), Path(tempfile.gettempdir()) / f"shiftlab-{os.getuid()}"):
+            target = directory / f"bilinear-{key}.so"
+            if target.exists():
+                return target
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                handle, partial = tempfile.mkstemp(suffix=".so", dir=directory)
+                os.close(handle)
+            except OSError as exc:
+                errors.append(one_line(exc))
+                continue
+            try:
+                done = subprocess.run([compiler, *flags, str(SOURCE), "-o", partial],
+                                      capture_output=True, text=True, timeout=120)
+                if done.returncode == 0:
+                    os.replace(partial, target)  # atomic: concurrent ranks may race here
+                    return target
+                lines = [line for line in done.stderr.splitlines() if "error" in line]
+                errors.append(one_line((lines or [done.stderr])[0] or f"exit {done.returncode}"))
+                break  # the flags, not the directory: try the next flags
+            except (OSError, subprocess.SubprocessError) as exc:
+                errors.append(one_line(exc))
+            finally:
+                if os.path.exists(partial):
+                    os.remove(partial)
+    raise OSError("; ".join(errors) or "no writable cache directory")
+
+
+def _load() -> Optional[ctypes.CDLL]:
+    with _lock:
+        if "library" in _state:
+            return _state["library"]
+        library, reason = None, ""
+        compiler = _compiler()
+        if compiler is None:
+            reason = "no C compiler found (set CC)"
+        else:
+            try:
+                library = ctypes.CDLL(str(_build(compiler)))
+                function = library.shiftlab_bilinear
+                function.restype = ctypes.c_int
+            except (OSError, AttributeError) as exc:
+                library, reason = None, one_line(exc)
+        _state["library"], _state["reason"] = library, reason
+        return library
+
+
+def status() -> str:
+    """'native' when the kernel is in use, else 'eager (<why>)'."""
+    if _mode() == "off":
+        return "eager (SHIFTLAB_NATIVE=0)"
+    if _load() is None:
+        return f"eager (kernel not built: {_state['reason']})"
+    return "native"
+
+
+def usable(ref: torch.Tensor, shifted: torch.Tensor) -> bool:
+    """The kernel can take this comparison: CPU float32 maps with contiguous (C, h, w) planes."""
+    if _mode() == "off" or ref.device.type != "cpu" or ref.dtype != torch.float32 \
+            or shifted.dtype != torch.float32 or not ref.is_contiguous():
+        return False
+    channels, height, width = shifted.shape[2:]
+    if shifted.stride()[2:] != (height * width, width, 1) and shifted.numel() > 0:
+        return False
+    if _load() is None:
+        if _mode() == "on":
+            raise ShiftlabError(f"SHIFTLAB_NATIVE=1 but the kernel cannot be built: "
+                                f"{_state['reason']}")
+        return False
+    return True
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    with _lock:
+        pool = _state.get("pool")
+        if pool is None or _state.get("workers") != workers:
+            if pool is not None:
+                pool.shutdown(wait=False)
+            pool = _state["pool"] = ThreadPoolExecutor(workers, thread_name_prefix="shiftlab")
+            _state["workers"] = workers
+        return pool
+
+
+_KINDS = (ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_double, ctypes.c_int32,
+          ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_float)
+
+
+def _int_array(values: Sequence[int]) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(values, dtype=np.int32).reshape(-1) if len(values)
+                                else np.zeros(1, dtype=np.int32))
+
+
+def _pointer(array: np.ndarray, kind) -> ctypes.c_void_p:
+    return array.ctypes.data_as(ctypes.POINTER(kind))
+
+
+def bilinear_sums(ref: torch.Tensor, shifted: torch.Tensor, lags: Sequence[tuple[int, int]],
+                  exact: Sequence[bool], rolls: Sequence[tuple[int, int]],
+                  row_taps: Sequence[Optional[Sequence[tuple[int, float]]]],
+                  col_taps: Sequence[Optional[Sequence[tuple[int, float]]]],
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lag sums of each shifted map, of its difference with the rolled reference (``exact``
+    shifts) and the filtered cross term (the others), see ``csrc/bilinear.c``.
+
+    ref (B, C, h, w), shifted (S, B, C, h, w); per shift: ``rolls`` (q_h, q_w) for exact shifts,
+    ``row_taps`` / ``col_taps`` ((offset in [0, n), weight), ...) for the others (None for exact
+    ones). Returns lags (S, B, L), diff (S, B, L) and cross (S, B), float64.
+    """
+    library = _load()
+    n_shifts, n_images, channels, height, width = shifted.shape
+    lag_array = _int_array([value for lag in lags for value in lag])
+    modes = _int_array([1 if flag else 0 for flag in exact])
+    roll_array = _int_array([value for roll in rolls for value in roll])
+    row_start, row_count, row_off, row_w = [], [], [], []
+    sets: dict[tuple, int] = {}
+    col_set = []
+    for taps_r, taps_c, flag in zip(row_taps, col_taps, exact):
+        row_start.append(len(row_off))
+        if flag:
+            row_count.append(0)
+            col_set.append(0)
+            continue
+        row_count.append(len(taps_r))
+        row_off.extend(offset for offset, _ in taps_r)
+        row_w.extend(weight for _, weight in taps_r)
+        col_set.append(sets.setdefault(tuple(taps_c), len(sets)))
+    set_start, set_count, col_off, col_w = [], [], [], []
+    for taps_c in sets:
+        set_start.append(len(col_off))
+        set_count.append(len(taps_c))
+        col_off.extend(offset for offset, _ in taps_c)
+        col_w.extend(weight for _, weight in taps_c)
+    arrays = [_int_array(row_start), _int_array(row_count), _int_array(row_off),
+              np.asarray(row_w or [0.0], dtype=np.float64), _int_array(col_set),
+              _int_array(set_start), _int_array(set_count), _int_array(col_off),
+              np.asarray(col_w or [0.0], dtype=np.float32)]
+    units = n_images * channels
+    workers = max(1, min(torch.get_num_threads(), units))
+    bounds = [units * k // workers for k in range(workers + 1)]
+    outputs = [(np.zeros((n_shifts, n_images, len(lags))), np.zeros((n_shifts, n_images, len(lags))),
+                np.zeros((n_shifts, n_images))) for _ in range(workers)]
+    ref = ref.contiguous()
+    step_s, step_b = (shifted.stride(0), shifted.stride(1)) if shifted.numel() else (0, 0)
+
+    def run(k: int) -> int:
+        out_lags, out_diff, out_cross = outputs[k]
+        row_start_p, row_count_p, row_off_p, row_w_p, col_set_p, set_start_p, set_count_p, \
+            col_off_p, col_w_p = [_pointer(array, kind) for array, kind in zip(arrays, _KINDS)]
+        return library.shiftlab_bilinear(
+            ctypes.c_void_p(ref.data_ptr()), ctypes.c_void_p(shifted.data_ptr()),
+            ctypes.c_long(step_s), ctypes.c_long(step_b), n_shifts, n_images, channels, height,
+            width, bounds[k], bounds[k + 1], len(lags), _pointer(lag_array, ctypes.c_int32),
+            _pointer(modes, ctypes.c_int32), _pointer(roll_array, ctypes.c_int32),
+            row_start_p, row_count_p, row_off_p, row_w_p, col_set_p, len(sets), set_start_p,
+            set_count_p, col_off_p, col_w_p, _pointer(out_lags, ctypes.c_double),
+            _pointer(out_diff, ctypes.c_double), _pointer(out_cross, ctypes.c_double))
+
+    parallel = getattr(library, "shiftlab_bilinear_parallel", None)
+    if parallel is not None and workers > 1:  # OpenMP: PyTorch's own thread pool
+        out_lags, out_diff, out_cross = outputs[0]
+        pointers = [_pointer(array, kind) for array, kind in zip(arrays, _KINDS)]
+        code = parallel(
+            ctypes.c_void_p(ref.data_ptr()), ctypes.c_void_p(shifted.data_ptr()),
+            ctypes.c_long(step_s), ctypes.c_long(step_b), n_shifts, n_images, channels, height,
+            width, workers, len(lags), _pointer(lag_array, ctypes.c_int32),
+            _pointer(modes, ctypes.c_int32), _pointer(roll_array, ctypes.c_int32), *pointers[:5],
+            len(sets), *pointers[5:], _pointer(out_lags, ctypes.c_double),
+            _pointer(out_diff, ctypes.c_double), _pointer(out_cross, ctypes.c_double))
+        codes = [code]
+        outputs = outputs[:1]
+    elif workers == 1:
+        codes = [run(0)]
+    else:
+        codes = list(_pool(workers).map(run, range(workers)))
+    if any(codes):
+        raise MemoryError("shiftlab's bilinear kernel could not allocate its scratch memory")
+    totals = [sum(parts[i] for parts in outputs) for i in range(3)]
+    return tuple(torch.from_numpy(total) for total in totals)  # type: ignore[return-value]
