@@ -262,14 +262,17 @@ class BilinearPlan:
                 plain: tuple[Taps, Taps]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """|U b|², |U(a' - b)|² (exact shifts) and the cross terms (others) from the compiled
         kernel's lag sums, in one read of each shifted map -> three (S, B) float64."""
-        height, width = ref.shape[-2:]
-        lags, coefficients = quadratic_lags(plain, height, width)
-        rows, cols = self.rows.taps, self.cols.taps
-        lag_sums, diff_sums, cross = native.bilinear_sums(
-            ref, shifted, lags, self.exact_flags, self.offsets,
-            [None if flag else rows.cross[s] for s, flag in enumerate(self.exact_flags)],
-            [None if flag else cols.cross[s] for s, flag in enumerate(self.exact_flags)])
-        weights = torch.tensor(coefficients, dtype=torch.float64)
+        key = ("native", *ref.shape[-2:])
+        if key not in self._constants:  # per map size: the norm's lags depend on it
+            lags, coefficients = quadratic_lags(plain, *ref.shape[-2:])
+            rows, cols = self.rows.taps, self.cols.taps
+            kernel = native.BilinearKernel(
+                lags, self.exact_flags, self.offsets,
+                [None if flag else rows.cross[s] for s, flag in enumerate(self.exact_flags)],
+                [None if flag else cols.cross[s] for s, flag in enumerate(self.exact_flags)])
+            self._constants[key] = (kernel, torch.tensor(coefficients, dtype=torch.float64))
+        kernel, weights = self._constants[key]
+        lag_sums, diff_sums, cross = kernel(ref, shifted)
         return lag_sums @ weights, diff_sums @ weights, cross
 
     def _compare_circulant(self, ref: torch.Tensor, shifted: torch.Tensor, cache: dict,

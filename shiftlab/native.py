@@ -168,98 +168,81 @@ def _pool(workers: int) -> ThreadPoolExecutor:
         return pool
 
 
-_KINDS = (ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_double, ctypes.c_int32,
-          ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_float)
+def _ints(values: Sequence[int]) -> np.ndarray:
+    return np.asarray(list(values) or [0], dtype=np.int32)
 
 
-def _int_array(values: Sequence[int]) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(values, dtype=np.int32).reshape(-1) if len(values)
-                                else np.zeros(1, dtype=np.int32))
+class BilinearKernel:
+    """The arguments of ``csrc/bilinear.c`` for one plan and map size, prepared once (plans
+    are shared by the layers of one geometry, so a call costs little more than the kernel).
 
-
-def _pointer(array: np.ndarray, kind) -> ctypes.c_void_p:
-    return array.ctypes.data_as(ctypes.POINTER(kind))
-
-
-def bilinear_sums(ref: torch.Tensor, shifted: torch.Tensor, lags: Sequence[tuple[int, int]],
-                  exact: Sequence[bool], rolls: Sequence[tuple[int, int]],
-                  row_taps: Sequence[Optional[Sequence[tuple[int, float]]]],
-                  col_taps: Sequence[Optional[Sequence[tuple[int, float]]]],
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Lag sums of each shifted map, of its difference with the rolled reference (``exact``
-    shifts) and the filtered cross term (the others), see ``csrc/bilinear.c``.
-
-    ref (B, C, h, w), shifted (S, B, C, h, w); per shift: ``rolls`` (q_h, q_w) for exact shifts,
-    ``row_taps`` / ``col_taps`` ((offset in [0, n), weight), ...) for the others (None for exact
-    ones). Returns lags (S, B, L), diff (S, B, L) and cross (S, B), float64.
+    Per shift: ``exact`` (s divides δ), ``rolls`` (q_h, q_w) for exact shifts, ``row_taps`` /
+    ``col_taps`` ((offset in [0, n), weight), ...) for the others (None for exact ones); ``lags``
+    the (l_h, l_w) of the norm's lag sums (:func:`shiftlab.stencil.quadratic_lags`).
     """
-    library = _load()
-    n_shifts, n_images, channels, height, width = shifted.shape
-    lag_array = _int_array([value for lag in lags for value in lag])
-    modes = _int_array([1 if flag else 0 for flag in exact])
-    roll_array = _int_array([value for roll in rolls for value in roll])
-    row_start, row_count, row_off, row_w = [], [], [], []
-    sets: dict[tuple, int] = {}
-    col_set = []
-    for taps_r, taps_c, flag in zip(row_taps, col_taps, exact):
-        row_start.append(len(row_off))
-        if flag:
-            row_count.append(0)
-            col_set.append(0)
-            continue
-        row_count.append(len(taps_r))
-        row_off.extend(offset for offset, _ in taps_r)
-        row_w.extend(weight for _, weight in taps_r)
-        col_set.append(sets.setdefault(tuple(taps_c), len(sets)))
-    set_start, set_count, col_off, col_w = [], [], [], []
-    for taps_c in sets:
-        set_start.append(len(col_off))
-        set_count.append(len(taps_c))
-        col_off.extend(offset for offset, _ in taps_c)
-        col_w.extend(weight for _, weight in taps_c)
-    arrays = [_int_array(row_start), _int_array(row_count), _int_array(row_off),
-              np.asarray(row_w or [0.0], dtype=np.float64), _int_array(col_set),
-              _int_array(set_start), _int_array(set_count), _int_array(col_off),
-              np.asarray(col_w or [0.0], dtype=np.float32)]
-    units = n_images * channels
-    workers = max(1, min(torch.get_num_threads(), units))
-    bounds = [units * k // workers for k in range(workers + 1)]
-    outputs = [(np.zeros((n_shifts, n_images, len(lags))), np.zeros((n_shifts, n_images, len(lags))),
-                np.zeros((n_shifts, n_images))) for _ in range(workers)]
-    ref = ref.contiguous()
-    step_s, step_b = (shifted.stride(0), shifted.stride(1)) if shifted.numel() else (0, 0)
 
-    def run(k: int) -> int:
-        out_lags, out_diff, out_cross = outputs[k]
-        row_start_p, row_count_p, row_off_p, row_w_p, col_set_p, set_start_p, set_count_p, \
-            col_off_p, col_w_p = [_pointer(array, kind) for array, kind in zip(arrays, _KINDS)]
-        return library.shiftlab_bilinear(
-            ctypes.c_void_p(ref.data_ptr()), ctypes.c_void_p(shifted.data_ptr()),
-            ctypes.c_long(step_s), ctypes.c_long(step_b), n_shifts, n_images, channels, height,
-            width, bounds[k], bounds[k + 1], len(lags), _pointer(lag_array, ctypes.c_int32),
-            _pointer(modes, ctypes.c_int32), _pointer(roll_array, ctypes.c_int32),
-            row_start_p, row_count_p, row_off_p, row_w_p, col_set_p, len(sets), set_start_p,
-            set_count_p, col_off_p, col_w_p, _pointer(out_lags, ctypes.c_double),
-            _pointer(out_diff, ctypes.c_double), _pointer(out_cross, ctypes.c_double))
+    def __init__(self, lags: Sequence[tuple[int, int]], exact: Sequence[bool],
+                 rolls: Sequence[tuple[int, int]],
+                 row_taps: Sequence[Optional[Sequence[tuple[int, float]]]],
+                 col_taps: Sequence[Optional[Sequence[tuple[int, float]]]]) -> None:
+        self.library = _load()
+        self.n_lags = len(lags)
+        row_start, row_count, row_off, row_w, col_set = [], [], [], [], []
+        sets: dict[tuple, int] = {}
+        for taps_r, taps_c, flag in zip(row_taps, col_taps, exact):
+            row_start.append(len(row_off))
+            row_count.append(0 if flag else len(taps_r))
+            col_set.append(0 if flag else sets.setdefault(tuple(taps_c), len(sets)))
+            if not flag:
+                row_off.extend(offset for offset, _ in taps_r)
+                row_w.extend(weight for _, weight in taps_r)
+        set_start, set_count, col_off, col_w = [], [], [], []
+        for taps_c in sets:
+            set_start.append(len(col_off))
+            set_count.append(len(taps_c))
+            col_off.extend(offset for offset, _ in taps_c)
+            col_w.extend(weight for _, weight in taps_c)
+        # kept as attributes: the pointers below point into them
+        self._arrays = (
+            _ints(value for lag in lags for value in lag), _ints(int(bool(f)) for f in exact),
+            _ints(value for roll in rolls for value in roll), _ints(row_start), _ints(row_count),
+            _ints(row_off), np.asarray(row_w or [0.0], dtype=np.float64), _ints(col_set),
+            _ints(set_start), _ints(set_count), _ints(col_off),
+            np.asarray(col_w or [0.0], dtype=np.float32))
+        pointers = [array.ctypes.data_as(ctypes.c_void_p) for array in self._arrays]
+        # (lags, mode, roll, row_start, row_count, row_off, row_w, col_set), n_sets, (the rest)
+        self._head = [self.n_lags, *pointers[:8]]
+        self._tail = [len(sets), *pointers[8:]]
 
-    parallel = getattr(library, "shiftlab_bilinear_parallel", None)
-    if parallel is not None and workers > 1:  # OpenMP: PyTorch's own thread pool
-        out_lags, out_diff, out_cross = outputs[0]
-        pointers = [_pointer(array, kind) for array, kind in zip(arrays, _KINDS)]
-        code = parallel(
-            ctypes.c_void_p(ref.data_ptr()), ctypes.c_void_p(shifted.data_ptr()),
-            ctypes.c_long(step_s), ctypes.c_long(step_b), n_shifts, n_images, channels, height,
-            width, workers, len(lags), _pointer(lag_array, ctypes.c_int32),
-            _pointer(modes, ctypes.c_int32), _pointer(roll_array, ctypes.c_int32), *pointers[:5],
-            len(sets), *pointers[5:], _pointer(out_lags, ctypes.c_double),
-            _pointer(out_diff, ctypes.c_double), _pointer(out_cross, ctypes.c_double))
-        codes = [code]
-        outputs = outputs[:1]
-    elif workers == 1:
-        codes = [run(0)]
-    else:
-        codes = list(_pool(workers).map(run, range(workers)))
-    if any(codes):
-        raise MemoryError("shiftlab's bilinear kernel could not allocate its scratch memory")
-    totals = [sum(parts[i] for parts in outputs) for i in range(3)]
-    return tuple(torch.from_numpy(total) for total in totals)  # type: ignore[return-value]
+    def __call__(self, ref: torch.Tensor, shifted: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ref (B, C, h, w) contiguous, shifted (S, B, C, h, w) with contiguous planes ->
+        lag sums (S, B, L), lag sums of the difference (S, B, L, exact shifts) and cross terms
+        (S, B), float64."""
+        n_shifts, n_images, channels, height, width = shifted.shape
+        steps = [ctypes.c_long(shifted.stride(0)), ctypes.c_long(shifted.stride(1))] \
+            if shifted.numel() else [ctypes.c_long(0), ctypes.c_long(0)]
+        common = [ctypes.c_void_p(ref.data_ptr()), ctypes.c_void_p(shifted.data_ptr()), *steps,
+                  n_shifts, n_images, channels, height, width]
+        units = n_images * channels
+        workers = max(1, min(torch.get_num_threads(), units))
+        parallel = getattr(self.library, "shiftlab_bilinear_parallel", None)
+        parts = 1 if parallel is not None else workers
+        outputs = [(np.zeros((n_shifts, n_images, self.n_lags)),
+                    np.zeros((n_shifts, n_images, self.n_lags)), np.zeros((n_shifts, n_images)))
+                   for _ in range(parts)]
+
+        def pointers(k: int) -> list:
+            return [array.ctypes.data_as(ctypes.c_void_p) for array in outputs[k]]
+
+        if parallel is not None:  # OpenMP: PyTorch's own thread pool
+            codes = [parallel(*common, workers, *self._head, *self._tail, *pointers(0))]
+        else:  # ctypes drops the GIL: one call per thread, each on its own outputs
+            bounds = [units * k // parts for k in range(parts + 1)]
+            run = lambda k: self.library.shiftlab_bilinear(  # noqa: E731
+                *common, bounds[k], bounds[k + 1], *self._head, *self._tail, *pointers(k))
+            codes = [run(0)] if parts == 1 else list(_pool(parts).map(run, range(parts)))
+        if any(codes):
+            raise MemoryError("shiftlab's bilinear kernel could not allocate its scratch memory")
+        return tuple(torch.from_numpy(sum(part[i] for part in outputs))  # type: ignore
+                     for i in range(3))

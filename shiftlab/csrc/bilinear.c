@@ -5,45 +5,25 @@
      diff[s][b][l]  = the same for d = x - roll(a, (qh, qw))           exact shifts only
      cross[s][b]    = sum_t wr_t sum g_k[(i + or_t) % H][j] * x[i][j]  inexact shifts only
    where a is the image's reference map and g_k[i][j] = sum_u wc_u a[i][(j + oc_u) % W] is the
-   reference filtered by the shift's column taps (set k, built once per channel and shared by
-   the shifts of the chunk that use it). The caller turns lag sums into quadratic forms.
+   reference filtered by the shift's column taps (set k, built once per block of channels and
+   shared by the shifts of the chunk that use it). The caller turns lag sums into quadratic
+   forms.
 
-   A 2-D circular lag (l_h, l_w) of an h x w plane is the flat lag l_h * w + l_w of the plane
-   seen as one vector, except in the |l_w| columns that wrap, where the flat partner sits one
-   row off: a small correction. So the five lag sums of the 3-tap norm and the (up to four)
-   row taps of the cross term are one vectorised pass over the shifted plane (fused_pass),
-   with nine accumulators: each shifted value is loaded once.
+   A block of channels (planes side by side in memory) is one flat vector: a 2-D circular lag
+   (l_h, l_w) is the flat lag l_h * w + l_w, which is right except (1) where it runs off the end
+   of a plane into the next one (k values per plane, corrected with the plane's own start) and
+   (2) in the |l_w| columns that wrap round within a row (one value per row, corrected from
+   the plane's first and last columns). So the five lag sums of the 3-tap norm and the row
+   taps of the cross term are one vectorised pass over the block (fused_pass), nine
+   accumulators wide: each shifted value is loaded from memory once.
 
-   Work is split by (image, channel) ranges: the caller runs one call per thread (ctypes drops
-   the GIL), each with its own output arrays, and adds them. A channel of the reference, its
-   filtered copies and one shifted channel stay in the CPU cache while all of the chunk's shifts
-   go by, so each shifted map is read from memory once. Row sums are float (vectorised), summed
-   in double. No OpenMP runtime: only `omp simd` hints (-fopenmp-simd). */
+   Work is split by (image, channel) ranges over OpenMP threads (shiftlab_bilinear_parallel),
+   or by the caller over Python threads when the library was built without OpenMP. Sums are
+   float over at most BLOCK products, then double. */
 #include <stdlib.h>
 #include <string.h>
 
 #define BLOCK 4096 /* float partial sums over at most this many products, then double */
-#define LANES 64    /* independent float accumulators: a single one would wait on each add */
-
-static double dot(const float *restrict x, const float *restrict y, long n)
-{
-    double total = 0.0;
-    for (long start = 0; start < n; start += BLOCK) {
-        long stop = start + BLOCK < n ? start + BLOCK : n, k = start;
-        float acc[LANES] = {0.0f}, part = 0.0f;
-        for (; k + LANES <= stop; k += LANES)
-            for (int l = 0; l < LANES; ++l)
-                acc[l] += x[k + l] * y[k + l];
-        for (; k < stop; ++k)
-            part += x[k] * y[k];
-        for (int width = LANES / 2; width > 0; width /= 2) /* a tree: vector adds */
-            for (int l = 0; l < width; ++l)
-                acc[l] += acc[l + width];
-        part += acc[0];
-        total += (double)part;
-    }
-    return total;
-}
 
 static int wrap(int i, int n)
 {
@@ -51,12 +31,19 @@ static int wrap(int i, int n)
     return i < 0 ? i + n : i;
 }
 
+static int shortest(int offset, int n)
+{
+    offset = wrap(offset, n);
+    return offset > n / 2 ? offset - n : offset;
+}
+
 #define NL 5 /* lag sums per pass: the 3-tap norm has five distinct lags */
 #define NT 4 /* row taps per pass: the cross filter has at most four per axis */
 #define VEC 16
+#define SMALL_PLANE 256 /* planes of at most this many values go channels last */
 
 /* over n in [0, count): sums[l] += x[n] * y[n + lag[l]], cross[t] += x[n] * f[n + tap[t]] */
-static void fused_pass(const float *restrict x, const float *restrict y, const long *lag,
+__attribute__((noinline)) static void fused_pass(const float *restrict x, const float *restrict y, const long *lag,
                        const float *restrict f, const long *tap, long count, double *sums,
                        double *cross)
 {
@@ -94,90 +81,248 @@ static void fused_pass(const float *restrict x, const float *restrict y, const l
 
 typedef struct {
     int H, W, n_lags;
-    int lh[NL], lw[NL]; /* lw in (-W/2, W/2], flat lag lh * W + lw >= 0 */
+    int lh[NL], lw[NL];   /* lh >= 0, lw in [-W/2, W/2], flat lag lh * W + lw >= 0 */
     long flat[NL], reach; /* reach: the largest flat lag */
     int unit_columns;     /* every |lw| <= 1 */
 } Lags;
 
-/* sums[l] += sum_{i,j} x[i][j] x[(i + lh) % H][(j + lw) % W] for the lags, and
-   cross[t] += sum_i f[(i + o_t) % H] . x[i] for the row taps: f is the filtered reference
-   with `margin` wrapped rows before and after it (f_ext + margin * W is its row 0), tap[t] =
-   o_t * W with |o_t| <= margin. `tail` is scratch of 2 * reach floats, `first` and `last` of
-   H + 2 floats each. */
-static void plane_sums(const float *x, const Lags *g, const float *f_ext, int margin,
-                       const long *tap, float *tail, float *first, float *last, double *sums,
+/* sum_m x[m] * (y[m] - z[m]) over m < n */
+static float dot_diff(const float *restrict x, const float *restrict y, const float *restrict z,
+                      long n)
+{
+    float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+    for (long m = 0; m < n; ++m)
+        total += x[m] * (y[m] - z[m]);
+    return total;
+}
+
+/* The lag sums of `count` planes x (side by side) and, for the row taps (flat offsets tap[t]
+   = o_t * W, |o_t| <= margin rows, n_taps of them), cross[t] += sum over the planes of
+   f[(i + o_t) % H] . x[i], where f holds the planes' filtered references side by side with
+   `margin` rows of the block wrapped round before and after. Scratch: `tail` 2 * reach floats,
+   `first` and `last` H + 2 each. */
+__attribute__((noinline)) static void block_sums(const float *x, int count, const Lags *g, const float *f, const long *tap,
+                       int n_taps, float *tail, float *first, float *last, double *sums,
                        double *cross)
 {
-    long size = (long)g->H * g->W, reach = g->reach < size ? g->reach : size;
-    const float *f = f_ext + (long)margin * g->W;
-    /* the flat lags that stay inside the plane, then the last `reach` values against a
-       copy of the end and the start of the plane */
+    int H = g->H, W = g->W;
+    long plane = (long)H * W, size = plane * count, reach = g->reach;
+    /* the block as one circular vector: the lags that stay inside, then the last `reach`
+       values against a copy of the block's end and start */
     fused_pass(x, x, g->flat, f, tap, size - reach, sums, cross);
     memcpy(tail, x + size - reach, sizeof(float) * reach);
     memcpy(tail + reach, x, sizeof(float) * reach);
     fused_pass(tail, tail, g->flat, f + size - reach, tap, reach, sums, cross);
-    int H = g->H, W = g->W;
-    if (g->unit_columns) {
-        /* every column lag is -1, 0 or 1: the wrapping column of each row, read once into
-           short arrays with two rows of wrap-around, makes each correction a short dot */
-        for (int i = 0; i < H + 2; ++i) {
-            int row = i < H ? i : i - H;
-            first[i] = x[(long)row * W];
-            last[i] = x[(long)row * W + W - 1];
+    for (int c = 0; c < count && count > 1; ++c) {
+        /* (1) the end of plane c was paired with the start of the next plane, not its own */
+        const float *own = x + c * plane, *next = x + (c + 1 < count ? c + 1 : 0) * plane;
+        const float *prev = x + (c > 0 ? c - 1 : count - 1) * plane;
+        for (int l = 0; l < g->n_lags; ++l) {
+            long k = g->flat[l];
+            if (k)
+                sums[l] += (double)dot_diff(own + plane - k, own, next, k);
+        }
+        for (int t = 0; t < n_taps; ++t) {
+            long o = tap[t];
+            const float *fown = f + c * plane;
+            if (o > 0)
+                cross[t] += (double)dot_diff(own + plane - o, fown, f + (next - x), o);
+            else if (o < 0)
+                cross[t] += (double)dot_diff(own, fown + plane + o, f + (prev - x) + plane + o, -o);
+        }
+    }
+    for (int c = 0; c < count; ++c) {
+        /* (2) the wrapping columns: the flat lag paired them with the row after (lw > 0) or
+           before (lw < 0) the right one */
+        const float *p = x + c * plane;
+        if (g->unit_columns) {
+            /* each plane's first and last columns, with two rows of wrap-around: each
+               correction is then a short dot */
+            for (int i = 0; i < H + 2; ++i) {
+                int row = i < H ? i : i - H;
+                first[i] = p[(long)row * W];
+                last[i] = p[(long)row * W + W - 1];
+            }
+            for (int l = 0; l < g->n_lags; ++l) {
+                int lh = g->lh[l], lw = g->lw[l];
+                if (!lw)
+                    continue;
+                /* lw = 1: column W - 1 of row i went with column 0 of row i + lh + 1, not
+                   i + lh; lw = -1: column 0 of row i with column W - 1 of row i + lh - 1 */
+                const float *mine = lw > 0 ? last : first, *other = lw > 0 ? first : last;
+                int good = lh % H, bad = lw > 0 ? (lh + 1) % H : (lh + H - 1) % H;
+                sums[l] += (double)dot_diff(mine, other + good, other + bad, H);
+            }
+            continue;
         }
         for (int l = 0; l < g->n_lags; ++l) {
             int lh = g->lh[l], lw = g->lw[l];
             if (!lw)
                 continue;
-            /* lw = 1: column W - 1 of row i was paired with column 0 of row i + lh + 1
-               instead of row i + lh; lw = -1: column 0 of row i with column W - 1 of row
-               i + lh - 1 instead of i + lh (lh >= 1 then) */
-            const float *own = lw > 0 ? last : first, *other = lw > 0 ? first : last;
-            int good = lh % H, bad = lw > 0 ? (lh + 1) % H : (lh + H - 1) % H;
-            float part = 0.0f;
-            for (int i = 0; i < H; ++i)
-                part += own[i] * (other[good + i] - other[bad + i]);
-            sums[l] += (double)part;
+            int right = lh % H, wrong = lw > 0 ? (lh + 1) % H : (lh + H - 1) % H;
+            int width = lw > 0 ? lw : -lw, from = lw > 0 ? W - lw : 0, to = lw > 0 ? 0 : W + lw;
+            double part = 0.0;
+            for (int i = 0; i < H; ++i) {
+                part += dot_diff(p + (long)i * W + from, p + (long)right * W + to,
+                                 p + (long)wrong * W + to, width);
+                right = right + 1 == H ? 0 : right + 1;
+                wrong = wrong + 1 == H ? 0 : wrong + 1;
+            }
+            sums[l] += part;
         }
-        return;
-    }
-    for (int l = 0; l < g->n_lags; ++l) {
-        /* the wrapping columns: the flat lag paired them with the row after (lw > 0) or
-           before (lw < 0) the right one */
-        int lh = g->lh[l], lw = g->lw[l];
-        if (!lw)
-            continue;
-        int right = lh % H, wrong = lw > 0 ? (lh + 1) % H : (lh + H - 1) % H; /* rows, for i = 0 */
-        int width = lw > 0 ? lw : -lw, from = lw > 0 ? W - lw : 0, to = lw > 0 ? 0 : W + lw;
-        float part = 0.0f;
-        for (int i = 0; i < H; ++i) {
-            const float *row = x + (long)i * W + from;
-            const float *good = x + (long)right * W + to, *bad = x + (long)wrong * W + to;
-            for (int j = 0; j < width; ++j)
-                part += row[j] * (good[j] - bad[j]);
-            right = right + 1 == H ? 0 : right + 1;
-            wrong = wrong + 1 == H ? 0 : wrong + 1;
-        }
-        sums[l] += (double)part;
     }
 }
 
-/* out = sum_u w_u a[i][(j + o_u) % W] over an h x w plane, o_u in (-W/2, W/2] */
-static void filter_columns(float *restrict out, const float *restrict a, int H, int W,
+typedef float eight_t __attribute__((vector_size(32)));
+typedef int eight_index_t __attribute__((vector_size(32)));
+
+/* out[m][c] = in[c][m] for `count` planes of `plane` values, channels last with a row stride
+   of `lanes` >= count (the extra lanes are zeros). 8 x 8 tiles in registers. */
+__attribute__((noinline)) static void transpose(float *restrict out, const float *restrict in,
+                                                int count, int lanes, long plane)
+{
+    const eight_index_t lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
+    const eight_index_t pair_lo = {0, 1, 8, 9, 4, 5, 12, 13}, pair_hi = {2, 3, 10, 11, 6, 7, 14, 15};
+    const eight_index_t half_lo = {0, 1, 2, 3, 8, 9, 10, 11}, half_hi = {4, 5, 6, 7, 12, 13, 14, 15};
+    int full_c = count / 8 * 8;
+    long full_m = plane / 8 * 8;
+    for (long m0 = 0; m0 < full_m; m0 += 8)
+        for (int c0 = 0; c0 < full_c; c0 += 8) {
+            eight_t r[8], t[8], u[8];
+            for (int k = 0; k < 8; ++k)
+                memcpy(&r[k], in + (long)(c0 + k) * plane + m0, sizeof(eight_t));
+            for (int k = 0; k < 8; k += 2) {
+                t[k] = __builtin_shuffle(r[k], r[k + 1], lo);
+                t[k + 1] = __builtin_shuffle(r[k], r[k + 1], hi);
+            }
+            for (int k = 0; k < 8; k += 4) {
+                u[k] = __builtin_shuffle(t[k], t[k + 2], pair_lo);
+                u[k + 1] = __builtin_shuffle(t[k], t[k + 2], pair_hi);
+                u[k + 2] = __builtin_shuffle(t[k + 1], t[k + 3], pair_lo);
+                u[k + 3] = __builtin_shuffle(t[k + 1], t[k + 3], pair_hi);
+            }
+            for (int k = 0; k < 4; ++k) {
+                eight_t first = __builtin_shuffle(u[k], u[k + 4], half_lo);
+                eight_t second = __builtin_shuffle(u[k], u[k + 4], half_hi);
+                memcpy(out + (m0 + k) * lanes + c0, &first, sizeof(eight_t));
+                memcpy(out + (m0 + k + 4) * lanes + c0, &second, sizeof(eight_t));
+            }
+        }
+    for (long m = 0; m < plane; ++m) { /* the edges, and zeros in the extra lanes */
+        int from = m < full_m ? full_c : 0;
+        for (int c = from; c < count; ++c)
+            out[m * lanes + c] = in[(long)c * plane + m];
+        for (int c = count; c < lanes; ++c)
+            out[m * lanes + c] = 0.0f;
+    }
+}
+
+typedef float lanes_t __attribute__((vector_size(4 * VEC)));
+
+static inline lanes_t load(const float *p)
+{
+    lanes_t v;
+    memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+static float lane_sum(lanes_t v)
+{
+    float total = 0.0f;
+    for (int k = 0; k < VEC; ++k)
+        total += v[k];
+    return total;
+}
+
+/* Small planes: block_sums on the block with channels last (xt, ft: plane x lanes). A 2-D
+   circular lag is then a move from one position's channel vector to another's, so nothing
+   needs correcting, and channels are the vector lanes. nbr[l * plane + m]: the position lag l
+   takes m to; taps[t]: row offsets (t < n_taps). */
+__attribute__((noinline)) static void transposed_sums(const float *xt, int lanes, const Lags *g, const int *nbr,
+                            const float *ft, const int *taps, int n_taps, double *sums,
+                            double *cross)
+{
+    int H = g->H, W = g->W;
+    long plane = (long)H * W;
+    const int *n0 = nbr, *n1 = nbr + plane, *n2 = nbr + 2 * plane, *n3 = nbr + 3 * plane;
+    const int *n4 = nbr + 4 * plane;
+    for (int c0 = 0; c0 < lanes; c0 += VEC) {
+        lanes_t a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0};
+        lanes_t t0 = {0}, t1 = {0}, t2 = {0}, t3 = {0};
+        const float *x0 = xt + c0, *f0 = n_taps ? ft + c0 : x0;
+        for (int i = 0; i < H; ++i) {
+            /* a missing tap reads row i: its sum is unused */
+            long r0 = (long)wrap(i + (n_taps > 0 ? taps[0] : 0), H) * W * lanes;
+            long r1 = (long)wrap(i + (n_taps > 1 ? taps[1] : 0), H) * W * lanes;
+            long r2 = (long)wrap(i + (n_taps > 2 ? taps[2] : 0), H) * W * lanes;
+            long r3 = (long)wrap(i + (n_taps > 3 ? taps[3] : 0), H) * W * lanes;
+            for (int j = 0; j < W; ++j) {
+                long m = (long)i * W + j, col = (long)j * lanes;
+                lanes_t x = load(x0 + m * lanes);
+                a0 += x * load(x0 + (long)n0[m] * lanes);
+                a1 += x * load(x0 + (long)n1[m] * lanes);
+                a2 += x * load(x0 + (long)n2[m] * lanes);
+                a3 += x * load(x0 + (long)n3[m] * lanes);
+                a4 += x * load(x0 + (long)n4[m] * lanes);
+                t0 += x * load(f0 + r0 + col);
+                t1 += x * load(f0 + r1 + col);
+                t2 += x * load(f0 + r2 + col);
+                t3 += x * load(f0 + r3 + col);
+            }
+        }
+        lanes_t lag_acc[NL] = {a0, a1, a2, a3, a4}, tap_acc[NT] = {t0, t1, t2, t3};
+        for (int l = 0; l < g->n_lags; ++l)
+            sums[l] += (double)lane_sum(lag_acc[l]);
+        for (int t = 0; t < n_taps; ++t)
+            cross[t] += (double)lane_sum(tap_acc[t]);
+    }
+}
+
+/* out = sum_u w_u a[i][(j + o_u) % W] over an h x w plane, o_u in [-W/2, W/2] */
+__attribute__((noinline)) static void filter_columns(float *restrict out, const float *restrict a, int H, int W,
                            int n_taps, const int *offsets, const float *weights)
 {
-    long size = (long)H * W;
-    memset(out, 0, sizeof(float) * size);
+    long size = (long)H * W, low = 0, high = 0;
     for (int u = 0; u < n_taps; ++u) {
-        long k = wrap(offsets[u], (int)size); /* flat: out[n] += w a[(n + o) % size] */
-        float w = weights[u];
+        low = offsets[u] < low ? offsets[u] : low;
+        high = offsets[u] > high ? offsets[u] : high;
+    }
+    /* flat: out[n] = sum_u w_u a[(n + o_u) % size], all taps in one pass (one store) */
+    long start = -low < size ? -low : size, stop = size - high > start ? size - high : start;
+    if (n_taps == 4) {
+        const float *a0 = a + offsets[0], *a1 = a + offsets[1], *a2 = a + offsets[2];
+        const float *a3 = a + offsets[3];
+        float w0 = weights[0], w1 = weights[1], w2 = weights[2], w3 = weights[3];
 #pragma omp simd
-        for (long n = 0; n < size - k; ++n)
-            out[n] += w * a[n + k];
+        for (long n = start; n < stop; ++n)
+            out[n] = w0 * a0[n] + w1 * a1[n] + w2 * a2[n] + w3 * a3[n];
+    } else if (n_taps == 3) {
+        const float *a0 = a + offsets[0], *a1 = a + offsets[1], *a2 = a + offsets[2];
+        float w0 = weights[0], w1 = weights[1], w2 = weights[2];
 #pragma omp simd
-        for (long n = size - k; n < size; ++n)
-            out[n] += w * a[n + k - size];
+        for (long n = start; n < stop; ++n)
+            out[n] = w0 * a0[n] + w1 * a1[n] + w2 * a2[n];
+    } else {
+        memset(out + start, 0, sizeof(float) * (stop - start));
+        for (int u = 0; u < n_taps; ++u) {
+            const float *src = a + offsets[u];
+            float w = weights[u];
+#pragma omp simd
+            for (long n = start; n < stop; ++n)
+                out[n] += w * src[n];
+        }
+    }
+    for (int end = 0; end < 2; ++end) /* the ends, where a flat offset runs off the plane */
+        for (long n = end ? stop : 0; n < (end ? size : start); ++n) {
+            float v = 0.0f;
+            for (int u = 0; u < n_taps; ++u)
+                v += weights[u] * a[((n + offsets[u]) % size + size) % size];
+            out[n] = v;
+        }
+    for (int u = 0; u < n_taps; ++u) {
         int o = offsets[u];
+        float w = weights[u];
         for (int i = 0; i < H && o; ++i) {
             /* the o wrapping columns of row i took their value from the next (o > 0) or the
                previous (o < 0) row */
@@ -196,10 +341,89 @@ static void filter_columns(float *restrict out, const float *restrict a, int H, 
     }
 }
 
-static int shortest(int offset, int n)
+/* One block of `count` channels (of image b) with small planes, channels last: the
+   reference once, each filtered reference from it (vector lanes, no corrections), then per
+   shift the shifted block and, for exact shifts, the difference. scratch: (n_sets + 3) *
+   plane * lanes floats. */
+static void channels_last_block(const float *a, const float *shifted, long stride_s,
+                                long stride_b, int n_shifts, int n_images, int b, int count,
+                                int lanes, const Lags *g, const int *nbr, int n_lags,
+                                const int *mode, const int *roll, const int *row_start,
+                                const int *row_count, const int *row_off, const double *row_w,
+                                const int *col_set, int n_sets, const int *set_start,
+                                const int *set_count, const int *col_off, const float *col_w,
+                                long first_plane, float *scratch, double *out_lags,
+                                double *out_diff, double *out_cross)
 {
-    offset = wrap(offset, n);
-    return offset > n / 2 ? offset - n : offset;
+    int H = g->H, W = g->W;
+    long plane = (long)H * W, t_size = plane * lanes;
+    float *at = scratch, *ft = at + t_size, *xt = ft + t_size * n_sets, *dt = xt + t_size;
+    transpose(at, a, count, lanes, plane);
+    for (int k = 0; k < n_sets; ++k) {
+        float *f = ft + k * t_size;
+        for (int j = 0; j < W; ++j) {
+            /* column j of set k reads these columns (at most NT taps per pass) */
+            for (int first = set_start[k]; first < set_start[k] + set_count[k]; first += NT) {
+                int used = set_start[k] + set_count[k] - first;
+                used = used < NT ? used : NT;
+                long source[NT];
+                float weight[NT];
+                for (int u = 0; u < NT; ++u) {
+                    source[u] = (long)wrap(j + (u < used ? col_off[first + u] : 0), W) * lanes;
+                    weight[u] = u < used ? col_w[first + u] : 0.0f;
+                }
+                for (int i = 0; i < H; ++i) {
+                    const float *row = at + (long)i * W * lanes;
+                    float *out = f + ((long)i * W + j) * lanes;
+                    for (int c = 0; c < lanes; c += VEC) {
+                        lanes_t v = first == set_start[k] ? (lanes_t){0} : load(out + c);
+                        v += weight[0] * load(row + source[0] + c) + weight[1] * load(row + source[1] + c)
+                             + weight[2] * load(row + source[2] + c) + weight[3] * load(row + source[3] + c);
+                        memcpy(out + c, &v, sizeof(v));
+                    }
+                }
+            }
+        }
+    }
+    double unused[NT];
+    for (int s = 0; s < n_shifts; ++s) {
+        long slot = (long)s * n_images + b;
+        transpose(xt, shifted + s * stride_s + b * stride_b + first_plane * plane, count, lanes,
+                  plane);
+        double sums[NL] = {0.0}, cross[NT] = {0.0}, total = 0.0, spare[NL];
+        int taps[NT] = {0}, n_taps = mode[s] == 0 ? row_count[s] : 0;
+        for (int first = row_start[s]; first < row_start[s] + n_taps || first == row_start[s];
+             first += NT) {
+            /* more than NT taps: further passes, their lag sums unused */
+            int used = row_start[s] + n_taps - first;
+            used = used < NT ? used : NT;
+            for (int t = 0; t < used; ++t)
+                taps[t] = shortest(row_off[first + t], H);
+            transposed_sums(xt, lanes, g, nbr, ft + (long)col_set[s] * t_size, taps, used,
+                            first == row_start[s] ? sums : spare, cross);
+            for (int t = 0; t < used; ++t)
+                total += row_w[first + t] * cross[t];
+            memset(cross, 0, sizeof(cross));
+        }
+        out_cross[slot] += total;
+        for (int l = 0; l < n_lags; ++l)
+            out_lags[slot * n_lags + l] += sums[l];
+        if (mode[s] != 1)
+            continue;
+        int qh = roll[2 * s], qw = roll[2 * s + 1]; /* exact: d = x - roll(a, (qh, qw)) */
+        for (int i = 0; i < H; ++i)
+            for (int j = 0; j < W; ++j) {
+                long m = (long)i * W + j, source = (long)wrap(i - qh, H) * W + wrap(j - qw, W);
+                for (int c = 0; c < lanes; c += VEC) {
+                    lanes_t d = load(xt + m * lanes + c) - load(at + source * lanes + c);
+                    memcpy(dt + m * lanes + c, &d, sizeof(d));
+                }
+            }
+        double dsums[NL] = {0.0};
+        transposed_sums(dt, lanes, g, nbr, dt, NULL, 0, dsums, unused);
+        for (int l = 0; l < n_lags; ++l)
+            out_diff[slot * n_lags + l] += dsums[l];
+    }
 }
 
 /* Returns 0, or -1 when scratch memory could not be allocated or n_lags > NL. */
@@ -239,81 +463,103 @@ int shiftlab_bilinear(const float *ref, const float *shifted, long stride_s, lon
         int o = abs(shortest(row_off[t], H));
         margin = o > margin ? o : margin;
     }
-    long extended = (long)(H + 2 * margin) * W;
-    /* channels per block: their filtered references fill about half of a 1 MiB L2 cache */
-    int block = n_sets ? (int)((1L << 19) / ((long)sizeof(float) * extended * n_sets)) : 64;
+    /* channels per block: the block's filtered references fill about half of a 1 MiB L2
+       cache, and a block spans at least a few thousand values (one long pass) */
+    int block = n_sets ? (int)((1L << 19) / ((long)sizeof(float) * plane * n_sets)) : 64;
     block = block < 1 ? 1 : block;
+    long f_stride = plane * block + 2L * margin * W; /* one set's block, wrapped rows each side */
+    /* small planes with enough channels for the vector lanes: channels last, in blocks whose
+       scratch (the reference, its filtered copies, a shifted block, a difference) fills
+       about half the L2 cache */
+    int channels_last = plane <= SMALL_PLANE && channels >= VEC;
+    int lanes = (int)((1L << 19) / ((long)sizeof(float) * plane * (n_sets + 3))) / VEC * VEC;
+    lanes = lanes < VEC ? VEC : lanes;
+    long t_size = channels_last ? plane * lanes * (n_sets + 3) : 0;
     int *col_off = (int *)malloc(sizeof(int) * (total_taps + 1));
-    float *filtered = (float *)malloc(sizeof(float) * (extended * n_sets * block + 2 * plane +
-                                                       2 * g.reach + 2 * (H + 2) + 1));
-    /* a pass without taps reads the plane itself as its f (tap 0), the results unused */
-    if (!col_off || !filtered) {
+    int *nbr = (int *)malloc(sizeof(int) * (NL * plane + 1));
+    float *filtered = (float *)malloc(sizeof(float) * (f_stride * n_sets + plane * block +
+                                                       2 * g.reach + 2 * (H + 2) + 1 + t_size));
+    if (!col_off || !filtered || !nbr) {
         free(col_off);
         free(filtered);
+        free(nbr);
         return -1;
     }
-    float *diff = filtered + extended * n_sets * block, *tail = diff + plane;
+    float *diff = filtered + f_stride * n_sets, *tail = diff + plane * block;
     float *first = tail + 2 * g.reach, *last = first + H + 2;
+    float *transposed = last + H + 2;
+    for (int l = 0; l < NL; ++l) /* a missing lag (l >= n_lags) takes m to m: unused */
+        for (int i = 0; i < H; ++i)
+            for (int j = 0; j < W; ++j)
+                nbr[l * plane + (long)i * W + j] = l >= n_lags ? (int)((long)i * W + j) :
+                    (int)((long)((i + g.lh[l]) % H) * W + wrap(j + g.lw[l], W));
     for (int u = 0; u < total_taps; ++u)
         col_off[u] = shortest(col_off_in[u], W);
     double unused[NT];
-    for (int bc = first_bc; bc < last_bc;) {
+    for (int bc = first_bc; bc < last_bc && channels_last;) {
+        int b = bc / channels, c0 = bc % channels, count = lanes;
+        count = count < channels - c0 ? count : channels - c0;
+        count = count < last_bc - bc ? count : last_bc - bc;
+        channels_last_block(ref + ((long)b * channels + c0) * plane, shifted, stride_s, stride_b,
+                            n_shifts, n_images, b, count, (count + VEC - 1) / VEC * VEC, &g, nbr,
+                            n_lags, mode, roll, row_start, row_count, row_off, row_w, col_set,
+                            n_sets, set_start, set_count, col_off, col_w, c0, transposed,
+                            out_lags, out_diff, out_cross);
+        bc += count;
+    }
+    for (int bc = first_bc; bc < last_bc && !channels_last;) {
         /* a block of channels of one image: every shift streams through the block's planes,
-           which lie side by side in memory, while the block's filtered references stay in the
-           cache */
+           side by side in memory, while the block's filtered references stay in the cache */
         int b = bc / channels, c0 = bc % channels, count = block;
         count = count < channels - c0 ? count : channels - c0;
         count = count < last_bc - bc ? count : last_bc - bc;
-        for (int ci = 0; ci < count; ++ci)
-            for (int k = 0; k < n_sets; ++k) {
-                float *f = filtered + ((long)ci * n_sets + k) * extended;
-                filter_columns(f + (long)margin * W, ref + ((long)b * channels + c0 + ci) * plane,
-                               H, W, set_count[k], col_off + set_start[k], col_w + set_start[k]);
-                /* margin <= H / 2: the wrapped rows before and after */
-                memcpy(f, f + (long)H * W, sizeof(float) * margin * W);
-                memcpy(f + (long)(H + margin) * W, f + (long)margin * W, sizeof(float) * margin * W);
-            }
+        long size = plane * count, wrapped = (long)margin * W;
+        const float *a = ref + ((long)b * channels + c0) * plane;
+        for (int k = 0; k < n_sets; ++k) {
+            float *f = filtered + k * f_stride + wrapped;
+            for (int ci = 0; ci < count; ++ci)
+                filter_columns(f + ci * plane, a + ci * plane, H, W, set_count[k],
+                               col_off + set_start[k], col_w + set_start[k]);
+            /* margin <= H / 2 rows of the block's other end, before and after it */
+            memcpy(f - wrapped, f + size - wrapped, sizeof(float) * wrapped);
+            memcpy(f + size, f, sizeof(float) * wrapped);
+        }
         for (int s = 0; s < n_shifts; ++s) {
             long slot = (long)s * n_images + b;
-            for (int ci = 0; ci < count; ++ci) {
-                int c = c0 + ci;
-                const float *a = ref + ((long)b * channels + c) * plane;
-                const float *x = shifted + s * stride_s + b * stride_b + (long)c * plane;
-                /* the next plane of the walk, while this one is worked on */
-                const float *next = ci + 1 < count ? x + plane
-                                    : s + 1 < n_shifts ? x + stride_s - (long)ci * plane : NULL;
-                for (long k = 0; next && k < plane; k += 16)
-                    __builtin_prefetch(next + k);
-                double sums[NL] = {0.0}, cross[NT] = {0.0};
-                long tap[NT] = {0};
-                if (mode[s] == 0 && row_count[s] > 0) {
-                    const float *f = filtered + ((long)ci * n_sets + col_set[s]) * extended;
-                    double total = 0.0, spare[NL];
-                    for (int first_tap = row_start[s]; first_tap < row_start[s] + row_count[s];
-                         first_tap += NT) {
-                        int taps = row_start[s] + row_count[s] - first_tap;
-                        taps = taps < NT ? taps : NT;
-                        for (int t = 0; t < NT; ++t)
-                            tap[t] = t < taps ? (long)shortest(row_off[first_tap + t], H) * W : 0;
-                        /* more than NT taps: further passes, their lag sums unused */
-                        plane_sums(x, &g, f, margin, tap, tail, first, last,
-                                   first_tap == row_start[s] ? sums : spare, cross);
-                        for (int t = 0; t < taps; ++t)
-                            total += row_w[first_tap + t] * cross[t];
-                        memset(cross, 0, sizeof(cross));
-                    }
-                    out_cross[slot] += total;
-                } else {
-                    plane_sums(x, &g, x, 0, tap, tail, first, last, sums, unused);
+            const float *x = shifted + s * stride_s + b * stride_b + (long)c0 * plane;
+            double sums[NL] = {0.0}, cross[NT] = {0.0};
+            long tap[NT] = {0};
+            if (mode[s] == 0 && row_count[s] > 0) {
+                const float *f = filtered + (long)col_set[s] * f_stride + wrapped;
+                double total = 0.0, spare[NL];
+                for (int first_tap = row_start[s]; first_tap < row_start[s] + row_count[s];
+                     first_tap += NT) {
+                    int taps = row_start[s] + row_count[s] - first_tap;
+                    taps = taps < NT ? taps : NT;
+                    for (int t = 0; t < NT; ++t)
+                        tap[t] = t < taps ? (long)shortest(row_off[first_tap + t], H) * W : 0;
+                    /* more than NT taps: further passes, their lag sums unused */
+                    block_sums(x, count, &g, f, tap, taps, tail, first, last,
+                               first_tap == row_start[s] ? sums : spare, cross);
+                    for (int t = 0; t < taps; ++t)
+                        total += row_w[first_tap + t] * cross[t];
+                    memset(cross, 0, sizeof(cross));
                 }
-                for (int l = 0; l < n_lags; ++l)
-                    out_lags[slot * n_lags + l] += sums[l];
-                if (mode[s] == 1) { /* exact: d = x - roll(a, (qh, qw)) */
-                    int qh = roll[2 * s], qw = roll[2 * s + 1];
-                    int shift = wrap(-qw, W), split = W - shift; /* d[j] = x[j] - a[(j + shift) % W] */
+                out_cross[slot] += total;
+            } else {
+                /* no taps: the pass reads the block itself as its f (tap 0), results unused */
+                block_sums(x, count, &g, x, tap, 0, tail, first, last, sums, unused);
+            }
+            for (int l = 0; l < n_lags; ++l)
+                out_lags[slot * n_lags + l] += sums[l];
+            if (mode[s] == 1) { /* exact: d = x - roll(a, (qh, qw)) */
+                int qh = roll[2 * s], qw = roll[2 * s + 1];
+                int shift = wrap(-qw, W), split = W - shift; /* d[j] = x[j] - a[(j + shift) % W] */
+                for (int ci = 0; ci < count; ++ci)
                     for (int i = 0; i < H; ++i) {
-                        const float *arow = a + (long)wrap(i - qh, H) * W, *xrow = x + (long)i * W;
-                        float *drow = diff + (long)i * W;
+                        const float *arow = a + ci * plane + (long)wrap(i - qh, H) * W;
+                        const float *xrow = x + ci * plane + (long)i * W;
+                        float *drow = diff + ci * plane + (long)i * W;
 #pragma omp simd
                         for (int j = 0; j < split; ++j)
                             drow[j] = xrow[j] - arow[j + shift];
@@ -321,17 +567,17 @@ int shiftlab_bilinear(const float *ref, const float *shifted, long stride_s, lon
                         for (int j = split; j < W; ++j)
                             drow[j] = xrow[j] - arow[j + shift - W];
                     }
-                    double dsums[NL] = {0.0};
-                    plane_sums(diff, &g, diff, 0, tap, tail, first, last, dsums, unused);
-                    for (int l = 0; l < n_lags; ++l)
-                        out_diff[slot * n_lags + l] += dsums[l];
-                }
+                double dsums[NL] = {0.0};
+                block_sums(diff, count, &g, diff, tap, 0, tail, first, last, dsums, unused);
+                for (int l = 0; l < n_lags; ++l)
+                    out_diff[slot * n_lags + l] += dsums[l];
             }
         }
         bc += count;
     }
     free(filtered);
     free(col_off);
+    free(nbr);
     return 0;
 }
 
