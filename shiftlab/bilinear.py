@@ -127,14 +127,24 @@ class _Axis:
 def _axis_taps(plain: torch.Tensor, aligned: torch.Tensor, cross: torch.Tensor,
                quotient: torch.Tensor) -> Optional[_AxisTaps]:
     """Stencils of one axis, or None when a matrix is not circulant (a non-integer stride)."""
-    plain_taps = circulant_taps(plain)
-    aligned_taps = [circulant_taps(matrix) for matrix in aligned]
+    found: dict[bytes, Optional[Taps]] = {}
+
+    def taps_of(matrix: torch.Tensor) -> Optional[Taps]:  # shifts often share a matrix
+        key = matrix.numpy().tobytes()
+        if key not in found:
+            found[key] = circulant_taps(matrix)
+        return found[key]
+
+    plain_taps = taps_of(plain)
+    aligned_taps = [taps_of(matrix) for matrix in aligned]
     # the reference is filtered by (AᵀB)ᵀ and rolled by q: <T_q Pᵀ a, b> = <T_q a, P b>
-    phase_taps = [circulant_taps(matrix.T) for matrix in cross]
+    phase_taps = [taps_of(matrix.T.contiguous()) for matrix in cross]
     if plain_taps is None or any(t is None for t in aligned_taps + phase_taps):
         return None
-    cross_taps = [circulant_taps(matrix.T, roll=int(q)) for matrix, q in zip(cross, quotient)]
-    return _AxisTaps(plain_taps, aligned_taps, cross_taps, phase_taps, plain.shape[-1])
+    n = plain.shape[-1]
+    cross_taps = [tuple(sorted(((offset - int(q)) % n, weight) for offset, weight in taps))
+                  for taps, q in zip(phase_taps, quotient)]
+    return _AxisTaps(plain_taps, aligned_taps, cross_taps, phase_taps, n)
 
 
 def bilinear_axis(n: int, stride: float, shifts: torch.Tensor, crop: bool, border: int) -> _Axis:
@@ -258,6 +268,16 @@ class BilinearPlan:
                                                  source, offset)
                         cross[s, images] = dot(source, shifted[s, images])
 
+    def _native_norm(self, ref: torch.Tensor, plain: tuple[Taps, Taps]) -> torch.Tensor:
+        """<a, UᵀU a> per image (B,) float64 from the kernel's lag sums of the reference."""
+        key = ("native_norm", *ref.shape[-2:])
+        if key not in self._constants:
+            lags, coefficients = quadratic_lags(plain, *ref.shape[-2:])
+            self._constants[key] = (native.BilinearKernel(lags, [False], [(0, 0)], [()], [()]),
+                                    torch.tensor(coefficients, dtype=torch.float64))
+        kernel, weights = self._constants[key]
+        return kernel(ref, ref[None])[0][0] @ weights
+
     def _native(self, ref: torch.Tensor, shifted: torch.Tensor,
                 plain: tuple[Taps, Taps]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """|U b|², |U(a' - b)|² (exact shifts) and the cross terms (others) from the compiled
@@ -289,7 +309,9 @@ class BilinearPlan:
         valid = torch.ones(n_shifts, dtype=torch.bool, device=device)
         plain = (rows.plain, cols.plain)
         if "bilinear" not in cache:  # per image batch: <a, UᵀU a> and the peak
-            cache["bilinear"] = {plain: quadratic(ref, plain, workspace)}
+            use_kernel = native.usable(ref, ref[None])
+            cache["bilinear"] = {plain: self._native_norm(ref, plain) if use_kernel
+                                 else quadratic(ref, plain, workspace)}
             if self.need_peak:
                 cache["bilinear_peak"] = value_range(ref[None], None)[0]
         norms = cache["bilinear"]

@@ -118,8 +118,9 @@ def circulant_taps(matrix: torch.Tensor, roll: int = 0) -> Optional[Taps]:
                           atol=1e-9 * scale):
         return None
     # (M x)[i] = Σ_j first[j] x[i + j]; rolled by q: x[i - q + j]
-    return tuple(sorted(((j - roll) % n, float(first[j])) for j in range(n)
-                        if abs(float(first[j])) > 1e-12 * scale))
+    values = first.tolist()  # one conversion, not one per entry
+    return tuple(sorted(((j - roll) % n, value) for j, value in enumerate(values)
+                        if abs(value) > 1e-12 * scale))
 
 
 def dense_circulant(taps: Taps, n: int) -> torch.Tensor:
