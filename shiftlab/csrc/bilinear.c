@@ -86,16 +86,34 @@ typedef struct {
     int unit_columns;     /* every |lw| <= 1 */
 } Lags;
 
-/* sum_m x[m] * (y[m] - z[m]) over m < n */
-static float dot_diff(const float *restrict x, const float *restrict y, const float *restrict z,
-                      long n)
+typedef float lanes_t __attribute__((vector_size(4 * VEC)));
+
+static inline lanes_t load(const float *p)
+{
+    lanes_t v;
+    memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+static float lane_sum(lanes_t v)
 {
     float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-    for (long m = 0; m < n; ++m)
-        total += x[m] * (y[m] - z[m]);
+    for (int k = 0; k < VEC; ++k)
+        total += v[k];
     return total;
 }
+
+/* acc += x[m] * (y[m] - z[m]) over m < n, lane-wise: summed across lanes once per block */
+static inline void dot_diff_into(lanes_t *acc, const float *x, const float *y, const float *z,
+                                 long n)
+{
+    long m = 0;
+    for (; m + VEC <= n; m += VEC)
+        *acc += load(x + m) * (load(y + m) - load(z + m));
+    for (; m < n; ++m)
+        (*acc)[0] += x[m] * (y[m] - z[m]);
+}
+
 
 /* The lag sums of `count` planes x (side by side) and, for the row taps (flat offsets tap[t]
    = o_t * W, |o_t| <= margin rows, n_taps of them), cross[t] += sum over the planes of
@@ -114,6 +132,7 @@ __attribute__((noinline)) static void block_sums(const float *x, int count, cons
     memcpy(tail, x + size - reach, sizeof(float) * reach);
     memcpy(tail + reach, x, sizeof(float) * reach);
     fused_pass(tail, tail, g->flat, f + size - reach, tap, reach, sums, cross);
+    lanes_t lag_fix[NL] = {{0}}, tap_fix[NT] = {{0}};
     for (int c = 0; c < count && count > 1; ++c) {
         /* (1) the end of plane c was paired with the start of the next plane, not its own */
         const float *own = x + c * plane, *next = x + (c + 1 < count ? c + 1 : 0) * plane;
@@ -121,15 +140,15 @@ __attribute__((noinline)) static void block_sums(const float *x, int count, cons
         for (int l = 0; l < g->n_lags; ++l) {
             long k = g->flat[l];
             if (k)
-                sums[l] += (double)dot_diff(own + plane - k, own, next, k);
+                dot_diff_into(&lag_fix[l], own + plane - k, own, next, k);
         }
         for (int t = 0; t < n_taps; ++t) {
             long o = tap[t];
             const float *fown = f + c * plane;
             if (o > 0)
-                cross[t] += (double)dot_diff(own + plane - o, fown, f + (next - x), o);
+                dot_diff_into(&tap_fix[t], own + plane - o, fown, f + (next - x), o);
             else if (o < 0)
-                cross[t] += (double)dot_diff(own, fown + plane + o, f + (prev - x) + plane + o, -o);
+                dot_diff_into(&tap_fix[t], own, fown + plane + o, f + (prev - x) + plane + o, -o);
         }
     }
     for (int c = 0; c < count; ++c) {
@@ -152,7 +171,7 @@ __attribute__((noinline)) static void block_sums(const float *x, int count, cons
                    i + lh; lw = -1: column 0 of row i with column W - 1 of row i + lh - 1 */
                 const float *mine = lw > 0 ? last : first, *other = lw > 0 ? first : last;
                 int good = lh % H, bad = lw > 0 ? (lh + 1) % H : (lh + H - 1) % H;
-                sums[l] += (double)dot_diff(mine, other + good, other + bad, H);
+                dot_diff_into(&lag_fix[l], mine, other + good, other + bad, H);
             }
             continue;
         }
@@ -162,16 +181,18 @@ __attribute__((noinline)) static void block_sums(const float *x, int count, cons
                 continue;
             int right = lh % H, wrong = lw > 0 ? (lh + 1) % H : (lh + H - 1) % H;
             int width = lw > 0 ? lw : -lw, from = lw > 0 ? W - lw : 0, to = lw > 0 ? 0 : W + lw;
-            double part = 0.0;
             for (int i = 0; i < H; ++i) {
-                part += dot_diff(p + (long)i * W + from, p + (long)right * W + to,
-                                 p + (long)wrong * W + to, width);
+                dot_diff_into(&lag_fix[l], p + (long)i * W + from, p + (long)right * W + to,
+                              p + (long)wrong * W + to, width);
                 right = right + 1 == H ? 0 : right + 1;
                 wrong = wrong + 1 == H ? 0 : wrong + 1;
             }
-            sums[l] += part;
         }
     }
+    for (int l = 0; l < g->n_lags; ++l)
+        sums[l] += (double)lane_sum(lag_fix[l]);
+    for (int t = 0; t < n_taps; ++t)
+        cross[t] += (double)lane_sum(tap_fix[t]);
 }
 
 typedef float eight_t __attribute__((vector_size(32)));
@@ -218,22 +239,6 @@ __attribute__((noinline)) static void transpose(float *restrict out, const float
     }
 }
 
-typedef float lanes_t __attribute__((vector_size(4 * VEC)));
-
-static inline lanes_t load(const float *p)
-{
-    lanes_t v;
-    memcpy(&v, p, sizeof(v));
-    return v;
-}
-
-static float lane_sum(lanes_t v)
-{
-    float total = 0.0f;
-    for (int k = 0; k < VEC; ++k)
-        total += v[k];
-    return total;
-}
 
 /* Small planes: block_sums on the block with channels last (xt, ft: plane x lanes). A 2-D
    circular lag is then a move from one position's channel vector to another's, so nothing
@@ -323,19 +328,14 @@ __attribute__((noinline)) static void filter_columns(float *restrict out, const 
     for (int u = 0; u < n_taps; ++u) {
         int o = offsets[u];
         float w = weights[u];
-        for (int i = 0; i < H && o; ++i) {
-            /* the o wrapping columns of row i took their value from the next (o > 0) or the
-               previous (o < 0) row */
-            float *row = out + (long)i * W;
-            const float *right = a + (long)i * W;
-            if (o > 0) {
-                const float *wrong = a + (long)((i + 1) % H) * W;
-                for (int j = W - o; j < W; ++j)
-                    row[j] += w * (right[j + o - W] - wrong[j + o - W]);
-            } else {
-                const float *wrong = a + (long)((i + H - 1) % H) * W;
-                for (int j = 0; j < -o; ++j)
-                    row[j] += w * (right[j + o + W] - wrong[j + o + W]);
+        /* the |o| wrapping columns of each row took their value from the next (o > 0) or
+           the previous (o < 0) row: a column at a time, down the rows */
+        for (int m = 0; m < (o > 0 ? o : -o); ++m) {
+            int j = o > 0 ? W - o + m : m, source = o > 0 ? m : W + o + m;
+            int step = o > 0 ? 1 : H - 1;
+            for (int i = 0; i < H; ++i) {
+                int other = i + step < H ? i + step : i + step - H;
+                out[(long)i * W + j] += w * (a[(long)i * W + source] - a[(long)other * W + source]);
             }
         }
     }
