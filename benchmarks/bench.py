@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 import shiftlab
+import shiftlab.native
 from shiftlab.capture import LayerCapture
 from shiftlab.engine import batch_layout
 from shiftlab.estimate import peak_memory
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
         "images": args.images, "batch_size": args.batch_size, "device": str(device),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "python": platform.python_version(), "repeat": args.repeat, "probe_seconds": probe,
-        "malloc": args.malloc,
+        "malloc": args.malloc, "cpu_kernel": shiftlab.native.status(),
         "rows": rows, "memory_flatness": memory,
     }
     _print_table(report)
@@ -213,7 +214,8 @@ def _time(work: Callable[[], object], device: torch.device) -> float:
 def _print_table(report: dict) -> None:
     print(f"# {report['model']} {report['size']}px, {report['grid']} shifts x {report['images']} images,"
           f" batch {report['batch_size']}, {report['device']} ({report['threads']} threads),"
-          f" fastest of {report['repeat']}, malloc {report['malloc']}", file=sys.stderr)
+          f" fastest of {report['repeat']}, malloc {report['malloc']},"
+          f" CPU kernel {report['cpu_kernel']}", file=sys.stderr)
     print(f"{'variant':<28} {'seconds':>8} {'img*shift/s':>11} {'peak MB':>8} {'x floor':>8}"
           f" {'spread':>7} {'w/o probe':>9}", file=sys.stderr)
     for row in report["rows"]:

@@ -1,7 +1,7 @@
 """Compiled CPU kernels, built on first use with the machine's C compiler and cached.
 
 Why: on a CPU each eager PyTorch operation is one pass over a feature map, and the circular
-bilinear comparison needs about a dozen of them per shifted map (a 3-tap norm, a filtered and
+bilinear comparison needs about ten of them per shifted map (a 3-tap norm, a filtered and
 rolled reference, an inner product), where the forward pass that made the map read it once. The
 kernel in ``csrc/bilinear.c`` does all of it in one read (see there). ``torch.compile`` would be
 the library route; on this kind of CPU its code for these reductions was ~100× slower than a BLAS
@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional, Sequence
@@ -30,7 +31,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .errors import ShiftlabError, one_line
+from .errors import ShiftlabError, UsageError, one_line
 
 SOURCE = Path(__file__).with_name("csrc") / "bilinear.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-std=gnu99", "-shared", "-fPIC")
@@ -44,10 +45,16 @@ _lock = threading.Lock()
 _state: dict = {}
 
 
+_MODES = {"0": "off", "false": "off", "no": "off", "off": "off", "1": "on", "true": "on",
+          "yes": "on", "on": "on", "auto": "auto", "": "auto"}
+
+
 def _mode() -> str:
     value = os.environ.get("SHIFTLAB_NATIVE", "auto").strip().lower()
-    return {"0": "off", "false": "off", "no": "off", "1": "on", "true": "on", "yes": "on"}.get(
-        value, "auto")
+    if value not in _MODES:
+        raise UsageError(f"SHIFTLAB_NATIVE={value!r}: use 1 (require the compiled kernel), "
+                         "0 (never use it) or auto")
+    return _MODES[value]
 
 
 def _cache_dir() -> Path:
@@ -72,6 +79,13 @@ def _cpu_signature() -> str:
     return "\n".join([platform.machine(), platform.processor(), *lines])
 
 
+def _private(directory: Path) -> bool:
+    """Only this user can put a library where it will be loaded from: owned by them, not
+    writable by group or others (a shared /tmp must not serve somebody else's .so)."""
+    info = directory.stat()
+    return not hasattr(os, "getuid") or (info.st_uid == os.getuid() and not info.st_mode & 0o022)
+
+
 def _compiler() -> Optional[str]:
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if name and shutil.which(name):
@@ -87,10 +101,13 @@ def _build(compiler: str) -> Path:
                                          _cpu_signature().encode()])).hexdigest()[:20]
         for directory in (_cache_dir(), Path(tempfile.gettempdir()) / f"shiftlab-{os.getuid()}"):
             target = directory / f"bilinear-{key}.so"
-            if target.exists():
-                return target
             try:
-                directory.mkdir(parents=True, exist_ok=True)
+                directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+                if not _private(directory):
+                    errors.append(f"{directory} is writable by other users: not used")
+                    continue
+                if target.exists():
+                    return target
                 handle, partial = tempfile.mkstemp(suffix=".so", dir=directory)
                 os.close(handle)
             except OSError as exc:
@@ -129,6 +146,10 @@ def _load() -> Optional[ctypes.CDLL]:
             except (OSError, AttributeError) as exc:
                 library, reason = None, one_line(exc)
         _state["library"], _state["reason"] = library, reason
+        if library is None and _mode() == "auto":  # once per process: the numbers are the same
+            warnings.warn(f"shiftlab's compiled CPU kernel is not available ({reason}); the "
+                          "bilinear alignment runs slower on the CPU (ResNet-50: about 1.7x; "
+                          "SHIFTLAB_NATIVE=0 silences this)", RuntimeWarning, stacklevel=2)
         return library
 
 
@@ -147,7 +168,9 @@ def usable(ref: torch.Tensor, shifted: torch.Tensor) -> bool:
             or shifted.dtype != torch.float32 or not ref.is_contiguous():
         return False
     channels, height, width = shifted.shape[2:]
-    if shifted.stride()[2:] != (height * width, width, 1) and shifted.numel() > 0:
+    expected = (height * width, width, 1)  # the strides of size-1 dims do not matter
+    if any(size > 1 and stride != want for size, stride, want
+           in zip(shifted.shape[2:], shifted.stride()[2:], expected)):
         return False
     if _load() is None:
         if _mode() == "on":

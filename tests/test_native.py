@@ -1,0 +1,206 @@
+"""The compiled bilinear kernel (shiftlab.native) against the eager code and explicit
+upsampling, its fallbacks, and how it is built and cached."""
+from __future__ import annotations
+
+import math
+import os
+import stat
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from shiftlab import native
+from shiftlab.align import make_plan
+from shiftlab.errors import ShiftlabError, UsageError
+from shiftlab.geometry import LayerInfo
+from shiftlab.metrics import distance
+
+from test_bilinear import explicit_cosine
+
+pytestmark = pytest.mark.skipif(native.status() != "native",
+                                reason=f"compiled kernel unavailable: {native.status()}")
+
+
+def _plan(stride: int, shape: tuple[int, int, int], shifts):
+    info = LayerInfo("x", "Test", "spatial", (float(stride),) * 2, (float(stride),) * 2, shape)
+    return make_plan(info, torch.tensor(shifts, dtype=torch.float64), "circular", "bilinear")
+
+
+def _both(plan, ref, shifted, monkeypatch):
+    """(kernel, eager) statistics of one comparison."""
+    monkeypatch.setenv("SHIFTLAB_NATIVE", "1")
+    fast = plan.compare(ref, shifted)
+    monkeypatch.setenv("SHIFTLAB_NATIVE", "0")
+    slow = plan.compare(ref, shifted)
+    return fast, slow
+
+
+@settings(max_examples=25, deadline=None)
+@given(stride=st.sampled_from([2, 3, 4, 8, 16]), height=st.integers(1, 17),
+       width=st.integers(1, 17), channels=st.sampled_from([1, 3, 16, 37]),
+       images=st.integers(1, 2), seed=st.integers(0, 2**16), data=st.data())
+def test_kernel_equals_the_eager_comparison_on_random_maps(stride, height, width, channels, images,
+                                                           seed, data):
+    """Small planes with 16 or more channels go channels last, the others block-flat; the shifts
+    mix whole feature pixels (difference form) and every phase (cross term)."""
+    shifts = data.draw(st.lists(st.tuples(st.integers(-2 * stride, 3 * stride),
+                                          st.integers(-2 * stride, 3 * stride)),
+                                min_size=1, max_size=7))
+    generator = torch.Generator().manual_seed(seed)
+    ref = torch.randn(images, channels, height, width, generator=generator)
+    shifted = ref[None] + 0.5 * torch.randn(len(shifts), images, channels, height, width,
+                                            generator=generator)
+    plan = _plan(stride, (channels, height, width), shifts)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        fast, slow = _both(plan, ref, shifted, monkeypatch)
+    for name in ("ref_sq", "shifted_sq", "diff_sq"):
+        got, want = getattr(fast, name), getattr(slow, name)
+        scale = float(want.abs().max()) + 1e-12
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6 * scale,
+                                   err_msg=name)
+
+
+@pytest.mark.parametrize("channels, size", [(20, 9), (3, 21)])  # channels last, block-flat
+def test_kernel_matches_explicit_upsampling_for_both_layouts(channels, size):
+    stride = 4
+    shifts = [(1, 1), (2, 1), (9, 9), (11, 5), (4, 0), (3, 3), (-2, 6)]
+    generator = torch.Generator().manual_seed(5)
+    ref = torch.randn(2, channels, size, size + 1, generator=generator)
+    shifted = ref[None] + 0.5 * torch.randn(len(shifts), 2, channels, size, size + 1,
+                                            generator=generator)
+    plan = _plan(stride, (channels, size, size + 1), shifts)
+    got = distance(plan.compare(ref, shifted), "cosine").numpy()
+    np.testing.assert_allclose(got, explicit_cosine(ref, shifted, shifts, stride), rtol=1e-4,
+                               atol=2e-6)
+
+
+@pytest.mark.parametrize("channels, size", [(20, 7), (3, 10), (3, 30)])
+def test_kernel_gives_nan_and_inf_where_the_eager_code_does(channels, size, monkeypatch):
+    shifts = [(1, 1), (2, 1), (4, 0), (8, 8), (3, 3)]
+    generator = torch.Generator().manual_seed(3)
+    ref = torch.randn(2, channels, size, size, generator=generator)
+    shifted = ref[None] + 0.5 * torch.randn(len(shifts), 2, channels, size, size,
+                                            generator=generator)
+    shifted[1, 0, 0, 2, 3] = math.inf
+    shifted[2, 1, 0, 1, 1] = math.nan
+    shifted[3, 0, 1 % channels, 0, 0] = -math.inf
+    bad_ref = ref.clone()
+    bad_ref[1, 0, 3, 3] = math.inf
+    plan = _plan(4, (channels, size, size), shifts)
+    for reference in (ref, bad_ref):
+        fast, slow = _both(plan, reference, shifted, monkeypatch)
+        a, b = distance(fast, "cosine"), distance(slow, "cosine")
+        assert torch.equal(torch.isnan(a), torch.isnan(b))
+        assert torch.equal(torch.isinf(a), torch.isinf(b))
+        finite = torch.isfinite(b)
+        assert bool(finite.any())
+        np.testing.assert_allclose(a[finite].numpy(), b[finite].numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_kernel_reads_any_strides_of_the_shift_and_image_dimensions(monkeypatch):
+    """A view with the images first (S and B strides swapped) and an expanded reference (stride
+    0): same numbers as the eager code, not a copy's."""
+    shifts = [(1, 2), (5, 3), (4, 4)]
+    generator = torch.Generator().manual_seed(1)
+    ref = torch.randn(2, 3, 11, 12, generator=generator)
+    stored = torch.randn(2, len(shifts), 3, 11, 12, generator=generator)
+    plan = _plan(4, (3, 11, 12), shifts)
+    for shifted in (stored.transpose(0, 1), ref[None].expand(len(shifts), -1, -1, -1, -1)):
+        monkeypatch.setenv("SHIFTLAB_NATIVE", "1")
+        assert native.usable(ref, shifted)
+        fast, slow = _both(plan, ref, shifted, monkeypatch)
+        np.testing.assert_allclose(fast.diff_sq.numpy(), slow.diff_sq.numpy(), rtol=1e-5,
+                                   atol=1e-5)
+
+
+def test_kernel_declines_float64_and_planes_that_are_not_contiguous(monkeypatch):
+    monkeypatch.setenv("SHIFTLAB_NATIVE", "1")
+    ref = torch.randn(1, 2, 6, 6)
+    assert native.usable(ref, ref[None])
+    assert not native.usable(ref.double(), ref.double()[None])
+    assert not native.usable(ref, ref.transpose(-1, -2)[None])
+
+
+def test_without_openmp_the_kernel_splits_the_work_over_python_threads(monkeypatch):
+    """A library built without OpenMP (Apple clang) has no *_parallel entry point: each thread
+    takes a range of (image, channel) pairs; the sums are the same."""
+    shifts = [(1, 1), (2, 3), (4, 0)]
+    generator = torch.Generator().manual_seed(2)
+    ref = torch.randn(2, 5, 9, 9, generator=generator)
+    shifted = torch.randn(3, 2, 5, 9, 9, generator=generator)
+    lags = [(0, 0), (0, 1), (1, 0), (1, 1), (1, 8)]
+    taps = [((0, 0.5), (1, 0.25), (8, 0.25))] * 3
+    kernel = native.BilinearKernel(lags, [False, False, True], [(0, 0), (0, 0), (1, 0)],
+                                   taps[:2] + [None], taps[:2] + [None])
+    with_openmp = kernel(ref, shifted)
+
+    class Serial:  # the library as a build without OpenMP would export it
+        shiftlab_bilinear = kernel.library.shiftlab_bilinear
+
+    kernel.library = Serial
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    for got, want in zip(kernel(ref, shifted), with_openmp):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-12, atol=1e-9)
+
+
+def test_required_kernel_that_cannot_be_built_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("SHIFTLAB_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    monkeypatch.setattr(native, "_compiler", lambda: "/bin/false")
+    monkeypatch.setenv("SHIFTLAB_NATIVE", "1")
+    ref = torch.randn(1, 2, 5, 5)
+    with pytest.raises(ShiftlabError, match="SHIFTLAB_NATIVE=1 but the kernel cannot be built") as info:
+        native.usable(ref, ref[None])
+    assert "\n" not in str(info.value)
+
+
+def test_automatic_mode_falls_back_to_the_eager_code_with_one_warning(tmp_path, monkeypatch):
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("SHIFTLAB_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    monkeypatch.setenv("SHIFTLAB_NATIVE", "auto")
+    shifts = [(1, 1), (4, 0)]
+    ref = torch.randn(1, 2, 9, 9, generator=torch.Generator().manual_seed(0))
+    shifted = ref[None] + 0.1
+    plan = _plan(4, (2, 9, 9), shifts)
+    with pytest.warns(RuntimeWarning, match="compiled CPU kernel is not available"):
+        stats = plan.compare(ref, shifted.expand(2, -1, -1, -1, -1).contiguous())
+    assert native.status().startswith("eager (kernel not built: no C compiler")
+    assert bool(torch.isfinite(stats.diff_sq).all())
+
+
+def test_an_unknown_native_setting_is_a_usage_error(monkeypatch):
+    monkeypatch.setenv("SHIFTLAB_NATIVE", "sometimes")
+    ref = torch.randn(1, 1, 3, 3)
+    with pytest.raises(UsageError, match="SHIFTLAB_NATIVE='sometimes'"):
+        native.usable(ref, ref[None])
+
+
+def test_the_library_is_built_once_and_then_loaded_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("SHIFTLAB_CACHE_DIR", str(tmp_path / "cache"))
+    first = native._build(native._compiler())
+    built = first.stat().st_mtime_ns
+    assert first.parent == tmp_path / "cache" and first.suffix == ".so"
+    assert native._build(native._compiler()) == first and first.stat().st_mtime_ns == built
+    assert not stat.S_IMODE(first.parent.stat().st_mode) & 0o022
+
+
+def test_a_cache_directory_others_can_write_to_is_not_used(tmp_path, monkeypatch):
+    """Somebody else's library must never be loaded: a group- or world-writable directory
+    (a shared /tmp) is skipped, and the private fallback is used instead."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    monkeypatch.setenv("SHIFTLAB_CACHE_DIR", str(shared))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "private-tmp"))
+    (tmp_path / "private-tmp").mkdir()
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    built = native._build(native._compiler())
+    assert shared not in built.parents
+    assert built.parent == tmp_path / "private-tmp" / f"shiftlab-{os.getuid()}"
+    assert list(shared.iterdir()) == []
