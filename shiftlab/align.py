@@ -26,6 +26,7 @@ from typing import Optional, Union
 
 import torch
 
+from . import native
 from .bilinear import BilinearPlan, bilinear_axis
 from .errors import UsageError
 from .geometry import LayerInfo
@@ -39,6 +40,9 @@ SCRATCH_BYTES = 32 * 2**20
 size (circular mode walks cache-sized blocks instead)."""
 
 ALIGNMENTS = ("exact", "bilinear", "fourier")
+KERNEL_PLANE = 256
+"""Exact and Fourier alignments, circular mode, CPU: maps of at least this many positions use
+the compiled kernel (:func:`shiftlab.native.difference_sums`); smaller ones the eager steps."""
 
 
 def compare_global(ref: torch.Tensor, shifted: torch.Tensor, need_peak: bool) -> ComparisonStats:
@@ -162,6 +166,9 @@ class RollPlan:
         limit = _step(ref)
         map_bytes = ref[0].numel() * ref.element_size()
         fractional_index = 0
+        # the compiled kernel for planes large enough that one call per group pays off
+        use_kernel = mask is None and ref.shape[-2] * ref.shape[-1] >= KERNEL_PLANE \
+            and native.usable(ref, shifted)
         for residue, by_offset in self.groups:
             source = ref
             if residue is not None:  # band-limited shift of the reference
@@ -171,6 +178,17 @@ class RollPlan:
                 norm, top = cache["roll"] if residue is None else (
                     sum_sq(source[None])[0],
                     value_range(source[None], None)[0] if self.need_peak else None)
+            if use_kernel:  # every shift of this group in one read of each map
+                index = [i for _, indices in by_offset for i in indices]
+                positions = torch.tensor(index)
+                # (an inverse FFT along rows can return a non-contiguous map)
+                shifted_sq[positions], diff_sq[positions] = native.difference_sums(
+                    source.contiguous(), shifted, index, [offset for offset, indices in by_offset
+                                             for _ in indices])
+                ref_sq[positions] = norm
+                if peak is not None:
+                    peak[positions] = top
+                continue
             for offset, indices in by_offset:
                 aligned = None
                 if mask is not None:

@@ -242,6 +242,7 @@ class BilinearKernel:
         """ref (B, C, h, w) contiguous, shifted (S, B, C, h, w) with contiguous planes ->
         lag sums (S, B, L), lag sums of the difference (S, B, L, exact shifts) and cross terms
         (S, B), float64."""
+        ref = ref.contiguous()  # the kernel walks it as (B, C, h, w) with no gaps
         n_shifts, n_images, channels, height, width = shifted.shape
         steps = [ctypes.c_long(shifted.stride(0)), ctypes.c_long(shifted.stride(1))] \
             if shifted.numel() else [ctypes.c_long(0), ctypes.c_long(0)]
@@ -269,3 +270,41 @@ class BilinearKernel:
             raise MemoryError("shiftlab's bilinear kernel could not allocate its scratch memory")
         return tuple(torch.from_numpy(sum(part[i] for part in outputs))  # type: ignore
                      for i in range(3))
+
+
+def difference_sums(ref: torch.Tensor, shifted: torch.Tensor, index: Sequence[int],
+                    rolls: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ b² and Σ (b - roll(a, q))² per (shift, image) in one read of each shifted map, for the
+    shifts ``shifted[index[k]]`` rolled by ``rolls[k]`` (the exact and Fourier alignments).
+
+    ref (B, C, h, w) contiguous, shifted (S, B, C, h, w) with contiguous planes -> two
+    (len(index), B) float64.
+    """
+    library = _load()
+    ref = ref.contiguous()  # the kernel walks it as (B, C, h, w) with no gaps
+    _, n_images, channels, height, width = shifted.shape
+    count = len(index)
+    arrays = (_ints(index), _ints(value for roll in rolls for value in roll))
+    steps = [ctypes.c_long(shifted.stride(0)), ctypes.c_long(shifted.stride(1))]
+    common = [ctypes.c_void_p(ref.data_ptr()), ctypes.c_void_p(shifted.data_ptr()), *steps,
+              count, n_images, channels, height, width]
+    units = n_images * channels
+    workers = max(1, min(torch.get_num_threads(), units))
+    parallel = getattr(library, "shiftlab_difference_parallel", None)
+    parts = 1 if parallel is not None else workers
+    outputs = [(np.zeros((count, n_images)), np.zeros((count, n_images))) for _ in range(parts)]
+    tables = [array.ctypes.data_as(ctypes.c_void_p) for array in arrays]
+
+    def pointers(k: int) -> list:
+        return [array.ctypes.data_as(ctypes.c_void_p) for array in outputs[k]]
+
+    if parallel is not None:
+        codes = [parallel(*common, workers, *tables, *pointers(0))]
+    else:
+        bounds = [units * k // parts for k in range(parts + 1)]
+        run = lambda k: library.shiftlab_difference(  # noqa: E731
+            *common, bounds[k], bounds[k + 1], *tables, *pointers(k))
+        codes = [run(0)] if parts == 1 else list(_pool(parts).map(run, range(parts)))
+    if any(codes):
+        raise MemoryError("shiftlab's comparison kernel could not allocate its scratch memory")
+    return tuple(torch.from_numpy(sum(part[i] for part in outputs)) for i in range(2))  # type: ignore

@@ -204,3 +204,37 @@ def test_a_cache_directory_others_can_write_to_is_not_used(tmp_path, monkeypatch
     assert shared not in built.parents
     assert built.parent == tmp_path / "private-tmp" / f"shiftlab-{os.getuid()}"
     assert list(shared.iterdir()) == []
+
+
+@pytest.mark.parametrize("align", ["exact", "fourier"])
+@pytest.mark.parametrize("stride, size", [(1, 17), (2, 16), (4, 20)])
+def test_difference_kernel_equals_the_eager_exact_and_fourier_comparisons(align, stride, size,
+                                                                          monkeypatch):
+    """Planes of 256 or more positions: every shift of a fraction group (and all whole-pixel
+    shifts) in one call, each with its own roll; fractional Fourier sources included."""
+    shifts = [(1, 1), (2, 3), (-3, 5), (4, 0), (0, 4), (7, -6), (stride, 2 * stride)]
+    generator = torch.Generator().manual_seed(stride)
+    ref = torch.randn(2, 3, size, size + 1, generator=generator)
+    shifted = torch.roll(ref, (1, 2), dims=(-2, -1))[None] + 0.3 * torch.randn(
+        len(shifts), 2, 3, size, size + 1, generator=generator)
+    info = LayerInfo("x", "Test", "spatial", (float(stride),) * 2, (float(stride),) * 2,
+                     (3, size, size + 1))
+    plan = make_plan(info, torch.tensor(shifts, dtype=torch.float64), "circular", align)
+    fast, slow = _both(plan, ref, shifted, monkeypatch)
+    for name in ("ref_sq", "shifted_sq", "diff_sq"):
+        got, want = getattr(fast, name), getattr(slow, name)
+        assert torch.equal(got.isnan(), want.isnan()), name
+        keep = ~want.isnan()
+        np.testing.assert_allclose(got[keep].numpy(), want[keep].numpy(), rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+
+
+def test_difference_kernel_gives_zero_for_a_rolled_copy():
+    """No cancellation: the difference is formed before it is squared."""
+    ref = torch.randn(2, 3, 16, 17, generator=torch.Generator().manual_seed(0))
+    for roll in [(0, 0), (1, 0), (0, 1), (2, 3), (-1, -2), (5, -3), (15, 16)]:
+        shifted = torch.roll(ref, roll, dims=(-2, -1))[None]
+        squares, diff = native.difference_sums(ref, shifted, [0], [roll])
+        assert float(diff.abs().max()) == 0.0
+        np.testing.assert_allclose(squares.numpy(), shifted.double().square().sum((2, 3, 4)).numpy(),
+                                   rtol=1e-6)

@@ -626,3 +626,78 @@ int shiftlab_bilinear_parallel(const float *ref, const float *shifted, long stri
     return status ? -1 : 0;
 }
 #endif
+
+/* The exact and Fourier alignments' comparison in one read of each shifted map: for every
+   (shift s, image b), over the (image, channel) pairs [first_bc, last_bc),
+     out_sq[s][b]   += sum x^2
+     out_diff[s][b] += sum (x - roll(a, (qh_s, qw_s)))^2
+   with x the shifted map and a the reference (already shifted by a fraction, for Fourier):
+   row by row, each in two runs (planes of at least a few hundred values: see align.py). */
+int shiftlab_difference(const float *ref, const float *shifted, long stride_s, long stride_b,
+                        int n_shifts, int n_images, int channels, int H, int W, int first_bc,
+                        int last_bc, const int *index, const int *roll, double *out_sq,
+                        double *out_diff)
+{
+    long plane = (long)H * W;
+    for (int bc = first_bc; bc < last_bc; ++bc) {
+        int b = bc / channels, c = bc % channels;
+        const float *a = ref + ((long)b * channels + c) * plane;
+        for (int s = 0; s < n_shifts; ++s) {
+            const float *x = shifted + index[s] * stride_s + b * stride_b + (long)c * plane;
+            int qh = wrap(roll[2 * s], H), qw = wrap(roll[2 * s + 1], W);
+            double sq = 0.0, diff = 0.0;
+            for (int i = 0; i < H; ++i) {
+                /* row i of roll(a, q) is row i - qh of a, its columns rolled by qw: two runs */
+                const float *xrow = x + (long)i * W, *arow = a + (long)wrap(i - qh, H) * W;
+                float part_sq = 0.0f, part_diff = 0.0f;
+#pragma omp simd reduction(+ : part_sq, part_diff)
+                for (int j = 0; j < qw; ++j) {
+                    float d = xrow[j] - arow[j - qw + W];
+                    part_sq += xrow[j] * xrow[j];
+                    part_diff += d * d;
+                }
+#pragma omp simd reduction(+ : part_sq, part_diff)
+                for (int j = qw; j < W; ++j) {
+                    float d = xrow[j] - arow[j - qw];
+                    part_sq += xrow[j] * xrow[j];
+                    part_diff += d * d;
+                }
+                sq += (double)part_sq;
+                diff += (double)part_diff;
+            }
+            out_sq[(long)s * n_images + b] += sq;
+            out_diff[(long)s * n_images + b] += diff;
+        }
+    }
+    return 0;
+}
+
+#ifdef _OPENMP
+int shiftlab_difference_parallel(const float *ref, const float *shifted, long stride_s,
+                                 long stride_b, int n_shifts, int n_images, int channels, int H,
+                                 int W, int n_threads, const int *index, const int *roll,
+                                 double *out_sq, double *out_diff)
+{
+    int units = n_images * channels, status = 0;
+    long n_slots = (long)n_shifts * n_images;
+#pragma omp parallel num_threads(n_threads) reduction(| : status)
+    {
+        int t = omp_get_thread_num(), n = omp_get_num_threads();
+        int first = (int)((long)units * t / n), last = (int)((long)units * (t + 1) / n);
+        double *mine = (double *)calloc(2 * n_slots + 1, sizeof(double));
+        if (!mine) {
+            status |= 1;
+        } else {
+            shiftlab_difference(ref, shifted, stride_s, stride_b, n_shifts, n_images, channels,
+                                H, W, first, last, index, roll, mine, mine + n_slots);
+#pragma omp critical
+            for (long k = 0; k < n_slots; ++k) {
+                out_sq[k] += mine[k];
+                out_diff[k] += mine[n_slots + k];
+            }
+            free(mine);
+        }
+    }
+    return status ? -1 : 0;
+}
+#endif
