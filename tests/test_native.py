@@ -126,7 +126,6 @@ def test_kernel_declines_float64_and_planes_that_are_not_contiguous(monkeypatch)
 def test_without_openmp_the_kernel_splits_the_work_over_python_threads(monkeypatch):
     """A library built without OpenMP (Apple clang) has no *_parallel entry point: each thread
     takes a range of (image, channel) pairs; the sums are the same."""
-    shifts = [(1, 1), (2, 3), (4, 0)]
     generator = torch.Generator().manual_seed(2)
     ref = torch.randn(2, 5, 9, 9, generator=generator)
     shifted = torch.randn(3, 2, 5, 9, 9, generator=generator)
