@@ -336,7 +336,8 @@ class BilinearPlan:
         map_bytes = ref[0].numel() * ref.element_size()
         if native.usable(ref, shifted):
             shifted_sq, exact_diff, cross = self._native(ref, shifted, plain)
-            diff_sq = torch.where(const["exact"][:, None], exact_diff, ref_sq + shifted_sq - 2 * cross)
+            diff_sq = torch.where(const["exact"][:, None], exact_diff,
+                                  ref_sq + shifted_sq - 2 * cross)
             return ComparisonStats(ref_sq, shifted_sq, diff_sq, count, peak, valid)
         shifted_sq, cross = _zeros(n_shifts, n_images, device), _zeros(n_shifts, n_images, device)
         exact_diff = _zeros(n_shifts, n_images, device)

@@ -307,4 +307,5 @@ def difference_sums(ref: torch.Tensor, shifted: torch.Tensor, index: Sequence[in
         codes = [run(0)] if parts == 1 else list(_pool(parts).map(run, range(parts)))
     if any(codes):
         raise MemoryError("shiftlab's comparison kernel could not allocate its scratch memory")
-    return tuple(torch.from_numpy(sum(part[i] for part in outputs)) for i in range(2))  # type: ignore
+    totals = [sum(part[i] for part in outputs) for i in range(2)]
+    return torch.from_numpy(totals[0]), torch.from_numpy(totals[1])

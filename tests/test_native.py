@@ -151,7 +151,8 @@ def test_required_kernel_that_cannot_be_built_is_a_one_line_error(tmp_path, monk
     monkeypatch.setattr(native, "_compiler", lambda: "/bin/false")
     monkeypatch.setenv("SHIFTLAB_NATIVE", "1")
     ref = torch.randn(1, 2, 5, 5)
-    with pytest.raises(ShiftlabError, match="SHIFTLAB_NATIVE=1 but the kernel cannot be built") as info:
+    with pytest.raises(ShiftlabError,
+                       match="SHIFTLAB_NATIVE=1 but the kernel cannot be built") as info:
         native.usable(ref, ref[None])
     assert "\n" not in str(info.value)
 
@@ -235,5 +236,5 @@ def test_difference_kernel_gives_zero_for_a_rolled_copy():
         shifted = torch.roll(ref, roll, dims=(-2, -1))[None]
         squares, diff = native.difference_sums(ref, shifted, [0], [roll])
         assert float(diff.abs().max()) == 0.0
-        np.testing.assert_allclose(squares.numpy(), shifted.double().square().sum((2, 3, 4)).numpy(),
-                                   rtol=1e-6)
+        want = shifted.double().square().sum((2, 3, 4))
+        np.testing.assert_allclose(squares.numpy(), want.numpy(), rtol=1e-6)

@@ -15,7 +15,12 @@
    (2) in the |l_w| columns that wrap round within a row (one value per row, corrected from
    the plane's first and last columns). So the five lag sums of the 3-tap norm and the row
    taps of the cross term are one vectorised pass over the block (fused_pass), nine
-   accumulators wide: each shifted value is loaded from memory once.
+   accumulators wide: each shifted value is loaded from memory once. Planes of at most
+   SMALL_PLANE values, where those corrections would cost as much as the pass, are transposed
+   channels-last instead (channels_last_block): a 2-D lag is then a move between positions'
+   channel vectors and needs no correction.
+
+   shiftlab_difference (at the end) serves the exact and Fourier alignments.
 
    Work is split by (image, channel) ranges over OpenMP threads (shiftlab_bilinear_parallel),
    or by the caller over Python threads when the library was built without OpenMP. Sums are
@@ -24,6 +29,7 @@
 #include <string.h>
 
 #define BLOCK 4096 /* float partial sums over at most this many products, then double */
+#define NOINLINE __attribute__((noinline)) /* whole-block functions: a profile shows each */
 
 static int wrap(int i, int n)
 {
@@ -43,9 +49,9 @@ static int shortest(int offset, int n)
 #define SMALL_PLANE 256 /* planes of at most this many values go channels last */
 
 /* over n in [0, count): sums[l] += x[n] * y[n + lag[l]], cross[t] += x[n] * f[n + tap[t]] */
-__attribute__((noinline)) static void fused_pass(const float *restrict x, const float *restrict y, const long *lag,
-                       const float *restrict f, const long *tap, long count, double *sums,
-                       double *cross)
+NOINLINE static void fused_pass(const float *restrict x, const float *restrict y, const long *lag,
+                                const float *restrict f, const long *tap, long count, double *sums,
+                                double *cross)
 {
     for (long start = 0; start < count; start += BLOCK) {
         long stop = start + BLOCK < count ? start + BLOCK : count, n = start;
@@ -114,15 +120,14 @@ static inline void dot_diff_into(lanes_t *acc, const float *x, const float *y, c
         (*acc)[0] += x[m] * (y[m] - z[m]);
 }
 
-
 /* The lag sums of `count` planes x (side by side) and, for the row taps (flat offsets tap[t]
    = o_t * W, |o_t| <= margin rows, n_taps of them), cross[t] += sum over the planes of
    f[(i + o_t) % H] . x[i], where f holds the planes' filtered references side by side with
    `margin` rows of the block wrapped round before and after. Scratch: `tail` 2 * reach floats,
    `first` and `last` H + 2 each. */
-__attribute__((noinline)) static void block_sums(const float *x, int count, const Lags *g, const float *f, const long *tap,
-                       int n_taps, float *tail, float *first, float *last, double *sums,
-                       double *cross)
+NOINLINE static void block_sums(const float *x, int count, const Lags *g, const float *f,
+                                const long *tap, int n_taps, float *tail, float *first, float *last,
+                                double *sums, double *cross)
 {
     int H = g->H, W = g->W;
     long plane = (long)H * W, size = plane * count, reach = g->reach;
@@ -200,12 +205,14 @@ typedef int eight_index_t __attribute__((vector_size(32)));
 
 /* out[m][c] = in[c][m] for `count` planes of `plane` values, channels last with a row stride
    of `lanes` >= count (the extra lanes are zeros). 8 x 8 tiles in registers. */
-__attribute__((noinline)) static void transpose(float *restrict out, const float *restrict in,
-                                                int count, int lanes, long plane)
+NOINLINE static void transpose(float *restrict out, const float *restrict in, int count, int lanes,
+                               long plane)
 {
     const eight_index_t lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
-    const eight_index_t pair_lo = {0, 1, 8, 9, 4, 5, 12, 13}, pair_hi = {2, 3, 10, 11, 6, 7, 14, 15};
-    const eight_index_t half_lo = {0, 1, 2, 3, 8, 9, 10, 11}, half_hi = {4, 5, 6, 7, 12, 13, 14, 15};
+    const eight_index_t pair_lo = {0, 1, 8, 9, 4, 5, 12, 13};
+    const eight_index_t pair_hi = {2, 3, 10, 11, 6, 7, 14, 15};
+    const eight_index_t half_lo = {0, 1, 2, 3, 8, 9, 10, 11};
+    const eight_index_t half_hi = {4, 5, 6, 7, 12, 13, 14, 15};
     int full_c = count / 8 * 8;
     long full_m = plane / 8 * 8;
     for (long m0 = 0; m0 < full_m; m0 += 8)
@@ -244,9 +251,9 @@ __attribute__((noinline)) static void transpose(float *restrict out, const float
    circular lag is then a move from one position's channel vector to another's, so nothing
    needs correcting, and channels are the vector lanes. nbr[l * plane + m]: the position lag l
    takes m to; taps[t]: row offsets (t < n_taps). */
-__attribute__((noinline)) static void transposed_sums(const float *xt, int lanes, const Lags *g, const int *nbr,
-                            const float *ft, const int *taps, int n_taps, double *sums,
-                            double *cross)
+NOINLINE static void transposed_sums(const float *xt, int lanes, const Lags *g, const int *nbr,
+                                     const float *ft, const int *taps, int n_taps, double *sums,
+                                     double *cross)
 {
     int H = g->H, W = g->W;
     long plane = (long)H * W;
@@ -285,8 +292,8 @@ __attribute__((noinline)) static void transposed_sums(const float *xt, int lanes
 }
 
 /* out = sum_u w_u a[i][(j + o_u) % W] over an h x w plane, o_u in [-W/2, W/2] */
-__attribute__((noinline)) static void filter_columns(float *restrict out, const float *restrict a, int H, int W,
-                           int n_taps, const int *offsets, const float *weights)
+NOINLINE static void filter_columns(float *restrict out, const float *restrict a, int H, int W,
+                                    int n_taps, const int *offsets, const float *weights)
 {
     long size = (long)H * W, low = 0, high = 0;
     for (int u = 0; u < n_taps; ++u) {
@@ -377,8 +384,10 @@ static void channels_last_block(const float *a, const float *shifted, long strid
                     float *out = f + ((long)i * W + j) * lanes;
                     for (int c = 0; c < lanes; c += VEC) {
                         lanes_t v = first == set_start[k] ? (lanes_t){0} : load(out + c);
-                        v += weight[0] * load(row + source[0] + c) + weight[1] * load(row + source[1] + c)
-                             + weight[2] * load(row + source[2] + c) + weight[3] * load(row + source[3] + c);
+                        v += weight[0] * load(row + source[0] + c) +
+                             weight[1] * load(row + source[1] + c) +
+                             weight[2] * load(row + source[2] + c) +
+                             weight[3] * load(row + source[3] + c);
                         memcpy(out + c, &v, sizeof(v));
                     }
                 }
