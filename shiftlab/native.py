@@ -35,11 +35,14 @@ from .errors import ShiftlabError, UsageError, one_line
 
 SOURCE = Path(__file__).with_name("csrc") / "bilinear.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-std=gnu99", "-shared", "-fPIC")
-# without an OpenMP runtime (Apple clang): one thread per call, several calls on Python threads;
-# without -march=native: a compiler that does not know this CPU
-_FALLBACKS = (FLAGS, tuple("-fopenmp-simd" if flag == "-fopenmp" else flag for flag in FLAGS),
-              tuple(flag for flag in FLAGS if flag not in ("-march=native", "-fopenmp")) +
-              ("-fopenmp-simd",))
+# a compiler that does not know this CPU (no -march=native); no OpenMP runtime (Apple clang): one
+# thread per call, several calls on Python threads; neither
+_FALLBACKS = (FLAGS, tuple(flag for flag in FLAGS if flag != "-march=native"),
+              tuple("-fopenmp-simd" if flag == "-fopenmp" else flag for flag in FLAGS),
+              tuple("-fopenmp-simd" if flag == "-fopenmp" else flag for flag in FLAGS
+                    if flag != "-march=native"))
+COMPILE_SECONDS = 120
+"""A compiler still running after this long is given up on (no further attempts)."""
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -79,11 +82,22 @@ def _cpu_signature() -> str:
     return "\n".join([platform.machine(), platform.processor(), *lines])
 
 
-def _private(directory: Path) -> bool:
-    """Only this user can put a library where it will be loaded from: owned by them, not
-    writable by group or others (a shared /tmp must not serve somebody else's .so)."""
+def _user() -> str:
+    return str(os.getuid()) if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+
+
+def _not_private(directory: Path) -> Optional[str]:
+    """Why a library there could be somebody else's, or None: only a directory owned by this
+    user and not writable by group or others may hold what is loaded (a shared /tmp must not
+    serve another user's .so)."""
+    if not hasattr(os, "getuid"):
+        return None
     info = directory.stat()
-    return not hasattr(os, "getuid") or (info.st_uid == os.getuid() and not info.st_mode & 0o022)
+    if info.st_uid != os.getuid():
+        return f"{directory} belongs to another user: not used"
+    if info.st_mode & 0o022:
+        return f"{directory} is writable by other users: not used"
+    return None
 
 
 def _compiler() -> Optional[str]:
@@ -93,20 +107,23 @@ def _compiler() -> Optional[str]:
     return None
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, rebuild: bool = False) -> Path:
+    """The path of the compiled library: from the cache, else compiled now (``rebuild``:
+    replace a cached file that would not load)."""
     source = SOURCE.read_bytes()
     errors = []
     for flags in _FALLBACKS:
         key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(),
                                          _cpu_signature().encode()])).hexdigest()[:20]
-        for directory in (_cache_dir(), Path(tempfile.gettempdir()) / f"shiftlab-{os.getuid()}"):
+        for directory in (_cache_dir(), Path(tempfile.gettempdir()) / f"shiftlab-{_user()}"):
             target = directory / f"bilinear-{key}.so"
             try:
                 directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-                if not _private(directory):
-                    errors.append(f"{directory} is writable by other users: not used")
+                problem = _not_private(directory)
+                if problem:
+                    errors.append(problem)
                     continue
-                if target.exists():
+                if target.exists() and not rebuild:
                     return target
                 handle, partial = tempfile.mkstemp(suffix=".so", dir=directory)
                 os.close(handle)
@@ -115,19 +132,30 @@ def _build(compiler: str) -> Path:
                 continue
             try:
                 done = subprocess.run([compiler, *flags, str(SOURCE), "-o", partial],
-                                      capture_output=True, text=True, timeout=120)
+                                      capture_output=True, text=True, timeout=COMPILE_SECONDS)
                 if done.returncode == 0:
+                    with open(partial, "rb") as built:  # on disk before it is visible
+                        os.fsync(built.fileno())
                     os.replace(partial, target)  # atomic: concurrent ranks may race here
                     return target
                 lines = [line for line in done.stderr.splitlines() if "error" in line]
                 errors.append(one_line((lines or [done.stderr])[0] or f"exit {done.returncode}"))
                 break  # the flags, not the directory: try the next flags
+            except subprocess.TimeoutExpired:
+                raise OSError(f"{compiler} ran longer than {COMPILE_SECONDS} s") from None
             except (OSError, subprocess.SubprocessError) as exc:
                 errors.append(one_line(exc))
             finally:
                 if os.path.exists(partial):
                     os.remove(partial)
     raise OSError("; ".join(errors) or "no writable cache directory")
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    library = ctypes.CDLL(str(path))
+    library.shiftlab_bilinear.restype = ctypes.c_int
+    library.shiftlab_difference.restype = ctypes.c_int
+    return library
 
 
 def _load() -> Optional[ctypes.CDLL]:
@@ -140,9 +168,10 @@ def _load() -> Optional[ctypes.CDLL]:
             reason = "no C compiler found (set CC)"
         else:
             try:
-                library = ctypes.CDLL(str(_build(compiler)))
-                function = library.shiftlab_bilinear
-                function.restype = ctypes.c_int
+                try:
+                    library = _open(_build(compiler))
+                except (OSError, AttributeError):  # a damaged cached file: build it again
+                    library = _open(_build(compiler, rebuild=True))
             except (OSError, AttributeError) as exc:
                 library, reason = None, one_line(exc)
         _state["library"], _state["reason"] = library, reason
@@ -181,14 +210,13 @@ def usable(ref: torch.Tensor, shifted: torch.Tensor) -> bool:
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
+    """A pool of ``workers`` threads, kept for the process: pools are never shut down, so
+    callers on several threads cannot close each other's."""
     with _lock:
-        pool = _state.get("pool")
-        if pool is None or _state.get("workers") != workers:
-            if pool is not None:
-                pool.shutdown(wait=False)
-            pool = _state["pool"] = ThreadPoolExecutor(workers, thread_name_prefix="shiftlab")
-            _state["workers"] = workers
-        return pool
+        pools = _state.setdefault("pools", {})
+        if workers not in pools:
+            pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="shiftlab")
+        return pools[workers]
 
 
 def _ints(values: Sequence[int]) -> np.ndarray:
@@ -215,7 +243,7 @@ class BilinearKernel:
         for taps_r, taps_c, flag in zip(row_taps, col_taps, exact):
             row_start.append(len(row_off))
             row_count.append(0 if flag else len(taps_r))
-            col_set.append(0 if flag else sets.setdefault(tuple(taps_c), len(sets)))
+            col_set.append(0 if flag or not taps_r else sets.setdefault(tuple(taps_c), len(sets)))
             if not flag:
                 row_off.extend(offset for offset, _ in taps_r)
                 row_w.extend(weight for _, weight in taps_r)

@@ -238,3 +238,100 @@ def test_difference_kernel_gives_zero_for_a_rolled_copy():
         assert float(diff.abs().max()) == 0.0
         want = shifted.double().square().sum((2, 3, 4))
         np.testing.assert_allclose(squares.numpy(), want.numpy(), rtol=1e-6)
+
+
+def test_one_row_maps_never_read_past_the_end_of_the_tensor(tmp_path):
+    """H = 1 on the block-flat layout once read a row past each plane: the maps end exactly at
+    a protected page, so a read past them crashes the (separate) process."""
+    script = tmp_path / "guard.py"
+    script.write_text("""
+import ctypes, mmap, sys
+import torch
+from shiftlab.align import make_plan
+from shiftlab.geometry import LayerInfo
+page = mmap.PAGESIZE
+libc = ctypes.CDLL(None, use_errno=True)
+buffer = mmap.mmap(-1, 2 * page)
+base = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+assert libc.mprotect(ctypes.c_void_p(base + page), page, 0) == 0
+count = 2 * 1 * 4 * 1 * 8
+floats = torch.frombuffer(buffer, dtype=torch.float32, count=page // 4)
+shifted = floats[page // 4 - count:].view(2, 1, 4, 1, 8)
+shifted.copy_(torch.randn(2, 1, 4, 1, 8))
+ref = torch.randn(1, 4, 1, 8)
+info = LayerInfo("x", "T", "spatial", (2.0, 2.0), (2.0, 2.0), (4, 1, 8))
+plan = make_plan(info, torch.tensor([[1.0, 1.0], [2.0, 3.0]], dtype=torch.float64),
+                 "circular", "bilinear")
+print(float(plan.compare(ref, shifted).diff_sq.sum()))
+""")
+    import subprocess
+    import sys
+    env = dict(os.environ, SHIFTLAB_NATIVE="1")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert math.isfinite(float(done.stdout.strip().splitlines()[-1]))
+
+
+def test_a_damaged_cached_library_is_built_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("SHIFTLAB_CACHE_DIR", str(tmp_path))
+    built = native._build(native._compiler())
+    built.write_bytes(built.read_bytes()[:100])  # a truncated file, as after a full disk
+    monkeypatch.setattr(native, "_state", {})
+    assert native._load() is not None
+    assert native.status() == "native"
+    assert built.stat().st_size > 100
+
+
+def test_a_compiler_that_hangs_is_given_up_on_after_one_attempt(tmp_path, monkeypatch):
+    import subprocess
+
+    calls = []
+
+    def hang(command, **kwargs):
+        calls.append(command)
+        raise subprocess.TimeoutExpired(command, kwargs.get("timeout"))
+
+    monkeypatch.setenv("SHIFTLAB_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native.subprocess, "run", hang)
+    with pytest.raises(OSError, match="ran longer than"):
+        native._build("/usr/bin/cc")
+    assert len(calls) == 1
+
+
+def test_callers_on_several_threads_share_the_python_thread_pools(monkeypatch):
+    """Without OpenMP each call splits over a pool; two threads with different channel counts
+    (pools of different sizes) must not shut each other's pool down."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    lags = [(0, 0), (0, 1), (1, 0)]
+
+    def run(channels: int) -> None:
+        ref = torch.randn(1, channels, 6, 6)
+        kernel = native.BilinearKernel(lags, [True], [(1, 1)], [None], [None])
+
+        class Serial:
+            shiftlab_bilinear = kernel.library.shiftlab_bilinear
+
+        kernel.library = Serial
+        for _ in range(30):
+            kernel(ref, ref[None] + 1.0)
+
+    with ThreadPoolExecutor(2) as callers:
+        for future in [callers.submit(run, 3), callers.submit(run, 5)]:
+            future.result()
+
+
+@pytest.mark.parametrize("lag", [(9, 2), (9, 1), (4, 0), (0, 1), (30, 2)])
+def test_lag_sums_of_any_lag_equal_numpy(lag):
+    """The kernel's lag sums for lags beyond the 3-tap norm's (|l_h| > 1) on both layouts."""
+    generator = torch.Generator().manual_seed(4)
+    for channels in (3, 17):
+        shifted = torch.randn(2, 1, channels, 31, 3, generator=generator)
+        kernel = native.BilinearKernel([lag], [False, False], [(0, 0)] * 2, [(), ()], [(), ()])
+        sums = kernel(shifted[0], shifted)[0][..., 0]
+        want = (shifted.double() * torch.roll(shifted.double(), (-lag[0], -lag[1]),
+                                              dims=(-2, -1))).sum((2, 3, 4))
+        np.testing.assert_allclose(sums.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)

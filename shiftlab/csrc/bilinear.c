@@ -89,7 +89,7 @@ typedef struct {
     int H, W, n_lags;
     int lh[NL], lw[NL];   /* lh >= 0, lw in [-W/2, W/2], flat lag lh * W + lw >= 0 */
     long flat[NL], reach; /* reach: the largest flat lag */
-    int unit_columns;     /* every |lw| <= 1 */
+    int unit_columns;     /* every |lw| <= 1 and lh <= 1 (the 3-tap norm's lags) */
 } Lags;
 
 typedef float lanes_t __attribute__((vector_size(4 * VEC)));
@@ -164,7 +164,8 @@ NOINLINE static void block_sums(const float *x, int count, const Lags *g, const 
             /* each plane's first and last columns, with two rows of wrap-around: each
                correction is then a short dot */
             for (int i = 0; i < H + 2; ++i) {
-                int row = i < H ? i : i - H;
+                int row = i < H ? i : i - H; /* i % H without a division */
+                row = row < H ? row : row - H;  /* H = 1: row 2 is row 0 */
                 first[i] = p[(long)row * W];
                 last[i] = p[(long)row * W + W - 1];
             }
@@ -463,7 +464,8 @@ int shiftlab_bilinear(const float *ref, const float *shifted, long stride_s, lon
         g.lw[l] = lw;
         g.flat[l] = (long)lh * W + lw;
         g.reach = g.flat[l] > g.reach ? g.flat[l] : g.reach;
-        g.unit_columns &= lw >= -1 && lw <= 1;
+        /* the first/last-column corrections read rows lh - 1 .. lh + H: H + 2 rows kept */
+        g.unit_columns &= lw >= -1 && lw <= 1 && lh <= 1;
     }
     int total_taps = n_sets ? set_start[n_sets - 1] + set_count[n_sets - 1] : 0;
     int total_rows = n_shifts ? row_start[n_shifts - 1] + row_count[n_shifts - 1] : 0;
@@ -497,7 +499,7 @@ int shiftlab_bilinear(const float *ref, const float *shifted, long stride_s, lon
     float *diff = filtered + f_stride * n_sets, *tail = diff + plane * block;
     float *first = tail + 2 * g.reach, *last = first + H + 2;
     float *transposed = last + H + 2;
-    for (int l = 0; l < NL; ++l) /* a missing lag (l >= n_lags) takes m to m: unused */
+    for (int l = 0; l < NL && channels_last; ++l) /* a missing lag (l >= n_lags): m to m */
         for (int i = 0; i < H; ++i)
             for (int j = 0; j < W; ++j)
                 nbr[l * plane + (long)i * W + j] = l >= n_lags ? (int)((long)i * W + j) :
