@@ -204,16 +204,19 @@ NOINLINE static void block_sums(const float *x, int count, const Lags *g, const 
 typedef float eight_t __attribute__((vector_size(32)));
 typedef int eight_index_t __attribute__((vector_size(32)));
 
+/* two-vector shuffles: GCC's builtin takes a mask vector, Clang's the indices (the Clang form
+   is not compiled on the machines this was developed on) */
+#if defined(__clang__)
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (eight_index_t){__VA_ARGS__})
+#endif
+
 /* out[m][c] = in[c][m] for `count` planes of `plane` values, channels last with a row stride
    of `lanes` >= count (the extra lanes are zeros). 8 x 8 tiles in registers. */
 NOINLINE static void transpose(float *restrict out, const float *restrict in, int count, int lanes,
                                long plane)
 {
-    const eight_index_t lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
-    const eight_index_t pair_lo = {0, 1, 8, 9, 4, 5, 12, 13};
-    const eight_index_t pair_hi = {2, 3, 10, 11, 6, 7, 14, 15};
-    const eight_index_t half_lo = {0, 1, 2, 3, 8, 9, 10, 11};
-    const eight_index_t half_hi = {4, 5, 6, 7, 12, 13, 14, 15};
     int full_c = count / 8 * 8;
     long full_m = plane / 8 * 8;
     for (long m0 = 0; m0 < full_m; m0 += 8)
@@ -222,18 +225,18 @@ NOINLINE static void transpose(float *restrict out, const float *restrict in, in
             for (int k = 0; k < 8; ++k)
                 memcpy(&r[k], in + (long)(c0 + k) * plane + m0, sizeof(eight_t));
             for (int k = 0; k < 8; k += 2) {
-                t[k] = __builtin_shuffle(r[k], r[k + 1], lo);
-                t[k + 1] = __builtin_shuffle(r[k], r[k + 1], hi);
+                t[k] = SHUFFLE(r[k], r[k + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+                t[k + 1] = SHUFFLE(r[k], r[k + 1], 2, 10, 3, 11, 6, 14, 7, 15);
             }
             for (int k = 0; k < 8; k += 4) {
-                u[k] = __builtin_shuffle(t[k], t[k + 2], pair_lo);
-                u[k + 1] = __builtin_shuffle(t[k], t[k + 2], pair_hi);
-                u[k + 2] = __builtin_shuffle(t[k + 1], t[k + 3], pair_lo);
-                u[k + 3] = __builtin_shuffle(t[k + 1], t[k + 3], pair_hi);
+                u[k] = SHUFFLE(t[k], t[k + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+                u[k + 1] = SHUFFLE(t[k], t[k + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+                u[k + 2] = SHUFFLE(t[k + 1], t[k + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+                u[k + 3] = SHUFFLE(t[k + 1], t[k + 3], 2, 3, 10, 11, 6, 7, 14, 15);
             }
             for (int k = 0; k < 4; ++k) {
-                eight_t first = __builtin_shuffle(u[k], u[k + 4], half_lo);
-                eight_t second = __builtin_shuffle(u[k], u[k + 4], half_hi);
+                eight_t first = SHUFFLE(u[k], u[k + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+                eight_t second = SHUFFLE(u[k], u[k + 4], 4, 5, 6, 7, 12, 13, 14, 15);
                 memcpy(out + (m0 + k) * lanes + c0, &first, sizeof(eight_t));
                 memcpy(out + (m0 + k + 4) * lanes + c0, &second, sizeof(eight_t));
             }
