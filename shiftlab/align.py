@@ -181,9 +181,8 @@ class RollPlan:
             if use_kernel:  # every shift of this group in one read of each map
                 index = [i for _, indices in by_offset for i in indices]
                 positions = torch.tensor(index)
-                # (an inverse FFT along rows can return a non-contiguous map)
                 shifted_sq[positions], diff_sq[positions] = native.difference_sums(
-                    source.contiguous(), shifted, index, [offset for offset, indices in by_offset
+                    source, shifted, index, [offset for offset, indices in by_offset
                                              for _ in indices])
                 ref_sq[positions] = norm
                 if peak is not None:

@@ -268,30 +268,33 @@ class BilinearPlan:
                                                  source, offset)
                         cross[s, images] = dot(source, shifted[s, images])
 
+    def _kernel(self, name: str, shape: tuple[int, int], plain: tuple[Taps, Taps],
+                per_shift) -> tuple["native.BilinearKernel", torch.Tensor]:
+        """The compiled kernel and the norm's lag coefficients, made once per map size (the
+        norm's lags depend on it); ``per_shift()`` gives the kernel's per-shift arguments."""
+        key = (name, *shape)
+        if key not in self._constants:
+            lags, coefficients = quadratic_lags(plain, *shape)
+            self._constants[key] = (native.BilinearKernel(lags, *per_shift()),
+                                    torch.tensor(coefficients, dtype=torch.float64))
+        return self._constants[key]
+
     def _native_norm(self, ref: torch.Tensor, plain: tuple[Taps, Taps]) -> torch.Tensor:
         """<a, UᵀU a> per image (B,) float64 from the kernel's lag sums of the reference."""
-        key = ("native_norm", *ref.shape[-2:])
-        if key not in self._constants:
-            lags, coefficients = quadratic_lags(plain, *ref.shape[-2:])
-            self._constants[key] = (native.BilinearKernel(lags, [False], [(0, 0)], [()], [()]),
-                                    torch.tensor(coefficients, dtype=torch.float64))
-        kernel, weights = self._constants[key]
+        kernel, weights = self._kernel("native_norm", ref.shape[-2:], plain,
+                                       lambda: ([False], [(0, 0)], [()], [()]))
         return kernel(ref, ref[None])[0][0] @ weights
 
     def _native(self, ref: torch.Tensor, shifted: torch.Tensor,
                 plain: tuple[Taps, Taps]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """|U b|², |U(a' - b)|² (exact shifts) and the cross terms (others) from the compiled
         kernel's lag sums, in one read of each shifted map -> three (S, B) float64."""
-        key = ("native", *ref.shape[-2:])
-        if key not in self._constants:  # per map size: the norm's lags depend on it
-            lags, coefficients = quadratic_lags(plain, *ref.shape[-2:])
-            rows, cols = self.rows.taps, self.cols.taps
-            kernel = native.BilinearKernel(
-                lags, self.exact_flags, self.offsets,
-                [None if flag else rows.cross[s] for s, flag in enumerate(self.exact_flags)],
-                [None if flag else cols.cross[s] for s, flag in enumerate(self.exact_flags)])
-            self._constants[key] = (kernel, torch.tensor(coefficients, dtype=torch.float64))
-        kernel, weights = self._constants[key]
+        rows, cols = self.rows.taps, self.cols.taps
+        flags = self.exact_flags
+        kernel, weights = self._kernel("native", ref.shape[-2:], plain, lambda: (
+            flags, self.offsets,
+            [None if flag else rows.cross[s] for s, flag in enumerate(flags)],
+            [None if flag else cols.cross[s] for s, flag in enumerate(flags)]))
         lag_sums, diff_sums, cross = kernel(ref, shifted)
         return lag_sums @ weights, diff_sums @ weights, cross
 

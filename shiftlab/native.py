@@ -223,6 +223,41 @@ def _ints(values: Sequence[int]) -> np.ndarray:
     return np.asarray(list(values) or [0], dtype=np.int32)
 
 
+def _run(library: ctypes.CDLL, name: str, ref: torch.Tensor, shifted: torch.Tensor,
+         count: int, arguments: list, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+    """Call kernel ``name`` over every (image, channel) pair of ``shifted`` (S, B, C, h, w), its
+    first ``count`` shift slots, with ``arguments`` after the common ones: ``name_parallel``
+    on OpenMP threads when the library has it, else one call per Python thread (ctypes drops the
+    GIL), each on its own output arrays of ``shapes``, then summed."""
+    # the kernel walks ref as (B, C, h, w) with no gaps (an inverse FFT along rows, a Fourier
+    # source, can return a non-contiguous map)
+    ref = ref.contiguous()
+    _, n_images, channels, height, width = shifted.shape
+    steps = [ctypes.c_long(step if shifted.numel() else 0) for step in shifted.stride()[:2]]
+    common = [ctypes.c_void_p(ref.data_ptr()), ctypes.c_void_p(shifted.data_ptr()), *steps,
+              count, n_images, channels, height, width]
+    units = n_images * channels
+    workers = max(1, min(torch.get_num_threads(), units))
+    parallel = getattr(library, f"{name}_parallel", None)
+    parts = 1 if parallel is not None else workers
+    outputs = [[np.zeros(shape) for shape in shapes] for _ in range(parts)]
+
+    def pointers(k: int) -> list:
+        return [array.ctypes.data_as(ctypes.c_void_p) for array in outputs[k]]
+
+    if parallel is not None:  # OpenMP: PyTorch's own thread pool
+        codes = [parallel(*common, workers, *arguments, *pointers(0))]
+    else:
+        bounds = [units * k // parts for k in range(parts + 1)]
+        serial = getattr(library, name)
+        run = lambda k: serial(*common, bounds[k], bounds[k + 1], *arguments,  # noqa: E731
+                               *pointers(k))
+        codes = [run(0)] if parts == 1 else list(_pool(parts).map(run, range(parts)))
+    if any(codes):
+        raise MemoryError(f"shiftlab's CPU kernel ({name}) could not allocate its scratch memory")
+    return [sum(part[i] for part in outputs) for i in range(len(shapes))]
+
+
 class BilinearKernel:
     """The arguments of ``csrc/bilinear.c`` for one plan and map size, prepared once (plans
     are shared by the layers of one geometry, so a call costs little more than the kernel).
@@ -270,34 +305,12 @@ class BilinearKernel:
         """ref (B, C, h, w) contiguous, shifted (S, B, C, h, w) with contiguous planes ->
         lag sums (S, B, L), lag sums of the difference (S, B, L, exact shifts) and cross terms
         (S, B), float64."""
-        ref = ref.contiguous()  # the kernel walks it as (B, C, h, w) with no gaps
-        n_shifts, n_images, channels, height, width = shifted.shape
-        steps = [ctypes.c_long(shifted.stride(0)), ctypes.c_long(shifted.stride(1))] \
-            if shifted.numel() else [ctypes.c_long(0), ctypes.c_long(0)]
-        common = [ctypes.c_void_p(ref.data_ptr()), ctypes.c_void_p(shifted.data_ptr()), *steps,
-                  n_shifts, n_images, channels, height, width]
-        units = n_images * channels
-        workers = max(1, min(torch.get_num_threads(), units))
-        parallel = getattr(self.library, "shiftlab_bilinear_parallel", None)
-        parts = 1 if parallel is not None else workers
-        outputs = [(np.zeros((n_shifts, n_images, self.n_lags)),
-                    np.zeros((n_shifts, n_images, self.n_lags)), np.zeros((n_shifts, n_images)))
-                   for _ in range(parts)]
-
-        def pointers(k: int) -> list:
-            return [array.ctypes.data_as(ctypes.c_void_p) for array in outputs[k]]
-
-        if parallel is not None:  # OpenMP: PyTorch's own thread pool
-            codes = [parallel(*common, workers, *self._head, *self._tail, *pointers(0))]
-        else:  # ctypes drops the GIL: one call per thread, each on its own outputs
-            bounds = [units * k // parts for k in range(parts + 1)]
-            run = lambda k: self.library.shiftlab_bilinear(  # noqa: E731
-                *common, bounds[k], bounds[k + 1], *self._head, *self._tail, *pointers(k))
-            codes = [run(0)] if parts == 1 else list(_pool(parts).map(run, range(parts)))
-        if any(codes):
-            raise MemoryError("shiftlab's bilinear kernel could not allocate its scratch memory")
-        return tuple(torch.from_numpy(sum(part[i] for part in outputs))  # type: ignore
-                     for i in range(3))
+        n_shifts, n_images = shifted.shape[:2]
+        sums = _run(self.library, "shiftlab_bilinear", ref, shifted, n_shifts,
+                    [*self._head, *self._tail],
+                    [(n_shifts, n_images, self.n_lags), (n_shifts, n_images, self.n_lags),
+                     (n_shifts, n_images)])
+        return tuple(torch.from_numpy(total) for total in sums)  # type: ignore[return-value]
 
 
 def difference_sums(ref: torch.Tensor, shifted: torch.Tensor, index: Sequence[int],
@@ -308,32 +321,9 @@ def difference_sums(ref: torch.Tensor, shifted: torch.Tensor, index: Sequence[in
     ref (B, C, h, w) contiguous, shifted (S, B, C, h, w) with contiguous planes -> two
     (len(index), B) float64.
     """
-    library = _load()
-    ref = ref.contiguous()  # the kernel walks it as (B, C, h, w) with no gaps
-    _, n_images, channels, height, width = shifted.shape
-    count = len(index)
+    count, n_images = len(index), shifted.shape[1]
     arrays = (_ints(index), _ints(value for roll in rolls for value in roll))
-    steps = [ctypes.c_long(shifted.stride(0)), ctypes.c_long(shifted.stride(1))]
-    common = [ctypes.c_void_p(ref.data_ptr()), ctypes.c_void_p(shifted.data_ptr()), *steps,
-              count, n_images, channels, height, width]
-    units = n_images * channels
-    workers = max(1, min(torch.get_num_threads(), units))
-    parallel = getattr(library, "shiftlab_difference_parallel", None)
-    parts = 1 if parallel is not None else workers
-    outputs = [(np.zeros((count, n_images)), np.zeros((count, n_images))) for _ in range(parts)]
-    tables = [array.ctypes.data_as(ctypes.c_void_p) for array in arrays]
-
-    def pointers(k: int) -> list:
-        return [array.ctypes.data_as(ctypes.c_void_p) for array in outputs[k]]
-
-    if parallel is not None:
-        codes = [parallel(*common, workers, *tables, *pointers(0))]
-    else:
-        bounds = [units * k // parts for k in range(parts + 1)]
-        run = lambda k: library.shiftlab_difference(  # noqa: E731
-            *common, bounds[k], bounds[k + 1], *tables, *pointers(k))
-        codes = [run(0)] if parts == 1 else list(_pool(parts).map(run, range(parts)))
-    if any(codes):
-        raise MemoryError("shiftlab's comparison kernel could not allocate its scratch memory")
-    totals = [sum(part[i] for part in outputs) for i in range(2)]
-    return torch.from_numpy(totals[0]), torch.from_numpy(totals[1])
+    squares, differences = _run(_load(), "shiftlab_difference", ref, shifted, count,
+                                [array.ctypes.data_as(ctypes.c_void_p) for array in arrays],
+                                [(count, n_images), (count, n_images)])
+    return torch.from_numpy(squares), torch.from_numpy(differences)
