@@ -40,6 +40,10 @@ SCRATCH_BYTES = 32 * 2**20
 size (circular mode walks cache-sized blocks instead)."""
 
 ALIGNMENTS = ("exact", "bilinear", "fourier")
+DENSE_SIDE = 64
+"""Fourier alignment: maps of at most this many rows and columns are shifted by dense matrix
+products (h or w multiply-adds per value, faster than the FFTs on the CPU up to about this size),
+larger ones by FFTs."""
 KERNEL_PLANE = 256
 """Exact and Fourier alignments, circular mode, CPU: maps of at least this many positions use
 the compiled kernel (:func:`shiftlab.native.difference_sums`); smaller ones the eager steps."""
@@ -87,11 +91,12 @@ class RollPlan:
     groups are fixed here, on the CPU, once; shifts that ``exact`` leaves undefined are not
     computed at all.
 
-    T_r is separable, so it is done as 1-D FFTs along contiguous lines where possible: the
-    reference shifted along the rows once per distinct r_h (and its row spectra), then one 1-D
-    inverse FFT along the columns per fraction. A 2-D inverse FFT per fraction costs about four
-    times as much on the CPU (its column pass is strided). The half-spectrum convention's corner
-    bin (even h and w) is not separable: it is added back as a checkerboard term (``_corner``).
+    T_r is separable: the reference is shifted along the rows once per distinct r_h, then along
+    the columns. On maps up to ``DENSE_SIDE`` a side both steps are matrix products with the
+    operators as dense matrices (:class:`_DenseShifts`: one product per row part gives every
+    column fraction that shares it); larger maps use 1-D FFTs along contiguous lines
+    (:class:`_FractionalShifts`). The half-spectrum convention's corner bin (even h and w) is
+    not separable: it is added back as a checkerboard term.
     """
 
     feature_shifts: torch.Tensor  # (S, 2) float64, δ / s
@@ -135,7 +140,9 @@ class RollPlan:
                            if even else 0.0)
         checker = ((torch.arange(height)[:, None] + torch.arange(width)[None, :]) % 2) * -2.0 + 1
         return {"mask": self.mask, "counts": counts, "valid": self.valid & (counts > 0),
-                "ramps": ramps, "corners": corners, "checker": checker.to(dtype)}
+                "ramps": ramps, "corners": corners, "checker": checker.to(dtype),
+                "dense": _dense_operators(self.fractional, height, width, dtype)
+                if max(height, width) <= DENSE_SIDE else None}
 
     def compare(self, ref: torch.Tensor, shifted: torch.Tensor, cache: Optional[dict] = None,
                 workspace: Optional[Workspace] = None) -> ComparisonStats:
@@ -162,7 +169,8 @@ class RollPlan:
             diff_sq = torch.where(torch.isfinite(norm), diff_sq, torch.full_like(diff_sq, math.nan))
             return ComparisonStats(norm[None], norm[None], diff_sq, count,
                                    None if top is None else top[None], const["valid"])
-        shifter = _FractionalShifts(ref, const)
+        shifter = (_FractionalShifts if const["dense"] is None else _DenseShifts)(ref, const)
+        nyquist = nyquist_energies(ref) if mask is None and self.fractional else None
         limit = _step(ref)
         map_bytes = ref[0].numel() * ref.element_size()
         fractional_index = 0
@@ -175,9 +183,10 @@ class RollPlan:
                 source = shifter.shifted(fractional_index, residue[0])
                 fractional_index += 1
             if mask is None:  # a roll changes neither the norm nor the peak
-                norm, top = cache["roll"] if residue is None else (
-                    sum_sq(source[None])[0],
-                    value_range(source[None], None)[0] if self.need_peak else None)
+                norm, top = cache["roll"]
+                if residue is not None:
+                    norm = shifted_energy(norm, nyquist, residue)
+                    top = value_range(source[None], None)[0] if self.need_peak else None
             if use_kernel:  # every shift of this group in one read of each map
                 index = [i for _, indices in by_offset for i in indices]
                 positions = torch.tensor(index)
@@ -250,6 +259,98 @@ class _FractionalShifts:
                 flat = self.ref.reshape(*self.ref.shape[:-2], -1)
                 self._corner = flat @ self.const["checker"].reshape(-1)
             out.add_(self._corner[..., None, None] * self.const["checker"], alpha=corner)
+        return out
+
+
+def nyquist_energies(ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per image of ``ref`` (B, C, h, w): the energy Σ|x|² of its components at the row Nyquist
+    frequency, at the column Nyquist frequency (each including the corner) and at the corner
+    alone, float64 (B,); 0 along an odd axis, which has no Nyquist frequency."""
+    height, width = ref.shape[-2:]
+    zero = torch.zeros(ref.shape[0], dtype=torch.float64, device=ref.device)
+    alternate_h = torch.ones(height, dtype=ref.dtype, device=ref.device)
+    alternate_h[1::2] = -1
+    alternate_w = torch.ones(width, dtype=ref.dtype, device=ref.device)
+    alternate_w[1::2] = -1
+    along_rows = torch.matmul(alternate_h, ref) if height % 2 == 0 else None  # (B, C, w)
+    along_cols = ref @ alternate_w if width % 2 == 0 else None  # (B, C, h)
+    rows = zero if along_rows is None else along_rows.double().square().sum((-2, -1)) / height
+    cols = zero if along_cols is None else along_cols.double().square().sum((-2, -1)) / width
+    corner = zero
+    if along_rows is not None and along_cols is not None:
+        corner = (along_rows.double() @ alternate_w.double()).square().sum(-1) / (height * width)
+    return rows, cols, corner
+
+
+def shifted_energy(energy: torch.Tensor, nyquist: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                   fraction: tuple[float, float]) -> torch.Tensor:
+    """‖T_r a‖² from ‖a‖² (Parseval): the band-limited shift keeps every frequency's magnitude
+    but the Nyquist ones, which it scales by cos(π r_h), cos(π r_w) and, at the corner,
+    cos(π (r_h + r_w)) (:func:`~shiftlab.shifts.phase_ramp`). No pass over T_r a."""
+    rows, cols, corner = nyquist
+    r_h, r_w = fraction
+    return (energy - math.sin(math.pi * r_h) ** 2 * (rows - corner)
+            - math.sin(math.pi * r_w) ** 2 * (cols - corner)
+            - math.sin(math.pi * (r_h + r_w)) ** 2 * corner)
+
+
+def _shift_matrix(n: int, fraction: float) -> torch.Tensor:
+    """(n, n) float64 M with ``x @ M`` the band-limited circular shift of rows x by ``fraction``:
+    the half-spectrum operator of :func:`~shiftlab.shifts.phase_ramp` applied to the identity."""
+    ramp = phase_ramp(torch.tensor([[0.0, fraction]]), 1, n)[0, 0]
+    eye = torch.eye(n, dtype=torch.float64)
+    return torch.fft.irfft(torch.fft.rfft(eye, dim=-1) * ramp, n=n, dim=-1)
+
+
+def _dense_operators(fractions: list[tuple[float, float]], height: int, width: int,
+                     dtype: torch.dtype) -> dict[float, tuple]:
+    """Per row part r_h of the plan's fractions: the row operator (h, h) or None, the column
+    operators of the fractions sharing it side by side (w, k·w) or None, and each fraction's
+    index -> its slot there (None: the row shift alone)."""
+    by_rows: dict[float, tuple] = {}
+    for index, (rows, cols) in enumerate(fractions):
+        row_matrix = _shift_matrix(height, rows).T.to(dtype) if rows else None
+        _, columns, slots = by_rows.setdefault(rows, (row_matrix, [], {}))
+        slots[index] = None
+        if cols:
+            slots[index] = len(columns)
+            columns.append(_shift_matrix(width, cols))
+    return {rows: (row_matrix, torch.cat(columns, dim=1).to(dtype) if columns else None, slots)
+            for rows, (row_matrix, columns, slots) in by_rows.items()}
+
+
+class _DenseShifts:
+    """The band-limited shifts T_r a of one reference for a compare call as matrix products: per
+    row part r_h, the row shift M_h a, then one product (B·C·h, w) @ (w, k·w) for the k fractions
+    that share r_h (each a strided slice of it). Kept while the fractions (sorted by row part)
+    share it."""
+
+    def __init__(self, ref: torch.Tensor, const: dict) -> None:
+        self.ref, self.const = ref, const
+        self._rows: Optional[tuple[float, torch.Tensor, Optional[torch.Tensor]]] = None
+        self._corner: Optional[torch.Tensor] = None
+
+    def shifted(self, index: int, rows: float) -> torch.Tensor:
+        """T_r a for fraction ``index`` of the plan (whose row part is ``rows``)."""
+        row_matrix, columns, slots = self.const["dense"][rows]
+        if self._rows is None or self._rows[0] != rows:  # the previous row part is done with
+            base = self.ref if row_matrix is None else torch.matmul(row_matrix, self.ref)
+            product = None
+            if columns is not None:
+                width = self.ref.shape[-1]
+                product = (base.reshape(-1, width) @ columns).view(
+                    *self.ref.shape[:-1], columns.shape[1] // width, width)
+            self._rows = (rows, base, product)
+        slot = slots[index]
+        if slot is None:
+            return self._rows[1]
+        out = self._rows[2][..., slot, :]
+        corner = self.const["corners"][index]
+        if corner:
+            if self._corner is None:  # the reference's corner bin: Σ a·(-1)^(i+j) per map
+                flat = self.ref.reshape(*self.ref.shape[:-2], -1)
+                self._corner = flat @ self.const["checker"].reshape(-1)
+            out.addcmul_(self._corner[..., None, None], self.const["checker"], value=corner)
         return out
 
 

@@ -229,9 +229,6 @@ def _run(library: ctypes.CDLL, name: str, ref: torch.Tensor, shifted: torch.Tens
     first ``count`` shift slots, with ``arguments`` after the common ones: ``name_parallel``
     on OpenMP threads when the library has it, else one call per Python thread (ctypes drops the
     GIL), each on its own output arrays of ``shapes``, then summed."""
-    # the kernel walks ref as (B, C, h, w) with no gaps (an inverse FFT along rows, a Fourier
-    # source, can return a non-contiguous map)
-    ref = ref.contiguous()
     _, n_images, channels, height, width = shifted.shape
     steps = [ctypes.c_long(step if shifted.numel() else 0) for step in shifted.stride()[:2]]
     common = [ctypes.c_void_p(ref.data_ptr()), ctypes.c_void_p(shifted.data_ptr()), *steps,
@@ -306,7 +303,7 @@ class BilinearKernel:
         lag sums (S, B, L), lag sums of the difference (S, B, L, exact shifts) and cross terms
         (S, B), float64."""
         n_shifts, n_images = shifted.shape[:2]
-        sums = _run(self.library, "shiftlab_bilinear", ref, shifted, n_shifts,
+        sums = _run(self.library, "shiftlab_bilinear", ref.contiguous(), shifted, n_shifts,
                     [*self._head, *self._tail],
                     [(n_shifts, n_images, self.n_lags), (n_shifts, n_images, self.n_lags),
                      (n_shifts, n_images)])
@@ -318,12 +315,17 @@ def difference_sums(ref: torch.Tensor, shifted: torch.Tensor, index: Sequence[in
     """Σ b² and Σ (b - roll(a, q))² per (shift, image) in one read of each shifted map, for the
     shifts ``shifted[index[k]]`` rolled by ``rolls[k]`` (the exact and Fourier alignments).
 
-    ref (B, C, h, w) contiguous, shifted (S, B, C, h, w) with contiguous planes -> two
+    ref (B, C, h, w) with contiguous rows (any image, channel and row strides: a Fourier source
+    is a slice of a wider matrix product), shifted (S, B, C, h, w) with contiguous planes -> two
     (len(index), B) float64.
     """
+    if ref.shape[-1] > 1 and ref.stride(-1) != 1:
+        ref = ref.contiguous()
     count, n_images = len(index), shifted.shape[1]
     arrays = (_ints(index), _ints(value for roll in rolls for value in roll))
+    strides = [ctypes.c_long(step) for step in ref.stride()[:3]]
     squares, differences = _run(_load(), "shiftlab_difference", ref, shifted, count,
-                                [array.ctypes.data_as(ctypes.c_void_p) for array in arrays],
+                                [*strides, *(array.ctypes.data_as(ctypes.c_void_p)
+                                             for array in arrays)],
                                 [(count, n_images), (count, n_images)])
     return torch.from_numpy(squares), torch.from_numpy(differences)

@@ -359,8 +359,9 @@ def overlap_mask(n: int, offsets: torch.Tensor, border: int) -> torch.Tensor:
 
 
 def device_constants(store: dict, like: torch.Tensor, make) -> dict:
-    """Per-device copies of a plan's constants (tensors, also inside lists and tuples), made once:
-    plans are built on the CPU, and copying their constants per pass would cost a transfer each."""
+    """Per-device copies of a plan's constants (tensors, also inside lists, tuples and dicts),
+    made once: plans are built on the CPU, and copying their constants per pass would cost a
+    transfer each."""
     device = like.device
 
     def moved(value):
@@ -368,6 +369,8 @@ def device_constants(store: dict, like: torch.Tensor, make) -> dict:
             return value.to(device, non_blocking=True)
         if isinstance(value, (list, tuple)):
             return type(value)(moved(item) for item in value)
+        if isinstance(value, dict):
+            return {key: moved(item) for key, item in value.items()}
         return value
 
     key = (device, like.dtype)

@@ -164,8 +164,19 @@ def test_bilinear_equals_explicit_interpolation_at_subpixel_shifts_and_fractiona
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.fixture(params=["dense", "fft"])
+def fourier_shifter(request, monkeypatch):
+    """Both ways to shift a reference by a fraction: dense matrix products (maps up to
+    ``DENSE_SIDE`` a side) and 1-D FFTs (larger maps), forced here on the same small maps."""
+    from shiftlab import align
+
+    monkeypatch.setattr(align, "DENSE_SIDE", 10**6 if request.param == "dense" else 0)
+    return request.param
+
+
 @pytest.mark.parametrize("stride", [2, 4])
-def test_fourier_shares_one_fractional_shift_between_shifts_with_the_same_fraction(stride):
+def test_fourier_shares_one_fractional_shift_between_shifts_with_the_same_fraction(
+        stride, fourier_shifter):
     from shiftlab.shifts import fourier_shift_many
 
     generator = torch.Generator().manual_seed(6)
@@ -182,9 +193,13 @@ def test_fourier_shares_one_fractional_shift_between_shifts_with_the_same_fracti
 
 
 @pytest.mark.parametrize("size", [(8, 10), (7, 10), (8, 9), (6, 6)])
-def test_separable_fourier_alignment_equals_the_2d_band_limited_shift_on_any_parity(size):
-    """The alignment shifts rows, then columns, with 1-D FFTs; at even × even sizes the 2-D
-    half-spectrum convention's corner bin is not separable and is added back."""
+@pytest.mark.parametrize("need_peak", [False, True])
+def test_separable_fourier_alignment_equals_the_2d_band_limited_shift_on_any_parity(
+        size, need_peak, fourier_shifter):
+    """The alignment shifts rows, then columns (matrix products or 1-D FFTs); at even × even
+    sizes the 2-D half-spectrum convention's corner bin is not separable and is added back. The
+    norms of the shifted references come from the reference's spectrum (Parseval), not from a
+    pass over them."""
     from shiftlab.shifts import fourier_shift_many
 
     generator = torch.Generator().manual_seed(8)
@@ -192,10 +207,49 @@ def test_separable_fourier_alignment_equals_the_2d_band_limited_shift_on_any_par
     shifts = torch.tensor([(1, 3), (2, 0), (0, 1), (3, 3), (5, 2), (4, 6)], dtype=torch.float64)
     shifted = torch.randn(len(shifts), 2, 3, *size, generator=generator, dtype=torch.float64)
     info = LayerInfo("x", "Test", "spatial", (4.0, 4.0), (4.0, 4.0), (3, *size))
-    got = distance(make_plan(info, shifts, "circular", "fourier").compare(ref, shifted), "l2")
+    stats = make_plan(info, shifts, "circular", "fourier", need_peak=need_peak).compare(ref, shifted)
     aligned = fourier_shift_many(ref, shifts / 4)
     expected = (aligned - shifted).flatten(2).norm(dim=-1) / aligned.flatten(2).norm(dim=-1)
-    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(distance(stats, "l2"), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(stats.ref_sq, aligned.square().sum((2, 3, 4)), rtol=1e-12, atol=0)
+    if need_peak:
+        flat = aligned.flatten(2)
+        torch.testing.assert_close(stats.peak, flat.amax(-1) - flat.amin(-1), rtol=1e-10, atol=0)
+
+
+def test_crop_mode_fourier_alignment_compares_the_band_limited_shift_inside_the_overlap(
+        fourier_shifter):
+    from shiftlab.shifts import fourier_shift_many
+    from shiftlab.stencil import overlap_mask
+
+    generator = torch.Generator().manual_seed(10)
+    ref = torch.randn(2, 3, 8, 9, generator=generator, dtype=torch.float64)
+    shifts = torch.tensor([(1, 3), (2, 0), (0, 1), (5, 6)], dtype=torch.float64)
+    shifted = torch.randn(len(shifts), 2, 3, 8, 9, generator=generator, dtype=torch.float64)
+    info = LayerInfo("x", "Test", "spatial", (4.0, 4.0), (4.0, 4.0), (3, 8, 9))
+    stats = make_plan(info, shifts, "crop", "fourier", border=4, need_peak=True).compare(ref, shifted)
+    aligned = fourier_shift_many(ref, shifts / 4)
+    rows = overlap_mask(8, shifts[:, 0] / 4, 1)
+    cols = overlap_mask(9, shifts[:, 1] / 4, 1)
+    mask = (rows[:, :, None] & cols[:, None, :])[:, None, None].double()
+    torch.testing.assert_close(stats.diff_sq, ((aligned - shifted) * mask).square().sum((2, 3, 4)))
+    torch.testing.assert_close(stats.ref_sq, (aligned * mask).square().sum((2, 3, 4)))
+    torch.testing.assert_close(stats.shifted_sq, (shifted * mask).square().sum((2, 3, 4)))
+
+
+@pytest.mark.parametrize("size", [(8, 8), (7, 8), (8, 7), (7, 7), (6, 10), (2, 2), (1, 4)])
+def test_the_norm_of_a_band_limited_shift_follows_from_the_nyquist_energies(size):
+    """Parseval: T_r keeps every frequency's magnitude but the Nyquist ones (even sizes)."""
+    from shiftlab.align import nyquist_energies, shifted_energy
+    from shiftlab.shifts import fourier_shift_many
+
+    ref = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    fractions = [(0.3, 0.0), (0.0, 0.7), (0.25, 0.5), (0.5, 0.5), (0.9, 0.1), (0.125, 0.875)]
+    aligned = fourier_shift_many(ref, torch.tensor(fractions, dtype=torch.float64))
+    nyquist = nyquist_energies(ref)
+    for fraction, shifted in zip(fractions, aligned):
+        got = shifted_energy(ref.square().sum((1, 2, 3)), nyquist, fraction)
+        torch.testing.assert_close(got, shifted.square().sum((1, 2, 3)), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("align", ["bilinear", "fourier", "exact"])

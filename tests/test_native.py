@@ -240,6 +240,19 @@ def test_difference_kernel_gives_zero_for_a_rolled_copy():
         np.testing.assert_allclose(squares.numpy(), want.numpy(), rtol=1e-6)
 
 
+def test_difference_kernel_reads_a_reference_with_gaps_between_rows_and_planes():
+    """A Fourier source is one slice of a wider matrix product: (B, C, h, k, w)[..., slot, :]."""
+    generator = torch.Generator().manual_seed(1)
+    wide = torch.randn(2, 3, 16, 3, 17, generator=generator)
+    ref = wide[..., 1, :]
+    shifted = torch.randn(2, 2, 3, 16, 17, generator=generator)
+    rolls = [(0, 0), (2, -3)]
+    got = native.difference_sums(ref, shifted, [0, 1], rolls)
+    want = native.difference_sums(ref.contiguous(), shifted, [0, 1], rolls)
+    for strided, contiguous in zip(got, want):
+        assert torch.equal(strided, contiguous)
+
+
 def test_one_row_maps_never_read_past_the_end_of_the_tensor(tmp_path):
     """H = 1 on the block-flat layout once read a row past each plane: the maps end exactly at
     a protected page, so a read past them crashes the (separate) process."""

@@ -645,24 +645,26 @@ int shiftlab_bilinear_parallel(const float *ref, const float *shifted, long stri
    (shift s, image b), over the (image, channel) pairs [first_bc, last_bc),
      out_sq[s][b]   += sum x^2
      out_diff[s][b] += sum (x - roll(a, (qh_s, qw_s)))^2
-   with x the shifted map and a the reference (already shifted by a fraction, for Fourier):
-   row by row, each in two runs (planes of at least a few hundred values: see align.py). */
+   with x the shifted map and a the reference (already shifted by a fraction, for Fourier), whose
+   image, channel and row strides are ref_b, ref_c, ref_row (a Fourier source is a slice of a
+   wider matrix product): row by row, each in two runs (planes of at least a few hundred values:
+   see align.py). */
 int shiftlab_difference(const float *ref, const float *shifted, long stride_s, long stride_b,
                         int n_shifts, int n_images, int channels, int H, int W, int first_bc,
-                        int last_bc, const int *index, const int *roll, double *out_sq,
-                        double *out_diff)
+                        int last_bc, long ref_b, long ref_c, long ref_row, const int *index,
+                        const int *roll, double *out_sq, double *out_diff)
 {
     long plane = (long)H * W;
     for (int bc = first_bc; bc < last_bc; ++bc) {
         int b = bc / channels, c = bc % channels;
-        const float *a = ref + ((long)b * channels + c) * plane;
+        const float *a = ref + b * ref_b + c * ref_c;
         for (int s = 0; s < n_shifts; ++s) {
             const float *x = shifted + index[s] * stride_s + b * stride_b + (long)c * plane;
             int qh = wrap(roll[2 * s], H), qw = wrap(roll[2 * s + 1], W);
             double sq = 0.0, diff = 0.0;
             for (int i = 0; i < H; ++i) {
                 /* row i of roll(a, q) is row i - qh of a, its columns rolled by qw: two runs */
-                const float *xrow = x + (long)i * W, *arow = a + (long)wrap(i - qh, H) * W;
+                const float *xrow = x + (long)i * W, *arow = a + wrap(i - qh, H) * ref_row;
                 float part_sq = 0.0f, part_diff = 0.0f;
 #pragma omp simd reduction(+ : part_sq, part_diff)
                 for (int j = 0; j < qw; ++j) {
@@ -689,8 +691,9 @@ int shiftlab_difference(const float *ref, const float *shifted, long stride_s, l
 #ifdef _OPENMP
 int shiftlab_difference_parallel(const float *ref, const float *shifted, long stride_s,
                                  long stride_b, int n_shifts, int n_images, int channels, int H,
-                                 int W, int n_threads, const int *index, const int *roll,
-                                 double *out_sq, double *out_diff)
+                                 int W, int n_threads, long ref_b, long ref_c, long ref_row,
+                                 const int *index, const int *roll, double *out_sq,
+                                 double *out_diff)
 {
     int units = n_images * channels, status = 0;
     long n_slots = (long)n_shifts * n_images;
@@ -703,7 +706,8 @@ int shiftlab_difference_parallel(const float *ref, const float *shifted, long st
             status |= 1;
         } else {
             shiftlab_difference(ref, shifted, stride_s, stride_b, n_shifts, n_images, channels,
-                                H, W, first, last, index, roll, mine, mine + n_slots);
+                                H, W, first, last, ref_b, ref_c, ref_row, index, roll, mine,
+                                mine + n_slots);
 #pragma omp critical
             for (long k = 0; k < n_slots; ++k) {
                 out_sq[k] += mine[k];
