@@ -2,6 +2,7 @@
 
     python -m benchmarks.memory --model vgg16 --size 64 --shifts 256
 prints one JSON line: {"shifts": ..., "peak_rss_mb": ..., "seconds": ...}
+(``--align`` picks the alignment; bilinear, the default, by default.)
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--shifts", type=int, default=16, help="a square number gives a square grid")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--align", default="bilinear", choices=("exact", "bilinear", "fourier"))
     args = parser.parse_args()
     torch.manual_seed(0)
     model = shiftlab.load_model(args.model, "none").model
@@ -42,7 +44,8 @@ def main() -> None:
     k = math.isqrt(args.shifts)
     grid = ShiftGrid.square(k) if k * k == args.shifts else ShiftGrid.diagonal(args.shifts)
     started = time.perf_counter()
-    shiftlab.measure(model, images, grid, batch_size=args.batch_size, device="cpu", progress=False)
+    shiftlab.measure(model, images, grid, align=args.align, batch_size=args.batch_size,
+                     device="cpu", progress=False)
     peak = _peak_rss_mb()
     print(json.dumps({"shifts": len(grid), "peak_rss_mb": round(peak, 1),
                       "seconds": round(time.perf_counter() - started, 2)}))
