@@ -130,8 +130,9 @@ class RollPlan:
         ramps = []  # per fraction: (row ramp (h//2+1, 1) or None, column ramp (1, w//2+1) or None)
         corners = []  # per fraction: the corner bin's correction / (h·w), or 0
         for rows, cols in self.fractional:
-            ramp_h = phase_ramp(torch.tensor([[0.0, rows]]), 1, height)[0].T if rows else None
-            ramp_w = phase_ramp(torch.tensor([[0.0, cols]]), 1, width)[0] if cols else None
+            fraction = torch.tensor([[0.0, rows], [0.0, cols]], dtype=torch.float64)
+            ramp_h = phase_ramp(fraction[:1], 1, height)[0].T if rows else None
+            ramp_w = phase_ramp(fraction[1:], 1, width)[0] if cols else None
             ramps.append(tuple(None if r is None else r.to(complex_type) for r in (ramp_h, ramp_w)))
             # phase_ramp's corner is cos(π(r_h + r_w)); the separable product gives
             # cos(π r_h)·cos(π r_w): the difference is -sin(π r_h)·sin(π r_w)
@@ -142,7 +143,9 @@ class RollPlan:
         return {"mask": self.mask, "counts": counts, "valid": self.valid & (counts > 0),
                 "ramps": ramps, "corners": corners, "checker": checker.to(dtype),
                 "dense": _dense_operators(self.fractional, height, width, dtype)
-                if max(height, width) <= DENSE_SIDE else None}
+                if max(height, width) <= DENSE_SIDE else None,
+                "energy_weights": torch.tensor([energy_weights(r) for r in self.fractional],
+                                               dtype=torch.float64).reshape(-1, 4)}
 
     def compare(self, ref: torch.Tensor, shifted: torch.Tensor, cache: Optional[dict] = None,
                 workspace: Optional[Workspace] = None) -> ComparisonStats:
@@ -169,8 +172,11 @@ class RollPlan:
             diff_sq = torch.where(torch.isfinite(norm), diff_sq, torch.full_like(diff_sq, math.nan))
             return ComparisonStats(norm[None], norm[None], diff_sq, count,
                                    None if top is None else top[None], const["valid"])
-        shifter = (_FractionalShifts if const["dense"] is None else _DenseShifts)(ref, const)
-        nyquist = nyquist_energies(ref) if mask is None and self.fractional else None
+        dense = const["dense"] is not None and _exact_products(ref)
+        shifter = (_DenseShifts if dense else _FractionalShifts)(ref, const)
+        norms = None  # ‖T_r a‖² (fractions, B), all from the reference's spectrum at once
+        if mask is None and self.fractional:
+            norms = (const["energy_weights"] @ torch.stack(nyquist_energies(ref))).clamp_min_(0)
         limit = _step(ref)
         map_bytes = ref[0].numel() * ref.element_size()
         fractional_index = 0
@@ -185,7 +191,7 @@ class RollPlan:
             if mask is None:  # a roll changes neither the norm nor the peak
                 norm, top = cache["roll"]
                 if residue is not None:
-                    norm = shifted_energy(norm, nyquist, residue)
+                    norm = norms[fractional_index - 1]
                     top = value_range(source[None], None)[0] if self.need_peak else None
             if use_kernel:  # every shift of this group in one read of each map
                 index = [i for _, indices in by_offset for i in indices]
@@ -262,10 +268,24 @@ class _FractionalShifts:
         return out
 
 
-def nyquist_energies(ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per image of ``ref`` (B, C, h, w): the energy Σ|x|² of its components at the row Nyquist
-    frequency, at the column Nyquist frequency (each including the corner) and at the corner
-    alone, float64 (B,); 0 along an odd axis, which has no Nyquist frequency."""
+def nyquist_energies(ref: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per image of ``ref`` (B, C, h, w), float64 (B,): the energy Σx², and that of its
+    components at the row Nyquist frequency, at the column Nyquist frequency (each including
+    the corner) and at the corner alone; 0 along an odd axis, which has no Nyquist frequency.
+
+    :func:`energy_weights` combines them by subtraction, which float32 sums do to ~1e-7 of
+    Σx²: enough while the Nyquist components hold at most half the energy (the shifted norm
+    keeps at least half). A map with more is summed again in float64 (rare: it is nearly a
+    checkerboard); off the CPU always, where looking first would wait for the device."""
+    if ref.dtype == torch.float64 or ref.device.type != "cpu":
+        return _nyquist_sums(ref.double())
+    energies = _nyquist_sums(ref)
+    if bool(((energies[1] + energies[2]) > energies[0] / 2).any()):
+        energies = _nyquist_sums(ref.double())
+    return energies
+
+
+def _nyquist_sums(ref: torch.Tensor) -> tuple[torch.Tensor, ...]:
     height, width = ref.shape[-2:]
     zero = torch.zeros(ref.shape[0], dtype=torch.float64, device=ref.device)
     alternate_h = torch.ones(height, dtype=ref.dtype, device=ref.device)
@@ -279,25 +299,35 @@ def nyquist_energies(ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     corner = zero
     if along_rows is not None and along_cols is not None:
         corner = (along_rows.double() @ alternate_w.double()).square().sum(-1) / (height * width)
-    return rows, cols, corner
+    energy = torch.linalg.vector_norm(ref.flatten(1), dim=-1).double().square()
+    return energy, rows, cols, corner
 
 
-def shifted_energy(energy: torch.Tensor, nyquist: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                   fraction: tuple[float, float]) -> torch.Tensor:
-    """‖T_r a‖² from ‖a‖² (Parseval): the band-limited shift keeps every frequency's magnitude
-    but the Nyquist ones, which it scales by cos(π r_h), cos(π r_w) and, at the corner,
-    cos(π (r_h + r_w)) (:func:`~shiftlab.shifts.phase_ramp`). No pass over T_r a."""
-    rows, cols, corner = nyquist
-    r_h, r_w = fraction
-    return (energy - math.sin(math.pi * r_h) ** 2 * (rows - corner)
-            - math.sin(math.pi * r_w) ** 2 * (cols - corner)
-            - math.sin(math.pi * (r_h + r_w)) ** 2 * corner)
+def energy_weights(fraction: tuple[float, float]) -> tuple[float, float, float, float]:
+    """w with ‖T_r a‖² = w · :func:`nyquist_energies` (a) (Parseval): the band-limited shift
+    keeps every frequency's magnitude but the Nyquist ones, which it scales by cos(π r_h),
+    cos(π r_w) and, at the corner, cos(π (r_h + r_w)) (:func:`~shiftlab.shifts.phase_ramp`).
+    No pass over T_r a."""
+    rows, cols = (math.sin(math.pi * r) ** 2 for r in fraction)
+    corner = math.sin(math.pi * (fraction[0] + fraction[1])) ** 2
+    return 1.0, -rows, -cols, rows + cols - corner
+
+
+def _exact_products(ref: torch.Tensor) -> bool:
+    """Whether matrix products on these maps run in full precision: a user who allowed TF32 or
+    bf16 float32 products (``torch.set_float32_matmul_precision``) gets the FFT shifts, whose
+    ~1e-3 error would otherwise reach the distances."""
+    if ref.dtype == torch.float64:
+        return True
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    return not (ref.is_cuda and torch.backends.cuda.matmul.allow_tf32)
 
 
 def _shift_matrix(n: int, fraction: float) -> torch.Tensor:
     """(n, n) float64 M with ``x @ M`` the band-limited circular shift of rows x by ``fraction``:
     the half-spectrum operator of :func:`~shiftlab.shifts.phase_ramp` applied to the identity."""
-    ramp = phase_ramp(torch.tensor([[0.0, fraction]]), 1, n)[0, 0]
+    ramp = phase_ramp(torch.tensor([[0.0, fraction]], dtype=torch.float64), 1, n)[0, 0]
     eye = torch.eye(n, dtype=torch.float64)
     return torch.fft.irfft(torch.fft.rfft(eye, dim=-1) * ramp, n=n, dim=-1)
 

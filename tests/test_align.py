@@ -207,7 +207,8 @@ def test_separable_fourier_alignment_equals_the_2d_band_limited_shift_on_any_par
     shifts = torch.tensor([(1, 3), (2, 0), (0, 1), (3, 3), (5, 2), (4, 6)], dtype=torch.float64)
     shifted = torch.randn(len(shifts), 2, 3, *size, generator=generator, dtype=torch.float64)
     info = LayerInfo("x", "Test", "spatial", (4.0, 4.0), (4.0, 4.0), (3, *size))
-    stats = make_plan(info, shifts, "circular", "fourier", need_peak=need_peak).compare(ref, shifted)
+    plan = make_plan(info, shifts, "circular", "fourier", need_peak=need_peak)
+    stats = plan.compare(ref, shifted)
     aligned = fourier_shift_many(ref, shifts / 4)
     expected = (aligned - shifted).flatten(2).norm(dim=-1) / aligned.flatten(2).norm(dim=-1)
     torch.testing.assert_close(distance(stats, "l2"), expected, rtol=1e-10, atol=1e-12)
@@ -227,7 +228,8 @@ def test_crop_mode_fourier_alignment_compares_the_band_limited_shift_inside_the_
     shifts = torch.tensor([(1, 3), (2, 0), (0, 1), (5, 6)], dtype=torch.float64)
     shifted = torch.randn(len(shifts), 2, 3, 8, 9, generator=generator, dtype=torch.float64)
     info = LayerInfo("x", "Test", "spatial", (4.0, 4.0), (4.0, 4.0), (3, 8, 9))
-    stats = make_plan(info, shifts, "crop", "fourier", border=4, need_peak=True).compare(ref, shifted)
+    plan = make_plan(info, shifts, "crop", "fourier", border=4, need_peak=True)
+    stats = plan.compare(ref, shifted)
     aligned = fourier_shift_many(ref, shifts / 4)
     rows = overlap_mask(8, shifts[:, 0] / 4, 1)
     cols = overlap_mask(9, shifts[:, 1] / 4, 1)
@@ -237,10 +239,69 @@ def test_crop_mode_fourier_alignment_compares_the_band_limited_shift_inside_the_
     torch.testing.assert_close(stats.shifted_sq, (shifted * mask).square().sum((2, 3, 4)))
 
 
+def test_reduced_precision_float32_products_make_fourier_use_the_ffts(monkeypatch):
+    """TF32 or bf16 matrix products (a global PyTorch setting) would cost the dense shifts
+    three digits; the FFT path is used instead and the distances stay exact."""
+    from shiftlab import align
+    from shiftlab.shifts import fourier_shift_many
+
+    def refuse(*args):
+        raise AssertionError("dense shifts under reduced-precision products")
+
+    monkeypatch.setattr(align, "_DenseShifts", refuse)
+    generator = torch.Generator().manual_seed(12)
+    ref = torch.randn(2, 3, 8, 9, generator=generator)
+    shifts = torch.tensor([(1.0, 3.0), (2.0, 1.0)], dtype=torch.float64)
+    shifted = torch.randn(2, 2, 3, 8, 9, generator=generator)
+    info = LayerInfo("x", "Test", "spatial", (4.0, 4.0), (4.0, 4.0), (3, 8, 9))
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        stats = make_plan(info, shifts, "circular", "fourier").compare(ref, shifted)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    aligned = fourier_shift_many(ref.double(), shifts / 4)
+    torch.testing.assert_close(stats.diff_sq, (aligned - shifted).square().sum((2, 3, 4)),
+                               rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("eps", [1e-2, 1e-4])
+def test_the_norm_of_a_shifted_map_holding_almost_only_nyquist_content_stays_exact(eps):
+    """‖T_r a‖² = ‖a‖² minus Nyquist energy is a small difference of large sums here: a
+    float32 reference must not make it wrong (or negative, an infinite l2 distance)."""
+    from shiftlab.shifts import fourier_shift_many
+
+    generator = torch.Generator().manual_seed(0)
+    checker = (torch.arange(16)[:, None] % 2 * -2.0 + 1).expand(16, 16)
+    ref = (10 * checker + eps * torch.randn(1, 4, 16, 16, generator=generator,
+                                            dtype=torch.float64)).float()
+    shifts = torch.tensor([[1.0, 0.0]], dtype=torch.float64)  # row fraction 1/2
+    aligned = fourier_shift_many(ref.double(), shifts / 2)
+    info = LayerInfo("x", "Test", "spatial", (2.0, 2.0), (2.0, 2.0), (4, 16, 16))
+    stats = make_plan(info, shifts, "circular", "fourier").compare(ref, aligned.float())
+    torch.testing.assert_close(stats.ref_sq, aligned.square().sum((2, 3, 4)), rtol=1e-4, atol=0)
+    assert float(distance(stats, "l2")) < 1e-2
+
+
+def test_fractions_that_float32_cannot_hold_shift_by_the_exact_amount():
+    """1/6 px is not a float32 number: the operators are built from the float64 fraction."""
+    from shiftlab.shifts import fourier_shift_many
+
+    generator = torch.Generator().manual_seed(11)
+    ref = torch.randn(1, 2, 9, 10, generator=generator, dtype=torch.float64)
+    shifts = torch.tensor([(1.0, 5.0), (5.0, 1.0)], dtype=torch.float64)
+    shifted = torch.randn(2, 1, 2, 9, 10, generator=generator, dtype=torch.float64)
+    info = LayerInfo("x", "Test", "spatial", (6.0, 6.0), (6.0, 6.0), (2, 9, 10))
+    stats = make_plan(info, shifts, "circular", "fourier").compare(ref, shifted)
+    aligned = fourier_shift_many(ref, shifts / 6)
+    torch.testing.assert_close(stats.diff_sq, (aligned - shifted).square().sum((2, 3, 4)),
+                               rtol=1e-9, atol=0)
+
+
 @pytest.mark.parametrize("size", [(8, 8), (7, 8), (8, 7), (7, 7), (6, 10), (2, 2), (1, 4)])
 def test_the_norm_of_a_band_limited_shift_follows_from_the_nyquist_energies(size):
     """Parseval: T_r keeps every frequency's magnitude but the Nyquist ones (even sizes)."""
-    from shiftlab.align import nyquist_energies, shifted_energy
+    from shiftlab.align import energy_weights, nyquist_energies
     from shiftlab.shifts import fourier_shift_many
 
     ref = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
@@ -248,7 +309,7 @@ def test_the_norm_of_a_band_limited_shift_follows_from_the_nyquist_energies(size
     aligned = fourier_shift_many(ref, torch.tensor(fractions, dtype=torch.float64))
     nyquist = nyquist_energies(ref)
     for fraction, shifted in zip(fractions, aligned):
-        got = shifted_energy(ref.square().sum((1, 2, 3)), nyquist, fraction)
+        got = torch.tensor(energy_weights(fraction), dtype=torch.float64) @ torch.stack(nyquist)
         torch.testing.assert_close(got, shifted.square().sum((1, 2, 3)), rtol=1e-12, atol=1e-12)
 
 
