@@ -127,13 +127,14 @@ class RollPlan:
         counts = (self.mask.sum(dim=(1, 2, 3, 4)).double() if self.mask is not None
                   else torch.full((len(self.valid),), float(height * width), dtype=torch.float64))
         complex_type = torch.complex128 if dtype == torch.float64 else torch.complex64
+        # per fraction: the 1-D ramps (h//2+1,) and (w//2+1,), complex128, None for a whole axis
+        axis_ramps = [(_axis_ramp(height, rows) if rows else None,
+                       _axis_ramp(width, cols) if cols else None) for rows, cols in self.fractional]
         ramps = []  # per fraction: (row ramp (h//2+1, 1) or None, column ramp (1, w//2+1) or None)
         corners = []  # per fraction: the corner bin's correction / (h·w), or 0
-        for rows, cols in self.fractional:
-            fraction = torch.tensor([[0.0, rows], [0.0, cols]], dtype=torch.float64)
-            ramp_h = phase_ramp(fraction[:1], 1, height)[0].T if rows else None
-            ramp_w = phase_ramp(fraction[1:], 1, width)[0] if cols else None
-            ramps.append(tuple(None if r is None else r.to(complex_type) for r in (ramp_h, ramp_w)))
+        for (rows, cols), (ramp_h, ramp_w) in zip(self.fractional, axis_ramps):
+            ramps.append((None if ramp_h is None else ramp_h[:, None].to(complex_type),
+                          None if ramp_w is None else ramp_w[None, :].to(complex_type)))
             # phase_ramp's corner is cos(π(r_h + r_w)); the separable product gives
             # cos(π r_h)·cos(π r_w): the difference is -sin(π r_h)·sin(π r_w)
             even = height % 2 == 0 and width % 2 == 0
@@ -142,7 +143,7 @@ class RollPlan:
         checker = ((torch.arange(height)[:, None] + torch.arange(width)[None, :]) % 2) * -2.0 + 1
         return {"mask": self.mask, "counts": counts, "valid": self.valid & (counts > 0),
                 "ramps": ramps, "corners": corners, "checker": checker.to(dtype),
-                "dense": _dense_operators(self.fractional, height, width, dtype)
+                "dense": _dense_operators(self.fractional, axis_ramps, height, width, dtype)
                 if max(height, width) <= DENSE_SIDE else None,
                 "energy_weights": torch.tensor([energy_weights(r) for r in self.fractional],
                                                dtype=torch.float64).reshape(-1, 4)}
@@ -233,17 +234,36 @@ class RollPlan:
         return ComparisonStats(ref_sq, shifted_sq, diff_sq, count, peak, const["valid"])
 
 
-class _FractionalShifts:
+class _Shifts:
+    """What both ways of shifting a reference by a fraction share: the reference, the plan's
+    constants and the non-separable corner term."""
+
+    def __init__(self, ref: torch.Tensor, const: dict) -> None:
+        self.ref, self.const = ref, const
+        self._corner: Optional[torch.Tensor] = None
+
+    def _add_corner(self, out: torch.Tensor, index: int) -> torch.Tensor:
+        """``out`` (the separable shift for fraction ``index``) plus the corner bin's correction,
+        in place (even h and w; nothing otherwise)."""
+        corner = self.const["corners"][index]
+        if corner:
+            if self._corner is None:  # the reference's corner bin: Σ a·(-1)^(i+j) per map
+                flat = self.ref.reshape(*self.ref.shape[:-2], -1)
+                self._corner = flat @ self.const["checker"].reshape(-1)
+            out.addcmul_(self._corner[..., None, None], self.const["checker"], value=corner)
+        return out
+
+
+class _FractionalShifts(_Shifts):
     """The band-limited shifts T_r a of one reference for a compare call: the row spectrum
     computed once, and the column spectrum of the current row shift kept while the fractions
     (sorted by row part) share it."""
 
     def __init__(self, ref: torch.Tensor, const: dict) -> None:
-        self.ref, self.const = ref, const
+        super().__init__(ref, const)
         self.height, self.width = ref.shape[-2:]
         self._rows: Optional[tuple[float, torch.Tensor]] = None  # r_h, spectrum of T_(r_h, 0) a
         self._spectrum_h: Optional[torch.Tensor] = None
-        self._corner: Optional[torch.Tensor] = None
 
     def _along_rows(self, ramp: torch.Tensor) -> torch.Tensor:
         if self._spectrum_h is None:
@@ -258,14 +278,8 @@ class _FractionalShifts:
         if self._rows is None or self._rows[0] != rows:  # the previous row part is done with
             base = self.ref if ramp_h is None else self._along_rows(ramp_h)
             self._rows = (rows, torch.fft.rfft(base, dim=-1))
-        out = torch.fft.irfft(self._rows[1] * ramp_w, n=self.width, dim=-1)
-        corner = self.const["corners"][index]
-        if corner:
-            if self._corner is None:  # the reference's corner bin: Σ a·(-1)^(i+j) per map
-                flat = self.ref.reshape(*self.ref.shape[:-2], -1)
-                self._corner = flat @ self.const["checker"].reshape(-1)
-            out.add_(self._corner[..., None, None] * self.const["checker"], alpha=corner)
-        return out
+        return self._add_corner(torch.fft.irfft(self._rows[1] * ramp_w, n=self.width, dim=-1),
+                                index)
 
 
 def nyquist_energies(ref: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -324,41 +338,48 @@ def _exact_products(ref: torch.Tensor) -> bool:
     return not (ref.is_cuda and torch.backends.cuda.matmul.allow_tf32)
 
 
-def _shift_matrix(n: int, fraction: float) -> torch.Tensor:
-    """(n, n) float64 M with ``x @ M`` the band-limited circular shift of rows x by ``fraction``:
-    the half-spectrum operator of :func:`~shiftlab.shifts.phase_ramp` applied to the identity."""
-    ramp = phase_ramp(torch.tensor([[0.0, fraction]], dtype=torch.float64), 1, n)[0, 0]
+def _axis_ramp(n: int, fraction: float) -> torch.Tensor:
+    """The half-spectrum ramp (n//2 + 1,) complex128 of a band-limited shift by ``fraction``
+    along one axis of length n (:func:`~shiftlab.shifts.phase_ramp`, from the float64 fraction)."""
+    return phase_ramp(torch.tensor([[0.0, fraction]], dtype=torch.float64), 1, n)[0, 0]
+
+
+def _shift_matrix(n: int, ramp: torch.Tensor) -> torch.Tensor:
+    """(n, n) float64 M with ``x @ M`` the band-limited circular shift of rows x whose
+    :func:`_axis_ramp` is ``ramp``: the half-spectrum operator applied to the identity."""
     eye = torch.eye(n, dtype=torch.float64)
     return torch.fft.irfft(torch.fft.rfft(eye, dim=-1) * ramp, n=n, dim=-1)
 
 
-def _dense_operators(fractions: list[tuple[float, float]], height: int, width: int,
-                     dtype: torch.dtype) -> dict[float, tuple]:
+def _dense_operators(fractions: list[tuple[float, float]], axis_ramps: list[tuple],
+                     height: int, width: int, dtype: torch.dtype) -> dict[float, tuple]:
     """Per row part r_h of the plan's fractions: the row operator (h, h) or None, the column
     operators of the fractions sharing it side by side (w, k·w) or None, and each fraction's
-    index -> its slot there (None: the row shift alone)."""
+    index -> its slot there (None: the row shift alone). ``axis_ramps``: per fraction, its
+    :func:`_axis_ramp` pair (None for a whole axis)."""
     by_rows: dict[float, tuple] = {}
-    for index, (rows, cols) in enumerate(fractions):
-        row_matrix = _shift_matrix(height, rows).T.to(dtype) if rows else None
-        _, columns, slots = by_rows.setdefault(rows, (row_matrix, [], {}))
+    for index, ((rows, _), (ramp_h, ramp_w)) in enumerate(zip(fractions, axis_ramps)):
+        if rows not in by_rows:  # one row operator per row part
+            by_rows[rows] = (None if ramp_h is None else _shift_matrix(height, ramp_h).T.to(dtype),
+                             [], {})
+        _, columns, slots = by_rows[rows]
         slots[index] = None
-        if cols:
+        if ramp_w is not None:
             slots[index] = len(columns)
-            columns.append(_shift_matrix(width, cols))
+            columns.append(_shift_matrix(width, ramp_w))
     return {rows: (row_matrix, torch.cat(columns, dim=1).to(dtype) if columns else None, slots)
             for rows, (row_matrix, columns, slots) in by_rows.items()}
 
 
-class _DenseShifts:
+class _DenseShifts(_Shifts):
     """The band-limited shifts T_r a of one reference for a compare call as matrix products: per
     row part r_h, the row shift M_h a, then one product (B·C·h, w) @ (w, k·w) for the k fractions
     that share r_h (each a strided slice of it). Kept while the fractions (sorted by row part)
     share it."""
 
     def __init__(self, ref: torch.Tensor, const: dict) -> None:
-        self.ref, self.const = ref, const
+        super().__init__(ref, const)
         self._rows: Optional[tuple[float, torch.Tensor, Optional[torch.Tensor]]] = None
-        self._corner: Optional[torch.Tensor] = None
 
     def shifted(self, index: int, rows: float) -> torch.Tensor:
         """T_r a for fraction ``index`` of the plan (whose row part is ``rows``)."""
@@ -374,14 +395,7 @@ class _DenseShifts:
         slot = slots[index]
         if slot is None:
             return self._rows[1]
-        out = self._rows[2][..., slot, :]
-        corner = self.const["corners"][index]
-        if corner:
-            if self._corner is None:  # the reference's corner bin: Σ a·(-1)^(i+j) per map
-                flat = self.ref.reshape(*self.ref.shape[:-2], -1)
-                self._corner = flat @ self.const["checker"].reshape(-1)
-            out.addcmul_(self._corner[..., None, None], self.const["checker"], value=corner)
-        return out
+        return self._add_corner(self._rows[2][..., slot, :], index)
 
 
 Plan = Union[RollPlan, BilinearPlan]

@@ -31,8 +31,9 @@ from . import native
 from .metrics import ComparisonStats
 from .shifts import roll_many
 from .stencil import (IDENTITY, SMALL_MAP, Taps, Workspace, blocks, circulant_taps,
-                      dense_circulant, device_constants, dot, overlap_mask, quadratic, quadratic_lags,
-                      rolled_into, same_tensor, stencil2, sub_rolled, value_range)
+                      dense_circulant, device_constants, dot, overlap_mask, quadratic,
+                      quadratic_lags, rolled_into, rolled_taps, same_tensor, stencil2, sub_rolled,
+                      value_range)
 
 
 def interpolation_matrix(n: int, positions: torch.Tensor) -> torch.Tensor:
@@ -142,8 +143,7 @@ def _axis_taps(plain: torch.Tensor, aligned: torch.Tensor, cross: torch.Tensor,
     if plain_taps is None or any(t is None for t in aligned_taps + phase_taps):
         return None
     n = plain.shape[-1]
-    cross_taps = [tuple(sorted(((offset - int(q)) % n, weight) for offset, weight in taps))
-                  for taps, q in zip(phase_taps, quotient)]
+    cross_taps = [rolled_taps(taps, int(q), n) for taps, q in zip(phase_taps, quotient)]
     return _AxisTaps(plain_taps, aligned_taps, cross_taps, phase_taps, n)
 
 

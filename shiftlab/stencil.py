@@ -117,10 +117,19 @@ def circulant_taps(matrix: torch.Tensor, roll: int = 0) -> Optional[Taps]:
     if not torch.allclose(first[(index[None, :] - index[:, None]) % n], matrix, rtol=0,
                           atol=1e-9 * scale):
         return None
-    # (M x)[i] = Σ_j first[j] x[i + j]; rolled by q: x[i - q + j]
+    # (M x)[i] = Σ_j first[j] x[i + j]
     values = first.tolist()  # one conversion, not one per entry
-    return tuple(sorted(((j - roll) % n, value) for j, value in enumerate(values)
-                        if abs(value) > 1e-12 * scale))
+    return rolled_taps(tuple((j, value) for j, value in enumerate(values)
+                             if abs(value) > 1e-12 * scale), roll, n)
+
+
+def rolled_taps(taps: Taps, roll: int, n: int) -> Taps:
+    """The taps of ``T_roll M`` from those of M (n×n circulant): x[i + j] becomes x[i - q + j].
+
+    >>> rolled_taps(((0, 2.0), (1, 1.0)), 1, 3)
+    ((0, 1.0), (2, 2.0))
+    """
+    return tuple(sorted(((offset - roll) % n, weight) for offset, weight in taps))
 
 
 def dense_circulant(taps: Taps, n: int) -> torch.Tensor:
