@@ -1,4 +1,4 @@
-"""Streaming a dataset: images/s through shiftlab.sources.image_batches, and peak memory.
+"""Streaming a dataset: images/s through shiftlab.data.sources.image_batches, and peak memory.
 
     python -m benchmarks.dataset                       # 2,000 JPEGs in 10 WNID class folders
     python -m benchmarks.dataset --images 500 --workers 0,2 --model resnet18 --size 112
@@ -33,8 +33,8 @@ from PIL import Image
 from torch import nn
 
 import shiftlab
-from shiftlab.data import load_images
-from shiftlab.sources import ImageBatch, image_batches
+from shiftlab.data.images import load_images
+from shiftlab.data.sources import ImageBatch, image_batches
 
 #: The first ten ImageNet WNIDs: folder names as in ImageNet's train/val layout.
 WNIDS = ("n01440764", "n01443537", "n01484850", "n01491361", "n01494475",

@@ -17,10 +17,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import shiftlab
-from shiftlab.shifts import ShiftGrid
+from shiftlab.measure.shifts import ShiftGrid
 
-from shiftlab.align import RollPlan
-from shiftlab.bilinear import BilinearPlan
+from shiftlab.measure.align import RollPlan
+from shiftlab.measure.bilinear import BilinearPlan
 
 from .bench import stable_malloc
 

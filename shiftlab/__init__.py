@@ -11,24 +11,24 @@ or the engine on your own model and images:
 
 What every number means: docs/semantics.md.
 """
-__version__ = "0.2.0"
+from ._version import __version__
 
 from .errors import ShiftlabError, UsageError  # noqa: E402
-from .shifts import ShiftGrid  # noqa: E402
-from .geometry import LayerInfo, probe_layers  # noqa: E402
-from .capture import LayerCapture  # noqa: E402
-from .provenance import Provenance  # noqa: E402
-from .result import Result, Settings, load  # noqa: E402
-from .engine import measure  # noqa: E402
-from .invariance import (InvarianceResult, load_invariance, measure_invariance,  # noqa: E402
-                         uninformative_across)
-from .protocols import consistency_protocol, diagonal_protocol, load_protocol  # noqa: E402
-from .antialias import BlurPool, antialias  # noqa: E402
-from .padding import circular_padding  # noqa: E402
-from .comparison import Comparison, compare  # noqa: E402
-from .models import load_model  # noqa: E402
-from .data import load_images, sample_image_paths  # noqa: E402
-from .sources import ImageDataset, image_batches  # noqa: E402
+from .measure.shifts import ShiftGrid  # noqa: E402
+from .measure.geometry import LayerInfo, probe_layers  # noqa: E402
+from .measure.capture import LayerCapture  # noqa: E402
+from .results.provenance import Provenance  # noqa: E402
+from .results.result import Result, Settings, load  # noqa: E402
+from .measure.engine import measure  # noqa: E402
+from .invariance.grid import measure_invariance  # noqa: E402
+from .invariance.grid_result import InvarianceResult, load_invariance, uninformative_across  # noqa: E402
+from .invariance.protocols import consistency_protocol, diagonal_protocol, load_protocol  # noqa: E402
+from .models.antialias import BlurPool, antialias  # noqa: E402
+from .models.padding import circular_padding  # noqa: E402
+from .results.comparison import Comparison, compare  # noqa: E402
+from .models.zoo import load_model  # noqa: E402
+from .data.images import load_images, sample_image_paths  # noqa: E402
+from .data.sources import ImageDataset, image_batches  # noqa: E402
 from . import runs  # noqa: E402
 
 __all__ = [

@@ -1,5 +1,5 @@
 """python -m shiftlab"""
-from .cli import main
+from .cli.commands import main
 
 if __name__ == "__main__":
     main()

@@ -22,16 +22,16 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from .checks import check_choice, resolve_margin
-from .data import LoadedImages, find_images, image_digest, load_images, sample_image_paths
+from .data.images import LoadedImages, find_images, image_digest, load_images, sample_image_paths
 from .defaults import (BATCH_SIZE, MAX_SHIFT, PADDINGS, PAIRS, PROTOCOLS, SIZE, default_resize,
                        make_grid)
 from .errors import UsageError
-from .models import LoadedModel
-from .padding import has_zero_padding
-from .checkpoints import state_dict_fingerprint
-from .provenance import Provenance, as_tuple
-from .result import Result
-from .shifts import MODES, ShiftGrid
+from .models.zoo import LoadedModel
+from .models.padding import has_zero_padding
+from .models.checkpoints import state_dict_fingerprint
+from .results.provenance import Provenance, as_tuple
+from .results.result import Result
+from .measure.shifts import MODES, ShiftGrid
 
 #: the largest canvas side (input + 2 × crop margin) the pipeline decodes images to
 MAX_CANVAS = 4096
@@ -61,7 +61,7 @@ def build_model(spec: str, weights: str = "auto", *, seed: int = 0, antialias: O
         >>> build_model("resnet18", weights="none", padding="circular").name   # doctest: +SKIP
         'resnet18'
     """
-    from .variants import load_variant
+    from .models.variants import load_variant
 
     check_choice("padding", padding, PADDINGS)
     if isinstance(seed, bool) or not isinstance(seed, int) or abs(seed) >= 2**63:
@@ -72,7 +72,7 @@ def build_model(spec: str, weights: str = "auto", *, seed: int = 0, antialias: O
         loaded = load_variant(spec, weights, filt_size=antialias, trust_checkpoint=trust_checkpoint,
                               num_classes=num_classes, **kwargs)
     if padding == "circular":
-        from .padding import circular_padding
+        from .models.padding import circular_padding
 
         model = circular_padding(loaded.model)
         model.shiftlab_padding = "circular"  # measure() records it in the Settings
@@ -199,7 +199,7 @@ def heatmap(model: str = "vgg16", *, weights: str = "auto", seed: int = 0,
         >>> result.provenance.images[:2]                                       # doctest: +SKIP
         ('astronaut.jpg', 'camera.jpg')
     """
-    from .engine import measure
+    from .measure.engine import measure
 
     shifts, margin = shift_plan(grid=grid, max_shift=max_shift, subpixel=subpixel, mode=mode,
                                 size=size, resize=resize)
@@ -225,7 +225,7 @@ def categories(loaded: LoadedModel) -> Optional[list]:
         return list(loaded.categories)
     from torchvision.models import get_model_weights
 
-    from .variants import parse_variant
+    from .models.variants import parse_variant
 
     try:
         return list(get_model_weights(parse_variant(loaded.name)[0]).DEFAULT.meta["categories"])
@@ -259,8 +259,8 @@ def consistency(model: str = "resnet18", *, weights: str = "auto", seed: int = 0
         >>> result = consistency("resnet18", weights="none", size=64, max_shift=4)  # doctest: +SKIP
         >>> result.summary()["pairwise_consistency"]                               # doctest: +SKIP
     """
-    from .invariance import measure_invariance
-    from .labels import read_labels
+    from .invariance.grid import measure_invariance
+    from .data.labels import read_labels
 
     check_choice("protocol", protocol, PROTOCOLS)
     if protocol == "grid" and (checkpoint is not None or resume):
@@ -303,8 +303,8 @@ def _protocol(loaded: LoadedModel, spec: str, protocol: str, images, labelled, *
               antialias: Optional[int], padding: str, label: Optional[str],
               on_ready: Optional[Callable], checkpoint: Optional[PathLike], resume: bool):
     """The paper's ImageNet protocols on a streamed source: R×R centre crops, R = resize."""
-    from .protocols import consistency_protocol, diagonal_protocol
-    from .sources import image_batches
+    from .invariance.protocols import consistency_protocol, diagonal_protocol
+    from .data.sources import image_batches
 
     crop = resize or default_resize(size)
     if crop <= size:

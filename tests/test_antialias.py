@@ -13,7 +13,7 @@ import torch
 import torchvision
 from torch import nn
 
-from shiftlab.antialias import BlurPool, antialias, binomial_filter
+from shiftlab.models.antialias import BlurPool, antialias, binomial_filter
 from shiftlab.errors import ModelError, UsageError
 
 BINOMIAL_ROWS = {1: [1], 2: [1, 1], 3: [1, 2, 1], 4: [1, 3, 3, 1], 5: [1, 4, 6, 4, 1],

@@ -6,9 +6,9 @@ import numpy as np
 import torch
 from hypothesis import given, settings, strategies as st
 
-from shiftlab.align import make_plan
-from shiftlab.geometry import LayerInfo
-from shiftlab.metrics import distance
+from shiftlab.measure.align import make_plan
+from shiftlab.measure.geometry import LayerInfo
+from shiftlab.measure.metrics import distance
 
 
 def upsample(x: np.ndarray, stride: int, axis: int) -> np.ndarray:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from shiftlab.capture import LayerCapture, flatten_output, layer_module, select_modules
+from shiftlab.measure.capture import LayerCapture, flatten_output, layer_module, select_modules
 from shiftlab.errors import UsageError
 
 from conftest import Twice
@@ -77,7 +77,7 @@ def test_a_class_name_alone_does_not_make_a_module_one_layer():
 
 
 def test_shiftlab_blurpool_is_watched_as_one_layer():
-    from shiftlab.antialias import BlurPool as RealBlurPool
+    from shiftlab.models.antialias import BlurPool as RealBlurPool
 
     model = nn.Sequential(nn.Conv2d(3, 4, 1), RealBlurPool(4, filt_size=3, stride=2))
     assert any(True for _ in model[1].children())  # it does own a padding child

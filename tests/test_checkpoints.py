@@ -1,4 +1,4 @@
-"""Tests for shiftlab.checkpoints: file formats as people have them, the entry holding the weights,
+"""Tests for shiftlab.models.checkpoints: file formats as people have them, the entry holding the weights,
 dtype checks, plain pickles, and the state-dict fingerprint. Tiny models, files in tmp_path."""
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from shiftlab.checkpoints import is_checkpoint_path, load_checkpoint, state_dict_fingerprint
+from shiftlab.models.checkpoints import is_checkpoint_path, load_checkpoint, state_dict_fingerprint
 from shiftlab.errors import UsageError, WeightsError
-from shiftlab.models import load_model
+from shiftlab.models.zoo import load_model
 
 from conftest import assert_holds
 

@@ -1,4 +1,4 @@
-"""Tests for the command line (shiftlab.cli): every option path and every error path.
+"""Tests for the command line (shiftlab.cli.commands): every option path and every error path.
 
 All in-process tests use click's CliRunner with the tiny factory model of conftest.py, 16 or 32 px
 inputs and a 2 x 2 grid, so the whole file runs in well under a minute. A few tests run the
@@ -30,7 +30,7 @@ from PIL import Image
 from torch import nn
 
 import shiftlab
-from shiftlab.cli import main
+from shiftlab.cli.commands import main
 
 CONFTEST = Path(__file__).resolve().with_name("conftest.py")
 TINY = f"{CONFTEST}:tiny_classifier"
@@ -138,7 +138,7 @@ def read_summary(folder: Path) -> list[dict]:
 
 
 def tiny_state_dict() -> dict:
-    from shiftlab.models import load_model
+    from shiftlab.models.zoo import load_model
 
     return load_model(TINY, "none").model.state_dict()
 
@@ -363,7 +363,7 @@ def test_heatmap_format_option_chooses_the_figure_files(images, tmp_path, format
 @pytest.fixture
 def figure_spy(monkeypatch):
     """Record the scale each figure is drawn with and the formats/dpi it is saved with."""
-    from shiftlab import plots
+    from shiftlab.figures import plots
 
     calls = {"scale": [], "save": []}
     real_grid, real_profile, real_save = plots.layer_grid, plots.layer_profile, plots.save_figure
@@ -432,7 +432,7 @@ def test_heatmap_default_images_are_the_shipped_samples(tmp_path):
     out = tmp_path / "out"
     result = invoke("heatmap", "--model", TINY, *FAST, "--max-images", "1", "-q", "--out", out)
     assert result.exit_code == 0, result.output
-    from shiftlab.data import sample_image_paths
+    from shiftlab.data.images import sample_image_paths
 
     assert shiftlab.load(out / "result.npz").meta["images"] == [sample_image_paths()[0].name]
 
@@ -474,7 +474,7 @@ def test_heatmap_ctrl_c_exits_130_and_keeps_the_previous_result(images, tmp_path
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("shiftlab.engine.measure", interrupted)
+    monkeypatch.setattr("shiftlab.measure.engine.measure", interrupted)
     result = invoke(*heatmap_args(images, out, "--metric", "l2", "--overwrite"))
     assert result.exit_code == 130
     assert "interrupted" in result.stderr and "Traceback" not in result.output
@@ -489,7 +489,7 @@ def test_heatmap_ctrl_c_while_drawing_keeps_the_previous_result(images, tmp_path
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("shiftlab.plots.layer_grid", interrupted)
+    monkeypatch.setattr("shiftlab.figures.plots.layer_grid", interrupted)
     result = invoke(*heatmap_args(images, out, "--metric", "l2", "--overwrite"))
     assert result.exit_code == 130
     assert "the output folder was not changed" in result.stderr
@@ -502,7 +502,7 @@ def test_heatmap_unexpected_exception_is_one_line_with_a_debug_hint(images, tmp_
     def broken(*args, **kwargs):
         raise RuntimeError("boom\nsecond line")
 
-    monkeypatch.setattr("shiftlab.engine.measure", broken)
+    monkeypatch.setattr("shiftlab.measure.engine.measure", broken)
     out = tmp_path / "out"
     line = assert_clean_error(invoke(*heatmap_args(images, out)), 1, "RuntimeError: boom",
                               "SHIFTLAB_DEBUG=1", out=out)
@@ -522,7 +522,7 @@ def test_shiftlab_errors_become_one_line_with_their_exit_code(images, tmp_path, 
     def failing(*args, **kwargs):
         raise getattr(errors, error)("first line\n  second line; pass --fix")
 
-    monkeypatch.setattr("shiftlab.engine.measure", failing)
+    monkeypatch.setattr("shiftlab.measure.engine.measure", failing)
     out = tmp_path / "out"
     line = assert_clean_error(invoke(*heatmap_args(images, out)), exit_code, out=out)
     assert line == "error: first line second line; pass --fix"
@@ -532,7 +532,7 @@ def test_heatmap_memory_error_suggests_a_smaller_batch(images, tmp_path, monkeyp
     def exhausted(*args, **kwargs):
         raise MemoryError
 
-    monkeypatch.setattr("shiftlab.engine.measure", exhausted)
+    monkeypatch.setattr("shiftlab.measure.engine.measure", exhausted)
     out = tmp_path / "out"
     assert_clean_error(invoke(*heatmap_args(images, out)), 1, "out of memory", "--batch-size", out=out)
 
@@ -541,7 +541,7 @@ def test_heatmap_cuda_out_of_memory_suggests_a_smaller_batch(images, tmp_path, m
     def exhausted(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("shiftlab.engine.measure", exhausted)
+    monkeypatch.setattr("shiftlab.measure.engine.measure", exhausted)
     out = tmp_path / "out"
     line = assert_clean_error(invoke(*heatmap_args(images, out)), 1, "--batch-size", out=out)
     assert "please report" not in line
@@ -750,7 +750,7 @@ def test_layers_ctrl_c_exits_130(monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("shiftlab.geometry.probe_layers", interrupted)
+    monkeypatch.setattr("shiftlab.measure.geometry.probe_layers", interrupted)
     result = invoke("layers", "--model", TINY, "--size", "16")
     assert result.exit_code == 130 and "interrupted" in result.stderr
     assert "Traceback" not in result.output
@@ -794,9 +794,9 @@ def _forbid_measuring(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("plot must not measure or load a model")
 
-    monkeypatch.setattr("shiftlab.engine.measure", forbidden)
-    monkeypatch.setattr("shiftlab.models.load_model", forbidden)
-    monkeypatch.setattr("shiftlab.geometry.probe_layers", forbidden)
+    monkeypatch.setattr("shiftlab.measure.engine.measure", forbidden)
+    monkeypatch.setattr("shiftlab.models.zoo.load_model", forbidden)
+    monkeypatch.setattr("shiftlab.measure.geometry.probe_layers", forbidden)
 
 
 @pytest.mark.parametrize("scale_flag", ["--scale", "--metric-scale"])
@@ -1166,7 +1166,7 @@ def test_out_below_an_existing_file_is_a_runtime_error(images, tmp_path):
 
 
 class _NoWriteAccess:
-    """``os`` as seen by shiftlab.cli, except that ``folder`` is not writable (even for root)."""
+    """``os`` as seen by shiftlab.cli.commands, except that ``folder`` is not writable (even for root)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -1183,7 +1183,7 @@ class _NoWriteAccess:
 def test_out_folder_without_write_access_is_a_runtime_error(images, tmp_path, monkeypatch):
     out = tmp_path / "locked"
     out.mkdir()
-    monkeypatch.setattr("shiftlab.reports.os", _NoWriteAccess(out))
+    monkeypatch.setattr("shiftlab.cli.reports.os", _NoWriteAccess(out))
     assert_clean_error(invoke(*heatmap_args(images, out)), 1, "not writable", "--out", out=out)
 
 

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 import shiftlab
-from shiftlab.cli import main
+from shiftlab.cli.commands import main
 from conftest import INTERRUPTIBLE_FACTORY, random_png_folder, run_torchrun
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,11 +23,11 @@ from torch import nn  # noqa: E402
 
 import shiftlab  # noqa: E402
 from shiftlab import BlurPool, ShiftGrid, antialias  # noqa: E402
-from shiftlab.cli import main  # noqa: E402
-from shiftlab.comparison import Comparison, compare  # noqa: E402
+from shiftlab.cli.commands import main  # noqa: E402
+from shiftlab.results.comparison import Comparison, compare  # noqa: E402
 from shiftlab.errors import SettingsMismatchError, UsageError, WeightsError  # noqa: E402
-from shiftlab.result import Result  # noqa: E402
-from shiftlab.variants import load_variant, parse_variant  # noqa: E402
+from shiftlab.results.result import Result  # noqa: E402
+from shiftlab.models.variants import load_variant, parse_variant  # noqa: E402
 
 from conftest import ANTIALIAS_FACTORY_SOURCE as FACTORY_SOURCE  # noqa: E402
 FAST = ["--size", "16", "--max-shift", "2", "--max-images", "2", "--device", "cpu", "--quiet"]

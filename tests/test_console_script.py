@@ -153,7 +153,7 @@ MIXED_KEPT = ["deep.png", "gray.png", "palette.png", "rgb.png", "rgba.png", "sma
 
 
 def _write_checkpoints(folder: Path) -> None:
-    from shiftlab.models import load_model
+    from shiftlab.models.zoo import load_model
 
     state = load_model(TINY, "none").model.state_dict()
     torch.save(state, folder / "truncated.pth")

@@ -1,4 +1,4 @@
-"""Tests for shiftlab.data: shipped images, folder discovery, and preprocessing."""
+"""Tests for shiftlab.data.images: shipped images, folder discovery, and preprocessing."""
 from __future__ import annotations
 
 import hashlib
@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from shiftlab.data import (
+from shiftlab.data.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImagePreprocess,
@@ -279,7 +279,7 @@ def test_tall_png_is_refused_from_its_header_without_decoding(tmp_path, monkeypa
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
     with pytest.raises(UnreadableImageError, match=r"8x2000000 px resized to a 256 px short side is"
-                       r" 16,384,000,000 px, over the 16,777,216-pixel limit \(shiftlab.data.MAX_RESIZED_PIXELS\)"):
+                       r" 16,384,000,000 px, over the 16,777,216-pixel limit \(shiftlab.data.images.MAX_RESIZED_PIXELS\)"):
         ImagePreprocess(size=224)(tall)
     monkeypatch.undo()
     batch = load_images([tall, good], size=224)
@@ -288,10 +288,10 @@ def test_tall_png_is_refused_from_its_header_without_decoding(tmp_path, monkeypa
 
 def test_image_over_max_pixels_is_refused_with_the_limit_named(tmp_path, monkeypatch):
     path = _save(tmp_path / "big.png", _gradient(40, 30))
-    monkeypatch.setattr("shiftlab.data.MAX_PIXELS", 40 * 30 - 1)
-    with pytest.raises(ImageError, match=r"40x30 px is over the 1,199-pixel limit \(shiftlab.data.MAX_PIXELS\)"):
+    monkeypatch.setattr("shiftlab.data.images.MAX_PIXELS", 40 * 30 - 1)
+    with pytest.raises(ImageError, match=r"40x30 px is over the 1,199-pixel limit \(shiftlab.data.images.MAX_PIXELS\)"):
         ImagePreprocess(size=16)(path)
-    monkeypatch.setattr("shiftlab.data.MAX_PIXELS", 40 * 30)
+    monkeypatch.setattr("shiftlab.data.images.MAX_PIXELS", 40 * 30)
     assert ImagePreprocess(size=16)(path).shape == (3, 16, 16)
 
 

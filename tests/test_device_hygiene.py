@@ -15,11 +15,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from shiftlab.engine import _Run, batch_layout, to_device
-from shiftlab.geometry import probe_layers
-from shiftlab.metrics import DistanceAccumulator
-from shiftlab.result import Settings
-from shiftlab.shifts import ShiftGrid
+from shiftlab.measure.engine import _Run, batch_layout, to_device
+from shiftlab.measure.geometry import probe_layers
+from shiftlab.measure.metrics import DistanceAccumulator
+from shiftlab.results.result import Settings
+from shiftlab.measure.shifts import ShiftGrid
 
 
 def _small_net() -> nn.Module:

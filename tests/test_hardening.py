@@ -25,11 +25,11 @@ from torch import nn
 
 import shiftlab
 from shiftlab import ShiftGrid
-from shiftlab.cli import main
-from shiftlab.comparison import Comparison
+from shiftlab.cli.commands import main
+from shiftlab.results.comparison import Comparison
 from shiftlab.errors import SettingsMismatchError, ShiftlabError, UsageError
-from shiftlab.geometry import LayerInfo
-from shiftlab.result import Result, Settings
+from shiftlab.measure.geometry import LayerInfo
+from shiftlab.results.result import Result, Settings
 from conftest import random_png_folder, make_maxpool
 
 PROGRESS = ".shiftlab-progress.npz"
@@ -201,7 +201,7 @@ def test_ctrl_c_while_saving_a_figure_keeps_the_progress_and_resume_measures_not
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr("shiftlab.plots.save_figure", interrupted)
+        patch.setattr("shiftlab.figures.plots.save_figure", interrupted)
         assert invoke(*heatmap(images, model, out)).exit_code == 130
     assert sorted(p.name for p in out.iterdir()) == [PROGRESS]  # no outputs, no staging folder
     with np.load(out / PROGRESS) as progress:
@@ -261,7 +261,7 @@ def test_overwrite_replaces_the_padding_pair_figures_too(setup, tmp_path):
 
 
 class _FailingReplace:
-    """``os`` for shiftlab.reports, whose n-th ``replace`` fails as a full disk would."""
+    """``os`` for shiftlab.cli.reports, whose n-th ``replace`` fails as a full disk would."""
 
     def __init__(self, fail_at: int) -> None:
         self.calls, self.fail_at = 0, fail_at
@@ -283,7 +283,7 @@ def test_a_failed_move_puts_the_previous_set_back(setup, tmp_path, monkeypatch, 
     assert invoke(*heatmap(images, model, out)).exit_code == 0
     before = snapshot(out)  # 4 outputs: moves 1-4 set them aside, 5-8 move the new ones in
     failing = _FailingReplace(fail_at)
-    monkeypatch.setattr("shiftlab.reports.os", failing)
+    monkeypatch.setattr("shiftlab.cli.reports.os", failing)
     one_error_line(invoke(*heatmap(images, model, out, "--overwrite", "--metric", "l2")), 1,
                    "No space left on device", "previous outputs were put back")
     assert failing.calls >= fail_at
@@ -299,7 +299,7 @@ def test_a_failed_run_leaves_no_new_empty_folder(setup, tmp_path, monkeypatch):
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("shiftlab.reports.write_table", full_disk)
+    monkeypatch.setattr("shiftlab.cli.reports.write_table", full_disk)
     result = invoke("compare", "-m", model, "--antialias", "2", "--weights", "none", "--images",
                     images, "--size", "16", "--max-shift", "2", "--device", "cpu", "--quiet",
                     "--out", out)
@@ -376,7 +376,7 @@ def test_plot_refuses_a_grid_whose_panels_exceed_the_drawing_limit(tmp_path, mon
     def forbidden(*args, **kwargs):
         raise AssertionError("nothing may be drawn")
 
-    monkeypatch.setattr("shiftlab.plots.layer_grid", forbidden)
+    monkeypatch.setattr("shiftlab.figures.plots.layer_grid", forbidden)
     one_error_line(invoke("plot", path, "--format", "png"), 2, "2,000 x 2,000 cells",
                    "drawing limit of 16,384")
     assert [p.name for p in tmp_path.iterdir()] == ["result.npz"]
@@ -446,7 +446,7 @@ def test_measure_runs_a_training_model_in_eval_mode_and_restores_it():
 
 
 def test_measure_invariance_runs_a_training_model_in_eval_mode_and_restores_it():
-    from shiftlab.invariance import measure_invariance
+    from shiftlab.invariance.grid import measure_invariance
 
     images = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     options = dict(device="cpu", progress=False, n_pairs=10, n_bootstrap=10)
@@ -467,7 +467,7 @@ def test_the_cpu_allocators_out_of_memory_is_one_line_like_cudas(setup, tmp_path
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't"
                            " allocate memory: you tried to allocate 68719476736 bytes.\nError code 12")
 
-    monkeypatch.setattr("shiftlab.engine.measure", exhausted)
+    monkeypatch.setattr("shiftlab.measure.engine.measure", exhausted)
     out = tmp_path / "out"
     line = one_error_line(invoke(*heatmap(images, model, out)), 1, "out of memory", "--batch-size")
     assert "report" not in line and not out.exists()

@@ -1,4 +1,4 @@
-"""Output-level invariance (shiftlab.invariance, `shiftlab consistency`): known answers first.
+"""Output-level invariance (shiftlab.invariance.grid, `shiftlab consistency`): known answers first.
 
 Known answers:
 * an exactly invariant classifier (circular convs + global average pool + linear) keeps its
@@ -21,11 +21,12 @@ from torch import nn
 
 import shiftlab
 from shiftlab import ShiftGrid
-from shiftlab.cli import main
+from shiftlab.cli.commands import main
 from shiftlab.errors import ImageError, ModelError, ShiftlabError, UsageError
-from shiftlab.invariance import (default_diagonal, load_invariance,
-                                 measure_invariance, read_labels, wilson_interval)
-from shiftlab.shifts import fourier_shift_many
+from shiftlab.data.labels import read_labels
+from shiftlab.invariance.grid import default_diagonal, measure_invariance
+from shiftlab.invariance.grid_result import load_invariance, wilson_interval
+from shiftlab.measure.shifts import fourier_shift_many
 
 from conftest import make_global_pool, tiny_classifier
 
@@ -485,7 +486,7 @@ def test_a_model_without_logits_is_a_model_error(random_images):
 
 
 def test_probability_plot_draws_one_panel_per_model(random_images):
-    from shiftlab.plots import probability_plot
+    from shiftlab.figures.plots import probability_plot
 
     results = [run(model, random_images, ShiftGrid.square(3), n_pairs=5)
                for model in (tiny_classifier(), make_global_pool())]
@@ -615,7 +616,7 @@ def test_cli_model_without_logits_is_a_runtime_error(image_folder, tmp_path):
 
 
 def test_the_typed_provenance_of_a_saved_result_keeps_its_extra_fields(tmp_path, random_images):
-    from shiftlab.provenance import Provenance
+    from shiftlab.results.provenance import Provenance
 
     meta = Provenance(model="net", weights="none", extra={"spec": "net.py:build"}).to_dict()
     result = run(tiny_classifier(), random_images, ShiftGrid.square(2), n_pairs=10, meta=meta)

@@ -1,4 +1,4 @@
-"""Statistics of shiftlab.invariance_result, on predictions built by hand (no model involved).
+"""Statistics of shiftlab.invariance.grid_result, on predictions built by hand (no model involved).
 
 Known answers:
 * pooled intervals are a bootstrap over images: with 6 images and 1000 pairs the interval is far
@@ -17,7 +17,7 @@ import pytest
 
 from shiftlab import ShiftGrid
 from shiftlab.errors import UsageError
-from shiftlab.invariance import (InvarianceResult, InvarianceSettings, bootstrap_interval,
+from shiftlab.invariance.grid_result import (InvarianceResult, InvarianceSettings, bootstrap_interval,
                                  load_invariance, uninformative_across, wilson_interval)
 
 

@@ -71,7 +71,7 @@ def test_maxpool_is_exact_at_even_shifts_and_not_at_odd_shifts(images):
 
 @pytest.mark.parametrize("align", ["bilinear", "fourier"])
 def test_blurpool_lowers_the_odd_shift_distance_of_maxpool(images, align):
-    from shiftlab.antialias import BlurPool
+    from shiftlab.models.antialias import BlurPool
 
     base = make_maxpool()
     stack = list(base.children())[:-1]

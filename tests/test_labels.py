@@ -1,4 +1,4 @@
-"""Tests for shiftlab.labels: when class names become indices by name and when by sorted order."""
+"""Tests for shiftlab.data.labels: when class names become indices by name and when by sorted order."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +9,7 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from shiftlab.errors import UsageError
-from shiftlab.labels import read_labels
+from shiftlab.data.labels import read_labels
 
 
 def write_png(path: Path, seed: int = 0) -> Path:

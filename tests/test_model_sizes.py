@@ -18,9 +18,9 @@ from click.testing import CliRunner
 from torch import nn
 from torchvision.models import ViT_H_14_Weights
 
-from shiftlab import models, pretrained
-from shiftlab.cli import main
-from shiftlab.models import PretrainedUnavailableWarning, load_model
+from shiftlab.models import pretrained, zoo as models
+from shiftlab.cli.commands import main
+from shiftlab.models.zoo import PretrainedUnavailableWarning, load_model
 
 
 @pytest.fixture(autouse=True)

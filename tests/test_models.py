@@ -1,4 +1,4 @@
-"""Tests for shiftlab.models: model specs, pretrained weights offline (shiftlab.pretrained), and
+"""Tests for shiftlab.models.zoo: model specs, pretrained weights offline (shiftlab.models.pretrained), and
 checkpoint loading through load_model (the file formats themselves: tests/test_checkpoints.py)."""
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from shiftlab import models, pretrained
+from shiftlab.models import pretrained, zoo as models
 from shiftlab.errors import ModelError, UsageError, WeightsError
-from shiftlab.models import LoadedModel, PretrainedUnavailableWarning, list_model_names, load_model
+from shiftlab.models.zoo import LoadedModel, PretrainedUnavailableWarning, list_model_names, load_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 SQUEEZE_FILE = "squeezenet1_0-b66bff10.pth"  # the file name in SqueezeNet1_0_Weights.IMAGENET1K_V1.url

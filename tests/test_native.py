@@ -1,4 +1,4 @@
-"""The compiled bilinear kernel (shiftlab.native) against the eager code and explicit
+"""The compiled bilinear kernel (shiftlab.measure.kernels.native) against the eager code and explicit
 upsampling, its fallbacks, and how it is built and cached."""
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from shiftlab import native
-from shiftlab.align import make_plan
+from shiftlab.measure.kernels import native
+from shiftlab.measure.align import make_plan
 from shiftlab.errors import ShiftlabError, UsageError
-from shiftlab.geometry import LayerInfo
-from shiftlab.metrics import distance
+from shiftlab.measure.geometry import LayerInfo
+from shiftlab.measure.metrics import distance
 
 from test_bilinear import explicit_cosine
 
@@ -260,8 +260,8 @@ def test_one_row_maps_never_read_past_the_end_of_the_tensor(tmp_path):
     script.write_text("""
 import ctypes, mmap, sys
 import torch
-from shiftlab.align import make_plan
-from shiftlab.geometry import LayerInfo
+from shiftlab.measure.align import make_plan
+from shiftlab.measure.geometry import LayerInfo
 page = mmap.PAGESIZE
 libc = ctypes.CDLL(None, use_errno=True)
 buffer = mmap.mmap(-1, 2 * page)

@@ -12,8 +12,8 @@ from torch import nn
 
 import shiftlab
 from shiftlab import BlurPool, ShiftGrid
-from shiftlab.capture import select_modules
-from shiftlab.padding import CircularPool, circular_padding
+from shiftlab.measure.capture import select_modules
+from shiftlab.models.padding import CircularPool, circular_padding
 
 
 def converted(model: nn.Module) -> nn.Module:
@@ -232,7 +232,7 @@ def test_an_antialiased_model_is_fully_circular_and_exact_where_its_stride_divid
 
 
 def test_has_zero_padding_names_what_the_circular_shift_hint_is_about():
-    from shiftlab.padding import has_zero_padding
+    from shiftlab.models.padding import has_zero_padding
 
     assert has_zero_padding(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1)))
     assert has_zero_padding(nn.Sequential(nn.Conv2d(3, 4, 3, padding="same")))

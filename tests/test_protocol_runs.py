@@ -8,9 +8,9 @@ import torch
 from click.testing import CliRunner
 
 from shiftlab import distributed, load_invariance, load_protocol
-from shiftlab.cli import main
-from shiftlab.protocols import consistency_protocol
-from shiftlab.sources import image_batches
+from shiftlab.cli.commands import main
+from shiftlab.invariance.protocols import consistency_protocol
+from shiftlab.data.sources import image_batches
 from conftest import INTERRUPTIBLE_FACTORY, random_png_folder, run_torchrun
 
 
@@ -174,7 +174,7 @@ def test_an_error_on_one_rank_is_the_same_one_line_error_on_every_rank(setup, tm
 
 
 def test_a_figure_that_fails_leaves_the_numbers_and_no_checkpoint(setup, tmp_path, monkeypatch):
-    from shiftlab import tradeoff
+    from shiftlab.figures import tradeoff
 
     root, model = setup
     def broken(*_, **__):

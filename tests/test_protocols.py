@@ -1,4 +1,4 @@
-"""The seed paper's ImageNet protocols (shiftlab.protocols) on tiny inputs with known answers.
+"""The seed paper's ImageNet protocols (shiftlab.invariance.protocols) on tiny inputs with known answers.
 
 Known answers:
 * a model that reads only the window's top-left pixel, on images whose pixel values are distinct
@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from shiftlab.errors import ModelError, UsageError
-from shiftlab.invariance import uninformative_across
-from shiftlab.protocols import (DiagonalResult, ProtocolResult, consistency_protocol,
+from shiftlab.invariance.grid_result import uninformative_across
+from shiftlab.invariance.protocols import (DiagonalResult, ProtocolResult, consistency_protocol,
                                 diagonal_protocol, load_protocol)
 
 

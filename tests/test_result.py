@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import shiftlab
-import shiftlab.result
+import shiftlab.results.result
 from shiftlab import ShiftGrid
 from shiftlab.errors import ShiftlabError, UsageError
-from shiftlab.geometry import LayerInfo
-from shiftlab.result import Result, Settings, load
+from shiftlab.measure.geometry import LayerInfo
+from shiftlab.results.result import Result, Settings, load
 
 from conftest import tiny_classifier
 
@@ -84,7 +84,7 @@ def test_the_header_is_json_inside_the_npz_and_needs_no_pickle(measured, tmp_pat
         assert set(data.files) == {"mean", "std", "n", "n_inf", "n_nan", "header"}
         assert data["header"].dtype.kind == "U"
         header = json.loads(str(data["header"]))
-    assert header["format"] == shiftlab.result.FORMAT_VERSION
+    assert header["format"] == shiftlab.results.result.FORMAT_VERSION
     assert header["settings"]["mode"] == "circular"
     assert header["settings"]["grid"]["shifts"][1] == [0.0, 1.0]
     assert [item["name"] for item in header["layers"]] == measured.layer_names

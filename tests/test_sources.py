@@ -1,4 +1,4 @@
-"""Tests for shiftlab.sources: streamed batches from folders, CSVs, Datasets and DataLoaders."""
+"""Tests for shiftlab.data.sources: streamed batches from folders, CSVs, Datasets and DataLoaders."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,10 +10,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.datasets import ImageFolder
 
-from shiftlab.data import load_images
+from shiftlab.data.images import load_images
 from shiftlab.errors import ImageError, UsageError
-from shiftlab.labels import read_labels
-from shiftlab.sources import ImageBatch, ImageDataset, image_batches
+from shiftlab.data.labels import read_labels
+from shiftlab.data.sources import ImageBatch, ImageDataset, image_batches
 
 RAW = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
@@ -99,7 +99,7 @@ def test_tall_png_is_skipped_in_the_stream_with_the_pixel_limit_named(tmp_path):
     stream = image_batches(tmp_path, size=16, batch_size=4, on_skip=lambda *_: None)
     _, kept, _, _ = collect(stream)
     assert kept == [good]
-    assert stream.skipped[0][0] == tall and "pixel limit (shiftlab.data.MAX_RESIZED_PIXELS)" in stream.skipped[0][1]
+    assert stream.skipped[0][0] == tall and "pixel limit (shiftlab.data.images.MAX_RESIZED_PIXELS)" in stream.skipped[0][1]
 
 
 def test_stream_of_only_unusable_files_raises_image_error(tmp_path):

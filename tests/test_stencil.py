@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from shiftlab.bilinear import interpolation_matrix
-from shiftlab.shifts import phase_ramp
-from shiftlab.stencil import (Workspace, blocks, circulant_taps, dot, lag_dot, quadratic,
+from shiftlab.measure.bilinear import interpolation_matrix
+from shiftlab.measure.shifts import phase_ramp
+from shiftlab.measure.stencil import (Workspace, blocks, circulant_taps, dot, lag_dot, quadratic,
                               rolled_into, stencil2, sub_rolled)
 
 

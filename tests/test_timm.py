@@ -21,10 +21,10 @@ import torch
 from click.testing import CliRunner
 
 import shiftlab
-from shiftlab.cli import main
+from shiftlab.cli.commands import main
 from shiftlab.errors import UsageError
-from shiftlab.geometry import probe_layers
-from shiftlab.models import load_model
+from shiftlab.measure.geometry import probe_layers
+from shiftlab.models.zoo import load_model
 
 timm = pytest.importorskip("timm")
 
@@ -89,7 +89,7 @@ def test_num_classes_is_passed_to_timm():
 
 
 def test_auto_weights_warn_that_timm_models_are_random_init():
-    with pytest.warns(shiftlab.models.PretrainedUnavailableWarning, match="pretrained=False"):
+    with pytest.warns(shiftlab.models.zoo.PretrainedUnavailableWarning, match="pretrained=False"):
         loaded = load_model("timm:resnet18")
     assert loaded.weights == "random init" and not loaded.pretrained
 

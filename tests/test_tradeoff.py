@@ -8,7 +8,7 @@ import matplotlib
 matplotlib.use("Agg")
 import pandas as pd  # noqa: E402
 
-from shiftlab.tradeoff import accuracy_consistency_plot  # noqa: E402
+from shiftlab.figures.tradeoff import accuracy_consistency_plot  # noqa: E402
 
 
 def _table(**columns):
@@ -39,11 +39,11 @@ def test_protocol_tables_use_their_consistency_and_models_without_accuracy_are_s
 def test_diagonal_plot_draws_each_models_mean_curve_and_marks_random_init():
     import numpy as np
 
-    from shiftlab.tradeoff import diagonal_plot
+    from shiftlab.figures.tradeoff import diagonal_plot
 
     class Diagonal:  # the attributes diagonal_plot reads from a DiagonalResult
         def __init__(self, label, curves):
-            from shiftlab.provenance import Provenance
+            from shiftlab.results.provenance import Provenance
 
             self.label, self.probability = label, np.asarray(curves)
             self.offsets = np.arange(self.probability.shape[1])

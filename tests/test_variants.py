@@ -1,4 +1,4 @@
-"""Tests for shiftlab.variants: NAME[+aaK][@WEIGHTS] with '@' inside paths, converted-model
+"""Tests for shiftlab.models.variants: NAME[+aaK][@WEIGHTS] with '@' inside paths, converted-model
 checkpoints under any checkpoint suffix, and weights_key. A tiny factory file in tmp_path."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from shiftlab import BlurPool
-from shiftlab.variants import load_variant, parse_variant
+from shiftlab.models.variants import load_variant, parse_variant
 
 from conftest import ANTIALIAS_FACTORY_SOURCE as FACTORY_SOURCE, assert_holds
 

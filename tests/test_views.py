@@ -14,13 +14,13 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import shiftlab  # noqa: E402
-from shiftlab import plots  # noqa: E402
-from shiftlab.antialias import BlurPool  # noqa: E402
+from shiftlab.figures import plots  # noqa: E402
+from shiftlab.models.antialias import BlurPool  # noqa: E402
 from shiftlab.errors import UsageError  # noqa: E402
-from shiftlab.geometry import LayerInfo  # noqa: E402
-from shiftlab.result import Result, Settings  # noqa: E402
-from shiftlab.shifts import ShiftGrid  # noqa: E402
-from shiftlab.views import VIEWS, select_view, stride_text  # noqa: E402
+from shiftlab.measure.geometry import LayerInfo  # noqa: E402
+from shiftlab.results.result import Result, Settings  # noqa: E402
+from shiftlab.measure.shifts import ShiftGrid  # noqa: E402
+from shiftlab.figures.views import VIEWS, select_view, stride_text  # noqa: E402
 
 NAN2 = (math.nan, math.nan)
 

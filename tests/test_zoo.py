@@ -31,8 +31,8 @@ import torch
 from click.testing import CliRunner
 
 import shiftlab
-from shiftlab.cli import main
-from shiftlab.models import list_model_names
+from shiftlab.cli.commands import main
+from shiftlab.models.zoo import list_model_names
 
 # Smallest input side (px) each model runs at with random init. The DEFAULT weights'
 # ``meta['min_size']`` is a floor for most CNNs but not a rule: torchvision's Swin accepts 32

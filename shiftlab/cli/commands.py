@@ -1,0 +1,312 @@
+"""Command line: the click group and its commands. They parse options, call the pipeline
+(``shiftlab.runs``), and hand results to ``shiftlab.reports``; no measurement logic lives here.
+
+Every ShiftlabError becomes one line on stderr and its exit code (2 usage, 1 runtime); Ctrl-C
+exits 130 and SIGTERM 143; a folder is never half-written (``reports.write_set``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import click
+
+from .._version import __version__
+
+from .. import defaults
+from .console import Group, check_matplotlib_backend, import_matplotlib, user_errors
+
+import_matplotlib()  # before cli_options imports it: an invalid MPLBACKEND must not crash here
+
+from .options import (figure_options, figure_settings, layer_selection,  # noqa: E402
+                          measure_options, model_options, out_options, padding_option,
+                          variant_options)
+from ..errors import UsageError  # noqa: E402
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"],
+                                          "max_content_width": 100})
+@click.version_option(__version__, prog_name="shiftlab")
+def main() -> None:
+    """See where shift-equivariance is lost inside a convolutional network.
+
+    \b
+    shiftlab heatmap --model vgg16            layer-by-layer heatmaps on the sample images
+    shiftlab heatmap --model vgg16 --padding both   aliasing vs. the zero-padding boundary effect
+    shiftlab layers --model resnet50          the layers, their stride and output shape
+    shiftlab plot runs/x/result.npz           re-draw figures without recomputing
+    shiftlab compare --model vgg16 --antialias 4   baseline vs. antialiased (BlurPool)
+    shiftlab consistency --model resnet18 --antialias 4   output-level consistency, flips, MAC
+    """
+
+
+def _measure_args(options: dict) -> dict:
+    """The ``runs.heatmap`` keywords of the shared measurement options."""
+    return {
+        "images": options["image_sources"], "max_images": options["max_images"],
+        "size": options["size"], "resize": options["resize"], "grid": options["grid"],
+        "max_shift": options["max_shift"], "subpixel": options["subpixel"],
+        "mode": options["mode"], "align": options["align"], "metric": options["metric"],
+        "layers": layer_selection(options["layer_patterns"]), "border": options["border"],
+        "batch_size": options["batch_size"], "device": options["device"],
+    }
+
+
+# -- heatmap -----------------------------------------------------------------------------
+@main.command()
+@model_options
+@padding_option(allow_both=True)
+@measure_options
+@figure_options
+@click.option("--title", default=None, help="Figure title (default: model, weights, settings).")
+@out_options(default="<model>")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run in --out from its last completed image batch"
+                   " (refused when the model, weights, seed, images or settings differ).")
+@click.option("--dry-run", is_flag=True,
+              help="Print the number of forward passes and an estimate of time and memory from a"
+                   " short calibration, then exit.")
+@click.option("--dtype", type=click.Choice(defaults.DTYPES), default="float32", show_default=True,
+              help="Autocast dtype of the forward passes (float16 needs a GPU); distances are"
+                   " always computed in float32 and accumulated in float64.")
+def heatmap(model_spec: str, weights: str, weights_key: Optional[str], trust_checkpoint: bool,
+            seed: int, num_classes: Optional[int], mean, std, padding: str, scale: str,
+            color_range, vmax: str, view: str, formats: Sequence[str], dpi: int,
+            title: Optional[str], out: Optional[str], overwrite: bool, quiet: bool, resume: bool,
+            dry_run: bool, dtype: str, **options) -> None:
+    """Measure every layer's equivariance over a grid of shifts and draw the layer grid.
+
+    Writes result.npz, summary.csv, heatmap.{png,pdf} and profile.{png,pdf} into --out. The
+    default (size 112, 8 x 8 circular shifts, 6 sample images) takes about a minute for vgg16
+    on a 2-core CPU; --device auto uses a GPU when there is one. --padding both measures the
+    model as trained and with circular padding, and writes padding.* (the gap = boundary effect).
+    """
+    with user_errors():
+        from .. import distributed
+        from .jobs import run_heatmap
+
+        check_matplotlib_backend()
+        figure = figure_settings(scale, color_range, vmax, view, title)
+        model = {"spec": model_spec, "weights": weights, "weights_key": weights_key,
+                 "trust_checkpoint": trust_checkpoint, "seed": seed, "num_classes": num_classes,
+                 "mean": mean, "std": std}
+        if resume and not out:
+            raise UsageError("--resume needs the --out folder of the interrupted run")
+        running_distributed = distributed.init_from_env()
+        try:
+            run_heatmap(model, padding, _measure_args(options), figure, formats, dpi,
+                        out=Path(out) if out else None, overwrite=overwrite,
+                        quiet=quiet or not distributed.is_main(), resume=resume, dry_run=dry_run,
+                        dtype=dtype, distributed_run=running_distributed)
+            distributed.finish()  # every rank waits for rank 0's files, then leaves together
+        finally:
+            distributed.shutdown()
+
+
+# -- compare -----------------------------------------------------------------------------
+@main.command()
+@click.argument("result_files", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("--model", "-m", "model_specs", multiple=True, metavar="MODEL",
+              help="A model to measure (repeatable): NAME[+aaK][@WEIGHTS], e.g. vgg16,"
+                   " resnet50@base.pth, resnet50+aa4@resnet50_lpf4.pth.")
+@variant_options
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for random-init weights.")
+@padding_option(allow_both=False)
+@measure_options
+@figure_options
+@click.option("--difference", type=click.Choice(["diff", "ratio"]), default="diff",
+              show_default=True,
+              help="difference.*: each model minus the first (diff), or log2 of their ratio"
+                   " (ratio: changes in small-valued layers show next to large ones).")
+@out_options(default="compare")
+def compare(result_files: Sequence[str], model_specs: Sequence[str], filt_size: Optional[int],
+            weights: str, weights_key: Optional[str], trust_checkpoint: bool,
+            num_classes: Optional[int], mean, std, seed: int,
+            padding: str, scale: str, color_range, vmax: str, view: str, formats: Sequence[str],
+            dpi: int, difference: str, out: Optional[str], overwrite: bool, quiet: bool,
+            **options) -> None:
+    """Compare models (or saved results) measured with the same settings.
+
+    \b
+    shiftlab compare --model vgg16 --antialias 4            baseline vs. its BlurPool version
+    shiftlab compare -m resnet50@base.pth -m resnet50+aa4@lpf4.pth
+    shiftlab compare runs/a/result.npz runs/b/result.npz    from saved results
+
+    Writes grids.*, difference.* (each model against the first), profile.*, summary.csv and one
+    result-<label>.npz per measured model. Results that differ in settings, padding, dtype,
+    resize or image content are refused, naming the difference.
+    """
+    with user_errors():
+        from .jobs import run_compare
+
+        check_matplotlib_backend()
+        if result_files and model_specs:
+            raise UsageError("give either result files or --model options, not both")
+        model = {"weights": weights, "weights_key": weights_key, "trust_checkpoint": trust_checkpoint,
+                 "seed": seed, "mean": mean, "std": std, "padding": padding,
+                 "num_classes": num_classes}
+        run_compare(list(result_files), list(model_specs), filt_size, model, _measure_args(options),
+                    figure_settings(scale, color_range, vmax, view), difference, formats, dpi,
+                    out=Path(out) if out else None, overwrite=overwrite, quiet=quiet)
+
+
+# -- consistency -------------------------------------------------------------------------
+@main.command()
+@click.option("--model", "-m", "model_specs", multiple=True, required=True, metavar="MODEL",
+              help="A classifier to measure (repeatable): NAME[+aaK][@WEIGHTS], e.g. resnet18,"
+                   " resnet50+aa4@resnet50_lpf4.pth, path/to/file.py:factory.")
+@variant_options
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seed for random-init weights, the random shift pairs and the bootstrap.")
+@padding_option(allow_both=False)
+@click.option("--pairs", "n_pairs", type=click.IntRange(1), default=defaults.PAIRS,
+              show_default=True,
+              help="Random pairs of shifts (d1, d2) drawn from the grid for the paper's consistency"
+                   " P[argmax f(T_d1 x) = argmax f(T_d2 x)].")
+@click.option("--labels", "labels_path", type=click.Path(), default=None, metavar="PATH",
+              help="Class labels for accuracy: class folders ROOT/<class>/*.jpg (category names,"
+                   " class indices, or ImageNet WNIDs in sorted order) or a CSV with rows"
+                   " file,label. The images are then taken from it (no --images).")
+@click.option("--protocol", type=click.Choice(defaults.PROTOCOLS), default="grid",
+              show_default=True,
+              help="grid: every shift of --grid on every image; zhang2019: the paper's ImageNet"
+                   " protocol (two random --size windows of the --resize centre crop per image"
+                   " and epoch, 2 forwards per image); diagonal: the paper's diagonal sweep.")
+@click.option("--epochs", type=click.IntRange(1), default=1, show_default=True,
+              help="zhang2019: passes over the images (pairs = images x epochs).")
+@click.option("--workers", type=click.IntRange(0), default=0, show_default=True,
+              help="DataLoader processes that decode images for the protocols, which stream"
+                   " them (0: decode in the main process).")
+@click.option("--class-order", type=click.Choice(["auto", "names", "sorted"]), default="auto",
+              show_default=True,
+              help="How --labels folder/CSV names become class indices: names (category names or"
+                   " indices), sorted (torchvision ImageFolder order, e.g. ImageNet WNID folders),"
+                   " auto (names, or sorted for a full set of WNID folders).")
+@measure_options
+@click.option("--format", "formats", multiple=True, type=click.Choice(defaults.FIGURE_FORMATS),
+              default=("png", "pdf"), show_default=True,
+              help="Formats of the probability figure (repeatable).")
+@click.option("--dpi", type=click.IntRange(30, 1200), default=150, show_default=True,
+              help="Resolution of PNG figures.")
+@out_options(default="consistency")
+@click.option("--resume", is_flag=True,
+              help="zhang2019/diagonal: continue an interrupted run in --out after its last"
+                   " completed epoch (models already finished are not run again; refused when"
+                   " the model, weights, seed, settings or image files (names, order, labels;"
+                   " not their contents) differ).")
+def consistency(model_specs: Sequence[str], filt_size: Optional[int], weights: str,
+                weights_key: Optional[str], trust_checkpoint: bool, num_classes: Optional[int],
+                mean, std, seed: int,
+                padding: str, n_pairs: int, labels_path: Optional[str], protocol: str,
+                epochs: int, workers: int, class_order: str, formats: Sequence[str], dpi: int, out: Optional[str],
+                overwrite: bool, quiet: bool, resume: bool, **options) -> None:
+    """Output-level shift invariance: does the predicted class survive a shift?
+
+    For each model, on the grid of shifts: consistency vs. the unshifted prediction per shift,
+    the paper's pairwise consistency over --pairs random pairs of shifts, the share of images
+    consistent (and correct, with --labels) under every shift, and along the diagonal (t, t)
+    the flip rate and MAC (mean absolute change of the top-1 probability). Intervals are 95%
+    from a seeded bootstrap over images.
+
+    \b
+    shiftlab consistency --model resnet18 --antialias 4      baseline vs. BlurPool version
+    shiftlab consistency -m resnet50 --labels val/ --protocol zhang2019 --size 224 --resize 256
+
+    Prints one row per model to stdout and writes summary.csv, consistency.csv (per model and
+    shift), invariance-<model>.npz and probability.{png,pdf} into --out. Under
+    torchrun --nproc_per_node=N -m shiftlab consistency ... each process measures 1/N of the
+    images (the protocols decode only theirs); the numbers equal one process's.
+    """
+    with user_errors():
+        from .. import distributed
+        from .jobs import run_consistency
+
+        check_matplotlib_backend()
+        if labels_path and options["image_sources"]:
+            raise UsageError("--labels names the images (class folders or the CSV's files); drop"
+                             " --images")
+        if resume and not out:
+            raise UsageError("--resume needs the --out folder of the interrupted run")
+        model = {"weights": weights, "weights_key": weights_key, "trust_checkpoint": trust_checkpoint,
+                 "seed": seed, "mean": mean, "std": std, "padding": padding,
+                 "num_classes": num_classes}
+        distributed.init_from_env()
+        try:
+            run_consistency(list(model_specs), filt_size, model, _measure_args(options),
+                            labels_path=labels_path, n_pairs=n_pairs, protocol=protocol,
+                            epochs=epochs, workers=workers, class_order=class_order,
+                            formats=formats, dpi=dpi, out=Path(out) if out else None,
+                            overwrite=overwrite, quiet=quiet, resume=resume)
+            distributed.finish()  # every rank waits for rank 0's files, then leaves together
+        finally:
+            distributed.shutdown()
+
+
+# -- layers ------------------------------------------------------------------------------
+@main.command()
+@model_options
+@padding_option(allow_both=False)
+@click.option("--size", type=click.IntRange(8), default=224, show_default=True, help="Input size.")
+@click.option("--layers", "-l", "layer_patterns", multiple=True, metavar="GLOB|type:T",
+              help="Only these layers (repeatable): name globs or 'type:MaxPool2d'.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
+def layers(model_spec: str, weights: str, weights_key: Optional[str], trust_checkpoint: bool,
+           seed: int, num_classes: Optional[int], mean, std, padding: str, size: int,
+           layer_patterns: Sequence[str], device: str) -> None:
+    """List the hook points: name, module type, kind, layout, measured stride and shape.
+
+    Layout says how a spatial output is read as a (C, h, w) map: nchw, nhwc (channels-last,
+    permuted) or tokens+k (a transformer's k + h·w tokens; the k class/register tokens are left
+    out, the rest reshaped to the patch grid). Shapes are after that conversion.
+    """
+    with user_errors():
+        from ..measure.engine import resolve_device
+        from ..measure.geometry import probe_layers
+        from ..runs import build_model
+
+        target = resolve_device(device)
+        loaded = build_model(model_spec, weights, seed=seed, padding=padding,
+                             num_classes=num_classes, trust_checkpoint=trust_checkpoint,
+                             weights_key=weights_key)
+        infos = probe_layers(loaded.model.to(target), (size, size),
+                             layer_selection(layer_patterns), device=target)
+        if not infos:
+            raise UsageError("no layer produced a tensor output; check --layers")
+        width = max(len(i.name) for i in infos)
+        click.echo(f"{'#':>3}  {'layer':<{width}}  {'module':<20} {'kind':<8} {'layout':<8}"
+                   f" {'stride':>6}  shape")
+        for index, info in enumerate(infos):
+            stride = "-" if info.kind == "global" else f"{info.stride[0]:g}" + (
+                "" if info.stride[0] == info.stride[1] else f"x{info.stride[1]:g}")
+            layout = "-" if info.kind == "global" else info.layout + (
+                f"+{info.extra_tokens}" if info.extra_tokens else "")
+            click.echo(f"{index:>3}  {info.name:<{width}}  {info.module:<20} {info.kind:<8}"
+                       f" {layout:<8} {stride:>6}  {'x'.join(map(str, info.shape))}")
+        click.echo(f"{len(infos)} layers of {loaded.name} at {size} px ({loaded.weights})", err=True)
+
+
+# -- plot --------------------------------------------------------------------------------
+@main.command()
+@click.argument("result_file", type=click.Path(dir_okay=False))
+@figure_options
+@click.option("--layers", "-l", "layer_patterns", multiple=True, metavar="GLOB|type:T",
+              help="Only draw these layers (name globs or 'type:MaxPool2d'; repeatable).")
+@click.option("--title", default=None, help="Figure title.")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
+              help="Output folder. Default: the result file's folder (its figures are replaced).")
+def plot(result_file: str, scale: str, color_range, vmax: str, view: str, formats: Sequence[str],
+         dpi: int, layer_patterns: Sequence[str], title: Optional[str], out: Optional[str]) -> None:
+    """Re-draw the figures of a saved result.npz without recomputing."""
+    with user_errors():
+        from .jobs import run_plot
+
+        check_matplotlib_backend()
+        figure = figure_settings(scale, color_range, vmax, view, title)
+        written = run_plot(Path(result_file), layer_selection(layer_patterns), figure, formats,
+                           dpi, out=Path(out) if out else None)
+        for path in written:
+            click.echo(str(path))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,335 @@
+"""What each CLI command does once its options are parsed: pipeline calls, files, messages.
+
+Kept apart from ``cli.py`` (the click definitions) so the commands stay short; nothing here
+parses options or measures by itself: ``shiftlab.runs`` measures, ``shiftlab.reports`` writes.
+"""
+from __future__ import annotations
+
+import warnings
+from fnmatch import fnmatchcase as fnmatch
+from pathlib import Path
+from typing import Optional, Sequence
+
+import click
+
+from .. import runs
+from .console import warn_line
+from ..errors import UsageError
+from .reports import (FIGURE_PATTERNS, PROGRESS_FILE, DrawingFailed, check_out, default_out,
+                      is_output, result_figures, safe_name, write_comparison, write_consistency,
+                      write_heatmap, write_padding_pair, write_set)
+
+#: the most cells one panel of a layer grid may hold (the map of a 2-D grid, or a strip's
+#: length): every square or symmetric grid within ``shifts.MAX_SHIFTS`` fits, while the map of an
+#: irregular grid (one row and column per distinct dh and dw) is refused before it is drawn
+MAX_PANEL_CELLS = 128 * 128
+
+
+def _announce(quiet: bool):
+    def say(loaded, inputs, grid, options: dict) -> None:
+        if not quiet and grid is None:  # a protocol: images are streamed, counted as they come
+            click.echo(f"{loaded.name} ({loaded.weights}): --protocol {options['protocol']},"
+                       f" {options['size']} px windows of {options['resize']} px centre crops,"
+                       " images streamed", err=True)
+        elif not quiet:
+            click.echo(f"{loaded.name} ({loaded.weights}): {len(inputs.paths)} images at"
+                       f" {options['size']} px, {len(grid)} shifts ({grid.kind}, {options['mode']},"
+                       f" {options.get('align', '-')}, {options.get('metric', '-')})", err=True)
+    return say
+
+
+def _model_keywords(model: dict) -> dict:
+    keys = ("weights", "seed", "num_classes", "trust_checkpoint", "weights_key", "mean", "std")
+    return {key: model[key] for key in keys if key in model}
+
+
+# -- heatmap -------------------------------------------------------------------------------
+def run_heatmap(model: dict, padding: str, options: dict, figure: dict, formats: Sequence[str],
+                dpi: int, *, out: Optional[Path], overwrite: bool, quiet: bool, resume: bool,
+                dry_run: bool, dtype: str, distributed_run: bool) -> None:
+    from .. import distributed
+    from ..measure.engine import resolve_device
+
+    if out is not None:
+        check_out(out, overwrite=overwrite, resume=resume)
+    resolve_device(options["device"])  # a missing GPU is refused before anything is loaded
+    if dry_run:
+        _dry_run(model, padding if padding != "both" else "as-trained", options, dtype, quiet)
+        return
+    paddings = ("as-trained", "circular") if padding == "both" else (padding,)
+    if resume and len(paddings) > 1:
+        raise UsageError("--resume continues one measurement; it does not combine with --padding both")
+    checkpoint = out / PROGRESS_FILE if (out is not None and not distributed_run) else None
+    results = []
+    for choice in paddings:
+        results.append(runs.heatmap(
+            model["spec"], padding=choice, dtype=dtype, **_model_keywords(model), **options,
+            checkpoint=checkpoint if len(paddings) == 1 else None, resume=resume,
+            keep_checkpoint=True, progress=None if not quiet else False,
+            on_ready=_announce(quiet)))
+    if not distributed.is_main():
+        return
+    folder = out if out is not None else default_out(results[0].provenance.model)
+    try:
+        if len(results) == 1:
+            written = write_heatmap(results[0], folder, figure, formats, dpi)
+        else:
+            written = write_padding_pair(results, folder, figure, formats, dpi)
+    except DrawingFailed:
+        if checkpoint is not None:
+            checkpoint.unlink(missing_ok=True)  # the numbers are in place: nothing to resume
+        raise
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)  # only now: every output is in place
+    for result in results:
+        warn_nonfinite(result, result.settings.padding if len(results) > 1 else "")
+        warn_undefined(result)
+    if padding == "as-trained" and options["mode"] == "circular" and \
+            results[0].provenance.extra.get("zero_padded"):
+        warn_line("this model pads with zeros: under circular shifts the wrap seam meets the zero"
+                  " border, which adds a boundary effect to every layer; to isolate aliasing use"
+                  " --padding circular (or both), or --mode crop --border B")
+    if not quiet:
+        report(results[-1])
+        for path in written:
+            click.echo(str(path))
+
+
+def _dry_run(model: dict, padding: str, options: dict, dtype: str, quiet: bool) -> None:
+    """Calibrate on a few shifts of the first image batch and print what the run would cost."""
+    from ..measure.engine import resolve_device
+    from ..measure.estimate import estimate_run
+
+    grid, margin = runs.shift_plan(grid=options["grid"], max_shift=options["max_shift"],
+                                   subpixel=options["subpixel"], mode=options["mode"],
+                                   size=options["size"], resize=options["resize"])
+    loaded = runs.build_model(model["spec"], padding=padding, **_model_keywords(model))
+    inputs = runs.load_inputs(loaded, images=options["images"], max_images=options["max_images"],
+                              size=options["size"], resize=options["resize"], margin=margin)
+    if not quiet:  # a big model on a CPU calibrates for minutes: say what is happening
+        click.echo(f"calibrating {loaded.name} on a few batched passes of the first images"
+                   f" (batch size {options['batch_size']})...", err=True)
+    estimate = estimate_run(
+        loaded.model, inputs.tensor, grid, batch_size=options["batch_size"], mode=options["mode"],
+        align=options["align"], metric=options["metric"], layers=options["layers"], margin=margin,
+        border=options["border"], device=resolve_device(options["device"]),
+        dtype=None if dtype == "float32" else dtype, progress=False)
+    click.echo(f"{loaded.name}: {len(inputs.paths)} images x {len(grid)} shifts at"
+               f" {options['size']} px: {estimate.describe()}")
+
+
+def report(result) -> None:
+    summary = result.summary()
+    spatial = summary[summary["kind"] == "spatial"]
+    if len(spatial) and spatial["mean"].notna().any():
+        means = spatial["mean"]
+        # PSNR: higher is more equivariant, so the least equivariant layer has the lowest value
+        worst = spatial.loc[means.idxmin() if result.settings.metric == "psnr" else means.idxmax()]
+        click.echo(f"least equivariant spatial layer: {worst['layer']} (stride"
+                   f" {worst['stride']:g}, mean {result.settings.metric} {worst['mean']:.4g})",
+                   err=True)
+    click.echo(f"measured in {result.provenance.seconds:.1f} s", err=True)
+
+
+def warn_nonfinite(result, label: str = "") -> None:
+    """One warning line naming every layer with NaN/Inf features (up to 5) and how many values."""
+    bad = result.nonfinite_layers()
+    if not bad:
+        return
+    total = {info.name: (int(nan.sum()), int(nan.sum() + n.sum() + inf.sum()))
+             for info, nan, n, inf in zip(result.layers, result.n_nan, result.n, result.n_inf)}
+    listed = ", ".join(f"{name} ({total[name][0]} of {total[name][1]} image-shifts)" for name in bad[:5])
+    more = f" and {len(bad) - 5} more (Result.n_nan)" if len(bad) > 5 else ""
+    layers = "layer" if len(bad) == 1 else "layers"
+    warn_line(f"{label + ': ' if label else ''}non-finite values (NaN/Inf) in {len(bad)} {layers},"
+              f" left out of the means: {listed}{more}")
+
+
+def warn_undefined(result) -> None:
+    """Crop mode with a border that leaves no compared region in any spatial layer."""
+    spatial = [i for i, info in enumerate(result.layers) if info.is_spatial]
+    if result.settings.mode == "crop" and spatial and \
+            all(result.n[i].sum() + result.n_inf[i].sum() == 0 for i in spatial):
+        warn_line(f"--border {result.settings.border} leaves no valid region in any spatial layer:"
+                  " every spatial value is undefined; use a smaller --border or a larger --size")
+
+
+# -- plot ----------------------------------------------------------------------------------
+def check_drawable(result, path="the result") -> None:
+    """Refuse a result whose layer-grid panels would hold more than ``MAX_PANEL_CELLS`` cells
+    (one line naming the limit), before any figure is allocated."""
+    grid = result.grid
+    strip = grid.kind == "diagonal" or (len(grid) > 1 and all(dh == dw for dh, dw in grid.shifts))
+    rows, cols = (1, len(grid)) if strip else grid.map_shape
+    if rows * cols > MAX_PANEL_CELLS:
+        raise UsageError(f"{path}: its grid of {len(grid):,} shifts makes panels of {rows:,} x"
+                         f" {cols:,} cells, above the drawing limit of {MAX_PANEL_CELLS:,} cells"
+                         " per panel; read its numbers with shiftlab.load() instead")
+
+
+def run_plot(result_file: Path, layers, figure: dict, formats: Sequence[str], dpi: int, *,
+             out: Optional[Path]) -> list[Path]:
+    """Re-draw heatmap.* and profile.* of a saved result; returns the written paths.
+
+    Into the result's own folder only its figures are replaced (the numbers stay); another
+    folder that holds results is refused, so figures never sit next to another run's numbers.
+    """
+    from ..results.result import load, select_layers
+
+    result = load(result_file)
+    check_drawable(result, result_file)
+    if layers:
+        result = select_layers(result, layers)
+    folder = out if out is not None else result_file.parent
+    if folder.resolve() != result_file.parent.resolve() and folder.is_dir():
+        found = sorted(p.name for p in folder.iterdir()
+                       if is_output(p.name) and not any(fnmatch(p.name, f) for f in FIGURE_PATTERNS))
+        if found:
+            raise UsageError(f"--out {folder} holds another run's results ({', '.join(found[:4])});"
+                             " its figures would not match them: choose a fresh --out, or the"
+                             " result's own folder")
+    return write_set(folder, lambda stage: result_figures(result, stage, figure, formats, dpi),
+                     replaces=FIGURE_PATTERNS)
+
+
+# -- compare -------------------------------------------------------------------------------
+def run_compare(result_files: list, specs: list, filt_size: Optional[int], model: dict,
+                options: dict, figure: dict, difference: str, formats: Sequence[str], dpi: int, *,
+                out: Optional[Path], overwrite: bool, quiet: bool) -> None:
+    from ..results.comparison import Comparison
+    from ..results.result import load
+
+    from ..measure.engine import resolve_device
+
+    if out is not None:
+        check_out(out, overwrite=overwrite)
+    if result_files:
+        if filt_size:
+            raise UsageError("--antialias needs --model; saved results are compared as they are")
+        results = [load(path) for path in result_files]
+        for path, result in zip(result_files, results):
+            check_drawable(result, path)
+    else:
+        if not specs:
+            raise UsageError("nothing to compare: pass result files or --model (with --antialias"
+                             " for a baseline-vs-antialiased comparison)")
+        resolve_device(options["device"])
+        variants = [(spec, None) for spec in specs] + ([(s, filt_size) for s in specs] if filt_size else [])
+        if len(variants) < 2:
+            raise UsageError("a comparison needs two models: repeat --model or add --antialias K")
+        results, labels = [], []
+        for spec, filt in variants:
+            result = runs.heatmap(spec, antialias=filt, padding=model["padding"],
+                                  **_model_keywords(model), **options,
+                                  progress=None if not quiet else False, on_ready=_announce(quiet))
+            label = unique_label(result.provenance.model, labels)
+            labels.append(label)
+            results.append(result.with_label(label))
+    comparison = Comparison(results)
+    folder = out if out is not None else default_out("compare")
+    written = write_comparison(comparison, folder, not result_files, figure, difference, formats, dpi)
+    for result, label in zip(comparison.results, comparison.labels):
+        warn_nonfinite(result, label)
+    if not quiet:
+        table = comparison.summary()
+        means = [c for c in table.columns if c.startswith("mean[")]
+        click.echo(table[[table.columns[1]] + means].to_string(index=False, float_format="%.4g"),
+                   err=True)
+    for path in written:
+        click.echo(str(path))
+
+
+def unique_label(name: str, taken: Sequence[str]) -> str:
+    label, count = name, 1
+    while label in taken:
+        count += 1
+        label = f"{name}#{count}"
+    return label
+
+
+# -- consistency ---------------------------------------------------------------------------
+def run_consistency(specs: list, filt_size: Optional[int], model: dict, options: dict, *,
+                    labels_path: Optional[str], n_pairs: int, protocol: str, epochs: int,
+                    workers: int, class_order: str, formats: Sequence[str], dpi: int, out: Optional[Path],
+                    overwrite: bool, quiet: bool, resume: bool = False) -> None:
+    """Measure every spec (and its ``+aaK`` version with ``filt_size``) and write one table.
+
+    Under torchrun every rank measures its share and gets every result; rank 0 writes. With
+    ``out``, the protocols keep a per-epoch checkpoint per model there until the outputs are
+    written, and ``resume`` continues from them (finished models are not run again).
+    """
+    from .. import distributed
+    from ..measure.engine import resolve_device
+
+    if out is not None:
+        check_out(out, overwrite=overwrite, resume=resume)
+    resolve_device(options["device"])
+    quiet = quiet or not distributed.is_main()
+    variants = [(spec, None) for spec in specs] + ([(s, filt_size) for s in specs] if filt_size else [])
+    checkpoints = [_protocol_checkpoint(out, protocol, spec, filt) for spec, filt in variants]
+    results, labels = [], []
+    for (spec, filt), checkpoint in zip(variants, checkpoints):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = runs.consistency(
+                spec, antialias=filt, padding=model["padding"], **_model_keywords(model),
+                labels_path=labels_path, n_pairs=n_pairs, protocol=protocol, epochs=epochs,
+                workers=workers, class_order=class_order, progress=None if not quiet else False,
+                on_ready=_announce(quiet), checkpoint=checkpoint, resume=resume, **options)
+        label = unique_label(result.label, labels)
+        labels.append(label)
+        # every rank's warnings (skipped files are seen by the rank that decodes them), once
+        messages = dict.fromkeys(m for part in distributed.gather([str(i.message) for i in caught])
+                                 for m in part)
+        for message in messages if distributed.is_main() else ():
+            warn_line(f"{label}: {message}" if label not in message else message)
+        results.append(result.with_label(label))
+    failure = None
+    if distributed.is_main():
+        try:
+            _write_consistency(results, folder=out if out is not None else default_out("consistency"),
+                               checkpoints=checkpoints, formats=formats, dpi=dpi, quiet=quiet)
+        except Exception as exc:  # noqa: BLE001  told to the other ranks, then raised here
+            failure = exc
+    distributed.broadcast_checked(None, failure)  # no rank waits in finish() for a lost one
+
+
+def _write_consistency(results: list, *, folder: Path, checkpoints: list, formats: Sequence[str],
+                       dpi: int, quiet: bool) -> None:
+    from .consistency_table import consistency_table, format_consistency
+
+    _warn_uninformative(results)
+    table = consistency_table(results)
+    try:
+        written = write_consistency(results, table, folder, formats, dpi)
+    except DrawingFailed:
+        _remove(checkpoints)  # the numbers are in place: nothing to resume
+        raise
+    _remove(checkpoints)  # only now: every output is in place
+    click.echo(format_consistency(table))
+    if not quiet:
+        for path in written:
+            click.echo(str(path), err=True)
+
+
+def _remove(checkpoints: list) -> None:
+    for checkpoint in checkpoints:
+        if checkpoint is not None:
+            checkpoint.unlink(missing_ok=True)
+
+
+def _protocol_checkpoint(out: Optional[Path], protocol: str, spec: str,
+                         filt: Optional[int]) -> Optional[Path]:
+    """Where a protocol run of one model keeps its per-epoch progress (None: grid, or no --out)."""
+    if out is None or protocol == "grid":
+        return None
+    name = safe_name(spec if filt is None else f"{spec}+aa{filt}")
+    return out / PROGRESS_FILE.replace(".npz", f"-{name}.npz")
+
+
+def _warn_uninformative(results: list) -> None:
+    from ..invariance.grid_result import uninformative_across
+
+    message = uninformative_across(results) if len(results) > 1 else None
+    if message:
+        warn_line(message)

@@ -1,0 +1,203 @@
+"""The CLI's shared options; every default and choice list comes from the library's constants."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import click
+
+from .. import defaults
+from ..measure.align import ALIGNMENTS
+from ..measure.metrics import METRICS
+from ..measure.shifts import MODES
+
+Decorator = Callable
+
+
+def apply(func, options: Sequence[Decorator]):
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def model_options(func):
+    """--model (one), --weights, --weights-key, --trust-checkpoint, --seed, --num-classes,
+    --padding, --mean/--std."""
+    return apply(func, [
+        click.option("--model", "-m", "model_spec", required=True, metavar="MODEL",
+                     help="torchvision name (vgg16, resnet50, ...), NAME+aaK (its BlurPool version),"
+                          " path/to/file.py:factory, package.module:factory, or timm:NAME;"
+                          " NAME@WEIGHTS names its weights."),
+        *weights_options(),
+        click.option("--seed", default=0, show_default=True, type=int,
+                     help="Seed for random-init weights, so figures are reproducible."),
+        click.option("--num-classes", type=click.IntRange(1), default=None,
+                     help="Classifier size, for checkpoints trained on other classes"
+                          " (default: the model's own)."),
+        *normalisation_options(),
+    ])
+
+
+def weights_options() -> list:
+    return [
+        click.option("--weights", "-w", default="auto", show_default=True, metavar="WEIGHTS",
+                     help="auto (pretrained if cached or downloadable, else random init with a"
+                          " warning), none, a torchvision weights name (DEFAULT, IMAGENET1K_V1,"
+                          " ...), or a checkpoint file (.pth/.pt/.tar/.safetensors)."),
+        click.option("--weights-key", default=None, metavar="KEY",
+                     help="Which entry of a checkpoint holding several (state_dict, model,"
+                          " model_ema, ema, ...); a file with several and no key is refused."),
+        click.option("--trust-checkpoint", is_flag=True,
+                     help="Allow full unpickling of checkpoints (runs code inside them). Only for"
+                          " files you trust; by default torch.load(weights_only=True)."),
+    ]
+
+
+def normalisation_options() -> list:
+    return [
+        click.option("--mean", type=float, nargs=3, default=None, metavar="R G B",
+                     help="Input normalisation mean, for models not trained with ImageNet"
+                          " statistics (default: the weights' own, else ImageNet's)."),
+        click.option("--std", type=float, nargs=3, default=None, metavar="R G B",
+                     help="Input normalisation std (see --mean)."),
+    ]
+
+
+def padding_option(allow_both: bool):
+    choices = list(defaults.PADDINGS) + (["both"] if allow_both else [])
+    return click.option(
+        "--padding", type=click.Choice(choices), default="as-trained", show_default=True,
+        help="as-trained: the model as it is; circular: every zero padding made circular, so"
+             " circular shifts isolate aliasing from the wrap-seam boundary effect"
+             + ("; both: measure both and shade the gap" if allow_both else "") + ".")
+
+
+def variant_options(func):
+    """--antialias, --weights, --weights-key, --trust-checkpoint of multi-model commands."""
+    return apply(func, [
+        click.option("--antialias", "filt_size", type=click.IntRange(1, 7), default=None,
+                     help="Also measure the BlurPool version of each --model with this filter"
+                          " size (weights copied from the baseline)."),
+        *weights_options(),
+        click.option("--num-classes", type=click.IntRange(1), default=None,
+                     help="Classifier size, for checkpoints trained on other classes"
+                          " (default: the model's own)."),
+        *normalisation_options(),
+    ])
+
+
+def image_options() -> list:
+    return [
+        click.option("--images", "-i", "image_sources", multiple=True, metavar="PATH",
+                     help="Image folder or files (PNG/JPEG); repeatable. Default: the sample"
+                          " photographs shipped with shiftlab."),
+        click.option("--max-images", type=click.IntRange(1), default=None,
+                     help="Use at most this many images (first in sorted order)."),
+        click.option("--size", type=click.IntRange(8), default=defaults.SIZE, show_default=True,
+                     help=f"Input size: images are resized (shorter side to size/"
+                          f"{defaults.CROP_FRACTION}) and centre-cropped to size x size."),
+        click.option("--resize", type=click.IntRange(8), default=None,
+                     help=f"Shorter side before cropping. Default: round(size /"
+                          f" {defaults.CROP_FRACTION}), grown to fit the crop margin."),
+    ]
+
+
+def shift_options() -> list:
+    return [
+        click.option("--max-shift", "-k", type=click.IntRange(1), default=defaults.MAX_SHIFT,
+                     show_default=True,
+                     help="Grid extent K: shifts 0..K-1 per axis (square, K x K), -K..K"
+                          " (symmetric) or (t, t) for t in 0..K-1 (diagonal)."),
+        click.option("--grid", type=click.Choice(defaults.GRID_KINDS), default="square",
+                     show_default=True, help="Shape of the shift grid."),
+        click.option("--subpixel", type=click.IntRange(1), default=1, show_default=True,
+                     help="Steps of 1/P pixel (band-limited FFT shifts), e.g. 2 for 0.5 px."),
+        click.option("--mode", type=click.Choice(MODES), default="circular", show_default=True,
+                     help="circular: torch.roll (the paper's per-layer protocol); crop: shifted"
+                          " windows of a larger image, no wrap-around."),
+    ]
+
+
+def layer_options() -> list:
+    return [
+        click.option("--align", type=click.Choice(ALIGNMENTS), default="bilinear",
+                     show_default=True,
+                     help="How feature maps of stride s are aligned with an input shift:"
+                          " bilinear upsampling (paper), exact (only where s divides the shift;"
+                          " masked elsewhere) or fourier (fractional shift)."),
+        click.option("--metric", type=click.Choice(METRICS), default="cosine", show_default=True,
+                     help="Distance: cosine (paper), relative l2, psnr (dB)."),
+        click.option("--layers", "-l", "layer_patterns", multiple=True, metavar="GLOB|type:T",
+                     help="Only these layers (repeatable; comma lists allowed): module-name globs"
+                          " ('features.*') or module types ('type:MaxPool2d,BlurPool')."
+                          " Default: every leaf module."),
+        click.option("--border", type=click.IntRange(0), default=0, show_default=True,
+                     help="crop mode: input pixels ignored at each edge of the compared region."),
+    ]
+
+
+def run_options() -> list:
+    return [
+        click.option("--batch-size", "-b", type=click.IntRange(1), default=defaults.BATCH_SIZE,
+                     show_default=True, help="Inputs per forward pass (images x shifts)."),
+        click.option("--device", default="auto", show_default=True,
+                     help="auto (CUDA if available), cpu, cuda or cuda:N."),
+    ]
+
+
+def measure_options(func):
+    return apply(func, image_options() + shift_options() + layer_options() + run_options())
+
+
+def figure_options(func):
+    from ..figures.panels import COLOR_RANGES
+    from ..figures.views import VIEWS
+
+    return apply(func, [
+        click.option("--scale", "--metric-scale", "scale", type=click.Choice(["linear", "log"]),
+                     default="linear", show_default=True, help="Colour scale of the heatmaps."),
+        click.option("--color-range", type=click.Choice(COLOR_RANGES), default=None,
+                     help="shared: one colour scale for all panels (the paper's); layer: each"
+                          " panel its own; stage: one scale per stride. Default: see README."),
+        click.option("--vmax", default="auto", show_default=True, metavar="auto|pNN|VALUE",
+                     help="Top of the colour scale: auto, a percentile of the plotted values"
+                          " (p99) or a number; larger values show as the bar's 'over' arrow."),
+        click.option("--view", type=click.Choice(VIEWS), default="all", show_default=True,
+                     help="all: every layer; paper: convolutions, pools/BlurPools and the logits,"
+                          " named like the paper (conv1_1 ... pool1 ...)."),
+        click.option("--format", "formats", multiple=True,
+                     type=click.Choice(defaults.FIGURE_FORMATS), default=("png", "pdf"),
+                     show_default=True, help="Figure formats to write (repeatable)."),
+        click.option("--dpi", type=click.IntRange(30, 1200), default=150, show_default=True,
+                     help="Resolution of PNG figures."),
+    ])
+
+
+def out_options(default: str):
+    """--out (default runs/<default>-<timestamp>), --overwrite, --quiet."""
+    return lambda func: apply(func, [
+        click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
+                     help=f"Output folder. Default: runs/{default}-<timestamp>/."),
+        click.option("--overwrite", is_flag=True,
+                     help="Replace the results of another run in --out (as a set; by default a"
+                          " folder holding results is refused)."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary."),
+    ])
+
+
+def figure_settings(scale: str, color_range, vmax: str, view: str, title=None) -> dict:
+    """The figure keywords of the plotting functions, from the CLI options."""
+    from ..figures.panels import parse_vmax
+
+    parse_vmax(vmax)  # a bad value fails here, before any measurement
+    out = {"scale": scale, "vmax": vmax, "view": view}
+    if color_range is not None:
+        out["color_range"] = color_range
+    if title:
+        out["title"] = title
+    return out
+
+
+def layer_selection(patterns: Sequence[str]):
+    """--layers values as ``measure(layers=...)``: None, or globs and 'type:Name' items."""
+    items = [pattern.strip() for pattern in patterns if pattern.strip()]
+    return items or None

@@ -1,0 +1,1 @@
+"""Every figure: functions that take results and return matplotlib Figures."""

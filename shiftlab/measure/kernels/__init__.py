@@ -1,0 +1,1 @@
+"""The optional C kernel for the CPU, behind one interface (``native``)."""

@@ -1,0 +1,331 @@
+"""Compiled CPU kernels, built on first use with the machine's C compiler and cached.
+
+Why: on a CPU each eager PyTorch operation is one pass over a feature map, and the circular
+bilinear comparison needs about ten of them per shifted map (a 3-tap norm, a filtered and
+rolled reference, an inner product), where the forward pass that made the map read it once. The
+kernel in ``csrc/bilinear.c`` does all of it in one read (see there). ``torch.compile`` would be
+the library route; on this kind of CPU its code for these reductions was ~100× slower than a BLAS
+dot (measured for #17), so this is a small hand-written C file instead, called through ctypes.
+
+It is an accelerator, never a requirement: without a compiler, on a GPU, for float64 maps or with
+``SHIFTLAB_NATIVE=0`` the eager code runs and gives the same numbers (to float rounding; tested).
+``SHIFTLAB_NATIVE=1`` makes a failed build an error (benchmarks use it). The shared object is
+cached under ``$SHIFTLAB_CACHE_DIR``, else ``$XDG_CACHE_HOME/shiftlab``, else
+``~/.cache/shiftlab``, keyed by the source, the compiler, its flags and the CPU.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ...errors import ShiftlabError, UsageError, one_line
+
+SOURCE = Path(__file__).with_name("csrc") / "bilinear.c"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-std=gnu99", "-shared", "-fPIC")
+# a compiler that does not know this CPU (no -march=native); no OpenMP runtime (Apple clang): one
+# thread per call, several calls on Python threads; neither
+_FALLBACKS = (FLAGS, tuple(flag for flag in FLAGS if flag != "-march=native"),
+              tuple("-fopenmp-simd" if flag == "-fopenmp" else flag for flag in FLAGS),
+              tuple("-fopenmp-simd" if flag == "-fopenmp" else flag for flag in FLAGS
+                    if flag != "-march=native"))
+COMPILE_SECONDS = 120
+"""A compiler still running after this long is given up on (no further attempts)."""
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+_MODES = {"0": "off", "false": "off", "no": "off", "off": "off", "1": "on", "true": "on",
+          "yes": "on", "on": "on", "auto": "auto", "": "auto"}
+
+
+def _mode() -> str:
+    value = os.environ.get("SHIFTLAB_NATIVE", "auto").strip().lower()
+    if value not in _MODES:
+        raise UsageError(f"SHIFTLAB_NATIVE={value!r}: use 1 (require the compiled kernel), "
+                         "0 (never use it) or auto")
+    return _MODES[value]
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("SHIFTLAB_CACHE_DIR"):
+        return Path(os.environ["SHIFTLAB_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "shiftlab"
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU's model and feature flags."""
+    lines = []
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if line.startswith(("model name", "flags", "Features", "CPU part")):
+                    lines.append(line.strip())
+                    if len(lines) >= 3:
+                        break
+    except OSError:
+        pass
+    return "\n".join([platform.machine(), platform.processor(), *lines])
+
+
+def _user() -> str:
+    return str(os.getuid()) if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+
+
+def _not_private(directory: Path) -> Optional[str]:
+    """Why a library there could be somebody else's, or None: only a directory owned by this
+    user and not writable by group or others may hold what is loaded (a shared /tmp must not
+    serve another user's .so)."""
+    if not hasattr(os, "getuid"):
+        return None
+    info = directory.stat()
+    if info.st_uid != os.getuid():
+        return f"{directory} belongs to another user: not used"
+    if info.st_mode & 0o022:
+        return f"{directory} is writable by other users: not used"
+    return None
+
+
+def _compiler() -> Optional[str]:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _build(compiler: str, rebuild: bool = False) -> Path:
+    """The path of the compiled library: from the cache, else compiled now (``rebuild``:
+    replace a cached file that would not load)."""
+    source = SOURCE.read_bytes()
+    errors = []
+    for flags in _FALLBACKS:
+        key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(),
+                                         _cpu_signature().encode()])).hexdigest()[:20]
+        for directory in (_cache_dir(), Path(tempfile.gettempdir()) / f"shiftlab-{_user()}"):
+            target = directory / f"bilinear-{key}.so"
+            try:
+                directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+                problem = _not_private(directory)
+                if problem:
+                    errors.append(problem)
+                    continue
+                if target.exists() and not rebuild:
+                    return target
+                handle, partial = tempfile.mkstemp(suffix=".so", dir=directory)
+                os.close(handle)
+            except OSError as exc:
+                errors.append(one_line(exc))
+                continue
+            try:
+                done = subprocess.run([compiler, *flags, str(SOURCE), "-o", partial],
+                                      capture_output=True, text=True, timeout=COMPILE_SECONDS)
+                if done.returncode == 0:
+                    with open(partial, "rb") as built:  # on disk before it is visible
+                        os.fsync(built.fileno())
+                    os.replace(partial, target)  # atomic: concurrent ranks may race here
+                    return target
+                lines = [line for line in done.stderr.splitlines() if "error" in line]
+                errors.append(one_line((lines or [done.stderr])[0] or f"exit {done.returncode}"))
+                break  # the flags, not the directory: try the next flags
+            except subprocess.TimeoutExpired:
+                raise OSError(f"{compiler} ran longer than {COMPILE_SECONDS} s") from None
+            except (OSError, subprocess.SubprocessError) as exc:
+                errors.append(one_line(exc))
+            finally:
+                if os.path.exists(partial):
+                    os.remove(partial)
+    raise OSError("; ".join(errors) or "no writable cache directory")
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    library = ctypes.CDLL(str(path))
+    library.shiftlab_bilinear.restype = ctypes.c_int
+    library.shiftlab_difference.restype = ctypes.c_int
+    return library
+
+
+def _load() -> Optional[ctypes.CDLL]:
+    with _lock:
+        if "library" in _state:
+            return _state["library"]
+        library, reason = None, ""
+        compiler = _compiler()
+        if compiler is None:
+            reason = "no C compiler found (set CC)"
+        else:
+            try:
+                try:
+                    library = _open(_build(compiler))
+                except (OSError, AttributeError):  # a damaged cached file: build it again
+                    library = _open(_build(compiler, rebuild=True))
+            except (OSError, AttributeError) as exc:
+                library, reason = None, one_line(exc)
+        _state["library"], _state["reason"] = library, reason
+        if library is None and _mode() == "auto":  # once per process: the numbers are the same
+            warnings.warn(f"shiftlab's compiled CPU kernel is not available ({reason}); the "
+                          "bilinear alignment runs slower on the CPU (ResNet-50: about 1.7x; "
+                          "SHIFTLAB_NATIVE=0 silences this)", RuntimeWarning, stacklevel=2)
+        return library
+
+
+def status() -> str:
+    """'native' when the kernel is in use, else 'eager (<why>)'."""
+    if _mode() == "off":
+        return "eager (SHIFTLAB_NATIVE=0)"
+    if _load() is None:
+        return f"eager (kernel not built: {_state['reason']})"
+    return "native"
+
+
+def usable(ref: torch.Tensor, shifted: torch.Tensor) -> bool:
+    """The kernel can take this comparison: CPU float32 maps with contiguous (C, h, w) planes."""
+    if _mode() == "off" or ref.device.type != "cpu" or ref.dtype != torch.float32 \
+            or shifted.dtype != torch.float32 or not ref.is_contiguous():
+        return False
+    channels, height, width = shifted.shape[2:]
+    expected = (height * width, width, 1)  # the strides of size-1 dims do not matter
+    if any(size > 1 and stride != want for size, stride, want
+           in zip(shifted.shape[2:], shifted.stride()[2:], expected)):
+        return False
+    if _load() is None:
+        if _mode() == "on":
+            raise ShiftlabError(f"SHIFTLAB_NATIVE=1 but the kernel cannot be built: "
+                                f"{_state['reason']}")
+        return False
+    return True
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A pool of ``workers`` threads, kept for the process: pools are never shut down, so
+    callers on several threads cannot close each other's."""
+    with _lock:
+        pools = _state.setdefault("pools", {})
+        if workers not in pools:
+            pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="shiftlab")
+        return pools[workers]
+
+
+def _ints(values: Sequence[int]) -> np.ndarray:
+    return np.asarray(list(values) or [0], dtype=np.int32)
+
+
+def _run(library: ctypes.CDLL, name: str, ref: torch.Tensor, shifted: torch.Tensor,
+         count: int, arguments: list, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+    """Call kernel ``name`` over every (image, channel) pair of ``shifted`` (S, B, C, h, w), its
+    first ``count`` shift slots, with ``arguments`` after the common ones: ``name_parallel``
+    on OpenMP threads when the library has it, else one call per Python thread (ctypes drops the
+    GIL), each on its own output arrays of ``shapes``, then summed."""
+    _, n_images, channels, height, width = shifted.shape
+    steps = [ctypes.c_long(step if shifted.numel() else 0) for step in shifted.stride()[:2]]
+    common = [ctypes.c_void_p(ref.data_ptr()), ctypes.c_void_p(shifted.data_ptr()), *steps,
+              count, n_images, channels, height, width]
+    units = n_images * channels
+    workers = max(1, min(torch.get_num_threads(), units))
+    parallel = getattr(library, f"{name}_parallel", None)
+    parts = 1 if parallel is not None else workers
+    outputs = [[np.zeros(shape) for shape in shapes] for _ in range(parts)]
+
+    def pointers(k: int) -> list:
+        return [array.ctypes.data_as(ctypes.c_void_p) for array in outputs[k]]
+
+    if parallel is not None:  # OpenMP: PyTorch's own thread pool
+        codes = [parallel(*common, workers, *arguments, *pointers(0))]
+    else:
+        bounds = [units * k // parts for k in range(parts + 1)]
+        serial = getattr(library, name)
+        run = lambda k: serial(*common, bounds[k], bounds[k + 1], *arguments,  # noqa: E731
+                               *pointers(k))
+        codes = [run(0)] if parts == 1 else list(_pool(parts).map(run, range(parts)))
+    if any(codes):
+        raise MemoryError(f"shiftlab's CPU kernel ({name}) could not allocate its scratch memory")
+    return [sum(part[i] for part in outputs) for i in range(len(shapes))]
+
+
+class BilinearKernel:
+    """The arguments of ``csrc/bilinear.c`` for one plan and map size, prepared once (plans
+    are shared by the layers of one geometry, so a call costs little more than the kernel).
+
+    Per shift: ``exact`` (s divides δ), ``rolls`` (q_h, q_w) for exact shifts, ``row_taps`` /
+    ``col_taps`` ((offset in [0, n), weight), ...) for the others (None for exact ones); ``lags``
+    the (l_h, l_w) of the norm's lag sums (:func:`shiftlab.stencil.quadratic_lags`).
+    """
+
+    def __init__(self, lags: Sequence[tuple[int, int]], exact: Sequence[bool],
+                 rolls: Sequence[tuple[int, int]],
+                 row_taps: Sequence[Optional[Sequence[tuple[int, float]]]],
+                 col_taps: Sequence[Optional[Sequence[tuple[int, float]]]]) -> None:
+        self.library = _load()
+        self.n_lags = len(lags)
+        row_start, row_count, row_off, row_w, col_set = [], [], [], [], []
+        sets: dict[tuple, int] = {}
+        for taps_r, taps_c, flag in zip(row_taps, col_taps, exact):
+            row_start.append(len(row_off))
+            row_count.append(0 if flag else len(taps_r))
+            col_set.append(0 if flag or not taps_r else sets.setdefault(tuple(taps_c), len(sets)))
+            if not flag:
+                row_off.extend(offset for offset, _ in taps_r)
+                row_w.extend(weight for _, weight in taps_r)
+        set_start, set_count, col_off, col_w = [], [], [], []
+        for taps_c in sets:
+            set_start.append(len(col_off))
+            set_count.append(len(taps_c))
+            col_off.extend(offset for offset, _ in taps_c)
+            col_w.extend(weight for _, weight in taps_c)
+        # kept as attributes: the pointers below point into them
+        self._arrays = (
+            _ints(value for lag in lags for value in lag), _ints(int(bool(f)) for f in exact),
+            _ints(value for roll in rolls for value in roll), _ints(row_start), _ints(row_count),
+            _ints(row_off), np.asarray(row_w or [0.0], dtype=np.float64), _ints(col_set),
+            _ints(set_start), _ints(set_count), _ints(col_off),
+            np.asarray(col_w or [0.0], dtype=np.float32))
+        pointers = [array.ctypes.data_as(ctypes.c_void_p) for array in self._arrays]
+        # (lags, mode, roll, row_start, row_count, row_off, row_w, col_set), n_sets, (the rest)
+        self._head = [self.n_lags, *pointers[:8]]
+        self._tail = [len(sets), *pointers[8:]]
+
+    def __call__(self, ref: torch.Tensor, shifted: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ref (B, C, h, w) contiguous, shifted (S, B, C, h, w) with contiguous planes ->
+        lag sums (S, B, L), lag sums of the difference (S, B, L, exact shifts) and cross terms
+        (S, B), float64."""
+        n_shifts, n_images = shifted.shape[:2]
+        sums = _run(self.library, "shiftlab_bilinear", ref.contiguous(), shifted, n_shifts,
+                    [*self._head, *self._tail],
+                    [(n_shifts, n_images, self.n_lags), (n_shifts, n_images, self.n_lags),
+                     (n_shifts, n_images)])
+        return tuple(torch.from_numpy(total) for total in sums)  # type: ignore[return-value]
+
+
+def difference_sums(ref: torch.Tensor, shifted: torch.Tensor, index: Sequence[int],
+                    rolls: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ b² and Σ (b - roll(a, q))² per (shift, image) in one read of each shifted map, for the
+    shifts ``shifted[index[k]]`` rolled by ``rolls[k]`` (the exact and Fourier alignments).
+
+    ref (B, C, h, w) with contiguous rows (any image, channel and row strides: a Fourier source
+    is a slice of a wider matrix product), shifted (S, B, C, h, w) with contiguous planes -> two
+    (len(index), B) float64.
+    """
+    if ref.shape[-1] > 1 and ref.stride(-1) != 1:
+        ref = ref.contiguous()
+    count, n_images = len(index), shifted.shape[1]
+    arrays = (_ints(index), _ints(value for roll in rolls for value in roll))
+    strides = [ctypes.c_long(step) for step in ref.stride()[:3]]
+    squares, differences = _run(_load(), "shiftlab_difference", ref, shifted, count,
+                                [*strides, *(array.ctypes.data_as(ctypes.c_void_p)
+                                             for array in arrays)],
+                                [(count, n_images), (count, n_images)])
+    return torch.from_numpy(squares), torch.from_numpy(differences)

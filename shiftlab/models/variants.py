@@ -1,0 +1,77 @@
+"""Model variants for comparisons: ``NAME[+aaK][@WEIGHTS]``, e.g. ``resnet50+aa4@lpf4.pth``.
+
+``+aaK`` converts the model with ``antialias(filt_size=K)``; ``@WEIGHTS`` gives its weights
+(a checkpoint for the converted model, or a torchvision weights name for the baseline, which
+are then copied into the converted model).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Optional
+
+from .antialias import antialias
+from .checkpoints import is_checkpoint_path
+from ..errors import UsageError
+from .zoo import LoadedModel, load_checkpoint, load_model
+
+# NAME is a model spec: [TARGET:]FACTORY, where TARGET is a .py path or a dotted module name.
+# A .py path may hold '@' and '+aaK' (ci/workspace@2/model.py:factory), so the '@' that starts
+# WEIGHTS is the first one after FACTORY; WEIGHTS itself may hold '@' (runs@2/ckpt.pth).
+_VARIANT = re.compile(
+    r"^(?P<base>(?:(?:[A-Za-z]:)?[^:]*\.py:|[A-Za-z_][\w.]*:)?[^@+]+?)"
+    r"(?:\+aa(?P<filt>\d+))?(?:@(?P<weights>.+))?$"
+)
+
+
+def parse_variant(text: str) -> tuple[str, Optional[int], Optional[str]]:
+    """Split ``NAME[+aaK][@WEIGHTS]`` into (NAME, K or None, WEIGHTS or None).
+
+    >>> parse_variant("resnet50+aa4@lpf4.pth")
+    ('resnet50', 4, 'lpf4.pth')
+    >>> parse_variant("ci/workspace@2/model.py:factory@w.pth")
+    ('ci/workspace@2/model.py:factory', None, 'w.pth')
+    """
+    match = _VARIANT.match(text.strip()) if isinstance(text, str) else None
+    if not match:
+        raise UsageError(f"cannot read model spec {text!r}; use NAME, NAME+aa4 or NAME+aa4@weights.pth")
+    filt = int(match["filt"]) if match["filt"] else None
+    if filt is not None and not 1 <= filt <= 7:
+        raise UsageError(f"antialiasing filter size must be 1..7, got {filt} in {text!r}")
+    return match["base"], filt, match["weights"]
+
+
+def load_variant(text: str, weights: str = "auto", filt_size: Optional[int] = None,
+                 trust_checkpoint: bool = False, num_classes: Optional[int] = None,
+                 weights_key: Optional[str] = None) -> LoadedModel:
+    """Load ``NAME[+aaK][@WEIGHTS]``; ``filt_size`` antialiases even without ``+aaK``.
+
+    ``NAME+aaK@FILE`` loads the checkpoint into the converted model (a published
+    antialiased-cnns file); any other weights belong to the baseline and are copied over.
+    ``weights_key`` picks the entry of a checkpoint dict, as in :func:`load_model`.
+
+    Example:
+        >>> loaded = load_variant("resnet18+aa4", weights="none")      # doctest: +SKIP
+        >>> loaded.name                                                 # doctest: +SKIP
+        'resnet18+aa4'
+    """
+    base, spec_filt, spec_weights = parse_variant(text)
+    filt = spec_filt if spec_filt is not None else filt_size
+    weights = spec_weights or weights
+    if filt is None:
+        return load_model(base, weights, trust_checkpoint=trust_checkpoint, num_classes=num_classes,
+                          weights_key=weights_key)
+    # with --antialias K (no +aaK in the spec) the weights belong to the baseline and are copied
+    if spec_filt is not None and spec_weights is not None and is_checkpoint_path(weights):
+        loaded = load_model(base, "none", num_classes=num_classes)
+        model = antialias(loaded.model, filt_size=filt, copy_weights=False)
+        load_checkpoint(model, weights, trust_checkpoint, name=f"{loaded.name}+aa{filt}",
+                        weights_key=weights_key)
+        description = weights
+    else:  # baseline weights, copied into the converted model
+        loaded = load_model(base, weights, trust_checkpoint=trust_checkpoint, num_classes=num_classes,
+                            weights_key=weights_key)
+        model = antialias(loaded.model, filt_size=filt, copy_weights=True)
+        description = loaded.weights
+    return dataclasses.replace(loaded, model=model.eval(), name=f"{loaded.name}+aa{filt}",
+                               weights=description)
