@@ -31,6 +31,27 @@ def check_count(name: str, value: object, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_filter_size(value: object) -> int:
+    """A BlurPool filter size: a whole number 1..7 (the binomial filters antialias knows).
+
+    >>> check_filter_size(4)
+    4
+    """
+    from .defaults import FILTER_SIZES
+
+    if isinstance(value, bool) or not isinstance(value, int) or value not in FILTER_SIZES:
+        raise UsageError(f"antialiasing filter size must be {FILTER_SIZES[0]}..{FILTER_SIZES[-1]},"
+                         f" got {value!r}")
+    return value
+
+
+def check_seed(value: object) -> int:
+    """A seed: a whole number of magnitude below 2**63 (what torch.manual_seed takes)."""
+    if isinstance(value, bool) or not isinstance(value, int) or abs(value) >= 2**63:
+        raise UsageError(f"seed must be a whole number below 2**63, got {value!r}")
+    return value
+
+
 def resolve_grid(grid: Optional[ShiftGrid], mode: str) -> ShiftGrid:
     """``grid`` or the default grid of ``mode``."""
     return grid if grid is not None else default_grid(mode)

@@ -29,6 +29,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 #: image and epoch, the paper's diagonal sweep
 PROTOCOLS = ("grid", "zhang2019", "diagonal")
 FIGURE_FORMATS = ("png", "pdf", "svg")
+#: BlurPool filter sizes: the binomial filters [1], [1, 1], ..., [1, 6, 15, 20, 15, 6, 1]
+FILTER_SIZES = tuple(range(1, 8))
 
 
 def default_grid(mode: str) -> ShiftGrid:

@@ -1,37 +1,41 @@
-"""The pipeline the CLI, the notebooks and API users share: spec → model → images → result.
+"""The pipeline the CLI, the notebooks and API users share: request → model → images → result.
 
-Each step is a public function, so a notebook does exactly what ``shiftlab heatmap`` does:
+A command builds one request (``shiftlab.requests``) and runs it whole with
+:func:`measure_heatmap` or :func:`measure_consistency`; :func:`heatmap` and
+:func:`consistency` build that request from keywords, for notebooks. Each step is public too,
+so a notebook can run them one by one:
 
->>> loaded = build_model("vgg16", weights="none", seed=0)            # doctest: +SKIP
->>> grid, margin = shift_plan(max_shift=8, mode="circular", size=112)  # doctest: +SKIP
->>> inputs = load_inputs(loaded, size=112, margin=margin)           # doctest: +SKIP
->>> result = heatmap("vgg16", weights="none")                        # doctest: +SKIP
+>>> loaded = build_model("vgg11", weights="none", seed=0)
+>>> grid, margin = shift_plan(max_shift=2, mode="circular", size=32)
+>>> inputs = load_inputs(loaded, size=32, max_images=2, margin=margin)
+>>> tuple(inputs.tensor.shape), len(grid)
+((2, 3, 32, 32), 4)
 
-``heatmap`` and ``consistency`` chain the steps and fill the result's typed ``Provenance``
-(model spec, weights, seed, padding, antialiasing, image names and content hashes, versions).
+The runs fill the result's typed ``Provenance`` (model spec, weights, seed, padding,
+antialiasing, image names and content hashes, versions).
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .checks import check_choice, resolve_margin
+from .checks import resolve_margin
 from .data.images import LoadedImages, find_images, image_digest, load_images, sample_image_paths
-from .defaults import (BATCH_SIZE, MAX_SHIFT, PADDINGS, PAIRS, PROTOCOLS, SIZE, default_resize,
-                       make_grid)
+from .defaults import BATCH_SIZE, MAX_SHIFT, PAIRS, SIZE, default_resize, make_grid
 from .errors import UsageError
-from .models.zoo import LoadedModel
-from .models.padding import has_zero_padding
+from .measure.shifts import ShiftGrid
 from .models.checkpoints import state_dict_fingerprint
+from .models.padding import has_zero_padding
+from .models.zoo import LoadedModel
+from .requests import (ConsistencyRequest, HeatmapRequest, Inputs, LayerComparison, ModelSpec,
+                       Shifts)
 from .results.provenance import Provenance, as_tuple
 from .results.result import Result
-from .measure.shifts import MODES, ShiftGrid
 
 #: the largest canvas side (input + 2 × crop margin) the pipeline decodes images to
 MAX_CANVAS = 4096
@@ -39,95 +43,86 @@ MAX_CANVAS = 4096
 PathLike = Union[str, Path]
 
 
-def build_model(spec: str, weights: str = "auto", *, seed: int = 0, antialias: Optional[int] = None,
-                padding: str = "as-trained", num_classes: Optional[int] = None,
-                trust_checkpoint: bool = False, weights_key: Optional[str] = None,
-                mean: Optional[Sequence[float]] = None,
+def build_model(spec: Union[str, ModelSpec], weights: str = "auto", *, seed: int = 0,
+                antialias: Optional[int] = None, padding: str = "as-trained",
+                num_classes: Optional[int] = None, trust_checkpoint: bool = False,
+                weights_key: Optional[str] = None, mean: Optional[Sequence[float]] = None,
                 std: Optional[Sequence[float]] = None) -> LoadedModel:
     """Load ``NAME[+aaK][@WEIGHTS]`` with seeded random init, then antialias and pad as asked.
 
-    Args:
-        spec: torchvision name, ``file.py:factory``, ``package.module:factory`` or
-            ``timm:NAME``, optionally ``+aaK`` (BlurPool version) and ``@WEIGHTS``.
-        weights: 'auto', 'none', a torchvision weights name or a checkpoint file (when the spec
-            has no ``@WEIGHTS``).
-        seed: seeds random-init weights, so a figure is reproducible.
-        antialias: filter size K: also convert to the BlurPool version (weights copied).
-        padding: 'as-trained' or 'circular' (every zero padding made circular: the diagnostic
-            that separates boundary effects from aliasing under circular shifts).
-        mean, std: the input normalisation, when the weights were not trained with ImageNet's.
+    ``spec`` is a :class:`~shiftlab.requests.ModelSpec`, or its name with the other fields as
+    keywords (see ``ModelSpec`` for each).
 
     Example:
-        >>> build_model("resnet18", weights="none", padding="circular").name   # doctest: +SKIP
+        >>> build_model("resnet18", weights="none", padding="circular").name
         'resnet18'
     """
+    if not isinstance(spec, ModelSpec):
+        spec = ModelSpec(spec, weights=weights, antialias=antialias, padding=padding, seed=seed,
+                         num_classes=num_classes, weights_key=weights_key,
+                         trust_checkpoint=trust_checkpoint, mean=mean, std=std)
+    return load_spec(spec)
+
+
+def load_spec(spec: ModelSpec) -> LoadedModel:
+    """The model of a validated ``ModelSpec``, on the CPU in eval mode."""
     from .models.variants import load_variant
 
-    check_choice("padding", padding, PADDINGS)
-    if isinstance(seed, bool) or not isinstance(seed, int) or abs(seed) >= 2**63:
-        raise UsageError(f"seed must be a whole number below 2**63, got {seed!r}")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # random-init weights are the same in every run
-        kwargs = {"weights_key": weights_key} if weights_key else {}
-        loaded = load_variant(spec, weights, filt_size=antialias, trust_checkpoint=trust_checkpoint,
-                              num_classes=num_classes, **kwargs)
-    if padding == "circular":
+        torch.manual_seed(spec.seed)  # random-init weights are the same in every run
+        loaded = load_variant(spec.name, spec.weights, filt_size=spec.antialias,
+                              trust_checkpoint=spec.trust_checkpoint,
+                              num_classes=spec.num_classes, weights_key=spec.weights_key)
+    if spec.padding == "circular":
         from .models.padding import circular_padding
 
         model = circular_padding(loaded.model)
         model.shiftlab_padding = "circular"  # measure() records it in the Settings
         loaded = dataclasses.replace(loaded, model=model)
-    if mean is not None or std is not None:
-        loaded = dataclasses.replace(loaded, mean=_channels(mean, loaded.mean, "mean"),
-                                     std=_channels(std, loaded.std, "std"))
+    if spec.mean is not None or spec.std is not None:
+        loaded = dataclasses.replace(loaded, mean=spec.mean or tuple(loaded.mean),
+                                     std=spec.std or tuple(loaded.std))
     return loaded
 
 
-def _channels(values: Optional[Sequence[float]], default: Sequence[float], name: str) -> tuple:
-    if values is None:
-        return tuple(default)
-    values = tuple(float(v) for v in values)
-    if len(values) not in (1, 3) or not all(math.isfinite(v) for v in values) or \
-            (name == "std" and any(v <= 0 for v in values)):
-        raise UsageError(f"--{name} takes 1 or 3 finite numbers{' > 0' if name == 'std' else ''},"
-                         f" got {values}")
-    return values * 3 if len(values) == 1 else values
-
-
-def shift_plan(*, grid: str = "square", max_shift: int = MAX_SHIFT, subpixel: int = 1,
+def shift_plan(shifts: Optional[Shifts] = None, inputs: Optional[Inputs] = None, *,
+               grid: str = "square", max_shift: int = MAX_SHIFT, subpixel: int = 1,
                mode: str = "circular", size: int = SIZE,
                resize: Optional[int] = None) -> tuple[ShiftGrid, int]:
     """The shift grid and crop margin of a request, checked before anything is loaded.
 
     Circular shifts must stay below the image size (a shift by the size is no shift); crop
-    mode needs ``resize`` to leave a margin of the largest |shift| around the window.
+    mode needs ``resize`` to leave a margin of the largest |shift| around the window. Give the
+    request's ``Shifts`` and ``Inputs``, or their fields as keywords.
 
     >>> shift_plan(grid="symmetric", max_shift=2, mode="crop", size=32, resize=40)[1]
     2
     """
-    check_choice("mode", mode, MODES)
-    if mode == "crop" and size + 2 * max_shift > MAX_CANVAS:
+    shifts = shifts or Shifts(grid=grid, max_shift=max_shift, subpixel=subpixel, mode=mode)
+    inputs = inputs or Inputs(size=size, resize=resize)
+    size, resize, max_shift = inputs.size, inputs.resize, shifts.max_shift
+    if shifts.mode == "crop" and size + 2 * max_shift > MAX_CANVAS:
         raise UsageError(f"--max-shift {max_shift} in crop mode needs a canvas of"
                          f" {size + 2 * max_shift} px, above the limit of {MAX_CANVAS} px; use a"
                          " smaller --max-shift")
-    shifts = make_grid(grid, max_shift, subpixel)
-    if mode != "crop":
-        if shifts.max_abs >= size:
+    grid = make_grid(shifts.grid, max_shift, shifts.subpixel)
+    if shifts.mode != "crop":
+        if grid.max_abs >= size:
             raise UsageError(
-                f"--max-shift {max_shift} gives shifts up to {shifts.max_abs:g} px, but circular"
+                f"--max-shift {max_shift} gives shifts up to {grid.max_abs:g} px, but circular"
                 f" shifts of a {size} px image repeat every {size} px; use a --max-shift below"
-                f" {size} (or --size above {shifts.max_abs:g})")
-        return shifts, 0
-    margin = resolve_margin(shifts.max_abs, mode, None)
+                f" {size} (or --size above {grid.max_abs:g})")
+        return grid, 0
+    margin = resolve_margin(grid.max_abs, shifts.mode, None)
     available = ((resize or default_resize(size)) - size) // 2
     if resize is None:
-        return shifts, margin  # the default resize grows to fit the margin
+        return grid, margin  # the default resize grows to fit the margin
     if margin > available:
         raise UsageError(
             f"--max-shift {max_shift} needs a crop margin of {margin} px but resizing to {resize}"
             f" leaves {available} px around the {size} px window; use --resize {size + 2 * margin}"
             " or a smaller --max-shift")
-    return shifts, margin
+    return grid, margin
 
 
 def image_paths(sources: Sequence[PathLike] = (), max_images: Optional[int] = None) -> list[Path]:
@@ -138,17 +133,21 @@ def image_paths(sources: Sequence[PathLike] = (), max_images: Optional[int] = No
     return paths[:max_images] if max_images else paths
 
 
-def load_inputs(loaded: LoadedModel, *, images: Sequence[PathLike] = (),
-                max_images: Optional[int] = None, size: int = SIZE, resize: Optional[int] = None,
-                margin: int = 0) -> LoadedImages:
+def load_inputs(loaded: LoadedModel, inputs: Optional[Inputs] = None, *,
+                images: Sequence[PathLike] = (), max_images: Optional[int] = None,
+                size: int = SIZE, resize: Optional[int] = None, margin: int = 0) -> LoadedImages:
     """The images as one normalised (N, 3, size + 2·margin, ...) tensor, with the model's mean
-    and std; unreadable files are skipped with a warning naming each."""
+    and std; unreadable files are skipped with a warning naming each. Give the request's
+    ``Inputs``, or its fields as keywords."""
+    inputs = inputs or Inputs(images=tuple(images), max_images=max_images, size=size,
+                              resize=resize)
+    size, resize = inputs.size, inputs.resize
     if loaded.min_size and size < loaded.min_size:
         raise UsageError(f"{loaded.name} needs inputs of at least {loaded.min_size} px; use --size"
                          f" {loaded.min_size} or more")
     if resize is not None and resize > MAX_CANVAS:
         raise UsageError(f"--resize {resize} is above the limit of {MAX_CANVAS} px")
-    paths = image_paths(images, max_images)
+    paths = image_paths(inputs.images, inputs.max_images)
     loaded_images = load_images(paths, size, margin=margin, mean=loaded.mean, std=loaded.std,
                                 resize=resize or default_resize(size, margin))
     for path, reason in loaded_images.skipped:
@@ -177,46 +176,85 @@ def resume_identity(provenance: Provenance, padding: str, dtype: str) -> dict:
             "normalisation": [provenance.mean, provenance.std]}
 
 
+#: ``on_ready(loaded, inputs, grid, request)``: called once the model and images are loaded,
+#: before the measurement (the CLI prints a line there); ``inputs`` and ``grid`` are None for
+#: the streamed protocols
+OnReady = Callable[[LoadedModel, Optional[LoadedImages], Optional[ShiftGrid], object], None]
+
+
 def heatmap(model: str = "vgg16", *, weights: str = "auto", seed: int = 0,
             antialias: Optional[int] = None, padding: str = "as-trained",
             num_classes: Optional[int] = None, trust_checkpoint: bool = False,
-            weights_key: Optional[str] = None, images: Sequence[PathLike] = (),
+            weights_key: Optional[str] = None, mean: Optional[Sequence[float]] = None,
+            std: Optional[Sequence[float]] = None, images: Sequence[PathLike] = (),
             max_images: Optional[int] = None, size: int = SIZE, resize: Optional[int] = None,
             grid: str = "square", max_shift: int = MAX_SHIFT, subpixel: int = 1,
-            mode: str = "circular", label: Optional[str] = None, dtype: str = "float32",
-            checkpoint: Optional[PathLike] = None, resume: bool = False,
-            keep_checkpoint: bool = False, on_ready: Optional[Callable] = None,
-            mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
-            **measure_options) -> Result:
+            mode: str = "circular", align: str = "bilinear", metric: str = "cosine",
+            layers: Union[str, Sequence[str], None] = None, border: int = 0,
+            batch_size: int = BATCH_SIZE, device: str = "auto", dtype: str = "float32",
+            label: Optional[str] = None, progress: Optional[bool] = None) -> Result:
     """What ``shiftlab heatmap`` measures, as one call: returns the ``Result``.
 
-    ``measure_options`` go to :func:`shiftlab.measure` (align, metric, layers, border,
-    batch_size, device, progress). ``on_ready(loaded, inputs, grid, options)`` is called once
-    the model and images are loaded, before the measurement (the CLI prints a line there).
+    A convenience for notebooks: the keywords build a
+    :class:`~shiftlab.requests.HeatmapRequest` (validated there), which
+    :func:`measure_heatmap` runs. ``layers``: one glob or 'type:Name' item, or several.
 
     Example:
-        >>> result = heatmap("vgg11", weights="none", size=64, max_shift=4)   # doctest: +SKIP
-        >>> result.provenance.images[:2]                                       # doctest: +SKIP
+        >>> result = heatmap("vgg11", weights="none", size=32, max_shift=2, max_images=2,
+        ...                  layers="features.[0-2]", progress=False)
+        >>> result.provenance.images
         ('astronaut.jpg', 'camera.jpg')
+        >>> [layer.name for layer in result.layers]
+        ['features.0', 'features.1', 'features.2']
+    """
+    request = HeatmapRequest(
+        ModelSpec(model, weights=weights, antialias=antialias, padding=padding, seed=seed,
+                  num_classes=num_classes, weights_key=weights_key,
+                  trust_checkpoint=trust_checkpoint, mean=mean, std=std),
+        inputs=Inputs(images=tuple(images), max_images=max_images, size=size, resize=resize),
+        shifts=Shifts(grid=grid, max_shift=max_shift, subpixel=subpixel, mode=mode),
+        comparison=LayerComparison(align=align, metric=metric, layers=_layer_items(layers),
+                                   border=border),
+        batch_size=batch_size, device=device, dtype=dtype)
+    return measure_heatmap(request, label=label, progress=progress)
+
+
+def measure_heatmap(request: HeatmapRequest, *, label: Optional[str] = None,
+                    progress: Optional[bool] = None, on_ready: Optional[OnReady] = None,
+                    checkpoint: Optional[PathLike] = None, resume: bool = False,
+                    keep_checkpoint: bool = False) -> Result:
+    """Run a heatmap request: model, images, then :func:`shiftlab.measure` on the grid.
+
+    ``checkpoint``/``resume``/``keep_checkpoint``: see :func:`shiftlab.measure`.
     """
     from .measure.engine import measure
 
-    shifts, margin = shift_plan(grid=grid, max_shift=max_shift, subpixel=subpixel, mode=mode,
-                                size=size, resize=resize)
-    loaded = build_model(model, weights, seed=seed, antialias=antialias, padding=padding,
-                         num_classes=num_classes, trust_checkpoint=trust_checkpoint,
-                         weights_key=weights_key, mean=mean, std=std)
-    inputs = load_inputs(loaded, images=images, max_images=max_images, size=size, resize=resize,
-                         margin=margin)
-    provenance = provenance_for(loaded, model, inputs, seed=seed, antialias=antialias,
-                                resize=resize or default_resize(size, margin), label=label)
+    shifts, margin = shift_plan(request.shifts, request.inputs)
+    loaded = load_spec(request.model)
+    inputs = load_inputs(loaded, request.inputs, margin=margin)
+    provenance = provenance_for(
+        loaded, request.model.name, inputs, seed=request.model.seed,
+        antialias=request.model.antialias,
+        resize=request.inputs.resize or default_resize(request.inputs.size, margin), label=label)
     if on_ready is not None:
-        on_ready(loaded, inputs, shifts, {"size": size, "mode": mode, **measure_options})
-    return measure(loaded.model, inputs.tensor, shifts, mode=mode, margin=margin,
-                   dtype=None if dtype == "float32" else dtype, provenance=provenance,
-                   checkpoint=checkpoint, resume=resume,
-                   resume_key=resume_identity(provenance, padding, dtype),
-                   keep_checkpoint=keep_checkpoint, **measure_options)
+        on_ready(loaded, inputs, shifts, request)
+    comparison = request.comparison
+    return measure(loaded.model, inputs.tensor, shifts, mode=request.shifts.mode, margin=margin,
+                   align=comparison.align, metric=comparison.metric,
+                   layers=list(comparison.layers) if comparison.layers else None,
+                   border=comparison.border, batch_size=request.batch_size,
+                   device=request.device,
+                   dtype=None if request.dtype == "float32" else request.dtype,
+                   progress=progress, provenance=provenance, checkpoint=checkpoint,
+                   resume=resume,
+                   resume_key=resume_identity(provenance, request.model.padding, request.dtype),
+                   keep_checkpoint=keep_checkpoint)
+
+
+def _layer_items(layers: Union[str, Sequence[str], None]) -> Optional[tuple[str, ...]]:
+    if layers is None:
+        return None
+    return (layers,) if isinstance(layers, str) else tuple(layers)
 
 
 def categories(loaded: LoadedModel) -> Optional[list]:
@@ -243,93 +281,109 @@ def consistency(model: str = "resnet18", *, weights: str = "auto", seed: int = 0
                 mode: str = "circular", labels_path: Optional[PathLike] = None,
                 n_pairs: int = PAIRS, protocol: str = "grid", epochs: int = 1, workers: int = 0,
                 class_order: str = "auto", batch_size: int = BATCH_SIZE, device: str = "auto",
-                progress: Optional[bool] = None, on_ready: Optional[Callable] = None,
-                label: Optional[str] = None, checkpoint: Optional[PathLike] = None,
-                resume: bool = False, **_per_layer_options):
+                progress: Optional[bool] = None, label: Optional[str] = None):
     """What ``shiftlab consistency`` measures for one model: an ``InvarianceResult`` (protocol
     'grid': every shift of the grid on every image) or a protocol result ('zhang2019': two
     random ``size`` windows of the ``resize`` centre crop per image and epoch; 'diagonal').
+
+    A convenience for notebooks: the keywords build a
+    :class:`~shiftlab.requests.ConsistencyRequest`, which :func:`measure_consistency` runs.
+
+    Example:
+        >>> result = consistency("resnet18", weights="none", size=32, max_shift=2,
+        ...                      max_images=2, progress=False)
+        >>> result.summary()["n_images"]
+        2
+    """
+    request = ConsistencyRequest(
+        ModelSpec(model, weights=weights, antialias=antialias, padding=padding, seed=seed,
+                  num_classes=num_classes, weights_key=weights_key,
+                  trust_checkpoint=trust_checkpoint, mean=mean, std=std),
+        inputs=Inputs(images=tuple(images), max_images=max_images, size=size, resize=resize),
+        shifts=Shifts(grid=grid, max_shift=max_shift, subpixel=subpixel, mode=mode),
+        protocol=protocol, pairs=n_pairs,
+        labels=str(labels_path) if labels_path is not None else None, epochs=epochs,
+        workers=workers, class_order=class_order, batch_size=batch_size, device=device)
+    return measure_consistency(request, label=label, progress=progress)
+
+
+def measure_consistency(request: ConsistencyRequest, *, label: Optional[str] = None,
+                        progress: Optional[bool] = None, on_ready: Optional[OnReady] = None,
+                        checkpoint: Optional[PathLike] = None, resume: bool = False):
+    """Run a consistency request (see :func:`consistency`).
 
     Protocols stream the images (DataLoader ``workers``), so memory does not grow with them;
     with ``checkpoint`` they save each completed epoch there and ``resume`` continues from it.
     Under ``torchrun`` every rank measures its share of the images (protocols decode only
     theirs) and every rank returns the single-process result.
-
-    Example:
-        >>> result = consistency("resnet18", weights="none", size=64, max_shift=4)  # doctest: +SKIP
-        >>> result.summary()["pairwise_consistency"]                               # doctest: +SKIP
     """
-    from .invariance.grid import measure_invariance
     from .data.labels import read_labels
+    from .invariance.grid import measure_invariance
 
-    check_choice("protocol", protocol, PROTOCOLS)
-    if protocol == "grid" and (checkpoint is not None or resume):
+    if request.protocol == "grid" and (checkpoint is not None or resume):
         raise UsageError("--resume continues the zhang2019 and diagonal protocols per epoch; the"
                          " grid protocol runs in one pass (use fewer --images per run instead)")
-    loaded = build_model(model, weights, seed=seed, antialias=antialias, padding=padding,
-                         num_classes=num_classes, trust_checkpoint=trust_checkpoint,
-                         weights_key=weights_key, mean=mean, std=std)
+    loaded = load_spec(request.model)
     labelled = None
-    if labels_path is not None:
+    images = request.inputs.images
+    if request.labels is not None:
         # a model built with its own --num-classes has no ImageNet category names
-        names = categories(loaded) if num_classes is None else None
-        labelled = read_labels(labels_path, names, class_order=class_order)
+        names = categories(loaded) if request.model.num_classes is None else None
+        labelled = read_labels(request.labels, names, class_order=request.class_order)
         images = labelled.paths
-    if protocol != "grid":
-        return _protocol(loaded, model, protocol, images, labelled, size=size, resize=resize,
-                         max_images=max_images, epochs=epochs, seed=seed, workers=workers,
-                         batch_size=batch_size, device=device, progress=progress,
-                         antialias=antialias, padding=padding, label=label, on_ready=on_ready,
-                         checkpoint=checkpoint, resume=resume)
-    shifts, margin = shift_plan(grid=grid, max_shift=max_shift, subpixel=subpixel, mode=mode,
-                                size=size, resize=resize)
-    inputs = load_inputs(loaded, images=images, max_images=max_images, size=size, resize=resize,
+    if request.protocol != "grid":
+        return _protocol(loaded, request, images, labelled, label=label, progress=progress,
+                         on_ready=on_ready, checkpoint=checkpoint, resume=resume)
+    shifts, margin = shift_plan(request.shifts, request.inputs)
+    inputs = load_inputs(loaded, dataclasses.replace(request.inputs, images=tuple(images)),
                          margin=margin)
-    provenance = provenance_for(loaded, model, inputs, seed=seed, antialias=antialias,
-                                resize=resize or default_resize(size, margin), label=label,
-                                labels=str(labels_path) if labels_path else None)
+    provenance = provenance_for(
+        loaded, request.model.name, inputs, seed=request.model.seed,
+        antialias=request.model.antialias,
+        resize=request.inputs.resize or default_resize(request.inputs.size, margin), label=label,
+        labels=request.labels)
     if on_ready is not None:
-        on_ready(loaded, inputs, shifts, {"size": size, "mode": mode})
+        on_ready(loaded, inputs, shifts, request)
     return measure_invariance(
-        loaded.model, inputs.tensor, shifts, mode=mode, margin=margin,
+        loaded.model, inputs.tensor, shifts, mode=request.shifts.mode, margin=margin,
         labels=labelled.for_paths(inputs.paths) if labelled is not None else None,
-        n_pairs=n_pairs, seed=seed, batch_size=batch_size, device=device, progress=progress,
-        meta={**provenance.to_dict(), "padding": padding})
+        n_pairs=request.pairs, seed=request.model.seed, batch_size=request.batch_size,
+        device=request.device, progress=progress,
+        meta={**provenance.to_dict(), "padding": request.model.padding})
 
 
-def _protocol(loaded: LoadedModel, spec: str, protocol: str, images, labelled, *, size: int,
-              resize: Optional[int], max_images: Optional[int], epochs: int, seed: int,
-              workers: int, batch_size: int, device: str, progress: Optional[bool],
-              antialias: Optional[int], padding: str, label: Optional[str],
-              on_ready: Optional[Callable], checkpoint: Optional[PathLike], resume: bool):
+def _protocol(loaded: LoadedModel, request: ConsistencyRequest, images, labelled, *,
+              label: Optional[str], progress: Optional[bool], on_ready: Optional[OnReady],
+              checkpoint: Optional[PathLike], resume: bool):
     """The paper's ImageNet protocols on a streamed source: R×R centre crops, R = resize."""
     from .invariance.protocols import consistency_protocol, diagonal_protocol
     from .data.sources import image_batches
 
-    crop = resize or default_resize(size)
-    if crop <= size:
-        raise UsageError(f"--protocol {protocol} draws {size} px windows from a --resize {crop} px"
-                         f" centre crop; use a --resize above --size")
-    if protocol == "diagonal" and labelled is None:
-        raise UsageError("--protocol diagonal plots the ground-truth class probability; pass --labels")
+    crop = request.crop
     source = labelled if labelled is not None else image_paths(images)
     stream = image_batches(source, size=crop, resize=crop, mean=loaded.mean, std=loaded.std,
-                           batch_size=batch_size, workers=workers, max_images=max_images,
+                           batch_size=request.batch_size, workers=request.workers,
+                           max_images=request.inputs.max_images,
                            on_skip=lambda path, reason: warnings.warn(f"skipped {path}: {reason}"),
                            shard=True)
-    provenance = provenance_for(loaded, spec, seed=seed, antialias=antialias, resize=crop,
-                                label=label)
-    provenance = provenance.replace(extra={**provenance.extra, "protocol": protocol})
+    provenance = provenance_for(loaded, request.model.name, seed=request.model.seed,
+                                antialias=request.model.antialias, resize=crop, label=label)
+    provenance = provenance.replace(extra={**provenance.extra, "protocol": request.protocol})
     if on_ready is not None:
-        on_ready(loaded, None, None, {"size": size, "protocol": protocol, "resize": crop})
+        on_ready(loaded, None, None, request)
     identity = {k: v for k, v in provenance.to_dict().items()
                 if k not in ("n_images", "seconds", "device", "versions", "input_digest")}
-    identity.update(padding=padding, source=_source_digest(source, max_images))
-    keywords = {"size": size, "device": device, "progress": progress, "meta": identity,
-                "seed": seed, "checkpoint": checkpoint, "resume": resume}
-    if protocol == "zhang2019":
-        return consistency_protocol(loaded.model, stream, epochs=epochs, **keywords)
-    return diagonal_protocol(loaded.model, stream, max_offset=min(32, crop - size), **keywords)
+    identity.update(padding=request.model.padding,
+                    source=_source_digest(source, request.inputs.max_images))
+    size = request.inputs.size
+    if request.protocol == "zhang2019":
+        return consistency_protocol(loaded.model, stream, epochs=request.epochs, size=size,
+                                    device=request.device, progress=progress, meta=identity,
+                                    seed=request.model.seed, checkpoint=checkpoint,
+                                    resume=resume)
+    return diagonal_protocol(loaded.model, stream, max_offset=min(32, crop - size), size=size,
+                             device=request.device, progress=progress, meta=identity,
+                             seed=request.model.seed, checkpoint=checkpoint, resume=resume)
 
 
 def _source_digest(source, max_images: Optional[int]) -> str:

@@ -18,9 +18,11 @@ from .console import Group, check_matplotlib_backend, import_matplotlib, user_er
 
 import_matplotlib()  # before cli_options imports it: an invalid MPLBACKEND must not crash here
 
-from .options import (figure_options, figure_settings, layer_selection,  # noqa: E402
-                          measure_options, model_options, out_options, padding_option,
-                          variant_options)
+from .options import (figure_options, figure_settings, heatmap_request, inputs,  # noqa: E402
+                      layer_selection, measure_options, model_options, spec_of,
+                      out_options, output_level_options, padding_option, refuse_unused,
+                      shifts, variant_options)
+from ..requests import CompareRequest, ConsistencyRequest  # noqa: E402
 from ..errors import UsageError  # noqa: E402
 
 
@@ -40,18 +42,6 @@ def main() -> None:
     """
 
 
-def _measure_args(options: dict) -> dict:
-    """The ``runs.heatmap`` keywords of the shared measurement options."""
-    return {
-        "images": options["image_sources"], "max_images": options["max_images"],
-        "size": options["size"], "resize": options["resize"], "grid": options["grid"],
-        "max_shift": options["max_shift"], "subpixel": options["subpixel"],
-        "mode": options["mode"], "align": options["align"], "metric": options["metric"],
-        "layers": layer_selection(options["layer_patterns"]), "border": options["border"],
-        "batch_size": options["batch_size"], "device": options["device"],
-    }
-
-
 # -- heatmap -----------------------------------------------------------------------------
 @main.command()
 @model_options
@@ -69,11 +59,9 @@ def _measure_args(options: dict) -> dict:
 @click.option("--dtype", type=click.Choice(defaults.DTYPES), default="float32", show_default=True,
               help="Autocast dtype of the forward passes (float16 needs a GPU); distances are"
                    " always computed in float32 and accumulated in float64.")
-def heatmap(model_spec: str, weights: str, weights_key: Optional[str], trust_checkpoint: bool,
-            seed: int, num_classes: Optional[int], mean, std, padding: str, scale: str,
-            color_range, vmax: str, view: str, formats: Sequence[str], dpi: int,
-            title: Optional[str], out: Optional[str], overwrite: bool, quiet: bool, resume: bool,
-            dry_run: bool, dtype: str, **options) -> None:
+def heatmap(model_spec: str, padding: str, scale: str, color_range, vmax: str, view: str,
+            formats: Sequence[str], dpi: int, title: Optional[str], out: Optional[str],
+            overwrite: bool, quiet: bool, resume: bool, dry_run: bool, **params) -> None:
     """Measure every layer's equivariance over a grid of shifts and draw the layer grid.
 
     Writes result.npz, summary.csv, heatmap.{png,pdf} and profile.{png,pdf} into --out. The
@@ -87,17 +75,17 @@ def heatmap(model_spec: str, weights: str, weights_key: Optional[str], trust_che
 
         check_matplotlib_backend()
         figure = figure_settings(scale, color_range, vmax, view, title)
-        model = {"spec": model_spec, "weights": weights, "weights_key": weights_key,
-                 "trust_checkpoint": trust_checkpoint, "seed": seed, "num_classes": num_classes,
-                 "mean": mean, "std": std}
+        padding_both = padding == "both"
+        request = heatmap_request(
+            spec_of(model_spec, params, "as-trained" if padding_both else padding), params)
         if resume and not out:
             raise UsageError("--resume needs the --out folder of the interrupted run")
         running_distributed = distributed.init_from_env()
         try:
-            run_heatmap(model, padding, _measure_args(options), figure, formats, dpi,
+            run_heatmap(request, figure, formats, dpi, padding_both=padding_both,
                         out=Path(out) if out else None, overwrite=overwrite,
                         quiet=quiet or not distributed.is_main(), resume=resume, dry_run=dry_run,
-                        dtype=dtype, distributed_run=running_distributed)
+                        distributed_run=running_distributed)
             distributed.finish()  # every rank waits for rank 0's files, then leaves together
         finally:
             distributed.shutdown()
@@ -119,12 +107,10 @@ def heatmap(model_spec: str, weights: str, weights_key: Optional[str], trust_che
               help="difference.*: each model minus the first (diff), or log2 of their ratio"
                    " (ratio: changes in small-valued layers show next to large ones).")
 @out_options(default="compare")
-def compare(result_files: Sequence[str], model_specs: Sequence[str], filt_size: Optional[int],
-            weights: str, weights_key: Optional[str], trust_checkpoint: bool,
-            num_classes: Optional[int], mean, std, seed: int,
+def compare(result_files: Sequence[str], model_specs: Sequence[str], antialias: Optional[int],
             padding: str, scale: str, color_range, vmax: str, view: str, formats: Sequence[str],
             dpi: int, difference: str, out: Optional[str], overwrite: bool, quiet: bool,
-            **options) -> None:
+            **params) -> None:
     """Compare models (or saved results) measured with the same settings.
 
     \b
@@ -142,10 +128,20 @@ def compare(result_files: Sequence[str], model_specs: Sequence[str], filt_size: 
         check_matplotlib_backend()
         if result_files and model_specs:
             raise UsageError("give either result files or --model options, not both")
-        model = {"weights": weights, "weights_key": weights_key, "trust_checkpoint": trust_checkpoint,
-                 "seed": seed, "mean": mean, "std": std, "padding": padding,
-                 "num_classes": num_classes}
-        run_compare(list(result_files), list(model_specs), filt_size, model, _measure_args(options),
+        request = None
+        if result_files:
+            if antialias is not None:
+                raise UsageError("--antialias needs --model; saved results are compared as they are")
+            refuse_unused("compare", list(params) + ["padding"],
+                          "with saved results (they are compared as they are)")
+        elif not model_specs:
+            raise UsageError("nothing to compare: pass result files or --model (with --antialias"
+                             " for a baseline-vs-antialiased comparison)")
+        else:
+            models = [spec_of(name, params, padding) for name in model_specs]
+            request = CompareRequest.of_models(models, heatmap_request(models[0], params),
+                                               antialias)
+        run_compare(list(result_files), request,
                     figure_settings(scale, color_range, vmax, view), difference, formats, dpi,
                     out=Path(out) if out else None, overwrite=overwrite, quiet=quiet)
 
@@ -182,7 +178,7 @@ def compare(result_files: Sequence[str], model_specs: Sequence[str], filt_size: 
               help="How --labels folder/CSV names become class indices: names (category names or"
                    " indices), sorted (torchvision ImageFolder order, e.g. ImageNet WNID folders),"
                    " auto (names, or sorted for a full set of WNID folders).")
-@measure_options
+@output_level_options
 @click.option("--format", "formats", multiple=True, type=click.Choice(defaults.FIGURE_FORMATS),
               default=("png", "pdf"), show_default=True,
               help="Formats of the probability figure (repeatable).")
@@ -194,12 +190,11 @@ def compare(result_files: Sequence[str], model_specs: Sequence[str], filt_size: 
                    " completed epoch (models already finished are not run again; refused when"
                    " the model, weights, seed, settings or image files (names, order, labels;"
                    " not their contents) differ).")
-def consistency(model_specs: Sequence[str], filt_size: Optional[int], weights: str,
-                weights_key: Optional[str], trust_checkpoint: bool, num_classes: Optional[int],
-                mean, std, seed: int,
-                padding: str, n_pairs: int, labels_path: Optional[str], protocol: str,
-                epochs: int, workers: int, class_order: str, formats: Sequence[str], dpi: int, out: Optional[str],
-                overwrite: bool, quiet: bool, resume: bool, **options) -> None:
+def consistency(model_specs: Sequence[str], antialias: Optional[int], padding: str,
+                n_pairs: int, labels_path: Optional[str], protocol: str, epochs: int,
+                workers: int, class_order: str, formats: Sequence[str], dpi: int,
+                out: Optional[str], overwrite: bool, quiet: bool, resume: bool,
+                **params) -> None:
     """Output-level shift invariance: does the predicted class survive a shift?
 
     For each model, on the grid of shifts: consistency vs. the unshifted prediction per shift,
@@ -222,20 +217,27 @@ def consistency(model_specs: Sequence[str], filt_size: Optional[int], weights: s
         from .jobs import run_consistency
 
         check_matplotlib_backend()
-        if labels_path and options["image_sources"]:
-            raise UsageError("--labels names the images (class folders or the CSV's files); drop"
-                             " --images")
+        if protocol == "grid":
+            refuse_unused("consistency", ["epochs", "workers"],
+                          "by --protocol grid (every image is measured in one pass)")
+        else:
+            refuse_unused("consistency", ["max_shift", "grid", "subpixel", "mode", "n_pairs"],
+                          f"by --protocol {protocol} (it draws its own shifts)")
+        if labels_path is None:
+            refuse_unused("consistency", ["class_order"], "without --labels")
         if resume and not out:
             raise UsageError("--resume needs the --out folder of the interrupted run")
-        model = {"weights": weights, "weights_key": weights_key, "trust_checkpoint": trust_checkpoint,
-                 "seed": seed, "mean": mean, "std": std, "padding": padding,
-                 "num_classes": num_classes}
+        models = [spec_of(name, params, padding) for name in model_specs]
+        if antialias is not None:
+            models += [model.antialiased(antialias) for model in models]
+        template = ConsistencyRequest(
+            models[0], inputs=inputs(params), shifts=shifts(params), protocol=protocol,
+            pairs=n_pairs, labels=labels_path, epochs=epochs, workers=workers,
+            class_order=class_order, batch_size=params["batch_size"], device=params["device"])
+        requests = [template.for_model(model) for model in models]
         distributed.init_from_env()
         try:
-            run_consistency(list(model_specs), filt_size, model, _measure_args(options),
-                            labels_path=labels_path, n_pairs=n_pairs, protocol=protocol,
-                            epochs=epochs, workers=workers, class_order=class_order,
-                            formats=formats, dpi=dpi, out=Path(out) if out else None,
+            run_consistency(requests, formats=formats, dpi=dpi, out=Path(out) if out else None,
                             overwrite=overwrite, quiet=quiet, resume=resume)
             distributed.finish()  # every rank waits for rank 0's files, then leaves together
         finally:
@@ -250,9 +252,8 @@ def consistency(model_specs: Sequence[str], filt_size: Optional[int], weights: s
 @click.option("--layers", "-l", "layer_patterns", multiple=True, metavar="GLOB|type:T",
               help="Only these layers (repeatable): name globs or 'type:MaxPool2d'.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
-def layers(model_spec: str, weights: str, weights_key: Optional[str], trust_checkpoint: bool,
-           seed: int, num_classes: Optional[int], mean, std, padding: str, size: int,
-           layer_patterns: Sequence[str], device: str) -> None:
+def layers(model_spec: str, padding: str, size: int, layer_patterns: Sequence[str], device: str,
+           **params) -> None:
     """List the hook points: name, module type, kind, layout, measured stride and shape.
 
     Layout says how a spatial output is read as a (C, h, w) map: nchw, nhwc (channels-last,
@@ -262,12 +263,11 @@ def layers(model_spec: str, weights: str, weights_key: Optional[str], trust_chec
     with user_errors():
         from ..measure.engine import resolve_device
         from ..measure.geometry import probe_layers
-        from ..runs import build_model
+        from ..runs import load_spec
 
+        spec = spec_of(model_spec, params, padding)
         target = resolve_device(device)
-        loaded = build_model(model_spec, weights, seed=seed, padding=padding,
-                             num_classes=num_classes, trust_checkpoint=trust_checkpoint,
-                             weights_key=weights_key)
+        loaded = load_spec(spec)
         infos = probe_layers(loaded.model.to(target), (size, size),
                              layer_selection(layer_patterns), device=target)
         if not infos:

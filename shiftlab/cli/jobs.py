@@ -5,6 +5,7 @@ parses options or measures by itself: ``shiftlab.runs`` measures, ``shiftlab.rep
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from fnmatch import fnmatchcase as fnmatch
 from pathlib import Path
@@ -14,7 +15,9 @@ import click
 
 from .. import runs
 from .console import warn_line
+from ..defaults import PADDINGS
 from ..errors import UsageError
+from ..requests import CompareRequest, ConsistencyRequest, HeatmapRequest
 from .reports import (FIGURE_PATTERNS, PROGRESS_FILE, DrawingFailed, check_out, default_out,
                       is_output, result_figures, safe_name, write_comparison, write_consistency,
                       write_heatmap, write_padding_pair, write_set)
@@ -25,46 +28,47 @@ from .reports import (FIGURE_PATTERNS, PROGRESS_FILE, DrawingFailed, check_out, 
 MAX_PANEL_CELLS = 128 * 128
 
 
-def _announce(quiet: bool):
-    def say(loaded, inputs, grid, options: dict) -> None:
-        if not quiet and grid is None:  # a protocol: images are streamed, counted as they come
-            click.echo(f"{loaded.name} ({loaded.weights}): --protocol {options['protocol']},"
-                       f" {options['size']} px windows of {options['resize']} px centre crops,"
+def _announce(quiet: bool) -> runs.OnReady:
+    def say(loaded, inputs, grid, request) -> None:
+        if quiet:
+            return
+        if grid is None:  # a protocol: images are streamed, counted as they come
+            click.echo(f"{loaded.name} ({loaded.weights}): --protocol {request.protocol},"
+                       f" {request.inputs.size} px windows of {request.crop} px centre crops,"
                        " images streamed", err=True)
-        elif not quiet:
-            click.echo(f"{loaded.name} ({loaded.weights}): {len(inputs.paths)} images at"
-                       f" {options['size']} px, {len(grid)} shifts ({grid.kind}, {options['mode']},"
-                       f" {options.get('align', '-')}, {options.get('metric', '-')})", err=True)
+            return
+        comparison = getattr(request, "comparison", None)  # consistency compares no layers
+        align, metric = (comparison.align, comparison.metric) if comparison else ("-", "-")
+        click.echo(f"{loaded.name} ({loaded.weights}): {len(inputs.paths)} images at"
+                   f" {request.inputs.size} px, {len(grid)} shifts ({grid.kind},"
+                   f" {request.shifts.mode}, {align}, {metric})", err=True)
     return say
 
 
-def _model_keywords(model: dict) -> dict:
-    keys = ("weights", "seed", "num_classes", "trust_checkpoint", "weights_key", "mean", "std")
-    return {key: model[key] for key in keys if key in model}
-
-
 # -- heatmap -------------------------------------------------------------------------------
-def run_heatmap(model: dict, padding: str, options: dict, figure: dict, formats: Sequence[str],
-                dpi: int, *, out: Optional[Path], overwrite: bool, quiet: bool, resume: bool,
-                dry_run: bool, dtype: str, distributed_run: bool) -> None:
+def run_heatmap(request: HeatmapRequest, figure: dict, formats: Sequence[str], dpi: int, *,
+                padding_both: bool, out: Optional[Path], overwrite: bool, quiet: bool,
+                resume: bool, dry_run: bool, distributed_run: bool) -> None:
+    """Measure ``request`` (with ``padding_both``, as trained and with circular padding) and
+    write the run's folder."""
     from .. import distributed
     from ..measure.engine import resolve_device
 
     if out is not None:
         check_out(out, overwrite=overwrite, resume=resume)
-    resolve_device(options["device"])  # a missing GPU is refused before anything is loaded
+    resolve_device(request.device)  # a missing GPU is refused before anything is loaded
     if dry_run:
-        _dry_run(model, padding if padding != "both" else "as-trained", options, dtype, quiet)
+        _dry_run(request, quiet)
         return
-    paddings = ("as-trained", "circular") if padding == "both" else (padding,)
-    if resume and len(paddings) > 1:
+    if resume and padding_both:
         raise UsageError("--resume continues one measurement; it does not combine with --padding both")
+    requests = [request.for_model(dataclasses.replace(request.model, padding=padding))
+                for padding in PADDINGS] if padding_both else [request]
     checkpoint = out / PROGRESS_FILE if (out is not None and not distributed_run) else None
     results = []
-    for choice in paddings:
-        results.append(runs.heatmap(
-            model["spec"], padding=choice, dtype=dtype, **_model_keywords(model), **options,
-            checkpoint=checkpoint if len(paddings) == 1 else None, resume=resume,
+    for each in requests:
+        results.append(runs.measure_heatmap(
+            each, checkpoint=checkpoint if len(requests) == 1 else None, resume=resume,
             keep_checkpoint=True, progress=None if not quiet else False,
             on_ready=_announce(quiet)))
     if not distributed.is_main():
@@ -84,8 +88,8 @@ def run_heatmap(model: dict, padding: str, options: dict, figure: dict, formats:
     for result in results:
         warn_nonfinite(result, result.settings.padding if len(results) > 1 else "")
         warn_undefined(result)
-    if padding == "as-trained" and options["mode"] == "circular" and \
-            results[0].provenance.extra.get("zero_padded"):
+    if not padding_both and request.model.padding == "as-trained" and \
+            request.shifts.mode == "circular" and results[0].provenance.extra.get("zero_padded"):
         warn_line("this model pads with zeros: under circular shifts the wrap seam meets the zero"
                   " border, which adds a boundary effect to every layer; to isolate aliasing use"
                   " --padding circular (or both), or --mode crop --border B")
@@ -95,27 +99,26 @@ def run_heatmap(model: dict, padding: str, options: dict, figure: dict, formats:
             click.echo(str(path))
 
 
-def _dry_run(model: dict, padding: str, options: dict, dtype: str, quiet: bool) -> None:
+def _dry_run(request: HeatmapRequest, quiet: bool) -> None:
     """Calibrate on a few shifts of the first image batch and print what the run would cost."""
     from ..measure.engine import resolve_device
     from ..measure.estimate import estimate_run
 
-    grid, margin = runs.shift_plan(grid=options["grid"], max_shift=options["max_shift"],
-                                   subpixel=options["subpixel"], mode=options["mode"],
-                                   size=options["size"], resize=options["resize"])
-    loaded = runs.build_model(model["spec"], padding=padding, **_model_keywords(model))
-    inputs = runs.load_inputs(loaded, images=options["images"], max_images=options["max_images"],
-                              size=options["size"], resize=options["resize"], margin=margin)
+    grid, margin = runs.shift_plan(request.shifts, request.inputs)
+    loaded = runs.load_spec(request.model)
+    inputs = runs.load_inputs(loaded, request.inputs, margin=margin)
     if not quiet:  # a big model on a CPU calibrates for minutes: say what is happening
         click.echo(f"calibrating {loaded.name} on a few batched passes of the first images"
-                   f" (batch size {options['batch_size']})...", err=True)
+                   f" (batch size {request.batch_size})...", err=True)
+    comparison = request.comparison
     estimate = estimate_run(
-        loaded.model, inputs.tensor, grid, batch_size=options["batch_size"], mode=options["mode"],
-        align=options["align"], metric=options["metric"], layers=options["layers"], margin=margin,
-        border=options["border"], device=resolve_device(options["device"]),
-        dtype=None if dtype == "float32" else dtype, progress=False)
+        loaded.model, inputs.tensor, grid, batch_size=request.batch_size,
+        mode=request.shifts.mode, align=comparison.align, metric=comparison.metric,
+        layers=list(comparison.layers) if comparison.layers else None, margin=margin,
+        border=comparison.border, device=resolve_device(request.device),
+        dtype=None if request.dtype == "float32" else request.dtype, progress=False)
     click.echo(f"{loaded.name}: {len(inputs.paths)} images x {len(grid)} shifts at"
-               f" {options['size']} px: {estimate.describe()}")
+               f" {request.inputs.size} px: {estimate.describe()}")
 
 
 def report(result) -> None:
@@ -193,35 +196,27 @@ def run_plot(result_file: Path, layers, figure: dict, formats: Sequence[str], dp
 
 
 # -- compare -------------------------------------------------------------------------------
-def run_compare(result_files: list, specs: list, filt_size: Optional[int], model: dict,
-                options: dict, figure: dict, difference: str, formats: Sequence[str], dpi: int, *,
-                out: Optional[Path], overwrite: bool, quiet: bool) -> None:
+def run_compare(result_files: list, request: Optional[CompareRequest], figure: dict,
+                difference: str, formats: Sequence[str], dpi: int, *, out: Optional[Path],
+                overwrite: bool, quiet: bool) -> None:
+    """Compare saved ``result_files``, or measure every model of ``request``, and write the
+    comparison's folder."""
     from ..results.comparison import Comparison
     from ..results.result import load
-
     from ..measure.engine import resolve_device
 
     if out is not None:
         check_out(out, overwrite=overwrite)
     if result_files:
-        if filt_size:
-            raise UsageError("--antialias needs --model; saved results are compared as they are")
         results = [load(path) for path in result_files]
         for path, result in zip(result_files, results):
             check_drawable(result, path)
     else:
-        if not specs:
-            raise UsageError("nothing to compare: pass result files or --model (with --antialias"
-                             " for a baseline-vs-antialiased comparison)")
-        resolve_device(options["device"])
-        variants = [(spec, None) for spec in specs] + ([(s, filt_size) for s in specs] if filt_size else [])
-        if len(variants) < 2:
-            raise UsageError("a comparison needs two models: repeat --model or add --antialias K")
+        resolve_device(request.heatmaps[0].device)
         results, labels = [], []
-        for spec, filt in variants:
-            result = runs.heatmap(spec, antialias=filt, padding=model["padding"],
-                                  **_model_keywords(model), **options,
-                                  progress=None if not quiet else False, on_ready=_announce(quiet))
+        for heatmap in request.heatmaps:
+            result = runs.measure_heatmap(heatmap, progress=None if not quiet else False,
+                                          on_ready=_announce(quiet))
             label = unique_label(result.provenance.model, labels)
             labels.append(label)
             results.append(result.with_label(label))
@@ -248,11 +243,10 @@ def unique_label(name: str, taken: Sequence[str]) -> str:
 
 
 # -- consistency ---------------------------------------------------------------------------
-def run_consistency(specs: list, filt_size: Optional[int], model: dict, options: dict, *,
-                    labels_path: Optional[str], n_pairs: int, protocol: str, epochs: int,
-                    workers: int, class_order: str, formats: Sequence[str], dpi: int, out: Optional[Path],
-                    overwrite: bool, quiet: bool, resume: bool = False) -> None:
-    """Measure every spec (and its ``+aaK`` version with ``filt_size``) and write one table.
+def run_consistency(requests: Sequence[ConsistencyRequest], formats: Sequence[str], dpi: int, *,
+                    out: Optional[Path], overwrite: bool, quiet: bool,
+                    resume: bool = False) -> None:
+    """Measure every request (one per model) and write one table.
 
     Under torchrun every rank measures its share and gets every result; rank 0 writes. With
     ``out``, the protocols keep a per-epoch checkpoint per model there until the outputs are
@@ -263,19 +257,16 @@ def run_consistency(specs: list, filt_size: Optional[int], model: dict, options:
 
     if out is not None:
         check_out(out, overwrite=overwrite, resume=resume)
-    resolve_device(options["device"])
+    resolve_device(requests[0].device)
     quiet = quiet or not distributed.is_main()
-    variants = [(spec, None) for spec in specs] + ([(s, filt_size) for s in specs] if filt_size else [])
-    checkpoints = [_protocol_checkpoint(out, protocol, spec, filt) for spec, filt in variants]
+    checkpoints = [_protocol_checkpoint(out, request) for request in requests]
     results, labels = [], []
-    for (spec, filt), checkpoint in zip(variants, checkpoints):
+    for request, checkpoint in zip(requests, checkpoints):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = runs.consistency(
-                spec, antialias=filt, padding=model["padding"], **_model_keywords(model),
-                labels_path=labels_path, n_pairs=n_pairs, protocol=protocol, epochs=epochs,
-                workers=workers, class_order=class_order, progress=None if not quiet else False,
-                on_ready=_announce(quiet), checkpoint=checkpoint, resume=resume, **options)
+            result = runs.measure_consistency(
+                request, progress=None if not quiet else False, on_ready=_announce(quiet),
+                checkpoint=checkpoint, resume=resume)
         label = unique_label(result.label, labels)
         labels.append(label)
         # every rank's warnings (skipped files are seen by the rank that decodes them), once
@@ -318,12 +309,12 @@ def _remove(checkpoints: list) -> None:
             checkpoint.unlink(missing_ok=True)
 
 
-def _protocol_checkpoint(out: Optional[Path], protocol: str, spec: str,
-                         filt: Optional[int]) -> Optional[Path]:
+def _protocol_checkpoint(out: Optional[Path], request: ConsistencyRequest) -> Optional[Path]:
     """Where a protocol run of one model keeps its per-epoch progress (None: grid, or no --out)."""
-    if out is None or protocol == "grid":
+    if out is None or request.protocol == "grid":
         return None
-    name = safe_name(spec if filt is None else f"{spec}+aa{filt}")
+    model = request.model
+    name = safe_name(model.name if model.antialias is None else f"{model.name}+aa{model.antialias}")
     return out / PROGRESS_FILE.replace(".npz", f"-{name}.npz")
 
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import click
+from click.core import ParameterSource
 
 from .. import defaults
+from ..errors import UsageError
+from ..requests import HeatmapRequest, Inputs, LayerComparison, ModelSpec, Shifts
 from ..measure.align import ALIGNMENTS
 from ..measure.metrics import METRICS
 from ..measure.shifts import MODES
@@ -74,9 +77,9 @@ def padding_option(allow_both: bool):
 def variant_options(func):
     """--antialias, --weights, --weights-key, --trust-checkpoint of multi-model commands."""
     return apply(func, [
-        click.option("--antialias", "filt_size", type=click.IntRange(1, 7), default=None,
+        click.option("--antialias", type=int, default=None, metavar="K",
                      help="Also measure the BlurPool version of each --model with this filter"
-                          " size (weights copied from the baseline)."),
+                          " size K in 1..7 (weights copied from the baseline)."),
         *weights_options(),
         click.option("--num-classes", type=click.IntRange(1), default=None,
                      help="Classifier size, for checkpoints trained on other classes"
@@ -145,7 +148,13 @@ def run_options() -> list:
 
 
 def measure_options(func):
+    """Images, shifts, layer comparison, batch and device: the per-layer commands."""
     return apply(func, image_options() + shift_options() + layer_options() + run_options())
+
+
+def output_level_options(func):
+    """Images, shifts, batch and device: ``consistency`` compares outputs, not layers."""
+    return apply(func, image_options() + shift_options() + run_options())
 
 
 def figure_options(func):
@@ -201,3 +210,45 @@ def layer_selection(patterns: Sequence[str]):
     """--layers values as ``measure(layers=...)``: None, or globs and 'type:Name' items."""
     items = [pattern.strip() for pattern in patterns if pattern.strip()]
     return items or None
+
+
+# -- requests: built here, once, from the parsed options ----------------------------------------
+def spec_of(name: str, params: dict, padding: str = "as-trained") -> ModelSpec:
+    """The ``ModelSpec`` of ``--model NAME`` and the model options of ``params``."""
+    return ModelSpec(name, weights=params["weights"], padding=padding, seed=params["seed"],
+                     num_classes=params["num_classes"], weights_key=params["weights_key"],
+                     trust_checkpoint=params["trust_checkpoint"], mean=params["mean"],
+                     std=params["std"])
+
+
+def inputs(params: dict) -> Inputs:
+    return Inputs(images=tuple(params["image_sources"]), max_images=params["max_images"],
+                  size=params["size"], resize=params["resize"])
+
+
+def shifts(params: dict) -> Shifts:
+    return Shifts(grid=params["grid"], max_shift=params["max_shift"],
+                  subpixel=params["subpixel"], mode=params["mode"])
+
+
+def heatmap_request(model: ModelSpec, params: dict) -> HeatmapRequest:
+    """The request of ``heatmap`` (and of each model of ``compare``)."""
+    return HeatmapRequest(
+        model, inputs=inputs(params), shifts=shifts(params),
+        comparison=LayerComparison(align=params["align"], metric=params["metric"],
+                                   layers=layer_selection(params["layer_patterns"]),
+                                   border=params["border"]),
+        batch_size=params["batch_size"], device=params["device"],
+        dtype=params.get("dtype", "float32"))
+
+
+def refuse_unused(command: str, unused: Sequence[str], why: str) -> None:
+    """A usage error when an option of ``unused`` (parameter names) was given on the command
+    line: a command never takes an option it would ignore."""
+    context = click.get_current_context()
+    given = [p for p in context.command.params if p.name in unused and
+             context.get_parameter_source(p.name) not in (ParameterSource.DEFAULT, None)]
+    if given:
+        names = ", ".join(param.opts[0] for param in given)
+        raise UsageError(f"{command}: {names} {'is' if len(given) == 1 else 'are'} not used {why};"
+                         " drop it")

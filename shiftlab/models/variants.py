@@ -12,6 +12,7 @@ from typing import Optional
 
 from .antialias import antialias
 from .checkpoints import is_checkpoint_path
+from ..checks import check_filter_size
 from ..errors import UsageError
 from .zoo import LoadedModel, load_checkpoint, load_model
 
@@ -35,9 +36,7 @@ def parse_variant(text: str) -> tuple[str, Optional[int], Optional[str]]:
     match = _VARIANT.match(text.strip()) if isinstance(text, str) else None
     if not match:
         raise UsageError(f"cannot read model spec {text!r}; use NAME, NAME+aa4 or NAME+aa4@weights.pth")
-    filt = int(match["filt"]) if match["filt"] else None
-    if filt is not None and not 1 <= filt <= 7:
-        raise UsageError(f"antialiasing filter size must be 1..7, got {filt} in {text!r}")
+    filt = check_filter_size(int(match["filt"])) if match["filt"] else None
     return match["base"], filt, match["weights"]
 
 
