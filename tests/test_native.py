@@ -2,9 +2,15 @@
 upsampling, its fallbacks, and how it is built and cached."""
 from __future__ import annotations
 
+import ctypes
+import dataclasses
+import json
 import math
 import os
+import re
 import stat
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +18,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from shiftlab.measure.kernels import native
+from shiftlab.measure.kernels.differences import choose
 from shiftlab.measure.align import make_plan
 from shiftlab.errors import ShiftlabError, UsageError
 from shiftlab.measure.geometry import LayerInfo
@@ -28,12 +35,10 @@ def _plan(stride: int, shape: tuple[int, int, int], shifts):
     return make_plan(info, torch.tensor(shifts, dtype=torch.float64), "circular", "bilinear")
 
 
-def _both(plan, ref, shifted, monkeypatch):
-    """(kernel, eager) statistics of one comparison."""
-    monkeypatch.setenv("SHIFTLAB_NATIVE", "1")
-    fast = plan.compare(ref, shifted)
-    monkeypatch.setenv("SHIFTLAB_NATIVE", "0")
-    slow = plan.compare(ref, shifted)
+def _both(plan, ref, shifted):
+    """(kernel, eager) statistics of one comparison: the plan rebuilt with each backend."""
+    fast = dataclasses.replace(plan, differences=choose("on")).compare(ref, shifted)
+    slow = dataclasses.replace(plan, differences=choose("off")).compare(ref, shifted)
     return fast, slow
 
 
@@ -53,8 +58,7 @@ def test_kernel_equals_the_eager_comparison_on_random_maps(stride, height, width
     shifted = ref[None] + 0.5 * torch.randn(len(shifts), images, channels, height, width,
                                             generator=generator)
     plan = _plan(stride, (channels, height, width), shifts)
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        fast, slow = _both(plan, ref, shifted, monkeypatch)
+    fast, slow = _both(plan, ref, shifted)
     for name in ("ref_sq", "shifted_sq", "diff_sq"):
         got, want = getattr(fast, name), getattr(slow, name)
         scale = float(want.abs().max()) + 1e-12
@@ -77,7 +81,7 @@ def test_kernel_matches_explicit_upsampling_for_both_layouts(channels, size):
 
 
 @pytest.mark.parametrize("channels, size", [(20, 7), (3, 10), (3, 30)])
-def test_kernel_gives_nan_and_inf_where_the_eager_code_does(channels, size, monkeypatch):
+def test_kernel_gives_nan_and_inf_where_the_eager_code_does(channels, size):
     shifts = [(1, 1), (2, 1), (4, 0), (8, 8), (3, 3)]
     generator = torch.Generator().manual_seed(3)
     ref = torch.randn(2, channels, size, size, generator=generator)
@@ -90,7 +94,7 @@ def test_kernel_gives_nan_and_inf_where_the_eager_code_does(channels, size, monk
     bad_ref[1, 0, 3, 3] = math.inf
     plan = _plan(4, (channels, size, size), shifts)
     for reference in (ref, bad_ref):
-        fast, slow = _both(plan, reference, shifted, monkeypatch)
+        fast, slow = _both(plan, reference, shifted)
         a, b = distance(fast, "cosine"), distance(slow, "cosine")
         assert torch.equal(torch.isnan(a), torch.isnan(b))
         assert torch.equal(torch.isinf(a), torch.isinf(b))
@@ -99,7 +103,7 @@ def test_kernel_gives_nan_and_inf_where_the_eager_code_does(channels, size, monk
         np.testing.assert_allclose(a[finite].numpy(), b[finite].numpy(), rtol=1e-4, atol=1e-6)
 
 
-def test_kernel_reads_any_strides_of_the_shift_and_image_dimensions(monkeypatch):
+def test_kernel_reads_any_strides_of_the_shift_and_image_dimensions():
     """A view with the images first (S and B strides swapped) and an expanded reference (stride
     0): same numbers as the eager code, not a copy's."""
     shifts = [(1, 2), (5, 3), (4, 4)]
@@ -108,19 +112,43 @@ def test_kernel_reads_any_strides_of_the_shift_and_image_dimensions(monkeypatch)
     stored = torch.randn(2, len(shifts), 3, 11, 12, generator=generator)
     plan = _plan(4, (3, 11, 12), shifts)
     for shifted in (stored.transpose(0, 1), ref[None].expand(len(shifts), -1, -1, -1, -1)):
-        monkeypatch.setenv("SHIFTLAB_NATIVE", "1")
-        assert native.usable(ref, shifted)
-        fast, slow = _both(plan, ref, shifted, monkeypatch)
+        assert choose("on").takes(ref, shifted)
+        fast, slow = _both(plan, ref, shifted)
         np.testing.assert_allclose(fast.diff_sq.numpy(), slow.diff_sq.numpy(), rtol=1e-5,
                                    atol=1e-5)
 
 
-def test_kernel_declines_float64_and_planes_that_are_not_contiguous(monkeypatch):
-    monkeypatch.setenv("SHIFTLAB_NATIVE", "1")
+def test_kernel_declines_float64_and_planes_that_are_not_contiguous():
+    kernel = choose("on")
     ref = torch.randn(1, 2, 6, 6)
-    assert native.usable(ref, ref[None])
-    assert not native.usable(ref.double(), ref.double()[None])
-    assert not native.usable(ref, ref.transpose(-1, -2)[None])
+    assert kernel.takes(ref, ref[None])
+    assert not kernel.takes(ref.double(), ref.double()[None])
+    assert not kernel.takes(ref, ref.transpose(-1, -2)[None])
+
+
+def test_float64_maps_on_the_kernel_backend_take_the_eager_passes_bit_for_bit():
+    """What the kernel declines goes to the same eager code as SHIFTLAB_NATIVE=0: identical."""
+    generator = torch.Generator().manual_seed(6)
+    ref = torch.randn(2, 3, 11, 12, generator=generator, dtype=torch.float64)
+    shifted = ref[None] + 0.5 * torch.randn(3, 2, 3, 11, 12, generator=generator,
+                                            dtype=torch.float64)
+    plan = _plan(4, (3, 11, 12), [(1, 2), (5, 3), (4, 4)])
+    fast, slow = _both(plan, ref, shifted)
+    for name in ("ref_sq", "shifted_sq", "diff_sq"):
+        assert torch.equal(getattr(fast, name), getattr(slow, name)), name
+
+
+def test_the_backend_is_chosen_when_the_plan_is_built(monkeypatch):
+    """SHIFTLAB_NATIVE is read once, by make_plan: a compare never looks at it again."""
+    monkeypatch.setenv("SHIFTLAB_NATIVE", "0")
+    eager = _plan(4, (3, 11, 12), [(1, 2)])
+    monkeypatch.setenv("SHIFTLAB_NATIVE", "1")
+    kernel = _plan(4, (3, 11, 12), [(1, 2)])
+    assert (eager.differences.name, kernel.differences.name) == ("eager", "native")
+    monkeypatch.setenv("SHIFTLAB_NATIVE", "sometimes")  # not read by compare: no error
+    ref = torch.randn(1, 3, 11, 12)
+    for plan in (eager, kernel):
+        plan.compare(ref, ref[None] + 1.0)
 
 
 def test_without_openmp_the_kernel_splits_the_work_over_python_threads(monkeypatch):
@@ -151,9 +179,10 @@ def test_required_kernel_that_cannot_be_built_is_a_one_line_error(tmp_path, monk
     monkeypatch.setattr(native, "_compiler", lambda: "/bin/false")
     monkeypatch.setenv("SHIFTLAB_NATIVE", "1")
     ref = torch.randn(1, 2, 5, 5)
+    plan = _plan(4, (2, 5, 5), [(1, 1)])
     with pytest.raises(ShiftlabError,
                        match="SHIFTLAB_NATIVE=1 but the kernel cannot be built") as info:
-        native.usable(ref, ref[None])
+        plan.compare(ref, ref[None] + 1.0)
     assert "\n" not in str(info.value)
 
 
@@ -174,9 +203,8 @@ def test_automatic_mode_falls_back_to_the_eager_code_with_one_warning(tmp_path, 
 
 def test_an_unknown_native_setting_is_a_usage_error(monkeypatch):
     monkeypatch.setenv("SHIFTLAB_NATIVE", "sometimes")
-    ref = torch.randn(1, 1, 3, 3)
     with pytest.raises(UsageError, match="SHIFTLAB_NATIVE='sometimes'"):
-        native.usable(ref, ref[None])
+        _plan(4, (1, 3, 3), [(1, 1)])
 
 
 def test_the_library_is_built_once_and_then_loaded_from_the_cache(tmp_path, monkeypatch):
@@ -208,8 +236,7 @@ def test_a_cache_directory_others_can_write_to_is_not_used(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("align", ["exact", "fourier"])
 @pytest.mark.parametrize("stride, size", [(1, 17), (2, 16), (4, 20)])
-def test_difference_kernel_equals_the_eager_exact_and_fourier_comparisons(align, stride, size,
-                                                                          monkeypatch):
+def test_difference_kernel_equals_the_eager_exact_and_fourier_comparisons(align, stride, size):
     """Planes of 256 or more positions: every shift of a fraction group (and all whole-pixel
     shifts) in one call, each with its own roll; fractional Fourier sources included."""
     shifts = [(1, 1), (2, 3), (-3, 5), (4, 0), (0, 4), (7, -6), (stride, 2 * stride)]
@@ -220,7 +247,7 @@ def test_difference_kernel_equals_the_eager_exact_and_fourier_comparisons(align,
     info = LayerInfo("x", "Test", "spatial", (float(stride),) * 2, (float(stride),) * 2,
                      (3, size, size + 1))
     plan = make_plan(info, torch.tensor(shifts, dtype=torch.float64), "circular", align)
-    fast, slow = _both(plan, ref, shifted, monkeypatch)
+    fast, slow = _both(plan, ref, shifted)
     for name in ("ref_sq", "shifted_sq", "diff_sq"):
         got, want = getattr(fast, name), getattr(slow, name)
         assert torch.equal(got.isnan(), want.isnan()), name
@@ -277,8 +304,6 @@ plan = make_plan(info, torch.tensor([[1.0, 1.0], [2.0, 3.0]], dtype=torch.float6
                  "circular", "bilinear")
 print(float(plan.compare(ref, shifted).diff_sq.sum()))
 """)
-    import subprocess
-    import sys
     env = dict(os.environ, SHIFTLAB_NATIVE="1")
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
                           timeout=120)
@@ -292,14 +317,12 @@ def test_a_damaged_cached_library_is_built_again(tmp_path, monkeypatch):
     built = native._build(native._compiler())
     built.write_bytes(built.read_bytes()[:100])  # a truncated file, as after a full disk
     monkeypatch.setattr(native, "_state", {})
-    assert native._load() is not None
+    assert native.load() is not None
     assert native.status() == "native"
     assert built.stat().st_size > 100
 
 
 def test_a_compiler_that_hangs_is_given_up_on_after_one_attempt(tmp_path, monkeypatch):
-    import subprocess
-
     calls = []
 
     def hang(command, **kwargs):
@@ -350,7 +373,7 @@ def test_lag_sums_of_any_lag_equal_numpy(lag):
         np.testing.assert_allclose(sums.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_kernel_is_at_least_as_close_to_float64_as_the_eager_steps(monkeypatch):
+def test_kernel_is_at_least_as_close_to_float64_as_the_eager_steps():
     """Nearly equivariant deep maps: small distances from |a|² + |b|² - 2<a, b>; the kernel's
     sums (float32 over at most 4,096 products, then float64) lose less than the eager ones."""
     generator = torch.Generator().manual_seed(0)
@@ -358,10 +381,70 @@ def test_kernel_is_at_least_as_close_to_float64_as_the_eager_steps(monkeypatch):
     ref = torch.relu(torch.randn(2, 512, 7, 7, generator=generator))
     shifted = ref[None] + 0.01 * torch.randn(len(shifts), 2, 512, 7, 7, generator=generator)
     plan = _plan(32, (512, 7, 7), shifts)
-    monkeypatch.setenv("SHIFTLAB_NATIVE", "0")
-    truth = distance(plan.compare(ref.double(), shifted.double()), "cosine")
-    fast, slow = _both(plan, ref, shifted, monkeypatch)
+    truth = distance(dataclasses.replace(plan, differences=choose("off")).compare(
+        ref.double(), shifted.double()), "cosine")
+    fast, slow = _both(plan, ref, shifted)
     kernel_error = float((distance(fast, "cosine") - truth).abs().max())
     eager_error = float((distance(slow, "cosine") - truth).abs().max())
     assert kernel_error <= eager_error
     assert kernel_error < 1e-6
+
+
+_CTYPES = {"int": "c_int", "long": "c_long", "int*": "LP_c_int", "float*": "LP_c_float",
+           "double*": "LP_c_double"}
+
+
+def test_every_kernel_entry_point_declares_the_c_signature():
+    """The argtypes of every function the library exports match csrc/bilinear.c, parameter by
+    parameter: an argument list that drifts from the C code is caught here, not by a crash."""
+    source = native.SOURCE.read_text()
+    library = native.load(required=True)
+    found = re.findall(r"^int (shiftlab_\w+)\((.*?)\)\s*{", source, re.MULTILINE | re.DOTALL)
+    assert {name for name, _ in found} >= {"shiftlab_bilinear", "shiftlab_difference"}
+    for name, parameters in found:
+        function = getattr(library, name, None)
+        if function is None:  # a _parallel entry point of a build without OpenMP
+            assert name.endswith("_parallel"), name
+            continue
+        want = []
+        for parameter in parameters.split(","):
+            words = parameter.replace("*", " * ").split()
+            kind = [word for word in words[:-1] if word not in ("const", "restrict")]
+            want.append(_CTYPES["".join(kind)])
+        assert [kind.__name__ for kind in function.argtypes] == want, name
+        assert function.restype is ctypes.c_int, name
+
+
+_OPENMP = r"/lib(gomp|iomp|omp)[^/]*\.(so|dylib)[^/]*$"
+
+
+def test_the_process_holds_one_openmp_runtime_after_the_kernel_loads(tmp_path):
+    """The kernel's -fopenmp must bind to the OpenMP runtime PyTorch has loaded, not map a
+    second copy (two thread pools spinning on the same cores). A fresh process, so that nothing
+    loaded earlier hides a second copy."""
+    if native._compiler() is None:
+        pytest.skip("no C compiler")
+    script = tmp_path / "openmp.py"
+    script.write_text(f"""
+import json, os, re
+import torch
+def runtimes():
+    with open("/proc/self/maps") as maps:
+        paths = {{line.split()[-1] for line in maps if re.search({_OPENMP!r}, line.strip())}}
+    return sorted({{os.path.realpath(path) for path in paths}})
+before = runtimes()
+from shiftlab.measure.kernels import native
+library = native.load(required=True)
+ref = torch.randn(2, 8, 16, 16)
+native.difference_sums(ref, ref[None] + 1.0, [0], [(1, 1)])  # start the OpenMP threads
+with open("/proc/self/maps") as maps:
+    loaded = any(library._name in line for line in maps)
+print(json.dumps({{"before": before, "after": runtimes(), "loaded": loaded}}))
+""")
+    env = dict(os.environ, SHIFTLAB_NATIVE="1")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["loaded"]
+    assert len(report["after"]) <= 1, f"OpenMP runtimes mapped: {report}"

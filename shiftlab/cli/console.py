@@ -14,6 +14,7 @@ from typing import Iterator
 
 import click
 
+from .. import config
 from ..errors import ShiftlabError, one_line
 
 EXIT_INTERRUPTED = 130
@@ -96,7 +97,12 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def _unexpected(exc: BaseException) -> None:
-    if os.environ.get("SHIFTLAB_DEBUG"):
+    try:
+        debug = config.debug()
+    except ShiftlabError as bad:  # a malformed SHIFTLAB_DEBUG must not hide the real error
+        warn_line(bad)
+        debug = False
+    if debug:
         raise exc
     click.echo(f"error: {type(exc).__name__}: {one_line(exc)} (set SHIFTLAB_DEBUG=1 for a"
                " traceback and please report it)", err=True)

@@ -21,18 +21,18 @@ functions: reference (B, C, h, w), shifted run (S, B, C, h, w), shifts (S, 2) in
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
 
-from .kernels import native
 from .bilinear import BilinearPlan, bilinear_axis
 from ..errors import UsageError
 from .geometry import LayerInfo
+from .kernels.differences import Differences, choose
 from .metrics import ComparisonStats
 from .shifts import MODES, phase_ramp
-from .stencil import (Workspace, blocks, device_constants, overlap_mask, rolled_into, same_tensor,
+from .stencil import (Workspace, device_constants, overlap_mask, rolled_into, runs, same_tensor,
                       sub_rolled, sum_sq, value_range)
 
 SCRATCH_BYTES = 32 * 2**20
@@ -44,9 +44,6 @@ DENSE_SIDE = 64
 """Fourier alignment: maps of at most this many rows and columns are shifted by dense matrix
 products (h or w multiply-adds per value, faster than the FFTs on the CPU up to about this size),
 larger ones by FFTs."""
-KERNEL_PLANE = 256
-"""Exact and Fourier alignments, circular mode, CPU: maps of at least this many positions use
-the compiled kernel (:func:`shiftlab.native.difference_sums`); smaller ones the eager steps."""
 
 
 def compare_global(ref: torch.Tensor, shifted: torch.Tensor, need_peak: bool) -> ComparisonStats:
@@ -59,17 +56,6 @@ def compare_global(ref: torch.Tensor, shifted: torch.Tensor, need_peak: bool) ->
     count = torch.full_like(diff, float(a.shape[-1]))
     valid = torch.ones(b.shape[0], dtype=torch.bool, device=diff.device)
     return ComparisonStats(ref_sq, b.square().sum(-1).double(), diff, count, peak, valid)
-
-
-def _runs(indices: list[int], limit: int) -> list[tuple[int, int]]:
-    """Sorted shift indices as contiguous ranges [start, stop) of at most ``limit`` shifts."""
-    runs: list[tuple[int, int]] = []
-    for index in indices:
-        if runs and runs[-1][1] == index and index - runs[-1][0] < limit:
-            runs[-1] = (runs[-1][0], index + 1)
-        else:
-            runs.append((index, index + 1))
-    return runs
 
 
 def _step(ref: torch.Tensor) -> int:
@@ -104,6 +90,8 @@ class RollPlan:
     fourier: bool
     mask: Optional[torch.Tensor]  # (S, 1, 1, h, w) float32, crop mode only
     need_peak: bool
+    # circular mode: how the shifted maps are read (the compiled kernel or the eager passes)
+    differences: Differences = field(default_factory=choose, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         shifts = self.feature_shifts
@@ -120,6 +108,9 @@ class RollPlan:
         # one row-shifted spectrum at a time
         order = sorted(groups, key=lambda r: (-1.0, -1.0) if r is None else r)
         self.groups = [(residue, list(groups[residue].items())) for residue in order]
+        # per group: its shifts as contiguous ranges, for the rows its sums fill
+        self.spans = [[span for _, indices in by_offset for span in runs(indices, len(indices))]
+                      for _, by_offset in self.groups]
         self.fractional = [residue for residue, _ in self.groups if residue is not None]
         self._constants: dict = {}
 
@@ -179,12 +170,9 @@ class RollPlan:
         if mask is None and self.fractional:
             norms = (const["energy_weights"] @ torch.stack(nyquist_energies(ref))).clamp_min_(0)
         limit = _step(ref)
-        map_bytes = ref[0].numel() * ref.element_size()
         fractional_index = 0
-        # the compiled kernel for planes large enough that one call per group pays off
-        use_kernel = mask is None and ref.shape[-2] * ref.shape[-1] >= KERNEL_PLANE \
-            and native.usable(ref, shifted)
-        for residue, by_offset in self.groups:
+        sums = self.differences.roll_pass(ref, shifted, workspace) if mask is None else None
+        for (residue, by_offset), spans in zip(self.groups, self.spans):
             source = ref
             if residue is not None:  # band-limited shift of the reference
                 source = shifter.shifted(fractional_index, residue[0])
@@ -194,33 +182,15 @@ class RollPlan:
                 if residue is not None:
                     norm = norms[fractional_index - 1]
                     top = value_range(source[None], None)[0] if self.need_peak else None
-            if use_kernel:  # every shift of this group in one read of each map
-                index = [i for _, indices in by_offset for i in indices]
-                positions = torch.tensor(index)
-                shifted_sq[positions], diff_sq[positions] = native.difference_sums(
-                    source, shifted, index, [offset for offset, indices in by_offset
-                                             for _ in indices])
-                ref_sq[positions] = norm
-                if peak is not None:
-                    peak[positions] = top
+                sums(source, by_offset, shifted_sq, diff_sq)
+                for start, stop in spans:
+                    ref_sq[start:stop] = norm
+                    if peak is not None:
+                        peak[start:stop] = top
                 continue
-            for offset, indices in by_offset:
-                aligned = None
-                if mask is not None:
-                    aligned = rolled_into(workspace.take("aligned", ref.shape, ref), source, offset)
-                for start, stop in _runs(indices, limit if mask is not None else len(indices)):
-                    if mask is None:  # cache-sized blocks: the second pass reads the cache
-                        ref_sq[start:stop] = norm
-                        if peak is not None:
-                            peak[start:stop] = top
-                        for shift_range, images in blocks(stop - start, n_images, map_bytes):
-                            run = slice(start + shift_range.start, start + shift_range.stop)
-                            part = shifted[run, images]
-                            diff = sub_rolled(workspace.take("diff", part.shape, part), part,
-                                              source[images], offset)
-                            diff_sq[run, images] = sum_sq(diff)
-                            shifted_sq[run, images] = sum_sq(part)
-                        continue
+            for offset, indices in by_offset:  # crop mode: masked, steps of ~SCRATCH_BYTES
+                aligned = rolled_into(workspace.take("aligned", ref.shape, ref), source, offset)
+                for start, stop in runs(indices, limit):
                     part = shifted[start:stop]
                     diff = sub_rolled(workspace.take("diff", part.shape, part), part, source, offset)
                     part_mask = mask[start:stop]
@@ -229,7 +199,7 @@ class RollPlan:
                     ref_sq[start:stop] = sum_sq(torch.mul(aligned, part_mask, out=diff))
                     if peak is not None:
                         peak[start:stop] = value_range(aligned.expand(stop - start, *aligned.shape),
-                                                 part_mask)
+                                                       part_mask)
         count = (const["counts"] * ref.shape[1])[:, None].expand(n_shifts, n_images)
         return ComparisonStats(ref_sq, shifted_sq, diff_sq, count, peak, const["valid"])
 

@@ -22,17 +22,16 @@ positions), applied at feature resolution. Tests check both against explicit ups
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from .kernels import native
+from .kernels.differences import Differences, choose
 from .metrics import ComparisonStats
 from .shifts import roll_many
-from .stencil import (IDENTITY, SMALL_MAP, Taps, Workspace, blocks, circulant_taps,
-                      dense_circulant, device_constants, dot, overlap_mask, quadratic,
-                      quadratic_lags, rolled_into, rolled_taps, same_tensor, stencil2, sub_rolled,
+from .stencil import (SMALL_MAP, Taps, Workspace, circulant_taps, dense_circulant,
+                      device_constants, overlap_mask, quadratic, rolled_taps, same_tensor,
                       value_range)
 
 
@@ -186,11 +185,16 @@ def bilinear_axis(n: int, stride: float, shifts: torch.Tensor, crop: bool, borde
 
 @dataclass
 class BilinearPlan:
-    """Bilinear alignment of one layer for a chunk of shifts (made by ``align.make_plan``)."""
+    """Bilinear alignment of one layer for a chunk of shifts (made by ``align.make_plan``).
+
+    Circular mode reads the shifted maps through ``differences`` (the compiled kernel or the
+    eager passes, :mod:`shiftlab.measure.kernels.differences`), chosen when the plan is built.
+    """
 
     rows: _Axis
     cols: _Axis
     need_peak: bool
+    differences: Differences = field(default_factory=choose, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         exact = (self.rows.zero_residue & self.cols.zero_residue)
@@ -200,6 +204,7 @@ class BilinearPlan:
         self.offsets = list(zip(self.rows.quotient.tolist(), self.cols.quotient.tolist()))
         self.circulant = self.rows.taps is not None and self.cols.taps is not None
         self._constants: dict = {}
+        self.prepared: dict = {}  # per map size, what ``differences`` prepared for this plan
         # inexact shifts by the cross filter of one axis without its roll, that axis being the
         # one with fewer distinct filters: (axis, [(taps, shifts)])
         self.cross_groups: tuple[int, list[tuple[Taps, list[int]]]] = (-2, [])
@@ -220,84 +225,6 @@ class BilinearPlan:
         cols = self.cols.taps.cross_matrices()[self.inexact].to(ref.dtype)
         return {"inexact": self.inexact, "cross_rows": rows, "cross_cols": cols}
 
-    def _cross_small(self, ref: torch.Tensor, shifted: torch.Tensor, const: dict) -> torch.Tensor:
-        """Maps of at most SMALL_MAP positions: every inexact shift's filter as one dense
-        (hw × hw) matrix and one matrix product, which beats many tiny steps -> (R, B)."""
-        n_images = ref.shape[0]
-        part = shifted if len(self.inexact) == len(shifted) else shifted[const["inexact"]]
-        rows_dense, cols_dense = const["cross_rows"], const["cross_cols"]  # (R, h, h), (R, w, w)
-        size = rows_dense.shape[-1] * cols_dense.shape[-1]
-        # (R, hw, hw) built per call: kept per plan, it would grow with the number of shifts
-        filters = torch.einsum("sik,sjl->sijkl", rows_dense, cols_dense).reshape(-1, size, size)
-        filtered = ref.reshape(-1, size) @ filters.transpose(1, 2).permute(1, 0, 2).reshape(size, -1)
-        filtered = filtered.view(n_images, -1, len(filters), size).permute(2, 0, 1, 3)
-        return (filtered * part.reshape(filtered.shape)).sum((2, 3)).double()
-
-    def _cross(self, ref: torch.Tensor, shifted: torch.Tensor, cross: torch.Tensor,
-               workspace: Workspace) -> None:
-        """cross[s] = <T_δ U a, U b_s> for the inexact shifts. The cross filter is separable
-        (R ⊗ C): the reference is filtered along one axis once per distinct filter of the chunk
-        (the axis with fewer of them), then along the other once per phase (the roll folded into
-        the taps when a phase has one shift), then per shift and cache-sized block of images a
-        slice-wise roll into scratch and one inner product. Filtering along both axes per phase
-        would repeat the first axis's passes for every phase."""
-        map_bytes = ref[0].numel() * ref.element_size()
-        axis, groups = self.cross_groups
-        other = self.cols.taps if axis == -2 else self.rows.taps
-        pair = (lambda first, second: (first, second)) if axis == -2 else (  # noqa: E731
-            lambda first, second: (second, first))
-        for taps, members in groups:
-            half = stencil2(workspace.take("phase", ref.shape, ref), ref, pair(taps, IDENTITY),
-                            workspace)
-            phases: dict[Taps, list[int]] = {}
-            for s in members:
-                phases.setdefault(other.phase[s], []).append(s)
-            for phase, shifts in phases.items():
-                single = len(shifts) == 1  # fold the other axis's roll into its taps
-                filtered = stencil2(workspace.take("phase_other", ref.shape, ref), half,
-                                    pair(IDENTITY, other.cross[shifts[0]] if single else phase),
-                                    workspace)
-                for s in shifts:
-                    offset = self.offsets[s]
-                    if single:
-                        offset = (offset[0], 0) if axis == -2 else (0, offset[1])
-                    for _, images in blocks(1, ref.shape[0], map_bytes):
-                        source = filtered[images]
-                        if offset != (0, 0):
-                            source = rolled_into(workspace.take("rolled", source.shape, source),
-                                                 source, offset)
-                        cross[s, images] = dot(source, shifted[s, images])
-
-    def _kernel(self, name: str, shape: tuple[int, int], plain: tuple[Taps, Taps],
-                per_shift) -> tuple["native.BilinearKernel", torch.Tensor]:
-        """The compiled kernel and the norm's lag coefficients, made once per map size (the
-        norm's lags depend on it); ``per_shift()`` gives the kernel's per-shift arguments."""
-        key = (name, *shape)
-        if key not in self._constants:
-            lags, coefficients = quadratic_lags(plain, *shape)
-            self._constants[key] = (native.BilinearKernel(lags, *per_shift()),
-                                    torch.tensor(coefficients, dtype=torch.float64))
-        return self._constants[key]
-
-    def _native_norm(self, ref: torch.Tensor, plain: tuple[Taps, Taps]) -> torch.Tensor:
-        """<a, UᵀU a> per image (B,) float64 from the kernel's lag sums of the reference."""
-        kernel, weights = self._kernel("native_norm", ref.shape[-2:], plain,
-                                       lambda: ([False], [(0, 0)], [()], [()]))
-        return kernel(ref, ref[None])[0][0] @ weights
-
-    def _native(self, ref: torch.Tensor, shifted: torch.Tensor,
-                plain: tuple[Taps, Taps]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """|U b|², |U(a' - b)|² (exact shifts) and the cross terms (others) from the compiled
-        kernel's lag sums, in one read of each shifted map -> three (S, B) float64."""
-        rows, cols = self.rows.taps, self.cols.taps
-        flags = self.exact_flags
-        kernel, weights = self._kernel("native", ref.shape[-2:], plain, lambda: (
-            flags, self.offsets,
-            [None if flag else rows.cross[s] for s, flag in enumerate(flags)],
-            [None if flag else cols.cross[s] for s, flag in enumerate(flags)]))
-        lag_sums, diff_sums, cross = kernel(ref, shifted)
-        return lag_sums @ weights, diff_sums @ weights, cross
-
     def _compare_circulant(self, ref: torch.Tensor, shifted: torch.Tensor, cache: dict,
                            workspace: Workspace) -> ComparisonStats:
         """Circular mode: every matrix is a stencil of a few taps per axis (see the module)."""
@@ -312,9 +239,7 @@ class BilinearPlan:
         valid = torch.ones(n_shifts, dtype=torch.bool, device=device)
         plain = (rows.plain, cols.plain)
         if "bilinear" not in cache:  # per image batch: <a, UᵀU a> and the peak
-            use_kernel = native.usable(ref, ref[None])
-            cache["bilinear"] = {plain: self._native_norm(ref, plain) if use_kernel
-                                 else quadratic(ref, plain, workspace)}
+            cache["bilinear"] = {plain: self.differences.bilinear_norm(self, ref, workspace)}
             if self.need_peak:
                 cache["bilinear_peak"] = value_range(ref[None], None)[0]
         norms = cache["bilinear"]
@@ -335,30 +260,8 @@ class BilinearPlan:
             zero = _zeros(1, n_images, device)
             diff = torch.where(torch.isfinite(ref_sq), zero, torch.full_like(zero, math.nan))
             return ComparisonStats(ref_sq, ref_sq, diff, count, peak, valid)
-        channels, height, width = ref.shape[1:]
-        map_bytes = ref[0].numel() * ref.element_size()
-        if native.usable(ref, shifted):
-            shifted_sq, exact_diff, cross = self._native(ref, shifted, plain)
-            diff_sq = torch.where(const["exact"][:, None], exact_diff,
-                                  ref_sq + shifted_sq - 2 * cross)
-            return ComparisonStats(ref_sq, shifted_sq, diff_sq, count, peak, valid)
-        shifted_sq, cross = _zeros(n_shifts, n_images, device), _zeros(n_shifts, n_images, device)
-        exact_diff = _zeros(n_shifts, n_images, device)
-        for shift_range, images in blocks(n_shifts, n_images, map_bytes):
-            part = shifted[shift_range, images]
-            shifted_sq[shift_range, images] = quadratic(
-                part.reshape(-1, channels, height, width), plain, workspace).view(part.shape[:2])
-            for s in range(shift_range.start, shift_range.stop):
-                if self.exact_flags[s]:  # s divides δ: |U(a' - b)|² from the difference
-                    maps = shifted[s, images]
-                    diff = sub_rolled(workspace.take("diff", maps.shape, maps), maps, ref[images],
-                                      self.offsets[s])
-                    exact_diff[s, images] = quadratic(diff, plain, workspace)
-        if len(self.inexact):
-            if height * width <= SMALL_MAP:
-                cross[const["inexact"]] = self._cross_small(ref, shifted, const)
-            else:
-                self._cross(ref, shifted, cross, workspace)
+        shifted_sq, exact_diff, cross = self.differences.bilinear_sums(self, ref, shifted, const,
+                                                                       workspace)
         diff_sq = torch.where(const["exact"][:, None], exact_diff, ref_sq + shifted_sq - 2 * cross)
         return ComparisonStats(ref_sq, shifted_sq, diff_sq, count, peak, valid)
 

@@ -337,6 +337,22 @@ def blocks(n_shifts: int, n_images: int, map_bytes: int,
             for s in range(n_shifts) for i in range(0, n_images, step)]
 
 
+def runs(indices: list[int], limit: int) -> list[tuple[int, int]]:
+    """Sorted shift indices as contiguous ranges [start, stop) of at most ``limit`` shifts (a
+    range of a shifted run is a view, never a copy).
+
+    >>> runs([0, 1, 2, 5], 2)
+    [(0, 2), (2, 3), (5, 6)]
+    """
+    found: list[tuple[int, int]] = []
+    for index in indices:
+        if found and found[-1][1] == index and index - found[-1][0] < limit:
+            found[-1] = (found[-1][0], index + 1)
+        else:
+            found.append((index, index + 1))
+    return found
+
+
 def same_tensor(x: torch.Tensor, y: torch.Tensor) -> bool:
     """x and y are views of the same values (no data read: no wait for a device)."""
     return (x.data_ptr() == y.data_ptr() and x.shape == y.shape and x.stride() == y.stride()

@@ -26,6 +26,7 @@ import torch
 import torchvision
 from torch import nn
 
+from .. import config
 from ..errors import WeightsError, one_line
 
 __all__ = [
@@ -58,13 +59,15 @@ class PretrainedUnavailable(Exception):
 
 
 def offline() -> bool:
-    """True when ``SHIFTLAB_OFFLINE`` forbids downloads (``1``, ``true``, ``yes`` or ``on``).
+    """True when ``SHIFTLAB_OFFLINE`` forbids downloads (``1``, ``true``, ``yes`` or ``on``;
+    ``0``, ``false``, ``no``, ``off`` or unset allow them; anything else is a UsageError: see
+    :mod:`shiftlab.config`).
 
     Example:
         >>> offline() in (True, False)
         True
     """
-    return os.environ.get(OFFLINE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    return config.flag(OFFLINE_ENV)
 
 
 def cache_file(chosen: Any) -> Path:

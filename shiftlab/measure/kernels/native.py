@@ -9,9 +9,16 @@ dot (measured for #17), so this is a small hand-written C file instead, called t
 
 It is an accelerator, never a requirement: without a compiler, on a GPU, for float64 maps or with
 ``SHIFTLAB_NATIVE=0`` the eager code runs and gives the same numbers (to float rounding; tested).
-``SHIFTLAB_NATIVE=1`` makes a failed build an error (benchmarks use it). The shared object is
-cached under ``$SHIFTLAB_CACHE_DIR``, else ``$XDG_CACHE_HOME/shiftlab``, else
-``~/.cache/shiftlab``, keyed by the source, the compiler, its flags and the CPU.
+``SHIFTLAB_NATIVE=1`` makes a failed build an error (benchmarks use it). The plans reach this module
+only through :mod:`~shiftlab.measure.kernels.differences`, which makes that choice. The shared
+object is cached under ``$SHIFTLAB_CACHE_DIR``, else ``$XDG_CACHE_HOME/shiftlab``, else
+``~/.cache/shiftlab`` (:func:`shiftlab.config.cache_dir`), keyed by the source, the compiler, its
+flags and the CPU. Every entry point's C signature is declared to ctypes (``_ARGUMENTS``).
+
+OpenMP: ``-fopenmp`` links ``libgomp.so.1``; PyTorch is imported first and its bundled runtime
+(``torch/lib/libgomp.so.1``) has that soname, so the loader binds the kernel to it: one OpenMP
+runtime and thread pool per process. A PyTorch whose runtime has another name would map the
+system's as a second copy; tests/test_native.py checks ``/proc/self/maps`` for that.
 """
 from __future__ import annotations
 
@@ -31,7 +38,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ...errors import ShiftlabError, UsageError, one_line
+from ... import config
+from ...errors import ShiftlabError, one_line
 
 SOURCE = Path(__file__).with_name("csrc") / "bilinear.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-std=gnu99", "-shared", "-fPIC")
@@ -46,25 +54,6 @@ COMPILE_SECONDS = 120
 
 _lock = threading.Lock()
 _state: dict = {}
-
-
-_MODES = {"0": "off", "false": "off", "no": "off", "off": "off", "1": "on", "true": "on",
-          "yes": "on", "on": "on", "auto": "auto", "": "auto"}
-
-
-def _mode() -> str:
-    value = os.environ.get("SHIFTLAB_NATIVE", "auto").strip().lower()
-    if value not in _MODES:
-        raise UsageError(f"SHIFTLAB_NATIVE={value!r}: use 1 (require the compiled kernel), "
-                         "0 (never use it) or auto")
-    return _MODES[value]
-
-
-def _cache_dir() -> Path:
-    if os.environ.get("SHIFTLAB_CACHE_DIR"):
-        return Path(os.environ["SHIFTLAB_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "shiftlab"
 
 
 def _cpu_signature() -> str:
@@ -115,7 +104,7 @@ def _build(compiler: str, rebuild: bool = False) -> Path:
     for flags in _FALLBACKS:
         key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(),
                                          _cpu_signature().encode()])).hexdigest()[:20]
-        for directory in (_cache_dir(), Path(tempfile.gettempdir()) / f"shiftlab-{_user()}"):
+        for directory in (config.cache_dir(), Path(tempfile.gettempdir()) / f"shiftlab-{_user()}"):
             target = directory / f"bilinear-{key}.so"
             try:
                 directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -151,62 +140,94 @@ def _build(compiler: str, rebuild: bool = False) -> Path:
     raise OSError("; ".join(errors) or "no writable cache directory")
 
 
+# The C signatures (csrc/bilinear.c), declared so that ctypes converts and checks every argument:
+# without them a slip in the order of ~27 positional arguments corrupts memory silently.
+_F32, _F64, _I32 = (ctypes.POINTER(t) for t in (ctypes.c_float, ctypes.c_double, ctypes.c_int))
+_INT, _LONG = ctypes.c_int, ctypes.c_long
+_MAPS = [_F32, _F32, _LONG, _LONG, _INT, _INT, _INT, _INT, _INT]
+"""Every kernel's first arguments: ref, shifted, stride_s, stride_b, n_shifts, n_images, channels,
+H, W."""
+_WORK = {"": [_INT, _INT], "_parallel": [_INT]}
+"""Then (first_bc, last_bc), the (image, channel) range of one call, or n_threads for the OpenMP
+entry point (``_parallel``, only in a build with OpenMP)."""
+_ARGUMENTS = {
+    # n_lags, lags_in, mode, roll, row_start, row_count, row_off, row_w, col_set, n_sets,
+    # set_start, set_count, col_off_in, col_w, out_lags, out_diff, out_cross
+    "shiftlab_bilinear": [_INT, _I32, _I32, _I32, _I32, _I32, _I32, _F64, _I32, _INT, _I32, _I32,
+                          _I32, _F32, _F64, _F64, _F64],
+    # ref_b, ref_c, ref_row, index, roll, out_sq, out_diff
+    "shiftlab_difference": [_LONG, _LONG, _LONG, _I32, _I32, _F64, _F64],
+}
+_POINTERS = {np.dtype(np.int32): _I32, np.dtype(np.float32): _F32, np.dtype(np.float64): _F64}
+
+
 def _open(path: Path) -> ctypes.CDLL:
+    """The library at ``path`` with every entry point's signature declared (AttributeError when
+    one is missing: a damaged or stale file)."""
     library = ctypes.CDLL(str(path))
-    library.shiftlab_bilinear.restype = ctypes.c_int
-    library.shiftlab_difference.restype = ctypes.c_int
+    for name, arguments in _ARGUMENTS.items():
+        for suffix, work in _WORK.items():
+            function = getattr(library, name + suffix, None) if suffix else getattr(library, name)
+            if function is not None:
+                function.argtypes = [*_MAPS, *work, *arguments]
+                function.restype = ctypes.c_int
     return library
 
 
-def _load() -> Optional[ctypes.CDLL]:
+def _library(warn: bool) -> Optional[ctypes.CDLL]:
+    """The library, built or loaded once per process, or None when that fails (``warn``: say so
+    in a RuntimeWarning, the first time)."""
     with _lock:
-        if "library" in _state:
-            return _state["library"]
-        library, reason = None, ""
-        compiler = _compiler()
-        if compiler is None:
-            reason = "no C compiler found (set CC)"
-        else:
-            try:
+        if "library" not in _state:
+            library, reason = None, ""
+            compiler = _compiler()
+            if compiler is None:
+                reason = "no C compiler found (set CC)"
+            else:
                 try:
-                    library = _open(_build(compiler))
-                except (OSError, AttributeError):  # a damaged cached file: build it again
-                    library = _open(_build(compiler, rebuild=True))
-            except (OSError, AttributeError) as exc:
-                library, reason = None, one_line(exc)
-        _state["library"], _state["reason"] = library, reason
-        if library is None and _mode() == "auto":  # once per process: the numbers are the same
-            warnings.warn(f"shiftlab's compiled CPU kernel is not available ({reason}); the "
-                          "bilinear alignment runs slower on the CPU (ResNet-50: about 1.7x; "
-                          "SHIFTLAB_NATIVE=0 silences this)", RuntimeWarning, stacklevel=2)
-        return library
+                    try:
+                        library = _open(_build(compiler))
+                    except (OSError, AttributeError):  # a damaged cached file: build it again
+                        library = _open(_build(compiler, rebuild=True))
+                except (OSError, AttributeError) as exc:
+                    library, reason = None, one_line(exc)
+            _state["library"], _state["reason"] = library, reason
+            if library is None and warn:  # once per process: the numbers are the same
+                warnings.warn(f"shiftlab's compiled CPU kernel is not available ({reason}); the "
+                              "bilinear alignment runs slower on the CPU (ResNet-50: about 1.7x; "
+                              "SHIFTLAB_NATIVE=0 silences this)", RuntimeWarning, stacklevel=3)
+        return _state["library"]
+
+
+def load(required: bool = False) -> Optional[ctypes.CDLL]:
+    """The kernel library, or None when it cannot be built: a RuntimeWarning the first time, or
+    a ShiftlabError when ``required`` (``SHIFTLAB_NATIVE=1``)."""
+    library = _library(warn=not required)
+    if library is None and required:
+        raise ShiftlabError(f"SHIFTLAB_NATIVE=1 but the kernel cannot be built: {_state['reason']}")
+    return library
 
 
 def status() -> str:
     """'native' when the kernel is in use, else 'eager (<why>)'."""
-    if _mode() == "off":
+    mode = config.native_mode()
+    if mode == "off":
         return "eager (SHIFTLAB_NATIVE=0)"
-    if _load() is None:
+    if _library(warn=mode == "auto") is None:
         return f"eager (kernel not built: {_state['reason']})"
     return "native"
 
 
-def usable(ref: torch.Tensor, shifted: torch.Tensor) -> bool:
-    """The kernel can take this comparison: CPU float32 maps with contiguous (C, h, w) planes."""
-    if _mode() == "off" or ref.device.type != "cpu" or ref.dtype != torch.float32 \
+def fits(ref: torch.Tensor, shifted: torch.Tensor) -> bool:
+    """The kernel can read these maps: CPU float32 with contiguous (C, h, w) planes (any shift
+    and image strides), a contiguous reference."""
+    if ref.device.type != "cpu" or ref.dtype != torch.float32 \
             or shifted.dtype != torch.float32 or not ref.is_contiguous():
         return False
     channels, height, width = shifted.shape[2:]
     expected = (height * width, width, 1)  # the strides of size-1 dims do not matter
-    if any(size > 1 and stride != want for size, stride, want
-           in zip(shifted.shape[2:], shifted.stride()[2:], expected)):
-        return False
-    if _load() is None:
-        if _mode() == "on":
-            raise ShiftlabError(f"SHIFTLAB_NATIVE=1 but the kernel cannot be built: "
-                                f"{_state['reason']}")
-        return False
-    return True
+    return not any(size > 1 and stride != want for size, stride, want
+                   in zip(shifted.shape[2:], shifted.stride()[2:], expected))
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
@@ -223,6 +244,12 @@ def _ints(values: Sequence[int]) -> np.ndarray:
     return np.asarray(list(values) or [0], dtype=np.int32)
 
 
+def _pointer(array: np.ndarray):  # noqa: ANN202  (a ctypes pointer type made at run time)
+    """A typed pointer to ``array``'s data: a dtype that does not match the C parameter is a
+    ctypes TypeError at the call, not a misread."""
+    return array.ctypes.data_as(_POINTERS[array.dtype])
+
+
 def _run(library: ctypes.CDLL, name: str, ref: torch.Tensor, shifted: torch.Tensor,
          count: int, arguments: list, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
     """Call kernel ``name`` over every (image, channel) pair of ``shifted`` (S, B, C, h, w), its
@@ -230,8 +257,8 @@ def _run(library: ctypes.CDLL, name: str, ref: torch.Tensor, shifted: torch.Tens
     on OpenMP threads when the library has it, else one call per Python thread (ctypes drops the
     GIL), each on its own output arrays of ``shapes``, then summed."""
     _, n_images, channels, height, width = shifted.shape
-    steps = [ctypes.c_long(step if shifted.numel() else 0) for step in shifted.stride()[:2]]
-    common = [ctypes.c_void_p(ref.data_ptr()), ctypes.c_void_p(shifted.data_ptr()), *steps,
+    steps = [step if shifted.numel() else 0 for step in shifted.stride()[:2]]
+    common = [ctypes.cast(ref.data_ptr(), _F32), ctypes.cast(shifted.data_ptr(), _F32), *steps,
               count, n_images, channels, height, width]
     units = n_images * channels
     workers = max(1, min(torch.get_num_threads(), units))
@@ -240,7 +267,7 @@ def _run(library: ctypes.CDLL, name: str, ref: torch.Tensor, shifted: torch.Tens
     outputs = [[np.zeros(shape) for shape in shapes] for _ in range(parts)]
 
     def pointers(k: int) -> list:
-        return [array.ctypes.data_as(ctypes.c_void_p) for array in outputs[k]]
+        return [_pointer(array) for array in outputs[k]]
 
     if parallel is not None:  # OpenMP: PyTorch's own thread pool
         codes = [parallel(*common, workers, *arguments, *pointers(0))]
@@ -268,7 +295,7 @@ class BilinearKernel:
                  rolls: Sequence[tuple[int, int]],
                  row_taps: Sequence[Optional[Sequence[tuple[int, float]]]],
                  col_taps: Sequence[Optional[Sequence[tuple[int, float]]]]) -> None:
-        self.library = _load()
+        self.library = load()
         self.n_lags = len(lags)
         row_start, row_count, row_off, row_w, col_set = [], [], [], [], []
         sets: dict[tuple, int] = {}
@@ -292,7 +319,7 @@ class BilinearKernel:
             _ints(row_off), np.asarray(row_w or [0.0], dtype=np.float64), _ints(col_set),
             _ints(set_start), _ints(set_count), _ints(col_off),
             np.asarray(col_w or [0.0], dtype=np.float32))
-        pointers = [array.ctypes.data_as(ctypes.c_void_p) for array in self._arrays]
+        pointers = [_pointer(array) for array in self._arrays]
         # (lags, mode, roll, row_start, row_count, row_off, row_w, col_set), n_sets, (the rest)
         self._head = [self.n_lags, *pointers[:8]]
         self._tail = [len(sets), *pointers[8:]]
@@ -323,9 +350,7 @@ def difference_sums(ref: torch.Tensor, shifted: torch.Tensor, index: Sequence[in
         ref = ref.contiguous()
     count, n_images = len(index), shifted.shape[1]
     arrays = (_ints(index), _ints(value for roll in rolls for value in roll))
-    strides = [ctypes.c_long(step) for step in ref.stride()[:3]]
-    squares, differences = _run(_load(), "shiftlab_difference", ref, shifted, count,
-                                [*strides, *(array.ctypes.data_as(ctypes.c_void_p)
-                                             for array in arrays)],
+    squares, differences = _run(load(), "shiftlab_difference", ref, shifted, count,
+                                [*ref.stride()[:3], *(_pointer(array) for array in arrays)],
                                 [(count, n_images), (count, n_images)])
     return torch.from_numpy(squares), torch.from_numpy(differences)
