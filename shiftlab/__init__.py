@@ -1,13 +1,30 @@
 """shiftlab: see where shift-equivariance is lost inside a convolutional network.
 
-One line for the whole job, the same pipeline the CLI runs (``shiftlab.runs``):
+One line for the whole job, the same pipeline the CLI runs (``shiftlab.runs``); here a
+randomly initialised ResNet-18 on two of the shipped sample photos at 32 px:
 
->>> result = shiftlab.runs.heatmap("vgg16", weights="none")        # doctest: +SKIP
->>> result.map("features.4")                                      # doctest: +SKIP
+>>> import shiftlab
+>>> result = shiftlab.runs.heatmap("resnet18", weights="none", size=32, max_shift=2,
+...                                max_images=2, layers="conv1,maxpool", progress=False)
+>>> result
+Result(resnet18: 2 layers x 4 shifts, circular/bilinear/cosine, 2 images)
+>>> result.map("maxpool").round(3)          # rows: dh = 0, 1; columns: dw = 0, 1
+array([[0.   , 0.027],
+       [0.027, 0.045]])
 
 or the engine on your own model and images:
 
->>> result = shiftlab.measure(torchvision.models.vgg16().eval(), images)   # doctest: +SKIP
+>>> import torch
+>>> _ = torch.manual_seed(0)
+>>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"),
+...                           torch.nn.MaxPool2d(2)).eval()
+>>> images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+>>> result = shiftlab.measure(net, images, shiftlab.ShiftGrid.square(4))
+>>> result.map("1").round(3)                # the max-pool: exact at even shifts only
+array([[0.   , 0.082, 0.   , 0.082],
+       [0.102, 0.128, 0.102, 0.128],
+       [0.   , 0.082, 0.   , 0.082],
+       [0.102, 0.128, 0.102, 0.128]])
 
 What every number means: docs/semantics.md.
 """

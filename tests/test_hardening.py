@@ -119,7 +119,7 @@ def forbid_loading(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the limit must be checked before loading anything")
 
-    monkeypatch.setattr("shiftlab.runs.build_model", forbidden)
+    monkeypatch.setattr("shiftlab.runs.load_spec", forbidden)
     monkeypatch.setattr("shiftlab.runs.load_inputs", forbidden)
 
 

@@ -71,7 +71,7 @@ MAX_PIXELS: int = 89_478_485
 #: resizing its short side to 256 would make it 64 million px long.
 MAX_RESIZED_PIXELS: int = 4096 * 4096
 
-_ASSETS = Path(__file__).resolve().parent / "assets"
+_ASSETS = Path(__file__).resolve().parents[1] / "assets"  # shiftlab/assets, next to data/
 
 
 class UnreadableImageError(ImageError):

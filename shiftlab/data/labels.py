@@ -5,8 +5,21 @@ Used by the accuracy-under-shift part of :mod:`shiftlab.invariance` (``--labels`
 named by ImageNet WNIDs (``n01440764``) follow torchvision's ``ImageFolder`` convention instead:
 the k-th folder in sorted order is class k (see :func:`read_labels` for when).
 
->>> labelled = read_labels("val/", categories=weights.meta["categories"])   # doctest: +SKIP
->>> labelled.paths[0], labelled.labels[0]                                   # doctest: +SKIP
+Two of the shipped sample photos in class folders named by ImageNet class names:
+
+>>> import shutil, tempfile
+>>> from pathlib import Path
+>>> from torchvision.models import ResNet18_Weights
+>>> from shiftlab.data import sample_image_paths
+>>> photos = {path.stem: path for path in sample_image_paths()}
+>>> tmp = tempfile.TemporaryDirectory()
+>>> val = Path(tmp.name)
+>>> for folder, photo in [("tabby", "chelsea"), ("espresso", "coffee")]:
+...     (val / folder).mkdir()
+...     _ = shutil.copy(photos[photo], val / folder)
+>>> labelled = read_labels(val, categories=ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+>>> [path.name for path in labelled.paths], labelled.labels, labelled.order
+(['coffee.jpg', 'chelsea.jpg'], [967, 281], 'names')
 """
 from __future__ import annotations
 
@@ -74,8 +87,23 @@ def read_labels(source: Union[str, os.PathLike], categories: Optional[Sequence[s
         ImageError: a file named in the CSV does not exist.
 
     Example:
-        >>> read_labels("val/", categories=weights.meta["categories"]).labels[:3]   # doctest: +SKIP
+        A CSV of class indices (no categories needed), files relative to its folder:
+
+        >>> import shutil, tempfile
+        >>> from pathlib import Path
+        >>> from shiftlab.data import sample_image_paths
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> folder = Path(tmp.name)
+        >>> for photo in sample_image_paths()[:3]:
+        ...     _ = shutil.copy(photo, folder)
+        >>> _ = (folder / "labels.csv").write_text(
+        ...     "file,label\\nastronaut.jpg,0\\ncamera.jpg,0\\nchelsea.jpg,1\\n")
+        >>> read_labels(folder / "labels.csv").labels
         [0, 0, 1]
+        >>> read_labels(folder / "labels.csv", categories=["person"])   # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        shiftlab.errors.UsageError: 1 unknown class names in .../labels.csv: '1'; use ...
     """
     from .images import IMAGE_SUFFIXES
 

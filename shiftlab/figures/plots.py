@@ -6,9 +6,25 @@ pyplot, so nothing leaks and nothing pops up); display it in a notebook or write
 heatmap panel (``'layer:<label>:<name>'`` in :func:`compare_grid`), ``'colorbar'`` for the
 colour bar (``'colorbar:<panel label>'`` for a panel's own bar), ``'profile'`` for the line plot.
 
->>> fig = layer_grid(shiftlab.load("runs/vgg16/result.npz"), view="paper")   # doctest: +SKIP
->>> save_figure(fig, "runs/vgg16/layers")                                     # doctest: +SKIP
-[PosixPath('runs/vgg16/layers.png'), PosixPath('runs/vgg16/layers.pdf')]
+A tiny conv / max-pool / conv network, measured and saved, then drawn from its file:
+
+>>> import torch
+>>> from torch import nn
+>>> import shiftlab
+>>> _ = torch.manual_seed(0)
+>>> circular = dict(padding=1, padding_mode="circular")
+>>> net = nn.Sequential(nn.Conv2d(3, 4, 3, **circular), nn.ReLU(), nn.MaxPool2d(2),
+...                     nn.Conv2d(4, 8, 3, **circular)).eval()
+>>> images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+>>> import tempfile
+>>> tmp = tempfile.TemporaryDirectory()
+>>> _ = shiftlab.measure(net, images, shiftlab.ShiftGrid.square(4)).save(f"{tmp.name}/result.npz")
+>>> fig = layer_grid(shiftlab.load(f"{tmp.name}/result.npz"), view="paper")
+>>> [ax.get_label() for ax in fig.axes]
+['layer:0', 'colorbar:layer:0', 'layer:2', 'colorbar:layer:2', 'layer:3', 'colorbar:layer:3',
+ 'colorbar']
+>>> [path.name for path in save_figure(fig, f"{tmp.name}/layers")]
+['layers.png', 'layers.pdf']
 
 Summary values: a panel's ``μ`` and the profile's y value are ``Result.layer_mean`` (mean over
 the shifts where the layer is defined). For PSNR, whose identical maps give +inf (always at
@@ -80,7 +96,19 @@ def layer_grid(result: Result, layers: Optional[Sequence[str]] = None, ncols: Op
             see :func:`shiftlab.views.select_view`).
 
     Example:
-        >>> fig = layer_grid(result, view="paper", color_range="shared", vmax="p99")   # doctest: +SKIP
+        >>> import torch
+        >>> from torch import nn
+        >>> import shiftlab
+        >>> _ = torch.manual_seed(0)
+        >>> circular = dict(padding=1, padding_mode="circular")
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, **circular), nn.ReLU(), nn.MaxPool2d(2),
+        ...                     nn.Conv2d(4, 8, 3, **circular)).eval()
+        >>> images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+        >>> result = shiftlab.measure(net, images, shiftlab.ShiftGrid.square(4))
+        >>> fig = layer_grid(result, view="paper", color_range="shared", vmax="p99")
+        >>> [ax.get_title() for ax in fig.axes]       # the ReLU is not in the paper view
+        ['conv1\\nConv2d · s=1 · μ=0', 'pool1\\nMaxPool2d · s=2 · μ=0.0684',
+         'conv2\\nConv2d · s=2 · μ=0.0631', '']
     """
     shown = dict(select_view(result, view))
     infos = [i for i in plotted_layers(result, layers, spatial_only) if i.name in shown]
@@ -128,7 +156,20 @@ def layer_profile(results: Results, labels: Optional[Sequence[str]] = None, scal
     grey band. Zero means vanish on a log axis.
 
     Example:
-        >>> fig = layer_profile([vgg, vgg_aa], labels=["VGG16", "VGG16-AA"])   # doctest: +SKIP
+        >>> import torch
+        >>> from torch import nn
+        >>> import shiftlab
+        >>> _ = torch.manual_seed(0)
+        >>> circular = dict(padding=1, padding_mode="circular")
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, **circular), nn.ReLU(), nn.MaxPool2d(2),
+        ...                     nn.Conv2d(4, 8, 3, **circular)).eval()
+        >>> images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+        >>> tiny = shiftlab.measure(net, images, shiftlab.ShiftGrid.square(4))
+        >>> grid = shiftlab.ShiftGrid.square(4)
+        >>> tiny_aa = shiftlab.measure(shiftlab.antialias(net, 4), images, grid)
+        >>> fig = layer_profile([tiny, tiny_aa], labels=["tiny", "tiny+aa4"])
+        >>> [tick.get_text() for tick in fig.axes[0].get_xticklabels()]   # 2 meets BlurPool 3
+        ['0', '1', '2 / 3', '3 / 4']
     """
     results = as_results(results)
     labels = [_random_mark(label, r) for label, r in zip(result_labels(results, labels), results)]
@@ -202,7 +243,23 @@ def compare_grid(results: Sequence[Result], labels: Optional[Sequence[str]] = No
             plots them anyway, but the metric must always agree).
 
     Example:
-        >>> fig = compare_grid([vgg, vgg_aa], labels=["VGG16", "VGG16-AA"], view="paper")   # doctest: +SKIP
+        >>> import torch
+        >>> from torch import nn
+        >>> import shiftlab
+        >>> _ = torch.manual_seed(0)
+        >>> circular = dict(padding=1, padding_mode="circular")
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, **circular), nn.ReLU(), nn.MaxPool2d(2),
+        ...                     nn.Conv2d(4, 8, 3, **circular)).eval()
+        >>> images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+        >>> tiny = shiftlab.measure(net, images, shiftlab.ShiftGrid.square(4))
+        >>> grid = shiftlab.ShiftGrid.square(4)
+        >>> tiny_aa = shiftlab.measure(shiftlab.antialias(net, 4), images, grid)
+        >>> fig = compare_grid([tiny, tiny_aa], labels=["tiny", "tiny+aa4"], view="paper")
+        >>> [ax.get_title() for ax in fig.axes if ax.get_label().startswith("layer:")]
+        ... # doctest: +NORMALIZE_WHITESPACE
+        ['conv1\\nConv2d · s=1 · μ=0', 'conv1\\nConv2d · s=1 · μ=0',
+         'pool1\\nMaxPool2d · s=2 · μ=0.0684', 'blurpool1\\nBlurPool · s=2 · μ=0.0162',
+         'conv2\\nConv2d · s=2 · μ=0.0631', 'conv2\\nConv2d · s=2 · μ=0.0154']
     """
     results = as_results(results)
     if len(results) < 2:
@@ -254,7 +311,23 @@ def difference_grid(a: Result, b: Result, labels: Optional[Sequence[str]] = None
     own colours. The limit comes from ``vmax`` ('auto', 'pNN' of |values|, or a number).
 
     Example:
-        >>> fig = difference_grid(vgg, vgg_aa, labels=["VGG16", "VGG16-AA"], difference="ratio")   # doctest: +SKIP
+        >>> import torch
+        >>> from torch import nn
+        >>> import shiftlab
+        >>> _ = torch.manual_seed(0)
+        >>> circular = dict(padding=1, padding_mode="circular")
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, **circular), nn.ReLU(), nn.MaxPool2d(2),
+        ...                     nn.Conv2d(4, 8, 3, **circular)).eval()
+        >>> images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+        >>> tiny = shiftlab.measure(net, images, shiftlab.ShiftGrid.square(4))
+        >>> grid = shiftlab.ShiftGrid.square(4)
+        >>> tiny_aa = shiftlab.measure(shiftlab.antialias(net, 4), images, grid)
+        >>> fig = difference_grid(tiny, tiny_aa, labels=["tiny", "tiny+aa4"], difference="ratio")
+        >>> [ax.get_title() for ax in fig.axes][2:4]
+        ['2→3\\nMaxPool2d → B…2 · Δμ=-0.0523', '3→4\\nConv2d · s=2 · Δμ=-0.0477']
+        >>> print(fig.axes[-1].get_ylabel())
+        log2(tiny+aa4 / tiny) (cosine)
+        < 0: tiny+aa4 more equivariant (−1 = halved)
     """
     check_choice(difference, DIFFERENCES, "difference")
     results = [a, b]
@@ -302,8 +375,20 @@ def save_figure(fig: Figure, path_stem: Union[str, os.PathLike], formats: Sequen
     The figure stays open; close it when done. Returns the written paths in ``formats`` order.
 
     Example:
-        >>> save_figure(fig, "runs/vgg16/layers", formats=("png",))   # doctest: +SKIP
-        [PosixPath('runs/vgg16/layers.png')]
+        >>> import torch
+        >>> from torch import nn
+        >>> import shiftlab
+        >>> _ = torch.manual_seed(0)
+        >>> circular = dict(padding=1, padding_mode="circular")
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, **circular), nn.ReLU(), nn.MaxPool2d(2),
+        ...                     nn.Conv2d(4, 8, 3, **circular)).eval()
+        >>> images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+        >>> import tempfile
+        >>> fig = layer_grid(shiftlab.measure(net, images, shiftlab.ShiftGrid.square(4)))
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> paths = save_figure(fig, f"{tmp.name}/layers", formats=("png",))
+        >>> [path.name for path in paths], paths[0].read_bytes()[:4]
+        (['layers.png'], b'\\x89PNG')
     """
     if isinstance(formats, str):
         formats = (formats,)
@@ -334,7 +419,24 @@ def probability_plot(results, labels: Optional[Sequence[str]] = None, ncols: Opt
     dashed. Panels share the y axis and are labelled ``'probability:<label>'``.
 
     Example:
-        >>> fig = probability_plot([base, antialiased], labels=["resnet18", "resnet18+aa4"])   # doctest: +SKIP
+        A tiny classifier (it flattens its feature map) and its antialiased copy on the six
+        shipped sample photos:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> import shiftlab
+        >>> from shiftlab.data import load_images, sample_image_paths
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"),
+        ...                       nn.MaxPool2d(8), nn.Flatten(), nn.Linear(64, 10)).eval()
+        >>> images = load_images(sample_image_paths(), size=32).tensor
+        >>> base = shiftlab.measure_invariance(model, images, shiftlab.ShiftGrid.square(8))
+        >>> antialiased = shiftlab.measure_invariance(shiftlab.antialias(model, 4), images,
+        ...                                           shiftlab.ShiftGrid.square(8))
+        >>> fig = probability_plot([base, antialiased], labels=["tiny", "tiny+aa4"])
+        >>> [(ax.get_label(), ax.get_title()) for ax in fig.axes]   # doctest: +NORMALIZE_WHITESPACE
+        [('probability:tiny', 'tiny\\nflip rate 0.19 · MAC 0.0148'),
+         ('probability:tiny+aa4', 'tiny+aa4\\nflip rate 0.119 · MAC 0.00864')]
     """
     from ..invariance.grid_result import InvarianceResult
 

@@ -15,7 +15,29 @@ def accuracy_consistency_plot(table: pd.DataFrame):
 
     Works for the grid protocol (pairwise consistency) and for ``--protocol zhang2019``.
 
-    >>> fig = accuracy_consistency_plot(consistency_table(results))   # doctest: +SKIP
+    >>> import torch
+    >>> from matplotlib import pyplot as plt
+    >>> from torch import nn
+    >>> import shiftlab
+    >>> from shiftlab.data import load_images, sample_image_paths
+    >>> _ = torch.manual_seed(0)
+    >>> tiny = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"),
+    ...                      nn.MaxPool2d(8), nn.Flatten(), nn.Linear(64, 10)).eval()
+    >>> models = {"tiny": tiny, "tiny+aa4": shiftlab.antialias(tiny, 4)}
+    >>> labels = [3, 3, 7, 1, 3, 3]     # made up: tiny's own classes for the unshifted photos
+    >>> images = load_images(sample_image_paths(), size=32).tensor
+    >>> results = [shiftlab.measure_invariance(model, images, labels=labels, meta={"model": name})
+    ...            for name, model in models.items()]
+    >>> from shiftlab.cli.consistency_table import consistency_table
+    >>> table = consistency_table(results)
+    >>> table[["model", "pairwise_consistency", "accuracy"]].round(3)
+          model  pairwise_consistency  accuracy
+    0      tiny                 0.706     0.690
+    1  tiny+aa4                 0.771     0.719
+    >>> fig = accuracy_consistency_plot(table)
+    >>> [text.get_text() for text in fig.axes[0].get_legend().get_texts()]
+    ['tiny', 'tiny+aa4']
+    >>> plt.close(fig)
     """
     from matplotlib import pyplot as plt
 
@@ -50,7 +72,25 @@ def diagonal_plot(results, max_images: int = 12):
     """Ground-truth class probability along the windows (t, t), one panel per model: the mean
     over images (thick) and up to ``max_images`` single images (thin).
 
-    >>> fig = diagonal_plot([baseline_diagonal, antialiased_diagonal])   # doctest: +SKIP
+    >>> import torch
+    >>> from matplotlib import pyplot as plt
+    >>> from torch import nn
+    >>> import shiftlab
+    >>> from shiftlab.data import load_images, sample_image_paths
+    >>> _ = torch.manual_seed(0)
+    >>> tiny = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"),
+    ...                      nn.MaxPool2d(8), nn.Flatten(), nn.Linear(64, 10)).eval()
+    >>> models = {"tiny": tiny, "tiny+aa4": shiftlab.antialias(tiny, 4)}
+    >>> labels = [3, 3, 7, 1, 3, 3]     # made up: tiny's own classes for the unshifted photos
+    >>> from shiftlab.invariance.protocols import diagonal_protocol
+    >>> batches = [(load_images(sample_image_paths(), size=40).tensor, torch.tensor(labels))]
+    >>> baseline_diagonal, antialiased_diagonal = [
+    ...     diagonal_protocol(model, batches, size=32, max_offset=8, meta={"model": name})
+    ...     for name, model in models.items()]
+    >>> fig = diagonal_plot([baseline_diagonal, antialiased_diagonal])
+    >>> [ax.get_title() for ax in fig.axes]
+    ['tiny (6 images) · random init', 'tiny+aa4 (6 images) · random init']
+    >>> plt.close(fig)
     """
     from matplotlib import pyplot as plt
 

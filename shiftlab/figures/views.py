@@ -15,8 +15,21 @@ gets them:
   output stride (torchvision's ResNet ``layer2.0.conv1`` → ``stage3.block1.conv1``, as in
   He et al.'s conv3_x).
 
->>> [shown for _, shown in select_view(result, "paper")][:4]   # doctest: +SKIP
-['conv1_1', 'conv1_2', 'pool1', 'conv2_1']
+A plain stack like VGG's, two convolutions and a max-pool per stage:
+
+>>> from collections import OrderedDict
+>>> import torch
+>>> from torch import nn
+>>> import shiftlab
+>>> _ = torch.manual_seed(0)
+>>> conv = lambda c_in, c_out: nn.Conv2d(c_in, c_out, 3, padding=1)
+>>> vgg_like = nn.Sequential(OrderedDict(features=nn.Sequential(
+...     conv(3, 4), nn.ReLU(), conv(4, 4), nn.ReLU(), nn.MaxPool2d(2),
+...     conv(4, 8), nn.ReLU(), conv(8, 8), nn.ReLU(), nn.MaxPool2d(2)))).eval()
+>>> images = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+>>> result = shiftlab.measure(vgg_like, images, shiftlab.ShiftGrid.square(2))
+>>> [shown for _, shown in select_view(result, "paper")]
+['conv1_1', 'conv1_2', 'pool1', 'conv2_1', 'conv2_2', 'pool2']
 """
 from __future__ import annotations
 
@@ -49,8 +62,21 @@ def select_view(result: Result, view: str = DEFAULT_VIEW) -> list[tuple[str, str
         UsageError: unknown view, or a paper view with nothing to show.
 
     Example:
-        >>> select_view(vgg16_result, "paper")[:3]   # doctest: +SKIP
+        >>> from collections import OrderedDict
+        >>> import torch
+        >>> from torch import nn
+        >>> import shiftlab
+        >>> _ = torch.manual_seed(0)
+        >>> conv = lambda c_in, c_out: nn.Conv2d(c_in, c_out, 3, padding=1)
+        >>> vgg_like = nn.Sequential(OrderedDict(features=nn.Sequential(
+        ...     conv(3, 4), nn.ReLU(), conv(4, 4), nn.ReLU(), nn.MaxPool2d(2),
+        ...     conv(4, 8), nn.ReLU(), conv(8, 8), nn.ReLU(), nn.MaxPool2d(2)))).eval()
+        >>> images = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+        >>> result = shiftlab.measure(vgg_like, images, shiftlab.ShiftGrid.square(2))
+        >>> select_view(result, "paper")[:3]
         [('features.0', 'conv1_1'), ('features.2', 'conv1_2'), ('features.4', 'pool1')]
+        >>> select_view(result, "all")[:3]
+        [('features.0', 'features.0'), ('features.1', 'features.1'), ('features.2', 'features.2')]
     """
     if view not in VIEWS:
         raise UsageError(f"unknown view {view!r}; use {' or '.join(VIEWS)}")
@@ -155,8 +181,21 @@ def plotted_layers(result: Result, layers: Optional[Sequence[str]] = None,
     """The layers a figure shows: those matching ``layers`` (globs, ``type:Name``; see
     :func:`shiftlab.result.layer_indices`), in network order, spatial ones only if asked.
 
-    >>> [i.name for i in plotted_layers(result, ["features.*"], spatial_only=True)][:2]   # doctest: +SKIP
+    >>> from collections import OrderedDict
+    >>> import torch
+    >>> from torch import nn
+    >>> import shiftlab
+    >>> _ = torch.manual_seed(0)
+    >>> conv = lambda c_in, c_out: nn.Conv2d(c_in, c_out, 3, padding=1)
+    >>> vgg_like = nn.Sequential(OrderedDict(features=nn.Sequential(
+    ...     conv(3, 4), nn.ReLU(), conv(4, 4), nn.ReLU(), nn.MaxPool2d(2),
+    ...     conv(4, 8), nn.ReLU(), conv(8, 8), nn.ReLU(), nn.MaxPool2d(2)))).eval()
+    >>> images = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    >>> result = shiftlab.measure(vgg_like, images, shiftlab.ShiftGrid.square(2))
+    >>> [i.name for i in plotted_layers(result, ["features.*"], spatial_only=True)][:2]
     ['features.0', 'features.1']
+    >>> [i.name for i in plotted_layers(result, ["type:MaxPool2d"])]
+    ['features.4', 'features.9']
     """
     as_results(result)
     infos = [result.layers[i] for i in layer_indices(result, layers)]

@@ -20,9 +20,17 @@ the argmax and the reference-class probability; the :class:`InvarianceResult` it
 paper's own ImageNet protocols (two random 224 crops, the diagonal) are in
 :mod:`shiftlab.protocols`.
 
->>> result = measure_invariance(model, images, ShiftGrid.square(8))   # doctest: +SKIP
->>> result.summary()["pairwise_consistency"]                          # doctest: +SKIP
-0.87
+A tiny classifier that flattens its feature map (so its output depends on where things are)
+on the six shipped sample photos at 32 px:
+
+>>> from shiftlab.data import load_images, sample_image_paths
+>>> _ = torch.manual_seed(0)
+>>> model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"),
+...                       nn.MaxPool2d(8), nn.Flatten(), nn.Linear(64, 10)).eval()
+>>> images = load_images(sample_image_paths(), size=32).tensor
+>>> result = measure_invariance(model, images, ShiftGrid.square(8))
+>>> round(result.summary()["pairwise_consistency"], 3)
+0.706
 """
 from __future__ import annotations
 
@@ -61,8 +69,13 @@ def evaluation_mode(model: nn.Module, name: Optional[str] = None) -> Iterator[nn
     Dropout and BatchNorm's batch statistics make a training-mode prediction random and change
     the running statistics, so an invariance number measured that way means nothing.
 
-    >>> with evaluation_mode(net, "resnet18"):            # doctest: +SKIP
-    ...     logits = net(images)
+    >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).eval()
+    >>> _ = net[1].train()                                  # one module left in train mode
+    >>> with evaluation_mode(net, "tiny"):
+    ...     net[1].training
+    False
+    >>> net[1].training                                     # its own mode back afterwards
+    True
     """
     modes = [(module, module.training) for module in model.modules()]
     if model.training:
@@ -81,8 +94,13 @@ def classifier_logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """The model's output for ``batch`` (B, C, H, W) as (B, classes) float64 logits; an output
     (B, classes, 1, 1) is flattened, anything else is a :class:`ModelError`.
 
-    >>> classifier_logits(net, images).shape            # doctest: +SKIP
-    torch.Size([4, 1000])
+    >>> images = torch.zeros(4, 3, 8, 8)
+    >>> classifier_logits(nn.Sequential(nn.Flatten(), nn.Linear(192, 10)), images).shape
+    torch.Size([4, 10])
+    >>> head = nn.Sequential(nn.Conv2d(3, 5, 1), nn.AdaptiveAvgPool2d(1))
+    >>> logits = classifier_logits(head, images)
+    >>> logits.shape, logits.dtype                      # (4, 5, 1, 1) flattened, float64
+    (torch.Size([4, 5]), torch.float64)
     """
     out = model(batch)
     if not isinstance(out, torch.Tensor):
@@ -184,9 +202,20 @@ def measure_invariance(model: nn.Module, images: torch.Tensor, grid: Optional[Sh
         warning says consistency is uninformative (:attr:`InvarianceResult.uninformative`).
 
     Example:
-        >>> net = torchvision.models.resnet18().eval()                          # doctest: +SKIP
-        >>> result = measure_invariance(net, images, ShiftGrid.square(8), n_pairs=1000)  # doctest: +SKIP
-        >>> result.summary()["pairwise_consistency"], result.flip_rate          # doctest: +SKIP
+        A tiny classifier that is not shift-invariant (it flattens its feature map), on the
+        six shipped sample photos:
+
+        >>> from shiftlab.data import load_images, sample_image_paths
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"),
+        ...                     nn.MaxPool2d(8), nn.Flatten(), nn.Linear(64, 10)).eval()
+        >>> images = load_images(sample_image_paths(), size=32).tensor
+        >>> result = measure_invariance(net, images, ShiftGrid.square(8), n_pairs=1000)
+        >>> summary = result.summary()
+        >>> round(summary["pairwise_consistency"], 3), round(result.flip_rate, 3)
+        (0.706, 0.19)
+        >>> round(summary["pairwise_ci_low"], 3), round(summary["pairwise_ci_high"], 3)
+        (0.543, 0.881)
     """
     streamed = not isinstance(images, torch.Tensor)
     batches = labelled_batches(images)

@@ -10,8 +10,19 @@ A prediction whose logits hold NaN or Inf is stored as class ``-1`` (probability
 counts as agreement: it is left out of every statistic, and :attr:`InvarianceResult.n_nonfinite`
 counts them.
 
->>> result = load_invariance("runs/consistency/invariance-resnet18.npz")   # doctest: +SKIP
->>> result.summary()["pairwise_ci_low"]                                     # doctest: +SKIP
+>>> import tempfile
+>>> import torch
+>>> from torch import nn
+>>> from shiftlab import ShiftGrid, load_images, measure_invariance, sample_image_paths
+>>> _ = torch.manual_seed(0)
+>>> model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"),
+...                       nn.MaxPool2d(8), nn.Flatten(), nn.Linear(64, 10)).eval()
+>>> images = load_images(sample_image_paths(), size=32).tensor
+>>> tmp = tempfile.TemporaryDirectory()
+>>> path = measure_invariance(model, images, ShiftGrid.square(8)).save(f"{tmp.name}/inv-tiny.npz")
+>>> result = load_invariance(path)
+>>> round(result.summary()["pairwise_ci_low"], 3), round(result.summary()["pairwise_ci_high"], 3)
+(0.543, 0.881)
 """
 from __future__ import annotations
 
@@ -147,7 +158,21 @@ def uninformative_across(results: Sequence["InvarianceResult"]) -> Optional[str]
     """A one-line warning when all models make the same predictions for every image and shift
     (consistency then tells them apart by nothing); None when they differ somewhere.
 
-    >>> uninformative_across([base, antialiased])   # doctest: +SKIP
+    >>> import torch
+    >>> from torch import nn
+    >>> from shiftlab import ShiftGrid, load_images, measure_invariance, sample_image_paths
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"),
+    ...                       nn.MaxPool2d(8), nn.Flatten(), nn.Linear(64, 10)).eval()
+    >>> images = load_images(sample_image_paths(), size=32).tensor
+    >>> from shiftlab import antialias
+    >>> base = measure_invariance(model, images, ShiftGrid.square(4))
+    >>> antialiased = measure_invariance(antialias(model, 4), images, ShiftGrid.square(4))
+    >>> uninformative_across([base, antialiased]) is None      # their predictions differ
+    True
+    >>> same = nn.Sequential(model, nn.Dropout()).eval()       # eval: dropout does nothing
+    >>> with_dropout = measure_invariance(same, images, ShiftGrid.square(4))
+    >>> uninformative_across([base, with_dropout])
     'consistency is uninformative: all 2 models predict the same class for every image and shift'
     """
     results = list(results)
@@ -207,8 +232,23 @@ class InvarianceResult(NamedByMeta):
     * ``pairs`` (P, 3): the random pairs as (image, grid index of δ1, grid index of δ2).
     * ``labels`` (N,) class indices, or None.
 
-    >>> result.to_frame().head()          # doctest: +SKIP
-    >>> result.summary()["flip_rate"]     # doctest: +SKIP
+    >>> import torch
+    >>> from torch import nn
+    >>> from shiftlab import ShiftGrid, load_images, measure_invariance, sample_image_paths
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"),
+    ...                       nn.MaxPool2d(8), nn.Flatten(), nn.Linear(64, 10)).eval()
+    >>> images = load_images(sample_image_paths(), size=32).tensor
+    >>> result = measure_invariance(model, images, ShiftGrid.square(8))
+    >>> result.reference_argmax.tolist(), result.grid_argmax.shape, result.pairs.shape
+    ([3, 3, 7, 1, 3, 3], (6, 64), (1000, 3))
+    >>> result.to_frame().head(3).round(3)
+        dh   dw  consistency  ci_low  ci_high  n  probability
+    0  0.0  0.0          1.0    0.61      1.0  6        0.195
+    1  0.0  1.0          1.0    0.61      1.0  6        0.190
+    2  0.0  2.0          1.0    0.61      1.0  6        0.191
+    >>> round(result.summary()["flip_rate"], 3)
+    0.19
     """
 
     settings: InvarianceSettings
@@ -477,7 +517,19 @@ class InvarianceResult(NamedByMeta):
 def load_invariance(path: Union[str, os.PathLike]) -> InvarianceResult:
     """Read a result written by :meth:`InvarianceResult.save` (no pickle involved).
 
-    >>> result = load_invariance("runs/consistency/invariance-resnet18.npz")   # doctest: +SKIP
+    >>> import tempfile
+    >>> import torch
+    >>> from torch import nn
+    >>> from shiftlab import ShiftGrid, load_images, measure_invariance, sample_image_paths
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"),
+    ...                       nn.MaxPool2d(8), nn.Flatten(), nn.Linear(64, 10)).eval()
+    >>> images = load_images(sample_image_paths(), size=32).tensor
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = measure_invariance(model, images, ShiftGrid.square(4)).save(f"{tmp.name}/inv.npz")
+    >>> result = load_invariance(path)
+    >>> result.n_images, len(result.grid), result.meta["n_classes"]
+    (6, 16, 10)
     """
     path = Path(path)
     if not path.is_file():

@@ -4,8 +4,24 @@
 (windows along (t, t)) keep only per-image numbers, save as one ``.npz`` (arrays + a JSON
 header, no pickle) and give the summary numbers with bootstrap-over-images intervals.
 
->>> result = load_protocol("runs/zhang2019/protocol-resnet18.npz")   # doctest: +SKIP
->>> result.summary()["consistency"], result.n_pairs                  # doctest: +SKIP
+A tiny classifier on 32 px windows of the six shipped sample photos (R = 40, labels made up):
+
+>>> import torch
+>>> from torch import nn
+>>> from shiftlab.data import load_images, sample_image_paths
+>>> from shiftlab.invariance.protocols import consistency_protocol, diagonal_protocol
+>>> _ = torch.manual_seed(0)
+>>> net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"),
+...                     nn.MaxPool2d(8), nn.Flatten(), nn.Linear(64, 10)).eval()
+>>> images = load_images(sample_image_paths(), size=40).tensor
+>>> batches = [(images, torch.tensor([3, 3, 7, 1, 3, 3]))]     # labels made up
+>>> import tempfile
+>>> tmp = tempfile.TemporaryDirectory()
+>>> result = consistency_protocol(net, batches, size=32, epochs=5)
+>>> path = result.save(f"{tmp.name}/protocol-tiny.npz")
+>>> result = load_protocol(path)
+>>> result.summary()["consistency"], result.n_pairs
+(0.8, 30)
 """
 from __future__ import annotations
 
@@ -90,7 +106,20 @@ class _Saved(NamedByMeta):
     def save(self, path: Union[str, os.PathLike]) -> Path:
         """Write one ``.npz`` (arrays + JSON header, no pickle) atomically.
 
-        >>> result.save("runs/zhang2019/protocol-resnet18.npz")   # doctest: +SKIP
+        >>> import torch
+        >>> from torch import nn
+        >>> from shiftlab.data import load_images, sample_image_paths
+        >>> from shiftlab.invariance.protocols import consistency_protocol, diagonal_protocol
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"),
+        ...                     nn.MaxPool2d(8), nn.Flatten(), nn.Linear(64, 10)).eval()
+        >>> images = load_images(sample_image_paths(), size=40).tensor
+        >>> batches = [(images, torch.tensor([3, 3, 7, 1, 3, 3]))]     # labels made up
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> result = consistency_protocol(net, batches, size=32, epochs=5)
+        >>> result.save(f"{tmp.name}/protocol-tiny.npz").name
+        'protocol-tiny.npz'
         """
         header = {"format": FORMAT_VERSION, "kind": _KIND, "settings": asdict(self.settings),
                   "meta": self.meta}
@@ -107,7 +136,22 @@ class ProtocolResult(_Saved):
     windows (-1: non-finite logits); ``probability`` (P, 2) the ground-truth class's softmax
     probability (NaN without labels); ``labels`` (N,) or None.
 
-    >>> result.consistency, result.consistency_interval, result.n_pairs   # doctest: +SKIP
+    >>> import torch
+    >>> from torch import nn
+    >>> from shiftlab.data import load_images, sample_image_paths
+    >>> from shiftlab.invariance.protocols import consistency_protocol, diagonal_protocol
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"),
+    ...                     nn.MaxPool2d(8), nn.Flatten(), nn.Linear(64, 10)).eval()
+    >>> images = load_images(sample_image_paths(), size=40).tensor
+    >>> batches = [(images, torch.tensor([3, 3, 7, 1, 3, 3]))]     # labels made up
+    >>> result = consistency_protocol(net, batches, size=32, epochs=5)
+    >>> result.consistency, result.consistency_interval, result.n_pairs
+    (0.8, (0.5333333333333333, 1.0), 30)
+    >>> result.offsets[:2].tolist(), result.predictions[:2].tolist()   # pairs 0, 1: images 0, 1
+    ([[5, 2, 0, 0], [6, 7, 4, 5]], [[3, 3], [3, 3]])
+    >>> result.per_image_consistency
+    array([1. , 1. , 0.4, 0.4, 1. , 1. ])
     """
 
     @property
@@ -185,7 +229,20 @@ class DiagonalResult(_Saved):
     non-finite); ``probability`` (N, D) ground-truth class probability (NaN where non-finite);
     ``labels`` (N,).
 
-    >>> result.mean_curve      # (D,) mean over images          # doctest: +SKIP
+    >>> import torch
+    >>> from torch import nn
+    >>> from shiftlab.data import load_images, sample_image_paths
+    >>> from shiftlab.invariance.protocols import consistency_protocol, diagonal_protocol
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"),
+    ...                     nn.MaxPool2d(8), nn.Flatten(), nn.Linear(64, 10)).eval()
+    >>> images = load_images(sample_image_paths(), size=40).tensor
+    >>> batches = [(images, torch.tensor([3, 3, 7, 1, 3, 3]))]     # labels made up
+    >>> result = diagonal_protocol(net, batches, size=32, max_offset=8)
+    >>> result.offsets.tolist()
+    [0, 1, 2, 3, 4, 5, 6, 7, 8]
+    >>> result.mean_curve.round(3)      # (D,) mean over images
+    array([0.178, 0.18 , 0.176, 0.187, 0.194, 0.199, 0.183, 0.188, 0.199])
     """
 
     @property
@@ -233,7 +290,21 @@ class DiagonalResult(_Saved):
 def load_protocol(path: Union[str, os.PathLike]) -> Union[ProtocolResult, DiagonalResult]:
     """Read a file written by ``ProtocolResult.save`` / ``DiagonalResult.save`` (no pickle).
 
-    >>> result = load_protocol("runs/zhang2019/protocol-resnet18.npz")   # doctest: +SKIP
+    >>> import torch
+    >>> from torch import nn
+    >>> from shiftlab.data import load_images, sample_image_paths
+    >>> from shiftlab.invariance.protocols import consistency_protocol, diagonal_protocol
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"),
+    ...                     nn.MaxPool2d(8), nn.Flatten(), nn.Linear(64, 10)).eval()
+    >>> images = load_images(sample_image_paths(), size=40).tensor
+    >>> batches = [(images, torch.tensor([3, 3, 7, 1, 3, 3]))]     # labels made up
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = diagonal_protocol(net, batches, size=32, max_offset=8).save(f"{tmp.name}/diag.npz")
+    >>> result = load_protocol(path)
+    >>> type(result).__name__, result.settings.protocol, result.summary()["steps"]
+    ('DiagonalResult', 'diagonal', 9)
     """
     path = Path(path)
     if not path.is_file():

@@ -101,9 +101,21 @@ def measure(model: nn.Module, images: Images, grid: Optional[ShiftGrid] = None, 
         A ``Result`` with per-layer mean/std maps over images.
 
     Example:
-        >>> net = torchvision.models.vgg16().eval()                    # doctest: +SKIP
-        >>> result = shiftlab.measure(net, images, ShiftGrid.square(8)) # doctest: +SKIP
-        >>> result.map("features.4")                                    # doctest: +SKIP
+        A circular convolution (exactly equivariant) then a max-pool (exact at even shifts):
+
+        >>> import shiftlab
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"),
+        ...                     nn.MaxPool2d(2)).eval()
+        >>> images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+        >>> result = shiftlab.measure(net, images, ShiftGrid.square(4))
+        >>> float(result.map("0").max())
+        0.0
+        >>> result.map("1").round(3)
+        array([[0.   , 0.082, 0.   , 0.082],
+               [0.102, 0.128, 0.102, 0.128],
+               [0.   , 0.082, 0.   , 0.082],
+               [0.102, 0.128, 0.102, 0.128]])
     """
     grid, margin = check_request(mode=mode, grid=grid, margin=margin, batch_size=batch_size,
                                  align=align, metric=metric, border=border)

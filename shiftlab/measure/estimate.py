@@ -82,7 +82,19 @@ def estimate_run(model: torch.nn.Module, images: torch.Tensor, grid: ShiftGrid,
     is the estimate.
 
     Example:
-        >>> print(estimate_run(vgg16, images, ShiftGrid.square(32)).describe())  # doctest: +SKIP
+        Four images under the 1024 shifts of a 32 x 32 grid, 16 inputs per pass; the times
+        and memory depend on the machine:
+
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"),
+        ...                     nn.MaxPool2d(2)).eval()
+        >>> images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+        >>> estimate = estimate_run(net, images, ShiftGrid.square(32))
+        >>> estimate.forward_passes
+        257
+        >>> print(estimate.describe())     # doctest: +ELLIPSIS
+        257 forward passes; estimated ... s (... min) and about ... MB of extra memory (...)
     """
     from ..checks import batch_layout, count_passes
     from .engine import measure, resolve_device

@@ -15,10 +15,12 @@ Where the state dict may sit in a checkpoint:
 * with every key prefixed by ``module.`` (DataParallel) or ``_orig_mod.`` (``torch.compile``).
 
 Example:
+    >>> import tempfile
     >>> from torch import nn
+    >>> tmp = tempfile.TemporaryDirectory()
     >>> model = nn.Linear(2, 2)
-    >>> torch.save({"model": model.state_dict(), "epoch": 3}, "ckpt.pth")   # doctest: +SKIP
-    >>> load_checkpoint(nn.Linear(2, 2), "ckpt.pth")                         # doctest: +SKIP
+    >>> torch.save({"model": model.state_dict(), "epoch": 3}, f"{tmp.name}/ckpt.pth")
+    >>> load_checkpoint(nn.Linear(2, 2), f"{tmp.name}/ckpt.pth")
     Linear(in_features=2, out_features=2, bias=True)
 """
 from __future__ import annotations
@@ -107,7 +109,27 @@ def load_checkpoint(
             than one) state dict, or its keys, shapes or dtypes do not fit ``model``.
 
     Example:
-        >>> load_checkpoint(antialias(resnet50(), 4), "resnet50_lpf4.pth.tar")   # doctest: +SKIP
+        An antialiased network saved from DataParallel (keys ``module.*``) inside
+        ``{'state_dict': ...}``, as antialiased-cnns' files are:
+
+        >>> import tempfile
+        >>> from shiftlab.models.antialias import antialias
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> def tiny():
+        ...     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        ...                          nn.Conv2d(4, 8, 3, stride=2, padding=1))
+        >>> trained = antialias(tiny(), 4)
+        >>> state = {f"module.{key}": value for key, value in trained.state_dict().items()}
+        >>> torch.save({"state_dict": state}, f"{tmp.name}/tiny_lpf4.pth.tar")
+        >>> model = load_checkpoint(antialias(tiny(), 4), f"{tmp.name}/tiny_lpf4.pth.tar")
+        >>> torch.equal(model[0].weight, trained[0].weight)
+        True
+        >>> load_checkpoint(tiny(), f"{tmp.name}/tiny_lpf4.pth.tar")
+        ... # doctest: +ELLIPSIS, +NORMALIZE_WHITESPACE
+        Traceback (most recent call last):
+        ...
+        shiftlab.errors.WeightsError: .../tiny_lpf4.pth.tar does not fit Sequential: 2 missing keys
+        (3.weight, 3.bias); 4 unexpected keys (3.filt, 4.weight, 4.bias, 5.filt); ...
     """
     path = Path(path)
     name = name or type(model).__name__

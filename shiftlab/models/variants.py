@@ -50,9 +50,9 @@ def load_variant(text: str, weights: str = "auto", filt_size: Optional[int] = No
     ``weights_key`` picks the entry of a checkpoint dict, as in :func:`load_model`.
 
     Example:
-        >>> loaded = load_variant("resnet18+aa4", weights="none")      # doctest: +SKIP
-        >>> loaded.name                                                 # doctest: +SKIP
-        'resnet18+aa4'
+        >>> loaded = load_variant("resnet18+aa4", weights="none")
+        >>> loaded.name, loaded.weights, type(loaded.model.maxpool[1]).__name__
+        ('resnet18+aa4', 'random init', 'BlurPool')
     """
     base, spec_filt, spec_weights = parse_variant(text)
     filt = spec_filt if spec_filt is not None else filt_size

@@ -1,8 +1,28 @@
 """Compare two or more Results measured with the same settings: tables and figures.
 
->>> cmp = shiftlab.compare(baseline_result, antialiased_result)      # doctest: +SKIP
->>> cmp.summary()                                                   # doctest: +SKIP
->>> cmp.plot_difference()                                           # doctest: +SKIP
+A tiny network and its antialiased copy, measured on the same images and grid:
+
+>>> import torch
+>>> from torch import nn
+>>> import shiftlab
+>>> _ = torch.manual_seed(0)
+>>> circular = dict(padding=1, padding_mode="circular")
+>>> net = nn.Sequential(nn.Conv2d(3, 4, 3, **circular), nn.ReLU(), nn.MaxPool2d(2),
+...                     nn.Conv2d(4, 8, 3, **circular)).eval()
+>>> images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+>>> grid = shiftlab.ShiftGrid.square(4)
+>>> baseline_result = shiftlab.measure(net, images, grid)
+>>> antialiased_result = shiftlab.measure(shiftlab.antialias(net, 4), images, grid)
+>>> cmp = shiftlab.compare(baseline_result, antialiased_result, labels=["tiny", "tiny+aa4"])
+>>> cmp.summary()[["layer[tiny]", "layer[tiny+aa4]", "mean[tiny]", "mean[tiny+aa4]"]].round(4)
+  layer[tiny] layer[tiny+aa4]  mean[tiny]  mean[tiny+aa4]
+0           0               0      0.0000          0.0000
+1           1               1      0.0000          0.0000
+2           2               3      0.0684          0.0162
+3           3               4      0.0631          0.0154
+>>> fig = cmp.plot_difference()
+>>> [ax.get_label() for ax in fig.axes]
+['layer:0', 'layer:1', 'layer:3', 'layer:4', 'colorbar']
 """
 from __future__ import annotations
 
@@ -92,8 +112,24 @@ def compare(*items, labels: Optional[Sequence[str]] = None, images=None, grid=No
     """Compare Results, or measure models (nn.Module) on the same ``images`` and ``grid`` first.
 
     Example:
-        >>> base = torchvision.models.vgg16().eval()                            # doctest: +SKIP
-        >>> cmp = shiftlab.compare(base, shiftlab.antialias(base, 4), images=x)  # doctest: +SKIP
+        >>> import torch
+        >>> from torch import nn
+        >>> import shiftlab
+        >>> _ = torch.manual_seed(0)
+        >>> circular = dict(padding=1, padding_mode="circular")
+        >>> base = nn.Sequential(nn.Conv2d(3, 4, 3, **circular), nn.ReLU(), nn.MaxPool2d(2),
+        ...                      nn.Conv2d(4, 8, 3, **circular)).eval()
+        >>> x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+        >>> cmp = shiftlab.compare(base, shiftlab.antialias(base, 4), images=x,
+        ...                        grid=shiftlab.ShiftGrid.square(4))
+        >>> cmp.labels, cmp.rows
+        (['model 1', 'model 2'], [('0', '0'), ('1', '1'), ('2', '3'), ('3', '4')])
+        >>> cmp.summary()[["module[model 2]", "change[model 2]"]].round(3)
+          module[model 2]  change[model 2]
+        0          Conv2d            0.000
+        1            ReLU            0.000
+        2        BlurPool           -0.052
+        3          Conv2d           -0.048
     """
     if len(items) == 1 and isinstance(items[0], (list, tuple)):
         items = tuple(items[0])

@@ -31,7 +31,12 @@ def to_jsonable(value: object) -> object:
 def atomic_write(path: Union[str, os.PathLike], write: Callable) -> Path:
     """Call ``write(handle)`` on a temp file next to ``path``, then rename it into place.
 
-    >>> atomic_write("out/table.csv", lambda handle: handle.write(b"a,b\\n"))   # doctest: +SKIP
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> folder = Path(tmp.name)
+    >>> path = atomic_write(folder / "out" / "table.csv", lambda handle: handle.write(b"a,b\\n"))
+    >>> path.read_text(), [p.name for p in path.parent.iterdir()]   # no temp file left behind
+    ('a,b\\n', ['table.csv'])
     """
     path = Path(path)
     try:
@@ -99,7 +104,17 @@ def read_archive(path, required, optional=(), max_values: int = MAX_ARRAY_VALUES
     ``optional`` ones may be; each is refused before expansion above ``max_values`` values.
     Raises ``ShiftlabError`` for a file that is not such an archive.
 
-    >>> header, arrays = read_archive("runs/x/invariance-resnet18.npz", ("grid_argmax",))  # doctest: +SKIP
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = Path(tmp.name) / "x.npz"
+    >>> _ = write_archive(path, {"format": 2}, {"grid_argmax": np.arange(6).reshape(2, 3)})
+    >>> header, arrays = read_archive(path, ("grid_argmax",), optional=("labels",))
+    >>> header, arrays["grid_argmax"].tolist(), "labels" in arrays
+    ({'format': 2}, [[0, 1, 2], [3, 4, 5]], False)
+    >>> read_archive(path, ("grid_prob",))                   # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    shiftlab.errors.ShiftlabError: .../x.npz is not a shiftlab result file: it has no 'grid_prob' ...
     """
     import json
 

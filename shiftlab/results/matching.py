@@ -30,8 +30,21 @@ def match_layers(results: Results, by: str = "auto") -> list[tuple[str, ...]]:
       one is a filtered subset), else by structure.
 
     Example:
-        >>> match_layers([vgg16_result, vgg16_aa_result], by="name")[:2]   # doctest: +SKIP
-        [('features.0', 'features.0'), ('features.1', 'features.1')]
+        >>> import torch
+        >>> from torch import nn
+        >>> import shiftlab
+        >>> _ = torch.manual_seed(0)
+        >>> circular = dict(padding=1, padding_mode="circular")
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, **circular), nn.ReLU(), nn.MaxPool2d(2),
+        ...                     nn.Conv2d(4, 8, 3, **circular)).eval()
+        >>> images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+        >>> grid = shiftlab.ShiftGrid.square(4)
+        >>> base = shiftlab.measure(net, images, grid)
+        >>> aa = shiftlab.measure(shiftlab.antialias(net, 4), images, grid)   # 2 -> 2, 3 (BlurPool)
+        >>> match_layers([base, aa], by="name")
+        [('0', '0'), ('1', '1'), ('2', '2'), ('3', '3')]
+        >>> match_layers([base, aa])      # auto: the names differ, so by structure
+        [('0', '0'), ('1', '1'), ('2', '3'), ('3', '4')]
     """
     results = as_results(results)
     resolved = resolve_matching(results, by)

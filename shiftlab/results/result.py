@@ -81,8 +81,31 @@ class Result:
     ``n_nan`` NaN ones (broken features). A shift the alignment leaves undefined has n = 0 and
     a NaN mean.
 
-    >>> result.map("features.4").shape         # doctest: +SKIP
+    >>> import torch
+    >>> from torch import nn
+    >>> import shiftlab
+    >>> _ = torch.manual_seed(0)
+    >>> circular = dict(padding=1, padding_mode="circular")
+    >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, **circular), nn.ReLU(), nn.MaxPool2d(2),
+    ...                     nn.Conv2d(4, 8, 3, **circular)).eval()
+    >>> images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    >>> result = shiftlab.measure(net, images, shiftlab.ShiftGrid.square(8))
+    >>> result
+    Result(result: 4 layers x 64 shifts, circular/bilinear/cosine, 2 images)
+    >>> result.map("2").shape                  # the max-pool: (dh, dw) = 0..7 x 0..7
     (8, 8)
+    >>> result.map("2")[:2, :4].round(3)       # exact at even shifts only
+    array([[0.   , 0.072, 0.   , 0.072],
+           [0.087, 0.115, 0.087, 0.115]])
+    >>> print(result)
+    Result(result: 4 layers x 64 shifts, circular/bilinear/cosine, 2 images)
+    model ? (weights ?), 16x16 px, padding as-trained
+    least equivariant spatial layers (mean over shifts):
+      2                            MaxPool2d      s=2  0.06843
+      3                            Conv2d         s=2  0.06312
+      1                            ReLU           s=1  0
+      0                            Conv2d         s=1  0
+    result.summary() for every layer, result.map(layer) for one map
     """
 
     settings: Settings
@@ -234,7 +257,21 @@ class Result:
 def load(path: Union[str, os.PathLike]) -> Result:
     """Read a result written by ``Result.save`` (no pickle involved), validating every array.
 
-    >>> result = shiftlab.load("runs/vgg16/result.npz")   # doctest: +SKIP
+    >>> import torch
+    >>> from torch import nn
+    >>> import shiftlab
+    >>> _ = torch.manual_seed(0)
+    >>> circular = dict(padding=1, padding_mode="circular")
+    >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, **circular), nn.ReLU(), nn.MaxPool2d(2),
+    ...                     nn.Conv2d(4, 8, 3, **circular)).eval()
+    >>> images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    >>> result = shiftlab.measure(net, images, shiftlab.ShiftGrid.square(8))
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = result.save(f"{tmp.name}/result.npz")
+    >>> loaded = shiftlab.load(path)
+    >>> loaded.layer_names, bool((loaded.mean == result.mean).all())
+    (['0', '1', '2', '3'], True)
     """
     path = Path(path)
     if not path.is_file():
@@ -279,7 +316,19 @@ def layer_indices(result: Result, layers) -> list[int]:
     """Positions (network order) of the layers matching any of ``layers``: name globs (also
     against the module name, without ``#k[i]``), comma lists, ``type:Name``. None: all.
 
-    >>> [result.layer_names[i] for i in layer_indices(result, ["features.*"])][:2]   # doctest: +SKIP
+    >>> import torch
+    >>> from torch import nn
+    >>> import shiftlab
+    >>> _ = torch.manual_seed(0)
+    >>> circular = dict(padding=1, padding_mode="circular")
+    >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, **circular), nn.ReLU(), nn.MaxPool2d(2),
+    ...                     nn.Conv2d(4, 8, 3, **circular)).eval()
+    >>> images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    >>> result = shiftlab.measure(net, images, shiftlab.ShiftGrid.square(8))
+    >>> [result.layer_names[i] for i in layer_indices(result, ["type:Conv2d"])]
+    ['0', '3']
+    >>> layer_indices(result, "0,2")
+    [0, 2]
     """
     import fnmatch
 
@@ -303,7 +352,17 @@ def select_layers(result: Result, layers) -> Result:
     """A copy of ``result`` with only the layers matching ``layers`` (see :func:`layer_indices`),
     for re-plotting a subset (``shiftlab plot --layers``).
 
-    >>> select_layers(result, ["features.*"]).layer_names[:2]   # doctest: +SKIP
+    >>> import torch
+    >>> from torch import nn
+    >>> import shiftlab
+    >>> _ = torch.manual_seed(0)
+    >>> circular = dict(padding=1, padding_mode="circular")
+    >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, **circular), nn.ReLU(), nn.MaxPool2d(2),
+    ...                     nn.Conv2d(4, 8, 3, **circular)).eval()
+    >>> images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    >>> result = shiftlab.measure(net, images, shiftlab.ShiftGrid.square(8))
+    >>> select_layers(result, ["type:MaxPool2d", "3"]).layer_names
+    ['2', '3']
     """
     import dataclasses
 
