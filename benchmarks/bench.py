@@ -34,12 +34,12 @@ import torch
 from torch import nn
 
 import shiftlab
-import shiftlab.measure.kernels.native
-from shiftlab.measure.capture import LayerCapture
-from shiftlab.measure.engine import batch_layout
-from shiftlab.measure.estimate import peak_memory
-from shiftlab.measure.geometry import probe_layers
-from shiftlab.measure.shifts import ShiftGrid, apply_shifts
+import shiftlab.equivariance.kernels.native
+from shiftlab.equivariance.capture import LayerCapture
+from shiftlab.equivariance.engine import batch_layout
+from shiftlab.equivariance.estimate import peak_memory
+from shiftlab.equivariance.geometry import probe_layers
+from shiftlab.equivariance.shifts import ShiftGrid, apply_shifts
 
 def run_floor(model: nn.Module, images: torch.Tensor, grid: ShiftGrid, batch_size: int,
               device: torch.device) -> None:
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.malloc == "stable":
         stable_malloc()
 
-    device = shiftlab.measure.engine.resolve_device(args.device)
+    device = shiftlab.equivariance.engine.resolve_device(args.device)
     torch.manual_seed(0)
     model = shiftlab.load_model(args.model, "none").model.to(device).eval()
     images = torch.randn(args.images, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
         "images": args.images, "batch_size": args.batch_size, "device": str(device),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "python": platform.python_version(), "repeat": args.repeat, "probe_seconds": probe,
-        "malloc": args.malloc, "cpu_kernel": shiftlab.measure.kernels.native.status(),
+        "malloc": args.malloc, "cpu_kernel": shiftlab.equivariance.kernels.native.status(),
         "rows": rows, "memory_flatness": memory,
     }
     _print_table(report)

@@ -15,7 +15,7 @@ import time
 import torch
 
 import shiftlab
-from shiftlab.measure.shifts import ShiftGrid
+from shiftlab.equivariance.shifts import ShiftGrid
 
 
 def _peak_rss_mb() -> float:

@@ -17,10 +17,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import shiftlab
-from shiftlab.measure.shifts import ShiftGrid
+from shiftlab.equivariance.shifts import ShiftGrid
 
-from shiftlab.measure.align import RollPlan
-from shiftlab.measure.bilinear import BilinearPlan
+from shiftlab.equivariance.align import RollPlan
+from shiftlab.equivariance.bilinear import BilinearPlan
 
 from .bench import stable_malloc
 

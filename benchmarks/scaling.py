@@ -23,7 +23,7 @@ import time
 import torch
 
 import shiftlab
-from shiftlab.measure.shifts import ShiftGrid
+from shiftlab.equivariance.shifts import ShiftGrid
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:

@@ -31,12 +31,12 @@ What every number means: docs/semantics.md.
 from ._version import __version__
 
 from .errors import ShiftlabError, UsageError  # noqa: E402
-from .measure.shifts import ShiftGrid  # noqa: E402
-from .measure.geometry import LayerInfo, probe_layers  # noqa: E402
-from .measure.capture import LayerCapture  # noqa: E402
+from .equivariance.shifts import ShiftGrid  # noqa: E402
+from .equivariance.geometry import LayerInfo, probe_layers  # noqa: E402
+from .equivariance.capture import LayerCapture  # noqa: E402
 from .results.provenance import Provenance  # noqa: E402
 from .results.result import Result, Settings, load  # noqa: E402
-from .measure.engine import measure  # noqa: E402
+from .equivariance.engine import measure  # noqa: E402
 from .invariance.grid import measure_invariance  # noqa: E402
 from .invariance.grid_result import InvarianceResult, load_invariance, uninformative_across  # noqa: E402
 from .invariance.protocols import consistency_protocol, diagonal_protocol, load_protocol  # noqa: E402

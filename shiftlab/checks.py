@@ -9,7 +9,7 @@ import torch
 
 from .defaults import default_grid
 from .errors import UsageError
-from .measure.shifts import MODES, ShiftGrid
+from .equivariance.shifts import MODES, ShiftGrid
 
 
 def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
@@ -130,8 +130,8 @@ def check_request(*, mode: str, grid: Optional[ShiftGrid], margin: Optional[int]
     >>> check_request(mode="crop", grid=ShiftGrid.symmetric(2), margin=None, batch_size=4)[1]
     2
     """
-    from .measure.align import ALIGNMENTS
-    from .measure.metrics import METRICS
+    from .equivariance.align import ALIGNMENTS
+    from .equivariance.metrics import METRICS
 
     check_choice("mode", mode, MODES)
     if align is not None:

@@ -5,7 +5,7 @@ from here, so a default is changed once.
 """
 from __future__ import annotations
 
-from .measure.shifts import ShiftGrid
+from .equivariance.shifts import ShiftGrid
 
 #: input size of the CLI and the pipeline: small enough for a CPU, large enough for VGG's 5 pools
 SIZE = 112

@@ -28,9 +28,9 @@ from .data.labels import CLASS_ORDERS
 from .defaults import (BATCH_SIZE, DTYPES, GRID_KINDS, MAX_SHIFT, PADDINGS, PAIRS, PROTOCOLS,
                        SIZE, default_resize)
 from .errors import UsageError
-from .measure.align import ALIGNMENTS
-from .measure.metrics import METRICS
-from .measure.shifts import MODES
+from .equivariance.align import ALIGNMENTS
+from .equivariance.metrics import METRICS
+from .equivariance.shifts import MODES
 from .models.variants import parse_variant
 
 PathLike = Union[str, Path]

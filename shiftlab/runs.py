@@ -28,7 +28,7 @@ from .checks import resolve_margin
 from .data.images import LoadedImages, find_images, image_digest, load_images, sample_image_paths
 from .defaults import BATCH_SIZE, MAX_SHIFT, PAIRS, SIZE, default_resize, make_grid
 from .errors import UsageError
-from .measure.shifts import ShiftGrid
+from .equivariance.shifts import ShiftGrid
 from .models.checkpoints import state_dict_fingerprint
 from .models.padding import has_zero_padding
 from .models.zoo import LoadedModel
@@ -227,7 +227,7 @@ def measure_heatmap(request: HeatmapRequest, *, label: Optional[str] = None,
 
     ``checkpoint``/``resume``/``keep_checkpoint``: see :func:`shiftlab.measure`.
     """
-    from .measure.engine import measure
+    from .equivariance.engine import measure
 
     shifts, margin = shift_plan(request.shifts, request.inputs)
     loaded = load_spec(request.model)

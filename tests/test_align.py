@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from shiftlab.measure.align import make_plan
-from shiftlab.measure.geometry import LayerInfo
-from shiftlab.measure.metrics import distance
+from shiftlab.equivariance.align import make_plan
+from shiftlab.equivariance.geometry import LayerInfo
+from shiftlab.equivariance.metrics import distance
 
 
 def upsample_circular(x: np.ndarray, stride: int) -> np.ndarray:
@@ -132,7 +132,7 @@ def test_crop_mode_exact_alignment_compares_only_the_overlap():
 def explicit_interpolation_cosine(ref, shifted, shifts, stride):
     """T_δ U a and U b written out for any δ and stride: U samples the circular piecewise-linear
     interpolant at k / s, T_δ U at (k - δ) / s."""
-    from shiftlab.measure.bilinear import interpolation_matrix
+    from shiftlab.equivariance.bilinear import interpolation_matrix
 
     height, width = ref.shape[-2:]
     rows = torch.arange(round(height * stride), dtype=torch.float64)
@@ -168,7 +168,7 @@ def test_bilinear_equals_explicit_interpolation_at_subpixel_shifts_and_fractiona
 def fourier_shifter(request, monkeypatch):
     """Both ways to shift a reference by a fraction: dense matrix products (maps up to
     ``DENSE_SIDE`` a side) and 1-D FFTs (larger maps), forced here on the same small maps."""
-    from shiftlab.measure import align
+    from shiftlab.equivariance import align
 
     monkeypatch.setattr(align, "DENSE_SIDE", 10**6 if request.param == "dense" else 0)
     return request.param
@@ -177,7 +177,7 @@ def fourier_shifter(request, monkeypatch):
 @pytest.mark.parametrize("stride", [2, 4])
 def test_fourier_shares_one_fractional_shift_between_shifts_with_the_same_fraction(
         stride, fourier_shifter):
-    from shiftlab.measure.shifts import fourier_shift_many
+    from shiftlab.equivariance.shifts import fourier_shift_many
 
     generator = torch.Generator().manual_seed(6)
     ref = torch.randn(2, 3, 8, 9, generator=generator)
@@ -200,7 +200,7 @@ def test_separable_fourier_alignment_equals_the_2d_band_limited_shift_on_any_par
     sizes the 2-D half-spectrum convention's corner bin is not separable and is added back. The
     norms of the shifted references come from the reference's spectrum (Parseval), not from a
     pass over them."""
-    from shiftlab.measure.shifts import fourier_shift_many
+    from shiftlab.equivariance.shifts import fourier_shift_many
 
     generator = torch.Generator().manual_seed(8)
     ref = torch.randn(2, 3, *size, generator=generator, dtype=torch.float64)
@@ -220,8 +220,8 @@ def test_separable_fourier_alignment_equals_the_2d_band_limited_shift_on_any_par
 
 def test_crop_mode_fourier_alignment_compares_the_band_limited_shift_inside_the_overlap(
         fourier_shifter):
-    from shiftlab.measure.shifts import fourier_shift_many
-    from shiftlab.measure.stencil import overlap_mask
+    from shiftlab.equivariance.shifts import fourier_shift_many
+    from shiftlab.equivariance.stencil import overlap_mask
 
     generator = torch.Generator().manual_seed(10)
     ref = torch.randn(2, 3, 8, 9, generator=generator, dtype=torch.float64)
@@ -242,8 +242,8 @@ def test_crop_mode_fourier_alignment_compares_the_band_limited_shift_inside_the_
 def test_reduced_precision_float32_products_make_fourier_use_the_ffts(monkeypatch):
     """TF32 or bf16 matrix products (a global PyTorch setting) would cost the dense shifts
     three digits; the FFT path is used instead and the distances stay exact."""
-    from shiftlab.measure import align
-    from shiftlab.measure.shifts import fourier_shift_many
+    from shiftlab.equivariance import align
+    from shiftlab.equivariance.shifts import fourier_shift_many
 
     def refuse(*args):
         raise AssertionError("dense shifts under reduced-precision products")
@@ -269,7 +269,7 @@ def test_reduced_precision_float32_products_make_fourier_use_the_ffts(monkeypatc
 def test_the_norm_of_a_shifted_map_holding_almost_only_nyquist_content_stays_exact(eps):
     """‖T_r a‖² = ‖a‖² minus Nyquist energy is a small difference of large sums here: a
     float32 reference must not make it wrong (or negative, an infinite l2 distance)."""
-    from shiftlab.measure.shifts import fourier_shift_many
+    from shiftlab.equivariance.shifts import fourier_shift_many
 
     generator = torch.Generator().manual_seed(0)
     checker = (torch.arange(16)[:, None] % 2 * -2.0 + 1).expand(16, 16)
@@ -285,7 +285,7 @@ def test_the_norm_of_a_shifted_map_holding_almost_only_nyquist_content_stays_exa
 
 def test_fractions_that_float32_cannot_hold_shift_by_the_exact_amount():
     """1/6 px is not a float32 number: the operators are built from the float64 fraction."""
-    from shiftlab.measure.shifts import fourier_shift_many
+    from shiftlab.equivariance.shifts import fourier_shift_many
 
     generator = torch.Generator().manual_seed(11)
     ref = torch.randn(1, 2, 9, 10, generator=generator, dtype=torch.float64)
@@ -301,8 +301,8 @@ def test_fractions_that_float32_cannot_hold_shift_by_the_exact_amount():
 @pytest.mark.parametrize("size", [(8, 8), (7, 8), (8, 7), (7, 7), (6, 10), (2, 2), (1, 4)])
 def test_the_norm_of_a_band_limited_shift_follows_from_the_nyquist_energies(size):
     """Parseval: T_r keeps every frequency's magnitude but the Nyquist ones (even sizes)."""
-    from shiftlab.measure.align import energy_weights, nyquist_energies
-    from shiftlab.measure.shifts import fourier_shift_many
+    from shiftlab.equivariance.align import energy_weights, nyquist_energies
+    from shiftlab.equivariance.shifts import fourier_shift_many
 
     ref = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     fractions = [(0.3, 0.0), (0.0, 0.7), (0.25, 0.5), (0.5, 0.5), (0.9, 0.1), (0.125, 0.875)]

@@ -6,9 +6,9 @@ import numpy as np
 import torch
 from hypothesis import given, settings, strategies as st
 
-from shiftlab.measure.align import make_plan
-from shiftlab.measure.geometry import LayerInfo
-from shiftlab.measure.metrics import distance
+from shiftlab.equivariance.align import make_plan
+from shiftlab.equivariance.geometry import LayerInfo
+from shiftlab.equivariance.metrics import distance
 
 
 def upsample(x: np.ndarray, stride: int, axis: int) -> np.ndarray:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from shiftlab.measure.capture import LayerCapture, flatten_output, layer_module, select_modules
+from shiftlab.equivariance.capture import LayerCapture, flatten_output, layer_module, select_modules
 from shiftlab.errors import UsageError
 
 from conftest import Twice

@@ -474,7 +474,7 @@ def test_heatmap_ctrl_c_exits_130_and_keeps_the_previous_result(images, tmp_path
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("shiftlab.measure.engine.measure", interrupted)
+    monkeypatch.setattr("shiftlab.equivariance.engine.measure", interrupted)
     result = invoke(*heatmap_args(images, out, "--metric", "l2", "--overwrite"))
     assert result.exit_code == 130
     assert "interrupted" in result.stderr and "Traceback" not in result.output
@@ -502,7 +502,7 @@ def test_heatmap_unexpected_exception_is_one_line_with_a_debug_hint(images, tmp_
     def broken(*args, **kwargs):
         raise RuntimeError("boom\nsecond line")
 
-    monkeypatch.setattr("shiftlab.measure.engine.measure", broken)
+    monkeypatch.setattr("shiftlab.equivariance.engine.measure", broken)
     out = tmp_path / "out"
     line = assert_clean_error(invoke(*heatmap_args(images, out)), 1, "RuntimeError: boom",
                               "SHIFTLAB_DEBUG=1", out=out)
@@ -522,7 +522,7 @@ def test_shiftlab_errors_become_one_line_with_their_exit_code(images, tmp_path, 
     def failing(*args, **kwargs):
         raise getattr(errors, error)("first line\n  second line; pass --fix")
 
-    monkeypatch.setattr("shiftlab.measure.engine.measure", failing)
+    monkeypatch.setattr("shiftlab.equivariance.engine.measure", failing)
     out = tmp_path / "out"
     line = assert_clean_error(invoke(*heatmap_args(images, out)), exit_code, out=out)
     assert line == "error: first line second line; pass --fix"
@@ -532,7 +532,7 @@ def test_heatmap_memory_error_suggests_a_smaller_batch(images, tmp_path, monkeyp
     def exhausted(*args, **kwargs):
         raise MemoryError
 
-    monkeypatch.setattr("shiftlab.measure.engine.measure", exhausted)
+    monkeypatch.setattr("shiftlab.equivariance.engine.measure", exhausted)
     out = tmp_path / "out"
     assert_clean_error(invoke(*heatmap_args(images, out)), 1, "out of memory", "--batch-size", out=out)
 
@@ -541,7 +541,7 @@ def test_heatmap_cuda_out_of_memory_suggests_a_smaller_batch(images, tmp_path, m
     def exhausted(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("shiftlab.measure.engine.measure", exhausted)
+    monkeypatch.setattr("shiftlab.equivariance.engine.measure", exhausted)
     out = tmp_path / "out"
     line = assert_clean_error(invoke(*heatmap_args(images, out)), 1, "--batch-size", out=out)
     assert "please report" not in line
@@ -750,7 +750,7 @@ def test_layers_ctrl_c_exits_130(monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("shiftlab.measure.geometry.probe_layers", interrupted)
+    monkeypatch.setattr("shiftlab.equivariance.geometry.probe_layers", interrupted)
     result = invoke("layers", "--model", TINY, "--size", "16")
     assert result.exit_code == 130 and "interrupted" in result.stderr
     assert "Traceback" not in result.output
@@ -794,9 +794,9 @@ def _forbid_measuring(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("plot must not measure or load a model")
 
-    monkeypatch.setattr("shiftlab.measure.engine.measure", forbidden)
+    monkeypatch.setattr("shiftlab.equivariance.engine.measure", forbidden)
     monkeypatch.setattr("shiftlab.models.zoo.load_model", forbidden)
-    monkeypatch.setattr("shiftlab.measure.geometry.probe_layers", forbidden)
+    monkeypatch.setattr("shiftlab.equivariance.geometry.probe_layers", forbidden)
 
 
 @pytest.mark.parametrize("scale_flag", ["--scale", "--metric-scale"])

@@ -15,11 +15,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from shiftlab.measure.engine import _Run, batch_layout, to_device
-from shiftlab.measure.geometry import probe_layers
-from shiftlab.measure.metrics import DistanceAccumulator
+from shiftlab.equivariance.engine import _Run, batch_layout, to_device
+from shiftlab.equivariance.geometry import probe_layers
+from shiftlab.equivariance.metrics import DistanceAccumulator
 from shiftlab.results.result import Settings
-from shiftlab.measure.shifts import ShiftGrid
+from shiftlab.equivariance.shifts import ShiftGrid
 
 
 def _small_net() -> nn.Module:

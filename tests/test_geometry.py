@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from shiftlab.errors import ModelError
-from shiftlab.measure.geometry import LayerInfo, probe_layers
+from shiftlab.equivariance.geometry import LayerInfo, probe_layers
 
 
 def _mixed_net() -> nn.Module:
@@ -177,7 +177,7 @@ def test_layer_info_round_trips_through_a_dict():
 
 
 def test_a_fixed_size_stride_keeps_the_previous_stride_when_it_covers_the_map():
-    from shiftlab.measure.geometry import _fixed_size_stride
+    from shiftlab.equivariance.geometry import _fixed_size_stride
 
     # 32 px, a 7x7 map after a stride-4 layer: 32/7 rounds to 5, but 4 covers it (|32 - 28| <= 8)
     assert _fixed_size_stride((7, 7), (32, 32), previous=(4.0, 4.0)) == (4.0, 4.0)

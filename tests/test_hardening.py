@@ -28,7 +28,7 @@ from shiftlab import ShiftGrid
 from shiftlab.cli.commands import main
 from shiftlab.results.comparison import Comparison
 from shiftlab.errors import SettingsMismatchError, ShiftlabError, UsageError
-from shiftlab.measure.geometry import LayerInfo
+from shiftlab.equivariance.geometry import LayerInfo
 from shiftlab.results.result import Result, Settings
 from conftest import random_png_folder, make_maxpool
 
@@ -467,7 +467,7 @@ def test_the_cpu_allocators_out_of_memory_is_one_line_like_cudas(setup, tmp_path
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't"
                            " allocate memory: you tried to allocate 68719476736 bytes.\nError code 12")
 
-    monkeypatch.setattr("shiftlab.measure.engine.measure", exhausted)
+    monkeypatch.setattr("shiftlab.equivariance.engine.measure", exhausted)
     out = tmp_path / "out"
     line = one_error_line(invoke(*heatmap(images, model, out)), 1, "out of memory", "--batch-size")
     assert "report" not in line and not out.exists()

@@ -110,7 +110,7 @@ def test_cycle_finder_finds_a_planted_circle():
 
 def test_the_package_has_no_import_cycle():
     graph = import_graph()
-    assert "shiftlab.measure.engine" in graph and graph["shiftlab.measure.engine"], \
+    assert "shiftlab.equivariance.engine" in graph and graph["shiftlab.equivariance.engine"], \
         "the graph must see the engine's imports"
     assert cycles(graph) == []
 
@@ -123,3 +123,16 @@ def test_version_lives_in_its_own_module_and_nothing_imports_it_from_the_package
         and any(alias.name == "__version__" for alias in node.names)
         for node in ast.walk(ast.parse(path.read_text())))]
     assert upward == []
+
+
+def test_no_public_name_hides_a_subpackage():
+    """``shiftlab.measure`` is the function; a subpackage of that name would be unreachable
+    by attribute (monkeypatch strings, ``shiftlab.x.y`` in docs)."""
+    import importlib
+    import types
+
+    subpackages = {path.parent.name for path in PACKAGE.glob("*/__init__.py")}
+    for name in subpackages:
+        assert isinstance(getattr(shiftlab, name), types.ModuleType), name
+    assert importlib.import_module("shiftlab.equivariance.engine").measure is shiftlab.measure
+    assert callable(shiftlab.measure)

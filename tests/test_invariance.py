@@ -26,7 +26,7 @@ from shiftlab.errors import ImageError, ModelError, ShiftlabError, UsageError
 from shiftlab.data.labels import read_labels
 from shiftlab.invariance.grid import default_diagonal, measure_invariance
 from shiftlab.invariance.grid_result import load_invariance, wilson_interval
-from shiftlab.measure.shifts import fourier_shift_many
+from shiftlab.equivariance.shifts import fourier_shift_many
 
 from conftest import make_global_pool, tiny_classifier
 

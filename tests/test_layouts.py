@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import shiftlab
-from shiftlab.measure.geometry import LayerInfo, _fixed_size_stride, _token_grid, as_feature_map, probe_layers
-from shiftlab.measure.shifts import ShiftGrid
+from shiftlab.equivariance.geometry import LayerInfo, _fixed_size_stride, _token_grid, as_feature_map, probe_layers
+from shiftlab.equivariance.shifts import ShiftGrid
 
 from conftest import TinyViT, make_channels_last
 

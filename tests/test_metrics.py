@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from shiftlab.measure.metrics import ComparisonStats, DistanceAccumulator, distance
+from shiftlab.equivariance.metrics import ComparisonStats, DistanceAccumulator, distance
 
 
 def _stats(pairs: list[tuple[np.ndarray, np.ndarray]], valid: bool = True,

@@ -1,4 +1,4 @@
-"""The compiled bilinear kernel (shiftlab.measure.kernels.native) against the eager code and explicit
+"""The compiled bilinear kernel (shiftlab.equivariance.kernels.native) against the eager code and explicit
 upsampling, its fallbacks, and how it is built and cached."""
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from shiftlab.measure.kernels import native
-from shiftlab.measure.kernels.differences import choose
-from shiftlab.measure.align import make_plan
+from shiftlab.equivariance.kernels import native
+from shiftlab.equivariance.kernels.differences import choose
+from shiftlab.equivariance.align import make_plan
 from shiftlab.errors import ShiftlabError, UsageError
-from shiftlab.measure.geometry import LayerInfo
-from shiftlab.measure.metrics import distance
+from shiftlab.equivariance.geometry import LayerInfo
+from shiftlab.equivariance.metrics import distance
 
 from test_bilinear import explicit_cosine
 
@@ -287,8 +287,8 @@ def test_one_row_maps_never_read_past_the_end_of_the_tensor(tmp_path):
     script.write_text("""
 import ctypes, mmap, sys
 import torch
-from shiftlab.measure.align import make_plan
-from shiftlab.measure.geometry import LayerInfo
+from shiftlab.equivariance.align import make_plan
+from shiftlab.equivariance.geometry import LayerInfo
 page = mmap.PAGESIZE
 libc = ctypes.CDLL(None, use_errno=True)
 buffer = mmap.mmap(-1, 2 * page)
@@ -433,7 +433,7 @@ def runtimes():
         paths = {{line.split()[-1] for line in maps if re.search({_OPENMP!r}, line.strip())}}
     return sorted({{os.path.realpath(path) for path in paths}})
 before = runtimes()
-from shiftlab.measure.kernels import native
+from shiftlab.equivariance.kernels import native
 library = native.load(required=True)
 ref = torch.randn(2, 8, 16, 16)
 native.difference_sums(ref, ref[None] + 1.0, [0], [(1, 1)])  # start the OpenMP threads

@@ -12,7 +12,7 @@ from torch import nn
 
 import shiftlab
 from shiftlab import BlurPool, ShiftGrid
-from shiftlab.measure.capture import select_modules
+from shiftlab.equivariance.capture import select_modules
 from shiftlab.models.padding import CircularPool, circular_padding
 
 

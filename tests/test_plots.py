@@ -18,10 +18,10 @@ import shiftlab  # noqa: E402
 from shiftlab.figures import panels as panels_module  # noqa: E402
 from shiftlab.figures import plots  # noqa: E402
 from shiftlab.errors import SettingsMismatchError, UsageError  # noqa: E402
-from shiftlab.measure.geometry import LayerInfo  # noqa: E402
+from shiftlab.equivariance.geometry import LayerInfo  # noqa: E402
 from shiftlab.results.provenance import Provenance  # noqa: E402
 from shiftlab.results.result import Result, Settings  # noqa: E402
-from shiftlab.measure.shifts import ShiftGrid  # noqa: E402
+from shiftlab.equivariance.shifts import ShiftGrid  # noqa: E402
 
 NAN2 = (math.nan, math.nan)
 
@@ -418,7 +418,7 @@ def test_real_measurement_renders_every_layer(tmp_path):
 
 
 def test_match_layers_by_structure_pairs_a_maxpool_with_the_blurpool_that_replaces_it():
-    from shiftlab.measure.geometry import LayerInfo
+    from shiftlab.equivariance.geometry import LayerInfo
 
     def info(name, module, stride, shape):
         kind = "global" if stride is None else "spatial"

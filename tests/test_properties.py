@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 from hypothesis import given, settings, strategies as st
 
-from shiftlab.measure.align import make_plan
-from shiftlab.measure.geometry import LayerInfo
-from shiftlab.measure.metrics import distance
+from shiftlab.equivariance.align import make_plan
+from shiftlab.equivariance.geometry import LayerInfo
+from shiftlab.equivariance.metrics import distance
 
 
 def layer(stride: int, channels: int, n: int) -> LayerInfo:

@@ -31,7 +31,8 @@ def setup(tmp_path):
 def args(root, model, out, protocol="zhang2019", *extra):
     return ["consistency", "--model", model, "--weights", "none", "--num-classes", "3",
             "--labels", str(root), "--protocol", protocol, "--size", "16", "--resize", "24",
-            "--epochs", "3", "--batch-size", "4", "--device", "cpu", "--format", "png",
+            *(["--epochs", "3"] if protocol != "grid" else []),  # grid refuses --epochs
+            "--batch-size", "4", "--device", "cpu", "--format", "png",
             "--dpi", "30", "--quiet", "--out", str(out), *extra]
 
 

@@ -12,7 +12,7 @@ import shiftlab
 import shiftlab.results.result
 from shiftlab import ShiftGrid
 from shiftlab.errors import ShiftlabError, UsageError
-from shiftlab.measure.geometry import LayerInfo
+from shiftlab.equivariance.geometry import LayerInfo
 from shiftlab.results.result import Result, Settings, load
 
 from conftest import tiny_classifier

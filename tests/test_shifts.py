@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from shiftlab.errors import UsageError
-from shiftlab.measure.shifts import (ShiftGrid, apply_shifts, centre_window, circular_shift, crop_shift,
+from shiftlab.equivariance.shifts import (ShiftGrid, apply_shifts, centre_window, circular_shift, crop_shift,
                              fourier_shift_many, roll_many)
 
 

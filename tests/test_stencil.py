@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from shiftlab.measure.bilinear import interpolation_matrix
-from shiftlab.measure.shifts import phase_ramp
-from shiftlab.measure.stencil import (Workspace, blocks, circulant_taps, dot, lag_dot, quadratic,
+from shiftlab.equivariance.bilinear import interpolation_matrix
+from shiftlab.equivariance.shifts import phase_ramp
+from shiftlab.equivariance.stencil import (Workspace, blocks, circulant_taps, dot, lag_dot, quadratic,
                               rolled_into, stencil2, sub_rolled)
 
 

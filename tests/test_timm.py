@@ -23,7 +23,7 @@ from click.testing import CliRunner
 import shiftlab
 from shiftlab.cli.commands import main
 from shiftlab.errors import UsageError
-from shiftlab.measure.geometry import probe_layers
+from shiftlab.equivariance.geometry import probe_layers
 from shiftlab.models.zoo import load_model
 
 timm = pytest.importorskip("timm")

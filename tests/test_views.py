@@ -17,9 +17,9 @@ import shiftlab  # noqa: E402
 from shiftlab.figures import plots  # noqa: E402
 from shiftlab.models.antialias import BlurPool  # noqa: E402
 from shiftlab.errors import UsageError  # noqa: E402
-from shiftlab.measure.geometry import LayerInfo  # noqa: E402
+from shiftlab.equivariance.geometry import LayerInfo  # noqa: E402
 from shiftlab.results.result import Result, Settings  # noqa: E402
-from shiftlab.measure.shifts import ShiftGrid  # noqa: E402
+from shiftlab.equivariance.shifts import ShiftGrid  # noqa: E402
 from shiftlab.figures.views import VIEWS, select_view, stride_text  # noqa: E402
 
 NAN2 = (math.nan, math.nan)

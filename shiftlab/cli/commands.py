@@ -1,5 +1,5 @@
 """Command line: the click group and its commands. They parse options, call the pipeline
-(``shiftlab.runs``), and hand results to ``shiftlab.reports``; no measurement logic lives here.
+(``shiftlab.runs``), and hand results to ``shiftlab.cli.reports``; no measurement logic lives here.
 
 Every ShiftlabError becomes one line on stderr and its exit code (2 usage, 1 runtime); Ctrl-C
 exits 130 and SIGTERM 143; a folder is never half-written (``reports.write_set``).
@@ -261,8 +261,8 @@ def layers(model_spec: str, padding: str, size: int, layer_patterns: Sequence[st
     out, the rest reshaped to the patch grid). Shapes are after that conversion.
     """
     with user_errors():
-        from ..measure.engine import resolve_device
-        from ..measure.geometry import probe_layers
+        from ..equivariance.engine import resolve_device
+        from ..equivariance.geometry import probe_layers
         from ..runs import load_spec
 
         spec = spec_of(model_spec, params, padding)

@@ -1,7 +1,7 @@
 """What each CLI command does once its options are parsed: pipeline calls, files, messages.
 
 Kept apart from ``cli.py`` (the click definitions) so the commands stay short; nothing here
-parses options or measures by itself: ``shiftlab.runs`` measures, ``shiftlab.reports`` writes.
+parses options or measures by itself: ``shiftlab.runs`` measures, ``shiftlab.cli.reports`` writes.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def run_heatmap(request: HeatmapRequest, figure: dict, formats: Sequence[str], d
     """Measure ``request`` (with ``padding_both``, as trained and with circular padding) and
     write the run's folder."""
     from .. import distributed
-    from ..measure.engine import resolve_device
+    from ..equivariance.engine import resolve_device
 
     if out is not None:
         check_out(out, overwrite=overwrite, resume=resume)
@@ -101,8 +101,8 @@ def run_heatmap(request: HeatmapRequest, figure: dict, formats: Sequence[str], d
 
 def _dry_run(request: HeatmapRequest, quiet: bool) -> None:
     """Calibrate on a few shifts of the first image batch and print what the run would cost."""
-    from ..measure.engine import resolve_device
-    from ..measure.estimate import estimate_run
+    from ..equivariance.engine import resolve_device
+    from ..equivariance.estimate import estimate_run
 
     grid, margin = runs.shift_plan(request.shifts, request.inputs)
     loaded = runs.load_spec(request.model)
@@ -203,7 +203,7 @@ def run_compare(result_files: list, request: Optional[CompareRequest], figure: d
     comparison's folder."""
     from ..results.comparison import Comparison
     from ..results.result import load
-    from ..measure.engine import resolve_device
+    from ..equivariance.engine import resolve_device
 
     if out is not None:
         check_out(out, overwrite=overwrite)
@@ -253,7 +253,7 @@ def run_consistency(requests: Sequence[ConsistencyRequest], formats: Sequence[st
     written, and ``resume`` continues from them (finished models are not run again).
     """
     from .. import distributed
-    from ..measure.engine import resolve_device
+    from ..equivariance.engine import resolve_device
 
     if out is not None:
         check_out(out, overwrite=overwrite, resume=resume)

@@ -9,9 +9,9 @@ from click.core import ParameterSource
 from .. import defaults
 from ..errors import UsageError
 from ..requests import HeatmapRequest, Inputs, LayerComparison, ModelSpec, Shifts
-from ..measure.align import ALIGNMENTS
-from ..measure.metrics import METRICS
-from ..measure.shifts import MODES
+from ..equivariance.align import ALIGNMENTS
+from ..equivariance.metrics import METRICS
+from ..equivariance.shifts import MODES
 
 Decorator = Callable
 

@@ -5,7 +5,7 @@ converts any pixel format to RGB, resizes and centre-crops it, and returns a nor
 ``(3, S, S)`` tensor with ``S = size + 2 * margin``. The margin is real image content. The
 ``crop`` shift mode slides a ``size`` window inside it, so a shift brings in new pixels and never
 wraps around or pads. :func:`load_images` stacks a few images into one batch (small runs,
-notebooks); :func:`shiftlab.sources.image_batches` streams a dataset with the same per-image
+notebooks); :func:`shiftlab.data.sources.image_batches` streams a dataset with the same per-image
 work, so both give the same tensors bit for bit.
 
 Example:
@@ -77,8 +77,8 @@ _ASSETS = Path(__file__).resolve().parents[1] / "assets"  # shiftlab/assets, nex
 class UnreadableImageError(ImageError):
     """One image file cannot be used (corrupt, too small, too large); ``reason`` says why.
 
-    :func:`load_images` and :func:`shiftlab.sources.image_batches` skip such files and report
-    ``(path, reason)``; :class:`ImagePreprocess` and :class:`shiftlab.sources.ImageDataset` raise it.
+    :func:`load_images` and :func:`shiftlab.data.sources.image_batches` skip such files and report
+    ``(path, reason)``; :class:`ImagePreprocess` and :class:`shiftlab.data.sources.ImageDataset` raise it.
     """
 
     def __init__(self, path: Path | None, reason: str) -> None:
@@ -279,7 +279,7 @@ def load_images(
     Files that cannot be decoded, that are smaller than 8 px on a side, or that have more than
     :data:`MAX_PIXELS` pixels (:data:`MAX_RESIZED_PIXELS` after the resize) are left out of the
     batch and listed in ``skipped``. All images are held in memory at once: for a dataset, stream it with
-    :func:`shiftlab.sources.image_batches`, which gives the same tensors.
+    :func:`shiftlab.data.sources.image_batches`, which gives the same tensors.
 
     Args:
         paths: image files, or a folder or single file (passed through :func:`find_images`).

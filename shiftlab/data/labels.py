@@ -1,7 +1,7 @@
 """Class labels for images: class folders or a ``file,label`` CSV, mapped to class indices.
 
 Used by the accuracy-under-shift part of :mod:`shiftlab.invariance` (``--labels``) and by
-:func:`shiftlab.sources.image_batches`. Class names are matched to the model's categories; folders
+:func:`shiftlab.data.sources.image_batches`. Class names are matched to the model's categories; folders
 named by ImageNet WNIDs (``n01440764``) follow torchvision's ``ImageFolder`` convention instead:
 the k-th folder in sorted order is class k (see :func:`read_labels` for when).
 

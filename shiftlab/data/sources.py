@@ -2,7 +2,7 @@
 
 :func:`image_batches` turns a source into batches of preprocessed images, decoded in DataLoader
 workers. A source is a folder (its images, or its class folders), a ``file,label`` CSV, a list of
-files, :class:`~shiftlab.labels.LabelledImages`, or any torch ``Dataset``/``DataLoader``. The
+files, :class:`~shiftlab.data.labels.LabelledImages`, or any torch ``Dataset``/``DataLoader``. The
 per-image work is :class:`shiftlab.data.ImagePreprocess`, the same as :func:`~shiftlab.data.load_images`,
 so a streamed batch equals the loaded one bit for bit. ImageNet's validation set as one tensor
 is 30 GB; streamed, memory holds a few batches per worker.
@@ -171,10 +171,10 @@ def image_batches(source: Source, *, size: int, resize: Optional[int] = None, ma
     * a ``Dataset``: items are PIL images (preprocessed like files, e.g. torchvision's
       ``ImageFolder`` without a transform) or float ``(C, S, S)`` tensors, alone or as
       ``(image, label)``.
-    * :class:`~shiftlab.labels.LabelledImages` (from :func:`~shiftlab.labels.read_labels`).
+    * :class:`~shiftlab.data.labels.LabelledImages` (from :func:`~shiftlab.data.labels.read_labels`).
     * a ``.csv`` file of ``file,label`` rows (labels read with ``categories`` and ``class_order``).
     * a folder: its images when it holds some directly; otherwise its class folders, labelled
-      as :func:`~shiftlab.labels.read_labels` does (ImageNet WNID folders in sorted order), or
+      as :func:`~shiftlab.data.labels.read_labels` does (ImageNet WNID folders in sorted order), or
       with ``with_labels=False`` every image in the tree, unlabelled.
     * an image file or a list of files (unlabelled, in order).
 
@@ -184,7 +184,7 @@ def image_batches(source: Source, *, size: int, resize: Optional[int] = None, ma
         workers: DataLoader worker processes that decode (0: decode in this process).
         max_images: use only the first ``max_images`` items of the source.
         with_labels: read labels from class folders and CSVs; False streams their images only.
-        categories, class_order: how class names become indices (:func:`~shiftlab.labels.read_labels`).
+        categories, class_order: how class names become indices (:func:`~shiftlab.data.labels.read_labels`).
         on_skip: called once with ``(path, reason)`` for each unusable file, in this process.
         shard: under ``torchrun``, decode only this rank's share of the source (items r, r+N,
             ...; batch ``indices`` stay positions in the whole source; a rank's share may be

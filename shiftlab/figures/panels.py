@@ -1,8 +1,8 @@
-"""Building blocks of the figures in :mod:`shiftlab.plots`: colour scales, ticks, text, layout.
+"""Building blocks of the figures in :mod:`shiftlab.figures.plots`: colour scales, ticks, text, layout.
 
-Nothing here takes a :class:`~shiftlab.result.Result` apart beyond its provenance; ``plots``
+Nothing here takes a :class:`~shiftlab.results.result.Result` apart beyond its provenance; ``plots``
 decides what a panel shows, this module how it is drawn. The choice lists (``COLOR_RANGES``,
-``DIFFERENCES``, ``SCALES``) live here once; ``shiftlab.plots`` and the CLI take them from here.
+``DIFFERENCES``, ``SCALES``) live here once; ``shiftlab.figures.plots`` and the CLI take them from here.
 
 >>> escape("cost $5")     # drawn literally, never parsed as mathtext
 'cost \\\\$5'

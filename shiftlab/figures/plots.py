@@ -29,8 +29,8 @@ A tiny conv / max-pool / conv network, measured and saved, then drawn from its f
 Summary values: a panel's ``μ`` and the profile's y value are ``Result.layer_mean`` (mean over
 the shifts where the layer is defined). For PSNR, whose identical maps give +inf (always at
 shift (0, 0)), they are the mean over the finite shifts instead; the +inf cells are drawn in
-their own colour. Layout, colour and text helpers live in :mod:`shiftlab.panels`, layer
-selection and paper names in :mod:`shiftlab.views`.
+their own colour. Layout, colour and text helpers live in :mod:`shiftlab.figures.panels`, layer
+selection and paper names in :mod:`shiftlab.figures.views`.
 """
 from __future__ import annotations
 
@@ -48,14 +48,14 @@ from matplotlib.figure import Figure
 
 from ..errors import SettingsMismatchError, UsageError
 from ..results.files import atomic_write
-from ..measure.geometry import LayerInfo
+from ..equivariance.geometry import LayerInfo
 from ..results.matching import Results, as_results, check_comparable, match_layers, resolve_matching, result_labels
 from .panels import (difference_map, COLOR_RANGES, DEFAULT_COLOR_RANGE, DIFFERENCES, FS_TITLE, HIGHER_IS_BETTER,
                      METRIC_LABELS, NO_VALUE, RANDOM_INIT, SCALES, UNDEFINED, Layout, Panel, Scale,
                      VmaxSpec, check_choice, colormap, grid_columns, special_cells, colour_scale, diverging_scale, draw,
                      escape, fmt, image_names, is_random_init, mark_strides, weights_text)
 from ..results.result import Result
-from ..measure.shifts import ShiftGrid
+from ..equivariance.shifts import ShiftGrid
 from .views import (DEFAULT_VIEW, VIEWS, blocks, plotted_layers, row_texts, select_view, stride_changes,
                     stride_text, view_rows)
 
@@ -93,7 +93,7 @@ def layer_grid(result: Result, layers: Optional[Sequence[str]] = None, ncols: Op
         color_range: 'layer' (each panel its own scale and small bar: every stride pattern shows),
             'stage' (one scale per stride) or 'shared' (one scale, comparable across layers).
         view: 'all' layers or 'paper' (convolutions, pools and logits named conv1_1, pool1, ...;
-            see :func:`shiftlab.views.select_view`).
+            see :func:`shiftlab.figures.views.select_view`).
 
     Example:
         >>> import torch

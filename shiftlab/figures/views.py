@@ -36,9 +36,9 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
-from ..measure.capture import module_name
+from ..equivariance.capture import module_name
 from ..errors import UsageError
-from ..measure.geometry import LayerInfo
+from ..equivariance.geometry import LayerInfo
 from ..results.matching import as_results
 from ..results.result import Result, layer_indices
 
@@ -179,7 +179,7 @@ def _unique(text: str, used: set[str]) -> str:
 def plotted_layers(result: Result, layers: Optional[Sequence[str]] = None,
                    spatial_only: bool = False) -> list[LayerInfo]:
     """The layers a figure shows: those matching ``layers`` (globs, ``type:Name``; see
-    :func:`shiftlab.result.layer_indices`), in network order, spatial ones only if asked.
+    :func:`shiftlab.results.result.layer_indices`), in network order, spatial ones only if asked.
 
     >>> from collections import OrderedDict
     >>> import torch

@@ -16,9 +16,9 @@ shifts of a grid (docs/semantics.md, "Output-level invariance"):
 
 :func:`measure_invariance` runs the model (in eval mode) once per (image, shift) and keeps only
 the argmax and the reference-class probability; the :class:`InvarianceResult` it returns (module
-:mod:`shiftlab.invariance_result`) holds every number and saves as one ``.npz``. The seed
+:mod:`shiftlab.invariance.grid_result`) holds every number and saves as one ``.npz``. The seed
 paper's own ImageNet protocols (two random 224 crops, the diagonal) are in
-:mod:`shiftlab.protocols`.
+:mod:`shiftlab.invariance.protocols`.
 
 A tiny classifier that flattens its feature map (so its output depends on where things are)
 on the six shipped sample photos at 32 px:
@@ -52,15 +52,15 @@ from .._version import __version__
 from .. import distributed
 from ..checks import (batch_layout, check_count, check_request, labelled_batches, resolve_grid,
                      window_size)
-from ..measure.engine import resolve_device
+from ..equivariance.engine import resolve_device
 from ..errors import ModelError, ShiftlabError, UsageError
 from .grid_result import INVALID, InvarianceResult, InvarianceSettings
-from ..measure.shifts import MODES, ShiftGrid, apply_shifts, centre_window
+from ..equivariance.shifts import MODES, ShiftGrid, apply_shifts, centre_window
 
 __all__ = ["classifier_logits", "default_diagonal", "evaluation_mode", "measure_invariance"]
 
 
-# -- model handling shared with shiftlab.protocols ---------------------------------------
+# -- model handling shared with shiftlab.invariance.protocols ---------------------------------------
 @contextlib.contextmanager
 def evaluation_mode(model: nn.Module, name: Optional[str] = None) -> Iterator[nn.Module]:
     """Run ``model`` in eval mode inside the block and give every module its own previous mode

@@ -38,7 +38,7 @@ import numpy as np
 from ..errors import ShiftlabError, UsageError, one_line
 from ..results.files import read_archive, write_archive
 from ..results.provenance import NamedByMeta
-from ..measure.shifts import ShiftGrid
+from ..equivariance.shifts import ShiftGrid
 
 if TYPE_CHECKING:  # pandas is imported lazily: only tables need it
     import pandas

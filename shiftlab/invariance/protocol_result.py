@@ -1,4 +1,4 @@
-"""Results of the seed paper's ImageNet protocols (:mod:`shiftlab.protocols` runs them).
+"""Results of the seed paper's ImageNet protocols (:mod:`shiftlab.invariance.protocols` runs them).
 
 :class:`ProtocolResult` (two random windows per image and epoch) and :class:`DiagonalResult`
 (windows along (t, t)) keep only per-image numbers, save as one ``.npz`` (arrays + a JSON

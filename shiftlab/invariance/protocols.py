@@ -54,7 +54,7 @@ from .._version import __version__
 from .. import distributed
 from ..checks import split_batch
 from ..defaults import PROTOCOLS as DEFAULT_PROTOCOLS
-from ..measure.engine import resolve_device
+from ..equivariance.engine import resolve_device
 from ..errors import ShiftlabError, UsageError
 from .grid import (check_finite, classifier_logits, evaluation_mode, model_name,
                          top_class)

@@ -82,7 +82,7 @@ class BlurPool(nn.Module):
         torch.Size([1, 64, 16, 16])
     """
 
-    shiftlab_layer = True  # shiftlab.capture records a BlurPool as one layer, not its pad child
+    shiftlab_layer = True  # shiftlab.equivariance.capture records a BlurPool as one layer, not its pad child
 
     def __init__(self, channels: int, filt_size: int = 4, stride: int = 2,
                  pad_type: str = "reflect", pad_off: int = 0) -> None:

@@ -69,7 +69,7 @@ def is_checkpoint_path(weights: str) -> bool:
 
     It does when it ends in one of :data:`CHECKPOINT_SUFFIXES`, contains a path separator, or
     is an existing path. This is the one definition shared by :mod:`shiftlab.models` and
-    :mod:`shiftlab.variants`.
+    :mod:`shiftlab.models.variants`.
 
     Example:
         >>> is_checkpoint_path("resnet50_lpf4.pth.tar"), is_checkpoint_path("IMAGENET1K_V1")

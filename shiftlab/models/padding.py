@@ -74,7 +74,7 @@ class CircularPool(nn.Module):
         torch.Size([1, 4, 16, 16])
     """
 
-    shiftlab_layer = True  # shiftlab.capture records it as one layer, not its pool child
+    shiftlab_layer = True  # shiftlab.equivariance.capture records it as one layer, not its pool child
 
     def __init__(self, pool: nn.Module, keep_size: bool = False) -> None:
         super().__init__()

@@ -20,8 +20,8 @@ Weights specs:
 * ``DEFAULT``, ``IMAGENET1K_V1``, ...: these pretrained weights, or a ``WeightsError``.
 * ``none``: random init.
 * a checkpoint path (``.pth``, ``.pt``, ``.tar``, ``.safetensors``, ...): a state dict, or a
-  checkpoint dict that holds one; ``weights_key`` picks the entry (see :mod:`shiftlab.checkpoints`).
-  :mod:`shiftlab.pretrained` gets torchvision's weights (cache, downloads, offline mode).
+  checkpoint dict that holds one; ``weights_key`` picks the entry (see :mod:`shiftlab.models.checkpoints`).
+  :mod:`shiftlab.models.pretrained` gets torchvision's weights (cache, downloads, offline mode).
 
 Example:
     >>> loaded = load_model("squeezenet1_0", weights="none")

@@ -142,7 +142,7 @@ def compare(*items, labels: Optional[Sequence[str]] = None, images=None, grid=No
             continue
         if images is None:
             raise UsageError("pass images= to measure models in a comparison")
-        from ..measure.engine import measure
+        from ..equivariance.engine import measure
 
         from .provenance import Provenance
 

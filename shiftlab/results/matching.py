@@ -3,7 +3,7 @@
 Pure data (no matplotlib): :func:`match_layers` pairs layers by name, depth or structure (a
 baseline max-pool with the BlurPool that replaced it); :func:`check_comparable` refuses results
 measured with different settings, naming the difference; :func:`result_labels` names results.
-Used by :mod:`shiftlab.plots` and :class:`shiftlab.Comparison`.
+Used by :mod:`shiftlab.figures.plots` and :class:`shiftlab.Comparison`.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import difflib
 from typing import Optional, Sequence, Union
 
 from ..errors import SettingsMismatchError, UsageError
-from ..measure.geometry import LayerInfo
+from ..equivariance.geometry import LayerInfo
 from .result import Result
 
 Results = Union[Result, Sequence[Result]]

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import UsageError, one_line
 from .files import atomic_write
-from ..measure.geometry import LayerInfo
+from ..equivariance.geometry import LayerInfo
 from ..models.checkpoints import state_dict_fingerprint
 from .result import Settings
 

@@ -11,9 +11,9 @@ import numpy as np
 
 from ..errors import ShiftlabError, UsageError, one_line
 from .files import read_archive, write_archive
-from ..measure.geometry import LayerInfo
+from ..equivariance.geometry import LayerInfo
 from .provenance import Provenance
-from ..measure.shifts import ShiftGrid
+from ..equivariance.shifts import ShiftGrid
 
 if TYPE_CHECKING:  # pandas and matplotlib are imported lazily: only tables/figures need them
     import pandas
@@ -199,13 +199,13 @@ class Result:
 
     # -- figures (thin wrappers: plots.py does the drawing) ---------------------------
     def plot(self, **kwargs) -> "Figure":
-        """The layer grid (``shiftlab.plots.layer_grid``) of this result."""
+        """The layer grid (``shiftlab.figures.plots.layer_grid``) of this result."""
         from ..figures.plots import layer_grid
 
         return layer_grid(self, **kwargs)
 
     def plot_profile(self, **kwargs) -> "Figure":
-        """Mean distance per layer vs. depth (``shiftlab.plots.layer_profile``)."""
+        """Mean distance per layer vs. depth (``shiftlab.figures.plots.layer_profile``)."""
         from ..figures.plots import layer_profile
 
         return layer_profile(self, **kwargs)
@@ -332,7 +332,7 @@ def layer_indices(result: Result, layers) -> list[int]:
     """
     import fnmatch
 
-    from ..measure.capture import module_name, split_filters
+    from ..equivariance.capture import module_name, split_filters
 
     if layers is None:
         return list(range(len(result.layers)))

@@ -1,11 +1,11 @@
 """The one seam between the alignment plans and the passes that read the shifted maps.
 
-A plan (:class:`~shiftlab.measure.bilinear.BilinearPlan`, :class:`~shiftlab.measure.align.RollPlan`)
+A plan (:class:`~shiftlab.equivariance.bilinear.BilinearPlan`, :class:`~shiftlab.equivariance.align.RollPlan`)
 asks for its sums through a :class:`Differences` backend, chosen once, when the plan is built
 (:func:`choose`, from ``SHIFTLAB_NATIVE``):
 
-- :class:`~shiftlab.measure.kernels.eager.Eager`: the eager PyTorch passes, any device and dtype;
-- :class:`Native`: the compiled CPU kernel (:mod:`~shiftlab.measure.kernels.native`). It hands the
+- :class:`~shiftlab.equivariance.kernels.eager.Eager`: the eager PyTorch passes, any device and dtype;
+- :class:`Native`: the compiled CPU kernel (:mod:`~shiftlab.equivariance.kernels.native`). It hands the
   maps it cannot read (a GPU, float64, planes that are not contiguous) and small exact/Fourier
   planes to the eager passes, and if the kernel cannot be built it warns once and does the same
   (``SHIFTLAB_NATIVE=auto``) or raises (``=1``). The library is built at the first comparison it
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 KERNEL_PLANE = 256
 """Exact and Fourier alignments: maps of at least this many positions use the compiled kernel
-(:func:`~shiftlab.measure.kernels.native.difference_sums`, one call per fraction group); smaller
+(:func:`~shiftlab.equivariance.kernels.native.difference_sums`, one call per fraction group); smaller
 ones the eager steps, for which one call costs more than it saves."""
 
 

@@ -9,8 +9,8 @@ a shift d = q·s + r per axis (0 <= r < s)
 
 and |roll(U a, d)|² = |U a|². So one filtered reference per phase (r_h, r_w) of the chunk, and per
 shifted map one inner product with it (rolled slice-wise into a cache-sized scratch) plus the
-map's own 3-tap norm (:func:`~shiftlab.stencil.quadratic`); the shifted maps are walked in
-cache-sized blocks (:func:`~shiftlab.stencil.blocks`), so nothing the size of the shifted run is
+map's own 3-tap norm (:func:`~shiftlab.equivariance.stencil.quadratic`); the shifted maps are walked in
+cache-sized blocks (:func:`~shiftlab.equivariance.stencil.blocks`), so nothing the size of the shifted run is
 ever written. Where s divides δ the distance is |U(roll(a, q) - b)|², computed from the
 difference, free of cancellation. The taps come from the dense 1-D matrices (built once per plan on
 the CPU), which also covers sub-pixel shifts.
@@ -96,7 +96,7 @@ def _form(x: torch.Tensor, rows: Band, cols: Band, y: torch.Tensor) -> torch.Ten
 
 @dataclass
 class _AxisTaps:
-    """Circular mode: the matrices of one axis as circulant stencils (``shiftlab.stencil``)."""
+    """Circular mode: the matrices of one axis as circulant stencils (``shiftlab.equivariance.stencil``)."""
 
     plain: Taps  # UᵀU: |U b|² = <b, P b>
     aligned: list[Taps]  # per shift, AᵀA: |T_δ U a|² (UᵀU again unless δ is fractional)
@@ -188,7 +188,7 @@ class BilinearPlan:
     """Bilinear alignment of one layer for a chunk of shifts (made by ``align.make_plan``).
 
     Circular mode reads the shifted maps through ``differences`` (the compiled kernel or the
-    eager passes, :mod:`shiftlab.measure.kernels.differences`), chosen when the plan is built.
+    eager passes, :mod:`shiftlab.equivariance.kernels.differences`), chosen when the plan is built.
     """
 
     rows: _Axis

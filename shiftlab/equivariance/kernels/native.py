@@ -10,7 +10,7 @@ dot (measured for #17), so this is a small hand-written C file instead, called t
 It is an accelerator, never a requirement: without a compiler, on a GPU, for float64 maps or with
 ``SHIFTLAB_NATIVE=0`` the eager code runs and gives the same numbers (to float rounding; tested).
 ``SHIFTLAB_NATIVE=1`` makes a failed build an error (benchmarks use it). The plans reach this module
-only through :mod:`~shiftlab.measure.kernels.differences`, which makes that choice. The shared
+only through :mod:`~shiftlab.equivariance.kernels.differences`, which makes that choice. The shared
 object is cached under ``$SHIFTLAB_CACHE_DIR``, else ``$XDG_CACHE_HOME/shiftlab``, else
 ``~/.cache/shiftlab`` (:func:`shiftlab.config.cache_dir`), keyed by the source, the compiler, its
 flags and the CPU. Every entry point's C signature is declared to ctypes (``_ARGUMENTS``).
@@ -288,7 +288,7 @@ class BilinearKernel:
 
     Per shift: ``exact`` (s divides δ), ``rolls`` (q_h, q_w) for exact shifts, ``row_taps`` /
     ``col_taps`` ((offset in [0, n), weight), ...) for the others (None for exact ones); ``lags``
-    the (l_h, l_w) of the norm's lag sums (:func:`shiftlab.stencil.quadratic_lags`).
+    the (l_h, l_w) of the norm's lag sums (:func:`shiftlab.equivariance.stencil.quadratic_lags`).
     """
 
     def __init__(self, lags: Sequence[tuple[int, int]], exact: Sequence[bool],

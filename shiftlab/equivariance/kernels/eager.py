@@ -1,7 +1,7 @@
-"""The eager PyTorch passes behind :class:`~shiftlab.measure.kernels.differences.Differences`:
+"""The eager PyTorch passes behind :class:`~shiftlab.equivariance.kernels.differences.Differences`:
 any device and dtype. This is what the compiled kernel computes in one read of each map
 (``csrc/bilinear.c``); here each step is one or a few memory-bound tensor operations, walked in
-cache-sized blocks (:func:`~shiftlab.measure.stencil.blocks`) so that every pass after the first
+cache-sized blocks (:func:`~shiftlab.equivariance.stencil.blocks`) so that every pass after the first
 over a block reads the cache.
 
 Moved here unchanged from the plans (the same operations in the same order: the same numbers).

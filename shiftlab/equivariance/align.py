@@ -5,12 +5,12 @@ For a spatial layer of stride s an input shift δ is a feature shift δ/s (docs/
 - ``exact``: roll the reference by δ/s where s divides δ; NaN elsewhere.
 - ``fourier``: band-limited fractional shift of the reference (FFT phase ramp) by δ/s.
 - ``bilinear`` (the paper's figure; default): compare T_δ U a with U b at input resolution, U
-  being circular linear upsampling by s; the plan lives in :mod:`shiftlab.bilinear`.
+  being circular linear upsampling by s; the plan lives in :mod:`shiftlab.equivariance.bilinear`.
 
 Performance: each comparison is a few memory-bound passes over the feature maps, so plans are
 built once on the CPU (groups of shifts, stencil taps, phase ramps), scratch memory is reused
-(:class:`~shiftlab.stencil.Workspace`), the shifted maps are walked in cache-sized blocks
-(:func:`~shiftlab.stencil.blocks`: the second pass over a block reads the cache), nothing is
+(:class:`~shiftlab.equivariance.stencil.Workspace`), the shifted maps are walked in cache-sized blocks
+(:func:`~shiftlab.equivariance.stencil.blocks`: the second pass over a block reads the cache), nothing is
 rolled into a copy of the shifted run, and no per-chunk code reads a value back to the host (no
 ``.item()``, ``bool(tensor)``, ``nonzero`` or boolean indexing), so on a GPU the comparisons queue
 behind the forward pass without synchronising.
@@ -290,7 +290,7 @@ def _nyquist_sums(ref: torch.Tensor) -> tuple[torch.Tensor, ...]:
 def energy_weights(fraction: tuple[float, float]) -> tuple[float, float, float, float]:
     """w with ‖T_r a‖² = w · :func:`nyquist_energies` (a) (Parseval): the band-limited shift
     keeps every frequency's magnitude but the Nyquist ones, which it scales by cos(π r_h),
-    cos(π r_w) and, at the corner, cos(π (r_h + r_w)) (:func:`~shiftlab.shifts.phase_ramp`).
+    cos(π r_w) and, at the corner, cos(π (r_h + r_w)) (:func:`~shiftlab.equivariance.shifts.phase_ramp`).
     No pass over T_r a."""
     rows, cols = (math.sin(math.pi * r) ** 2 for r in fraction)
     corner = math.sin(math.pi * (fraction[0] + fraction[1])) ** 2
@@ -310,7 +310,7 @@ def _exact_products(ref: torch.Tensor) -> bool:
 
 def _axis_ramp(n: int, fraction: float) -> torch.Tensor:
     """The half-spectrum ramp (n//2 + 1,) complex128 of a band-limited shift by ``fraction``
-    along one axis of length n (:func:`~shiftlab.shifts.phase_ramp`, from the float64 fraction)."""
+    along one axis of length n (:func:`~shiftlab.equivariance.shifts.phase_ramp`, from the float64 fraction)."""
     return phase_ramp(torch.tensor([[0.0, fraction]], dtype=torch.float64), 1, n)[0, 0]
 
 
