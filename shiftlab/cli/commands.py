@@ -18,10 +18,10 @@ from .console import Group, check_matplotlib_backend, import_matplotlib, user_er
 
 import_matplotlib()  # before cli_options imports it: an invalid MPLBACKEND must not crash here
 
-from .options import (figure_options, figure_settings, heatmap_request, inputs,  # noqa: E402
-                      layer_selection, measure_options, model_options, spec_of,
-                      out_options, output_level_options, padding_option, refuse_unused,
-                      shifts, variant_options)
+from .options import (dpi_option, figure_options, figure_settings,  # noqa: E402
+                      heatmap_request, inputs, layer_selection, measure_options, model_options,
+                      out_options, output_level_options, padding_option, refuse_unused, shifts,
+                      spec_of, variant_options)
 from ..requests import CompareRequest, ConsistencyRequest  # noqa: E402
 from ..errors import UsageError  # noqa: E402
 
@@ -74,7 +74,7 @@ def heatmap(model_spec: str, padding: str, scale: str, color_range, vmax: str, v
         from .jobs import run_heatmap
 
         check_matplotlib_backend()
-        figure = figure_settings(scale, color_range, vmax, view, title)
+        figures = figure_settings(scale, color_range, vmax, view, formats, dpi, title)
         padding_both = padding == "both"
         request = heatmap_request(
             spec_of(model_spec, params, "as-trained" if padding_both else padding), params)
@@ -82,7 +82,7 @@ def heatmap(model_spec: str, padding: str, scale: str, color_range, vmax: str, v
             raise UsageError("--resume needs the --out folder of the interrupted run")
         running_distributed = distributed.init_from_env()
         try:
-            run_heatmap(request, figure, formats, dpi, padding_both=padding_both,
+            run_heatmap(request, figures, padding_both=padding_both,
                         out=Path(out) if out else None, overwrite=overwrite,
                         quiet=quiet or not distributed.is_main(), resume=resume, dry_run=dry_run,
                         distributed_run=running_distributed)
@@ -142,7 +142,7 @@ def compare(result_files: Sequence[str], model_specs: Sequence[str], antialias: 
             request = CompareRequest.of_models(models, heatmap_request(models[0], params),
                                                antialias)
         run_compare(list(result_files), request,
-                    figure_settings(scale, color_range, vmax, view), difference, formats, dpi,
+                    figure_settings(scale, color_range, vmax, view, formats, dpi), difference,
                     out=Path(out) if out else None, overwrite=overwrite, quiet=quiet)
 
 
@@ -182,8 +182,7 @@ def compare(result_files: Sequence[str], model_specs: Sequence[str], antialias: 
 @click.option("--format", "formats", multiple=True, type=click.Choice(defaults.FIGURE_FORMATS),
               default=("png", "pdf"), show_default=True,
               help="Formats of the probability figure (repeatable).")
-@click.option("--dpi", type=click.IntRange(30, 1200), default=150, show_default=True,
-              help="Resolution of PNG figures.")
+@dpi_option()
 @out_options(default="consistency")
 @click.option("--resume", is_flag=True,
               help="zhang2019/diagonal: continue an interrupted run in --out after its last"
@@ -214,6 +213,7 @@ def consistency(model_specs: Sequence[str], antialias: Optional[int], padding: s
     """
     with user_errors():
         from .. import distributed
+        from ..figures.options import FigureOptions
         from .jobs import run_consistency
 
         check_matplotlib_backend()
@@ -237,7 +237,8 @@ def consistency(model_specs: Sequence[str], antialias: Optional[int], padding: s
         requests = [template.for_model(model) for model in models]
         distributed.init_from_env()
         try:
-            run_consistency(requests, formats=formats, dpi=dpi, out=Path(out) if out else None,
+            run_consistency(requests, FigureOptions(formats=tuple(formats), dpi=dpi),
+                            out=Path(out) if out else None,
                             overwrite=overwrite, quiet=quiet, resume=resume)
             distributed.finish()  # every rank waits for rank 0's files, then leaves together
         finally:
@@ -301,9 +302,9 @@ def plot(result_file: str, scale: str, color_range, vmax: str, view: str, format
         from .jobs import run_plot
 
         check_matplotlib_backend()
-        figure = figure_settings(scale, color_range, vmax, view, title)
-        written = run_plot(Path(result_file), layer_selection(layer_patterns), figure, formats,
-                           dpi, out=Path(out) if out else None)
+        figures = figure_settings(scale, color_range, vmax, view, formats, dpi, title)
+        written = run_plot(Path(result_file), layer_selection(layer_patterns), figures,
+                           out=Path(out) if out else None)
         for path in written:
             click.echo(str(path))
 

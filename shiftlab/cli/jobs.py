@@ -17,6 +17,7 @@ from .. import runs
 from .console import warn_line
 from ..defaults import PADDINGS
 from ..errors import UsageError
+from ..figures.options import FigureOptions
 from ..requests import CompareRequest, ConsistencyRequest, HeatmapRequest
 from .reports import (FIGURE_PATTERNS, PROGRESS_FILE, DrawingFailed, check_out, default_out,
                       is_output, result_figures, safe_name, write_comparison, write_consistency,
@@ -46,7 +47,7 @@ def _announce(quiet: bool) -> runs.OnReady:
 
 
 # -- heatmap -------------------------------------------------------------------------------
-def run_heatmap(request: HeatmapRequest, figure: dict, formats: Sequence[str], dpi: int, *,
+def run_heatmap(request: HeatmapRequest, figures: FigureOptions, *,
                 padding_both: bool, out: Optional[Path], overwrite: bool, quiet: bool,
                 resume: bool, dry_run: bool, distributed_run: bool) -> None:
     """Measure ``request`` (with ``padding_both``, as trained and with circular padding) and
@@ -76,9 +77,9 @@ def run_heatmap(request: HeatmapRequest, figure: dict, formats: Sequence[str], d
     folder = out if out is not None else default_out(results[0].provenance.model)
     try:
         if len(results) == 1:
-            written = write_heatmap(results[0], folder, figure, formats, dpi)
+            written = write_heatmap(results[0], folder, figures)
         else:
-            written = write_padding_pair(results, folder, figure, formats, dpi)
+            written = write_padding_pair(results, folder, figures)
     except DrawingFailed:
         if checkpoint is not None:
             checkpoint.unlink(missing_ok=True)  # the numbers are in place: nothing to resume
@@ -170,7 +171,7 @@ def check_drawable(result, path="the result") -> None:
                          " per panel; read its numbers with shiftlab.load() instead")
 
 
-def run_plot(result_file: Path, layers, figure: dict, formats: Sequence[str], dpi: int, *,
+def run_plot(result_file: Path, layers, figures: FigureOptions, *,
              out: Optional[Path]) -> list[Path]:
     """Re-draw heatmap.* and profile.* of a saved result; returns the written paths.
 
@@ -191,13 +192,13 @@ def run_plot(result_file: Path, layers, figure: dict, formats: Sequence[str], dp
             raise UsageError(f"--out {folder} holds another run's results ({', '.join(found[:4])});"
                              " its figures would not match them: choose a fresh --out, or the"
                              " result's own folder")
-    return write_set(folder, lambda stage: result_figures(result, stage, figure, formats, dpi),
+    return write_set(folder, lambda stage: result_figures(result, stage, figures),
                      replaces=FIGURE_PATTERNS)
 
 
 # -- compare -------------------------------------------------------------------------------
-def run_compare(result_files: list, request: Optional[CompareRequest], figure: dict,
-                difference: str, formats: Sequence[str], dpi: int, *, out: Optional[Path],
+def run_compare(result_files: list, request: Optional[CompareRequest], figures: FigureOptions,
+                difference: str, *, out: Optional[Path],
                 overwrite: bool, quiet: bool) -> None:
     """Compare saved ``result_files``, or measure every model of ``request``, and write the
     comparison's folder."""
@@ -222,7 +223,7 @@ def run_compare(result_files: list, request: Optional[CompareRequest], figure: d
             results.append(result.with_label(label))
     comparison = Comparison(results)
     folder = out if out is not None else default_out("compare")
-    written = write_comparison(comparison, folder, not result_files, figure, difference, formats, dpi)
+    written = write_comparison(comparison, folder, not result_files, figures, difference)
     for result, label in zip(comparison.results, comparison.labels):
         warn_nonfinite(result, label)
     if not quiet:
@@ -243,7 +244,7 @@ def unique_label(name: str, taken: Sequence[str]) -> str:
 
 
 # -- consistency ---------------------------------------------------------------------------
-def run_consistency(requests: Sequence[ConsistencyRequest], formats: Sequence[str], dpi: int, *,
+def run_consistency(requests: Sequence[ConsistencyRequest], figures: FigureOptions, *,
                     out: Optional[Path], overwrite: bool, quiet: bool,
                     resume: bool = False) -> None:
     """Measure every request (one per model) and write one table.
@@ -279,20 +280,20 @@ def run_consistency(requests: Sequence[ConsistencyRequest], formats: Sequence[st
     if distributed.is_main():
         try:
             _write_consistency(results, folder=out if out is not None else default_out("consistency"),
-                               checkpoints=checkpoints, formats=formats, dpi=dpi, quiet=quiet)
+                               checkpoints=checkpoints, figures=figures, quiet=quiet)
         except Exception as exc:  # noqa: BLE001  told to the other ranks, then raised here
             failure = exc
     distributed.broadcast_checked(None, failure)  # no rank waits in finish() for a lost one
 
 
-def _write_consistency(results: list, *, folder: Path, checkpoints: list, formats: Sequence[str],
-                       dpi: int, quiet: bool) -> None:
+def _write_consistency(results: list, *, folder: Path, checkpoints: list,
+                       figures: FigureOptions, quiet: bool) -> None:
     from .consistency_table import consistency_table, format_consistency
 
     _warn_uninformative(results)
     table = consistency_table(results)
     try:
-        written = write_consistency(results, table, folder, formats, dpi)
+        written = write_consistency(results, table, folder, figures)
     except DrawingFailed:
         _remove(checkpoints)  # the numbers are in place: nothing to resume
         raise

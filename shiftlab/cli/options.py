@@ -158,15 +158,16 @@ def output_level_options(func):
 
 
 def figure_options(func):
-    from ..figures.panels import COLOR_RANGES
+    from ..figures.panels import COLOR_RANGES, DEFAULT_COLOR_RANGE, SCALES
     from ..figures.views import VIEWS
 
     return apply(func, [
-        click.option("--scale", "--metric-scale", "scale", type=click.Choice(["linear", "log"]),
+        click.option("--scale", "--metric-scale", "scale", type=click.Choice(SCALES),
                      default="linear", show_default=True, help="Colour scale of the heatmaps."),
-        click.option("--color-range", type=click.Choice(COLOR_RANGES), default=None,
+        click.option("--color-range", type=click.Choice(COLOR_RANGES),
+                     default=DEFAULT_COLOR_RANGE, show_default=True,
                      help="shared: one colour scale for all panels (the paper's); layer: each"
-                          " panel its own; stage: one scale per stride. Default: see README."),
+                          " panel its own; stage: one scale per stride."),
         click.option("--vmax", default="auto", show_default=True, metavar="auto|pNN|VALUE",
                      help="Top of the colour scale: auto, a percentile of the plotted values"
                           " (p99) or a number; larger values show as the bar's 'over' arrow."),
@@ -176,9 +177,15 @@ def figure_options(func):
         click.option("--format", "formats", multiple=True,
                      type=click.Choice(defaults.FIGURE_FORMATS), default=("png", "pdf"),
                      show_default=True, help="Figure formats to write (repeatable)."),
-        click.option("--dpi", type=click.IntRange(30, 1200), default=150, show_default=True,
-                     help="Resolution of PNG figures."),
+        dpi_option(),
     ])
+
+
+def dpi_option():
+    from ..figures.options import DPI_RANGE
+
+    return click.option("--dpi", type=click.IntRange(*DPI_RANGE), default=150, show_default=True,
+                        help="Resolution of PNG figures.")
 
 
 def out_options(default: str):
@@ -193,17 +200,13 @@ def out_options(default: str):
     ])
 
 
-def figure_settings(scale: str, color_range, vmax: str, view: str, title=None) -> dict:
-    """The figure keywords of the plotting functions, from the CLI options."""
-    from ..figures.panels import parse_vmax
-
-    parse_vmax(vmax)  # a bad value fails here, before any measurement
-    out = {"scale": scale, "vmax": vmax, "view": view}
-    if color_range is not None:
-        out["color_range"] = color_range
-    if title:
-        out["title"] = title
-    return out
+def figure_settings(scale: str, color_range, vmax: str, view: str, formats: Sequence[str],
+                    dpi: int, title=None):
+    """The run's ``FigureOptions`` from the figure options (validated there, before any
+    measurement)."""
+    from ..figures.options import FigureOptions
+    return FigureOptions(scale=scale, color_range=color_range, vmax=vmax,
+                         view=view, title=title or None, formats=tuple(formats), dpi=dpi)
 
 
 def layer_selection(patterns: Sequence[str]):

@@ -15,10 +15,13 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from ..errors import ShiftlabError, UsageError, one_line
 from ..results.files import atomic_write
+
+if TYPE_CHECKING:
+    from ..figures.options import FigureOptions
 
 #: progress checkpoint of an interrupted ``heatmap`` run, kept until every output is in place
 PROGRESS_FILE = ".shiftlab-progress.npz"
@@ -199,8 +202,8 @@ def write_table(path: Path, frame) -> Path:
     return atomic_write(path, lambda handle: handle.write(data))
 
 
-def save_figures(figures: Sequence[tuple[str, Callable]], folder: Path, formats: Sequence[str],
-                 dpi: int) -> list[Path]:
+def save_figures(figures: Sequence[tuple[str, Callable]], folder: Path,
+                 options: FigureOptions) -> list[Path]:
     """Draw each (stem, draw) figure, save it in every format, and close it."""
     import matplotlib
 
@@ -213,51 +216,54 @@ def save_figures(figures: Sequence[tuple[str, Callable]], folder: Path, formats:
     for name, draw in figures:
         figure = draw()
         try:
-            written += save_figure(figure, folder / name, formats=formats, dpi=dpi)
+            written += save_figure(figure, folder / name, formats=options.formats, dpi=options.dpi)
         finally:
             plt.close(figure)
     return written
 
 
-def result_figures(result, folder: Path, figure: dict, formats: Sequence[str], dpi: int) -> list[Path]:
-    """heatmap.* and profile.* of one result (and paper.* for the paper view)."""
-    from ..figures.plots import layer_grid, layer_profile
+def _grid(result, figures: FigureOptions):
+    from ..figures.plots import layer_grid
 
-    grid_options = {k: v for k, v in figure.items() if k != "profile"}
-    profile_options = {k: v for k, v in figure.items()
-                       if k in ("scale", "title", "view", "other")}
-    return save_figures([("heatmap", lambda: layer_grid(result, **grid_options)),
-                         ("profile", lambda: layer_profile(result, **profile_options))],
-                        folder, formats, dpi)
+    return layer_grid(result, scale=figures.scale, vmax=figures.vmax, title=figures.title,
+                      color_range=figures.color_range, view=figures.view)
 
 
-def write_heatmap(result, folder: Path, figure: dict, formats: Sequence[str], dpi: int) -> list[Path]:
+def result_figures(result, folder: Path, figures: FigureOptions) -> list[Path]:
+    """heatmap.* and profile.* of one result."""
+    from ..figures.plots import layer_profile
+
+    return save_figures([("heatmap", lambda: _grid(result, figures)),
+                         ("profile", lambda: layer_profile(result, scale=figures.scale,
+                                                           title=figures.title,
+                                                           view=figures.view))],
+                        folder, figures)
+
+
+def write_heatmap(result, folder: Path, figures: FigureOptions) -> list[Path]:
     """result.npz and summary.csv first (the numbers), then heatmap.* and profile.*."""
     def write(stage: Path) -> list[Path]:
         return [result.save(stage / "result.npz"),
                 write_table(stage / "summary.csv", result.summary())]
-    return write_set(folder, write, lambda stage: result_figures(result, stage, figure, formats, dpi),
+    return write_set(folder, write, lambda stage: result_figures(result, stage, figures),
                      redraw=f"draw them with 'shiftlab plot {folder / 'result.npz'}'")
 
 
-def write_padding_pair(results: Sequence, folder: Path, figure: dict, formats: Sequence[str],
-                       dpi: int) -> list[Path]:
+def write_padding_pair(results: Sequence, folder: Path, figures: FigureOptions) -> list[Path]:
     """``--padding both``: result-<padding>.npz, summary.csv with both columns, heatmap.* of
     each, and padding.* (the two profiles, the gap shaded as boundary effect)."""
     from ..figures.boundary import padding_profile
-    from ..figures.plots import layer_grid
 
     def write(stage: Path) -> list[Path]:
         written = [r.save(stage / f"result-{r.settings.padding}.npz") for r in results]
         return written + [write_table(stage / "summary.csv", padding_table(results))]
 
     def draw(stage: Path) -> list[Path]:
-        options = dict(figure)
-        figures = [(f"heatmap-{r.settings.padding}", lambda r=r: layer_grid(r, **options))
-                   for r in results]
-        figures.append(("padding", lambda: padding_profile(results[0], results[1],
-                                                           scale=figure.get("scale", "linear"))))
-        return save_figures(figures, stage, formats, dpi)
+        drawn = [(f"heatmap-{r.settings.padding}", lambda r=r: _grid(r, figures))
+                 for r in results]
+        drawn.append(("padding", lambda: padding_profile(results[0], results[1],
+                                                         scale=figures.scale)))
+        return save_figures(drawn, stage, figures)
     return write_set(folder, write, draw, redraw="draw each with 'shiftlab plot"
                      f" {folder / 'result-as-trained.npz'}' (and result-circular.npz)")
 
@@ -273,8 +279,8 @@ def padding_table(results: Sequence):
     return table
 
 
-def write_comparison(comparison, folder: Path, save_results: bool, figure: dict,
-                     difference: str, formats: Sequence[str], dpi: int) -> list[Path]:
+def write_comparison(comparison, folder: Path, save_results: bool, figures: FigureOptions,
+                     difference: str) -> list[Path]:
     """result-<label>.npz (when measured here), summary.csv, grids.*, profile.*, difference.*."""
     def write(stage: Path) -> list[Path]:
         written: list[Path] = []
@@ -284,22 +290,24 @@ def write_comparison(comparison, folder: Path, save_results: bool, figure: dict,
         return written + [write_table(stage / "summary.csv", comparison.summary())]
 
     def draw(stage: Path) -> list[Path]:
-        profile = {k: v for k, v in figure.items() if k in ("scale", "view", "title")}
-        diff = {k: v for k, v in figure.items() if k in ("vmax", "view", "title")}
-        figures = [("grids", lambda: comparison.plot_grids(**figure)),
-                   ("profile", lambda: comparison.plot_profile(**profile))]
+        f = figures
+        drawn = [("grids", lambda: comparison.plot_grids(
+                      scale=f.scale, vmax=f.vmax, title=f.title, color_range=f.color_range,
+                      view=f.view)),
+                 ("profile", lambda: comparison.plot_profile(scale=f.scale, title=f.title,
+                                                             view=f.view))]
         for index in range(1, len(comparison.results)):
             stem = "difference" if len(comparison.results) == 2 else f"difference-{index}"
-            figures.append((stem, lambda index=index: comparison.plot_difference(
-                0, index, difference=difference, **diff)))
-        return save_figures(figures, stage, formats, dpi)
+            drawn.append((stem, lambda index=index: comparison.plot_difference(
+                0, index, difference=difference, vmax=f.vmax, title=f.title, view=f.view)))
+        return save_figures(drawn, stage, figures)
     redraw = ("draw them with 'shiftlab compare' on the saved result-*.npz files" if save_results
               else "")
     return write_set(folder, write, draw, redraw=redraw)
 
 
-def write_consistency(results: Sequence, table, folder: Path, formats: Sequence[str],
-                      dpi: int) -> list[Path]:
+def write_consistency(results: Sequence, table, folder: Path,
+                      figures: FigureOptions) -> list[Path]:
     """invariance-<label>.npz (protocol-<label>.npz), consistency.csv (per model and shift),
     summary.csv, probability.*, and scatter.* (accuracy vs. consistency) for several models
     measured with labels."""
@@ -322,14 +330,14 @@ def write_consistency(results: Sequence, table, folder: Path, formats: Sequence[
         from ..figures.tradeoff import accuracy_consistency_plot, diagonal_plot
 
         gridded = [r for r in results if hasattr(r, "to_frame")]
-        figures = [("probability", lambda: probability_plot(gridded))] if gridded else []
+        drawn = [("probability", lambda: probability_plot(gridded))] if gridded else []
         diagonal = [r for r in results if hasattr(r, "mean_curve")]
         if diagonal:
-            figures.append(("diagonal", lambda: diagonal_plot(diagonal)))
+            drawn.append(("diagonal", lambda: diagonal_plot(diagonal)))
         has_consistency = any(c in table and table[c].notna().all()
                               for c in ("pairwise_consistency", "consistency"))
         if len(results) > 1 and has_consistency and "accuracy" in table \
                 and table["accuracy"].notna().sum() > 1:
-            figures.append(("scatter", lambda: accuracy_consistency_plot(table)))
-        return save_figures(figures, stage, formats, dpi)
+            drawn.append(("scatter", lambda: accuracy_consistency_plot(table)))
+        return save_figures(drawn, stage, figures)
     return write_set(folder, write, draw)

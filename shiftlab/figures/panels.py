@@ -24,6 +24,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.transforms import blended_transform_factory
 
+from ..checks import check_choice
 from ..errors import UsageError
 
 COLOR_RANGES = ("layer", "stage", "shared")
@@ -125,12 +126,6 @@ class Scale:
     extend: str = "neither"
 
 
-def check_choice(value: str, choices: Sequence[str], what: str) -> str:
-    if value not in choices:
-        raise UsageError(f"unknown {what} {value!r}; use {', '.join(choices)}")
-    return value
-
-
 def parse_vmax(vmax: VmaxSpec) -> tuple[str, float]:
     """('auto', nan), ('percentile', q) or ('value', v) from 'auto' / None, 'p99' or a number."""
     if vmax is None or (isinstance(vmax, str) and vmax.strip().lower() == "auto"):
@@ -172,7 +167,7 @@ def colour_scale(arrays: Sequence[np.ndarray], metric: str, scale: str = "linear
         >>> colour_scale([np.array([0.0, 0.5, 2.0])], "cosine", vmax=1.0).extend
         'max'
     """
-    check_choice(scale, SCALES, "scale")
+    check_choice("scale", scale, SCALES)
     kind, number = parse_vmax(vmax)
     values = np.concatenate([np.ravel(a) for a in arrays]) if len(arrays) else np.array([])
     values = values[np.isfinite(values)]

@@ -46,13 +46,14 @@ import seaborn as sns
 from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
 
+from ..checks import check_choice
 from ..errors import SettingsMismatchError, UsageError
 from ..results.files import atomic_write
 from ..equivariance.geometry import LayerInfo
 from ..results.matching import Results, as_results, check_comparable, match_layers, resolve_matching, result_labels
 from .panels import (difference_map, COLOR_RANGES, DEFAULT_COLOR_RANGE, DIFFERENCES, FS_TITLE, HIGHER_IS_BETTER,
                      METRIC_LABELS, NO_VALUE, RANDOM_INIT, SCALES, UNDEFINED, Layout, Panel, Scale,
-                     VmaxSpec, check_choice, colormap, grid_columns, special_cells, colour_scale, diverging_scale, draw,
+                     VmaxSpec, colormap, grid_columns, special_cells, colour_scale, diverging_scale, draw,
                      escape, fmt, image_names, is_random_init, mark_strides, weights_text)
 from ..results.result import Result
 from ..equivariance.shifts import ShiftGrid
@@ -174,7 +175,7 @@ def layer_profile(results: Results, labels: Optional[Sequence[str]] = None, scal
     results = as_results(results)
     labels = [_random_mark(label, r) for label, r in zip(result_labels(results, labels), results)]
     metric = check_comparable(results, labels, check_settings, same_grid=False)
-    check_choice(scale, SCALES, "scale")
+    check_choice("scale", scale, SCALES)
     rows = view_rows(results, match_layers(results, by=resolve_matching(results, by)), view)
     columns = [[row[i] for row in rows] for i in range(len(results))]
     length = len(rows)
@@ -329,7 +330,7 @@ def difference_grid(a: Result, b: Result, labels: Optional[Sequence[str]] = None
         log2(tiny+aa4 / tiny) (cosine)
         < 0: tiny+aa4 more equivariant (−1 = halved)
     """
-    check_choice(difference, DIFFERENCES, "difference")
+    check_choice("difference", difference, DIFFERENCES)
     results = [a, b]
     labels = [_random_mark(label, r) for label, r in zip(result_labels(results, labels), results)]
     metric = check_comparable(results, labels, check_settings, same_grid=True)
@@ -531,7 +532,7 @@ def _image(result: Result, name: str) -> tuple[np.ndarray, list[float], Optional
 
 def _range_keys(infos: list[LayerInfo], color_range: str) -> list:
     """Which panels share a colour scale: all ('shared'), one per stride ('stage'), none ('layer')."""
-    check_choice(color_range, COLOR_RANGES, "color_range")
+    check_choice("color_range", color_range, COLOR_RANGES)
     if color_range == "shared":
         return [0] * len(infos)
     if color_range == "stage":
