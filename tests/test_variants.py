@@ -99,7 +99,7 @@ def test_antialias_argument_copies_a_baseline_tar_checkpoint(tmp_path, monkeypat
     base_state = randomised(seeded_load(spec, weights="none").model, 10)
     monkeypatch.chdir(tmp_path)
     torch.save(base_state, "base.tar")
-    loaded = load_variant(spec, weights="base.tar", filt_size=4)
+    loaded = load_variant(spec, weights="base.tar", antialias=4)
     assert loaded.name == "model:factory+aa4" and len(blurpools(loaded.model)) == 2
     linear = [m for m in loaded.model.modules() if isinstance(m, nn.Linear)][0]
     assert torch.equal(linear.weight, base_state["7.weight"])
@@ -122,6 +122,6 @@ def test_weights_key_picks_the_entry_of_a_baseline_checkpoint(tmp_path):
     path = tmp_path / "train.pth"
     torch.save({"model": plain, "ema": ema}, path)
     assert_holds(load_variant(f"{spec}@{path}", weights_key="ema").model, ema)
-    converted = load_variant(spec, weights=str(path), filt_size=2, weights_key="model").model
+    converted = load_variant(spec, weights=str(path), antialias=2, weights_key="model").model
     linear = [m for m in converted.modules() if isinstance(m, nn.Linear)][0]
     assert torch.equal(linear.weight, plain["7.weight"])

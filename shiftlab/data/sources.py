@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from .. import distributed
 from .images import (IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, ImagePreprocess,
                    UnreadableImageError, find_images, no_images_error)
+from ..checks import check_count
 from ..errors import ShiftlabError, UsageError
 from .labels import LabelledImages, read_labels
 
@@ -205,12 +206,10 @@ def image_batches(source: Source, *, size: int, resize: Optional[int] = None, ma
         >>> tuple(batch.tensor.shape), batch.labels, [p.name for p in batch.paths]
         ((2, 3, 32, 32), None, ['astronaut.jpg', 'camera.jpg'])
     """
-    for name, value, low in (("batch_size", batch_size, 1), ("workers", workers, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise UsageError(f"{name} must be an integer >= {low}, got {value!r}")
-    if max_images is not None and (isinstance(max_images, bool) or not isinstance(max_images, int)
-                                   or max_images < 1):
-        raise UsageError(f"max_images must be a positive integer or None, got {max_images!r}")
+    check_count("batch_size", batch_size)
+    check_count("workers", workers, 0)
+    if max_images is not None:
+        check_count("max_images", max_images)
     prepare = ImagePreprocess(size=size, margin=margin, mean=mean, std=std, resize=resize)
     if isinstance(source, DataLoader):
         if shard and distributed.active():

@@ -28,7 +28,8 @@ from torchvision import models as tvm
 from torchvision.models.mobilenetv2 import InvertedResidual
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from shiftlab.errors import ModelError, UsageError
+from ..checks import check_count, check_filter_size
+from ..errors import ModelError, UsageError
 
 __all__ = ["BlurPool", "antialias", "binomial_filter", "ARCHES"]
 
@@ -197,10 +198,10 @@ _OTHER_DOWNSAMPLERS = (nn.Conv1d, nn.Conv3d, nn.MaxPool1d, nn.MaxPool3d, nn.AvgP
 
 
 def _check_int(name: str, value: object, low: int, high: Optional[int]) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
-    if not ok or (high is not None and value > high):
-        allowed = f"{low}..{high}" if high is not None else f">= {low}"
-        raise UsageError(f"{name} must be an int in {allowed}, got {value!r}")
+    if high is None:
+        check_count(name, value, low)
+    else:  # the filter size, the one bounded count
+        check_filter_size(value)
 
 
 def _detect_arch(model: nn.Module) -> str:

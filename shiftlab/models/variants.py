@@ -10,7 +10,7 @@ import dataclasses
 import re
 from typing import Optional
 
-from .antialias import antialias
+from .antialias import antialias as blurpool_version  # the parameter below is named antialias
 from .checkpoints import is_checkpoint_path
 from ..checks import check_filter_size
 from ..errors import UsageError
@@ -40,10 +40,10 @@ def parse_variant(text: str) -> tuple[str, Optional[int], Optional[str]]:
     return match["base"], filt, match["weights"]
 
 
-def load_variant(text: str, weights: str = "auto", filt_size: Optional[int] = None,
+def load_variant(text: str, weights: str = "auto", antialias: Optional[int] = None,
                  trust_checkpoint: bool = False, num_classes: Optional[int] = None,
                  weights_key: Optional[str] = None) -> LoadedModel:
-    """Load ``NAME[+aaK][@WEIGHTS]``; ``filt_size`` antialiases even without ``+aaK``.
+    """Load ``NAME[+aaK][@WEIGHTS]``; ``antialias`` (a filter size) antialiases even without ``+aaK``.
 
     ``NAME+aaK@FILE`` loads the checkpoint into the converted model (a published
     antialiased-cnns file); any other weights belong to the baseline and are copied over.
@@ -55,7 +55,7 @@ def load_variant(text: str, weights: str = "auto", filt_size: Optional[int] = No
         ('resnet18+aa4', 'random init', 'BlurPool')
     """
     base, spec_filt, spec_weights = parse_variant(text)
-    filt = spec_filt if spec_filt is not None else filt_size
+    filt = spec_filt if spec_filt is not None else antialias
     weights = spec_weights or weights
     if filt is None:
         return load_model(base, weights, trust_checkpoint=trust_checkpoint, num_classes=num_classes,
@@ -63,14 +63,14 @@ def load_variant(text: str, weights: str = "auto", filt_size: Optional[int] = No
     # with --antialias K (no +aaK in the spec) the weights belong to the baseline and are copied
     if spec_filt is not None and spec_weights is not None and is_checkpoint_path(weights):
         loaded = load_model(base, "none", num_classes=num_classes)
-        model = antialias(loaded.model, filt_size=filt, copy_weights=False)
+        model = blurpool_version(loaded.model, filt_size=filt, copy_weights=False)
         load_checkpoint(model, weights, trust_checkpoint, name=f"{loaded.name}+aa{filt}",
                         weights_key=weights_key)
         description = weights
     else:  # baseline weights, copied into the converted model
         loaded = load_model(base, weights, trust_checkpoint=trust_checkpoint, num_classes=num_classes,
                             weights_key=weights_key)
-        model = antialias(loaded.model, filt_size=filt, copy_weights=True)
+        model = blurpool_version(loaded.model, filt_size=filt, copy_weights=True)
         description = loaded.weights
     return dataclasses.replace(loaded, model=model.eval(), name=f"{loaded.name}+aa{filt}",
                                weights=description)

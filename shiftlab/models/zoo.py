@@ -48,6 +48,7 @@ from torch import nn
 from torchvision.models import get_model_weights
 
 from .checkpoints import is_checkpoint_path, load_checkpoint, state_dict_fingerprint
+from ..checks import check_count
 from ..errors import ModelError, UsageError, WeightsError, one_line
 from .pretrained import (
     DOWNLOAD_TIMEOUT_S,
@@ -158,9 +159,8 @@ def load_model(
         raise UsageError(f"model spec must be a non-empty string, got {spec!r}; e.g. 'resnet18'")
     if not isinstance(weights, str) or not weights.strip():
         raise UsageError(f"weights must be 'auto', 'none', a weights name or a checkpoint path, got {weights!r}")
-    bad_count = isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
-    if num_classes is not None and bad_count:
-        raise UsageError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if num_classes is not None:
+        check_count("num_classes", num_classes)
     spec, weights = spec.strip(), weights.strip()
     if weights_key is not None:
         if not isinstance(weights_key, str) or not weights_key.strip():
