@@ -12,6 +12,17 @@ Result(resnet18: 2 layers x 4 shifts, circular/bilinear/cosine, 2 images)
 array([[0.   , 0.027],
        [0.027, 0.045]])
 
+The keywords build one typed request, validated when built; a script can build it itself
+and run it whole (what the CLI does):
+
+>>> request = shiftlab.HeatmapRequest(
+...     shiftlab.ModelSpec("resnet18", weights="none"),
+...     inputs=shiftlab.Inputs(size=32, max_images=2), shifts=shiftlab.Shifts(max_shift=2),
+...     comparison=shiftlab.LayerComparison(layers=("maxpool",)))
+>>> shiftlab.runs.measure_heatmap(request, progress=False).map("maxpool").round(3)
+array([[0.   , 0.027],
+       [0.027, 0.045]])
+
 or the engine on your own model and images:
 
 >>> import torch
@@ -46,6 +57,8 @@ from .results.comparison import Comparison, compare  # noqa: E402
 from .models.zoo import load_model  # noqa: E402
 from .data.images import load_images, sample_image_paths  # noqa: E402
 from .data.sources import ImageDataset, image_batches  # noqa: E402
+from .requests import (CompareRequest, ConsistencyRequest, HeatmapRequest, Inputs,  # noqa: E402
+                       LayerComparison, ModelSpec, Shifts)
 from . import runs  # noqa: E402
 
 __all__ = [
@@ -54,5 +67,6 @@ __all__ = [
     "antialias", "circular_padding", "Comparison", "compare", "load_model", "load_images",
     "sample_image_paths", "ImageDataset", "image_batches", "measure_invariance",
     "InvarianceResult", "load_invariance", "uninformative_across", "consistency_protocol",
-    "diagonal_protocol", "load_protocol", "runs",
+    "diagonal_protocol", "load_protocol", "runs", "ModelSpec", "Inputs", "Shifts",
+    "LayerComparison", "HeatmapRequest", "CompareRequest", "ConsistencyRequest",
 ]

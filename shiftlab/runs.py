@@ -70,7 +70,7 @@ def load_spec(spec: ModelSpec) -> LoadedModel:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)  # random-init weights are the same in every run
-        loaded = load_variant(spec.name, spec.weights, filt_size=spec.antialias,
+        loaded = load_variant(spec.name, spec.weights, antialias=spec.antialias,
                               trust_checkpoint=spec.trust_checkpoint,
                               num_classes=spec.num_classes, weights_key=spec.weights_key)
     if spec.padding == "circular":
@@ -348,8 +348,7 @@ def measure_consistency(request: ConsistencyRequest, *, label: Optional[str] = N
         loaded.model, inputs.tensor, shifts, mode=request.shifts.mode, margin=margin,
         labels=labelled.for_paths(inputs.paths) if labelled is not None else None,
         n_pairs=request.pairs, seed=request.model.seed, batch_size=request.batch_size,
-        device=request.device, progress=progress,
-        meta={**provenance.to_dict(), "padding": request.model.padding})
+        device=request.device, progress=progress, provenance=provenance)
 
 
 def _protocol(loaded: LoadedModel, request: ConsistencyRequest, images, labelled, *,
@@ -368,22 +367,25 @@ def _protocol(loaded: LoadedModel, request: ConsistencyRequest, images, labelled
                            shard=True)
     provenance = provenance_for(loaded, request.model.name, seed=request.model.seed,
                                 antialias=request.model.antialias, resize=crop, label=label)
-    provenance = provenance.replace(extra={**provenance.extra, "protocol": request.protocol})
     if on_ready is not None:
         on_ready(loaded, None, None, request)
-    identity = {k: v for k, v in provenance.to_dict().items()
-                if k not in ("n_images", "seconds", "device", "versions", "input_digest")}
-    identity.update(padding=request.model.padding,
-                    source=_source_digest(source, request.inputs.max_images))
+    source_digest = _source_digest(source, request.inputs.max_images)
+    # what --resume checks (beyond the weights and the protocol's settings); the protocol in
+    # the provenance's extra and the padding and source at the top, as checkpoints always had
+    identity = provenance.replace(
+        extra={**provenance.extra, "protocol": request.protocol}).identity()
+    identity.update(padding=request.model.padding, source=source_digest)
+    provenance = provenance.replace(extra={**provenance.extra, "source": source_digest})
     size = request.inputs.size
     if request.protocol == "zhang2019":
         return consistency_protocol(loaded.model, stream, epochs=request.epochs, size=size,
-                                    device=request.device, progress=progress, meta=identity,
-                                    seed=request.model.seed, checkpoint=checkpoint,
-                                    resume=resume)
+                                    device=request.device, progress=progress,
+                                    provenance=provenance, seed=request.model.seed,
+                                    checkpoint=checkpoint, resume=resume, resume_key=identity)
     return diagonal_protocol(loaded.model, stream, max_offset=min(32, crop - size), size=size,
-                             device=request.device, progress=progress, meta=identity,
-                             seed=request.model.seed, checkpoint=checkpoint, resume=resume)
+                             device=request.device, progress=progress, provenance=provenance,
+                             seed=request.model.seed, checkpoint=checkpoint, resume=resume,
+                             resume_key=identity)
 
 
 def _source_digest(source, max_images: Optional[int]) -> str:

@@ -168,7 +168,7 @@ def test_aa_spec_without_a_checkpoint_copies_the_baseline_weights(tmp_path):
         assert len(mine) == len(theirs) > 0
         assert all(torch.equal(a, b) for a, b in zip(mine, theirs)), kind
     # the filter size may also come from the argument instead of the spec
-    by_argument = seeded_load(spec, weights="none", filt_size=2)
+    by_argument = seeded_load(spec, weights="none", antialias=2)
     assert by_argument.name == "tinynet:factory+aa2"
     assert all(torch.equal(a, b) for a, b in zip(weights_of(by_argument.model, nn.Conv2d),
                                                  weights_of(baseline, nn.Conv2d)))

@@ -443,13 +443,17 @@ def test_default_diagonal_is_the_grids_own_diagonal_or_its_extent():
 
 def test_save_then_load_gives_back_every_number(tmp_path):
     result = run(RowParity(), parity_images(flip=(1,)), ShiftGrid.square(2, subpixel=2),
-                 labels=[0, 1, 1], n_pairs=30, meta={"model": "parity", "label": "parity"})
+                 labels=[0, 1, 1], n_pairs=30,
+                 provenance=shiftlab.Provenance(model="parity", label="parity"))
     path = result.save(tmp_path / "out" / "invariance.npz")
     loaded = load_invariance(path)
     for name in ("reference_argmax", "grid_argmax", "grid_prob", "diagonal_argmax",
                  "diagonal_prob", "pairs", "labels"):
         np.testing.assert_array_equal(getattr(loaded, name), getattr(result, name))
-    assert loaded.settings == result.settings and loaded.meta == result.meta
+    assert loaded.settings == result.settings and loaded.provenance == result.provenance
+    assert loaded.meta == result.meta and loaded.n_classes == result.n_classes == 2
+    assert loaded.provenance.n_images == 3 and loaded.provenance.device == "cpu"
+    assert set(loaded.provenance.versions) == {"shiftlab", "torch", "python"}
     assert loaded.summary() == result.summary()
     assert loaded.to_frame().equals(result.to_frame())
     assert not any(p.name.endswith(".tmp") for p in path.parent.iterdir())
@@ -618,8 +622,76 @@ def test_cli_model_without_logits_is_a_runtime_error(image_folder, tmp_path):
 def test_the_typed_provenance_of_a_saved_result_keeps_its_extra_fields(tmp_path, random_images):
     from shiftlab.results.provenance import Provenance
 
-    meta = Provenance(model="net", weights="none", extra={"spec": "net.py:build"}).to_dict()
-    result = run(tiny_classifier(), random_images, ShiftGrid.square(2), n_pairs=10, meta=meta)
+    provenance = Provenance(model="net", weights="none", extra={"spec": "net.py:build"})
+    result = run(tiny_classifier(), random_images, ShiftGrid.square(2), n_pairs=10,
+                 provenance=provenance)
     loaded = load_invariance(result.save(tmp_path / "invariance.npz"))
     assert loaded.provenance.model == "net" and loaded.provenance.random_init
     assert loaded.provenance.extra["spec"] == "net.py:build"
+    assert loaded.label == "net" and loaded.with_label("b").provenance.label == "b"
+
+
+def test_the_older_meta_keyword_is_read_into_the_provenance(random_images):
+    from shiftlab.results.provenance import Provenance
+
+    result = run(tiny_classifier(), random_images, ShiftGrid.square(2), n_pairs=10,
+                 meta={"model": "net", "tag": 3})
+    assert result.provenance.model == "net" and result.provenance.extra == {"tag": 3}
+    assert result.label == "net" and result.meta["tag"] == 3
+    both = run(tiny_classifier(), random_images, ShiftGrid.square(2), n_pairs=10,
+               provenance=Provenance(model="net"), meta={"tag": 3})
+    assert both.provenance.model == "net" and both.provenance.extra == {"tag": 3}
+
+
+def test_a_format_2_file_with_an_untyped_meta_is_read_into_its_typed_places(tmp_path):
+    """Files written before the provenance was typed held a ``meta`` dict (the pipeline's: a
+    provenance dict plus padding, n_classes and the versions at the top level)."""
+    from shiftlab.results.files import write_archive
+
+    result = run(RowParity(), parity_images(flip=(1,)), ShiftGrid.square(2), labels=[0, 1, 1],
+                 n_pairs=30)
+    settings = result.settings.to_dict()
+    del settings["padding"]  # format 2 had no padding in its settings
+    meta = {"model": "resnet18", "label": "resnet18", "weights": "random init",
+            "pretrained": False, "seed": 0, "antialias": None, "model_fingerprint": "0375",
+            "images": ["a.png", "b.png", "c.png"], "image_digests": ["1", "2", "3"],
+            "resize": 37, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+            "labels": None, "n_images": 3, "input_digest": "", "seconds": 1.098,
+            "device": "cpu", "versions": {}, "extra": {"spec": "resnet18", "zero_padded": False},
+            "padding": "circular", "n_classes": 1000, "shiftlab": "0.2.0", "torch": "2.4.0",
+            "python": "3.11.7"}
+    arrays = {name: getattr(result, name) for name in ("reference_argmax", "grid_argmax",
+              "grid_prob", "diagonal_argmax", "diagonal_prob", "pairs", "labels")}
+    path = write_archive(tmp_path / "old.npz", {"format": 2, "kind": "shiftlab.invariance",
+                                                "settings": settings, "meta": meta}, arrays)
+    old = load_invariance(path)
+    assert old.summary() == result.summary()
+    assert old.settings.padding == "circular" and old.n_classes == 1000
+    assert old.label == "resnet18" and old.provenance.images == ("a.png", "b.png", "c.png")
+    assert old.provenance.seed == 0 and old.provenance.n_images == 3
+    assert old.provenance.versions == {"shiftlab": "0.2.0", "torch": "2.4.0", "python": "3.11.7"}
+    assert old.provenance.extra == {"spec": "resnet18", "zero_padded": False}
+    again = load_invariance(old.save(tmp_path / "new.npz"))  # written again: the typed format
+    assert again.provenance == old.provenance and again.settings == old.settings
+    assert again.n_classes == 1000
+    # an API result of format 2 held a free-form meta
+    path = write_archive(tmp_path / "api.npz", {"format": 2, "kind": "shiftlab.invariance",
+                                                "settings": settings,
+                                                "meta": {"model": "tiny", "n_classes": 2}},
+                         arrays)
+    api = load_invariance(path)
+    assert api.label == "tiny" and api.n_classes == 2 and api.provenance.extra == {}
+
+
+def test_the_train_mode_warning_points_at_the_callers_line(random_images):
+    model = dropout_classifier().train()
+    with pytest.warns(UserWarning, match="was in train mode") as caught:
+        measure_invariance(model, random_images, ShiftGrid.square(2), n_pairs=10, device="cpu",
+                           progress=False)
+    [warning] = [w for w in caught if "train mode" in str(w.message)]
+    assert warning.filename == __file__ and str(warning.message).startswith("Sequential was")
+    with pytest.warns(UserWarning, match="net was in train mode") as caught:
+        shiftlab.measure(model, random_images, ShiftGrid.square(2), device="cpu", progress=False,
+                         provenance=shiftlab.Provenance(model="net"))
+    [warning] = [w for w in caught if "train mode" in str(w.message)]
+    assert warning.filename == __file__ and model.training

@@ -15,7 +15,7 @@ import math
 import numpy as np
 import pytest
 
-from shiftlab import ShiftGrid
+from shiftlab import Provenance, ShiftGrid
 from shiftlab.errors import UsageError
 from shiftlab.invariance.grid_result import (InvarianceResult, InvarianceSettings, bootstrap_interval,
                                  load_invariance, uninformative_across, wilson_interval)
@@ -177,10 +177,11 @@ def test_save_then_load_keeps_nonfinite_entries_and_bootstrap_settings(tmp_path)
     assert loaded.summary() == result.summary() and loaded.n_nonfinite == 2
 
 
-def test_label_comes_from_meta_and_with_label_renames_a_copy():
+def test_label_comes_from_the_provenance_and_with_label_renames_a_copy():
     result = build([[0, 1, 0, 1]])
     assert result.label == "result"
-    result.meta = {"model": "resnet18"}
+    result.provenance = Provenance(model="resnet18")
     renamed = result.with_label("resnet18#2")
     assert result.label == "resnet18" and renamed.label == "resnet18#2"
+    assert renamed.provenance.label == "resnet18#2" and renamed.meta["label"] == "resnet18#2"
     assert renamed.grid_argmax is result.grid_argmax

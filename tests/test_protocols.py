@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch import nn
 
+from shiftlab import Provenance
 from shiftlab.errors import ModelError, UsageError
 from shiftlab.invariance.grid_result import uninformative_across
 from shiftlab.invariance.protocols import (DiagonalResult, ProtocolResult, consistency_protocol,
@@ -209,14 +210,74 @@ def test_train_mode_is_restored_after_the_protocol():
 
 def test_protocol_result_saves_and_loads_every_array(tmp_path):
     result = run(TopLeft(100), batched(position_images(6, 6), range(6), 4), size=SIZE, epochs=2,
-                 meta={"model": "topleft"})
+                 provenance=Provenance(model="topleft", extra={"note": "tiny"}))
     loaded = load_protocol(result.save(tmp_path / "p.npz"))
     assert isinstance(loaded, ProtocolResult) and loaded.settings == result.settings
     for name in ("image", "offsets", "predictions", "probability", "labels"):
         np.testing.assert_array_equal(getattr(loaded, name), getattr(result, name))
-    assert loaded.summary() == result.summary() and loaded.meta == result.meta
+    assert loaded.summary() == result.summary() and loaded.provenance == result.provenance
+    assert loaded.meta == result.meta and loaded.label == "topleft"
+    assert loaded.provenance.n_images == 6 and loaded.provenance.extra == {"note": "tiny"}
+    assert loaded.provenance.device == "cpu" and "torch" in loaded.provenance.versions
     with pytest.raises(Exception, match="protocol file"):
         load_protocol(tmp_path / "missing.npz")
+
+
+def test_a_format_1_protocol_file_with_an_untyped_meta_is_read_into_its_typed_places(tmp_path):
+    """Format 1 held the pipeline's resume identity plus device and versions as ``meta``."""
+    from dataclasses import asdict
+
+    from shiftlab.results.files import write_archive
+
+    result = run(TopLeft(100), batched(position_images(6, 6), range(6), 4), size=SIZE, epochs=2)
+    settings = asdict(result.settings)
+    del settings["padding"]  # format 1 had no padding in its settings
+    meta = {"model": "resnet18", "label": "resnet18", "weights": "random init",
+            "pretrained": False, "seed": 0, "antialias": None, "model_fingerprint": "0375",
+            "images": [], "image_digests": [], "resize": 40, "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225], "labels": None,
+            "extra": {"spec": "resnet18", "zero_padded": True, "protocol": "zhang2019"},
+            "padding": "circular", "source": "8ccc", "device": "cpu", "shiftlab": "0.2.0",
+            "torch": "2.4.0", "python": "3.11.7"}
+    arrays = {name: getattr(result, name) for name in ("image", "offsets", "predictions",
+                                                       "probability", "labels")}
+    path = write_archive(tmp_path / "old.npz", {"format": 1, "kind": "shiftlab.protocol",
+                                                "settings": settings, "meta": meta}, arrays)
+    old = load_protocol(path)
+    assert isinstance(old, ProtocolResult) and old.summary() == result.summary()
+    assert old.settings.padding == "circular" and old.label == "resnet18"
+    assert old.provenance.seed == 0 and old.provenance.resize == 40
+    assert old.provenance.versions == {"shiftlab": "0.2.0", "torch": "2.4.0", "python": "3.11.7"}
+    assert old.provenance.extra == {"spec": "resnet18", "zero_padded": True, "source": "8ccc"}
+    assert math.isnan(old.provenance.seconds)  # format 1 did not record it
+    again = load_protocol(old.save(tmp_path / "new.npz"))
+    assert again.provenance.replace(seconds=0) == old.provenance.replace(seconds=0)
+    assert again.settings == old.settings
+    path = write_archive(tmp_path / "api.npz", {"format": 1, "kind": "shiftlab.protocol",
+                                                "settings": settings, "meta": {"model": "net"}},
+                         arrays)
+    assert load_protocol(path).label == "net"
+
+
+def test_resume_refuses_another_identity_naming_it_and_continues_the_same(tmp_path):
+    images = batched(position_images(6, 6), range(6), 4)
+    path = tmp_path / "progress.npz"
+    run(TopLeft(100), images, size=SIZE, epochs=1, provenance=Provenance(model="a", seed=1),
+        checkpoint=path)
+    with pytest.raises(UsageError, match="cannot resume.*another model;"):
+        run(TopLeft(100), images, size=SIZE, epochs=2, provenance=Provenance(model="b", seed=1),
+            checkpoint=path, resume=True)
+    with pytest.raises(UsageError, match="cannot resume.*another seed;"):  # the protocol's
+        run(TopLeft(100), images, size=SIZE, epochs=2, provenance=Provenance(model="a", seed=1),
+            seed=5, checkpoint=path, resume=True)
+    keyed = tmp_path / "keyed.npz"  # the pipeline's resume_key replaces the provenance's fields
+    run(TopLeft(100), images, size=SIZE, epochs=1, resume_key={"source": "abc"}, checkpoint=keyed)
+    with pytest.raises(UsageError, match="cannot resume.*another source;"):
+        run(TopLeft(100), images, size=SIZE, epochs=2, checkpoint=keyed, resume=True,
+            resume_key={"source": "other"}, provenance=Provenance(model="a"))
+    resumed = run(TopLeft(100), images, size=SIZE, epochs=2, checkpoint=path, resume=True,
+                  provenance=Provenance(model="a", seed=1))
+    assert resumed.n_pairs == 12 and resumed.provenance.model == "a"
 
 
 # -- diagonal protocol ------------------------------------------------------------------------

@@ -93,7 +93,12 @@ def write_set(folder: Path, write: Callable[[Path], list[Path]],
     previous set, without figures, and :class:`DrawingFailed` names them and ``redraw`` (how to
     draw them again). An interrupt (Ctrl-C, SIGTERM) changes nothing.
 
-    >>> write_set(Path("runs/x"), lambda stage: [write_table(stage / "summary.csv", frame)])  # doctest: +SKIP
+    >>> import tempfile, pandas as pd
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     written = write_set(Path(tmp) / "run", lambda stage: [
+    ...         write_table(stage / "summary.csv", pd.DataFrame({"layer": ["conv1"]}))])
+    ...     [path.name for path in written], sorted(p.name for p in (Path(tmp) / "run").iterdir())
+    (['summary.csv'], ['summary.csv'])
     """
     created = not folder.exists()
     try:

@@ -132,7 +132,8 @@ def measure(model: nn.Module, images: Images, grid: Optional[ShiftGrid] = None, 
 
     device = resolve_device(device)
     autocast = _autocast(dtype, device)
-    with evaluation_mode(model):
+    named = provenance or Provenance.from_meta(meta or {})  # names the model in the warning
+    with evaluation_mode(model, named.label or named.model or None):
         model = model.to(device)
         infos = probe_layers(model, (height, width), layers, channels=first.shape[1], device=device)
         if not infos:
@@ -241,20 +242,35 @@ def _bar(total: Optional[int], progress: Optional[bool], unit: str = "pass") -> 
 
 
 @contextlib.contextmanager
-def evaluation_mode(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` in eval mode and restore its mode afterwards, even when the run fails.
+def evaluation_mode(model: nn.Module, name: Optional[str] = None) -> Iterator[nn.Module]:
+    """Run ``model`` in eval mode inside the block and give every module its own previous mode
+    back afterwards (in ``finally``, even when the block raises); warn when it was training.
 
-    A model left in train mode would measure dropout noise and update BatchNorm statistics.
+    Dropout and BatchNorm's batch statistics make a training-mode output random and change the
+    running statistics, so a number measured that way means nothing. The warning names the
+    model ``name`` (default: its class) and points at the caller of the function whose body
+    holds the ``with`` (``measure``, ``measure_invariance``, the protocols): use it directly
+    there, not through a helper.
+
+    >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).eval()
+    >>> _ = net[1].train()                                  # one module left in train mode
+    >>> with evaluation_mode(net, "tiny"):
+    ...     net[1].training
+    False
+    >>> net[1].training                                     # its own mode back afterwards
+    True
     """
-    modes = {module: module.training for module in model.modules()}
+    modes = [(module, module.training) for module in model.modules()]
     if model.training:
-        warnings.warn("the model was in train mode; shiftlab measures it in eval mode (dropout off,"
-                      " BatchNorm running statistics) and restores its mode afterwards", stacklevel=3)
+        # 1: here, 2: contextlib's __enter__, 3: the with statement, 4: the user's call
+        warnings.warn(f"{name or type(model).__name__} was in train mode: measured in eval mode"
+                      " (no dropout, BatchNorm running statistics), train mode restored after",
+                      stacklevel=4)
     model.eval()
     try:
-        yield
+        yield model
     finally:
-        for module, training in modes.items():
+        for module, training in modes:
             module.training = training
 
 

@@ -34,26 +34,23 @@ on the six shipped sample photos at 32 px:
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
-import platform
 import time
 import warnings
-from typing import Iterator, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm  # plain bar: tqdm.auto warns in notebooks without ipywidgets
 
-from .._version import __version__
-
 from .. import distributed
 from ..checks import (batch_layout, check_count, check_request, labelled_batches, resolve_grid,
                      window_size)
-from ..equivariance.engine import resolve_device
+from ..equivariance.engine import evaluation_mode, resolve_device
 from ..errors import ModelError, ShiftlabError, UsageError
+from ..results.provenance import Provenance, versions
 from .grid_result import INVALID, InvarianceResult, InvarianceSettings
 from ..equivariance.shifts import MODES, ShiftGrid, apply_shifts, centre_window
 
@@ -61,35 +58,6 @@ __all__ = ["classifier_logits", "default_diagonal", "evaluation_mode", "measure_
 
 
 # -- model handling shared with shiftlab.invariance.protocols ---------------------------------------
-@contextlib.contextmanager
-def evaluation_mode(model: nn.Module, name: Optional[str] = None) -> Iterator[nn.Module]:
-    """Run ``model`` in eval mode inside the block and give every module its own previous mode
-    back afterwards (in ``finally``, even when the block raises); warn when it was training.
-
-    Dropout and BatchNorm's batch statistics make a training-mode prediction random and change
-    the running statistics, so an invariance number measured that way means nothing.
-
-    >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).eval()
-    >>> _ = net[1].train()                                  # one module left in train mode
-    >>> with evaluation_mode(net, "tiny"):
-    ...     net[1].training
-    False
-    >>> net[1].training                                     # its own mode back afterwards
-    True
-    """
-    modes = [(module, module.training) for module in model.modules()]
-    if model.training:
-        warnings.warn(f"{name or type(model).__name__} was in train mode: measured in eval mode"
-                      " (no dropout, BatchNorm running statistics), train mode restored after",
-                      stacklevel=4)
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
 def classifier_logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """The model's output for ``batch`` (B, C, H, W) as (B, classes) float64 logits; an output
     (B, classes, 1, 1) is flattened, anything else is a :class:`ModelError`.
@@ -124,14 +92,42 @@ def top_class(logits: torch.Tensor) -> torch.Tensor:
                        torch.full_like(logits[..., 0], INVALID, dtype=torch.long))
 
 
-def model_name(model: nn.Module, meta: Optional[dict]) -> str:
-    """How warnings name a model: ``meta['label']``, else ``meta['model']``, else its class.
+def model_name(model: nn.Module, provenance: Optional[Provenance]) -> str:
+    """How warnings name a model: its provenance's label, else its model, else its class.
 
-    >>> model_name(nn.Linear(2, 2), {"model": "resnet18"})
+    >>> model_name(nn.Linear(2, 2), Provenance(model="resnet18"))
     'resnet18'
+    >>> model_name(nn.Linear(2, 2), None)
+    'Linear'
     """
-    meta = meta or {}
-    return str(meta.get("label") or meta.get("model") or type(model).__name__)
+    named = provenance or Provenance()
+    return named.label or named.model or type(model).__name__
+
+
+def given_provenance(provenance: Optional[Provenance], meta: Optional[dict]) -> Optional[Provenance]:
+    """The caller's provenance with the older ``meta`` keyword folded in: alone, it is read as
+    :meth:`Provenance.from_header_meta` reads it; with a provenance, it goes to its ``extra``
+    (as :func:`shiftlab.measure` does). None when neither is given.
+
+    >>> given_provenance(None, {"model": "resnet18"}).model
+    'resnet18'
+    >>> given_provenance(Provenance(model="net"), {"tag": 1}).extra
+    {'tag': 1}
+    """
+    if not meta:
+        return provenance
+    if provenance is None:
+        return Provenance.from_header_meta(meta)
+    return provenance.replace(extra={**provenance.extra, **meta})
+
+
+def measured_provenance(provenance: Optional[Provenance], *, n_images: int, started: float,
+                        device: torch.device) -> Provenance:
+    """``provenance`` (or an empty one) with what the measurement fills: the number of images,
+    seconds since ``started`` (``time.perf_counter``), the device and the versions."""
+    return (provenance or Provenance()).replace(
+        n_images=int(n_images), seconds=round(time.perf_counter() - started, 3),
+        device=str(device), versions=versions())
 
 
 def check_finite(name: str, n_nonfinite: int, n_total: int) -> None:
@@ -166,8 +162,9 @@ def measure_invariance(model: nn.Module, images: torch.Tensor, grid: Optional[Sh
                        labels: Optional[Sequence[int]] = None, n_pairs: int = 1000, seed: int = 0,
                        diagonal: Optional[ShiftGrid] = None, batch_size: int = 16,
                        device: Union[str, torch.device, None] = "auto",
-                       progress: Optional[bool] = None, meta: Optional[dict] = None,
-                       n_bootstrap: int = 1000, confidence: float = 0.95) -> InvarianceResult:
+                       progress: Optional[bool] = None, provenance: Optional[Provenance] = None,
+                       meta: Optional[dict] = None, n_bootstrap: int = 1000,
+                       confidence: float = 0.95) -> InvarianceResult:
     """Consistency, flip rate, MAC and accuracy of a classifier's output under input shifts.
 
     Args:
@@ -191,15 +188,20 @@ def measure_invariance(model: nn.Module, images: torch.Tensor, grid: Optional[Sh
             :func:`default_diagonal` of ``grid``. Shifts shared with ``grid`` run once.
         batch_size: inputs per forward pass (images × shifts); results do not depend on it.
         device: 'auto', 'cpu', 'cuda', ...; progress: tqdm bar (None: only on a terminal).
-        meta: extra metadata stored in the result (model name, weights, image names, ...);
-            ``meta['label']`` or ``meta['model']`` names the model in warnings.
+        provenance: where the model and images came from (``shiftlab.runs`` fills it); the
+            measurement adds the number of images, seconds, device and versions. Its
+            ``label`` (else ``model``) names the model in warnings.
+        meta: older free-form metadata ({"model": ..., "label": ...}): read into the
+            provenance when none is given, else kept in ``provenance.extra``.
         n_bootstrap, confidence: the bootstrap over images behind the pooled intervals.
 
     Returns:
-        An :class:`InvarianceResult`. Outputs with NaN or Inf logits are stored as class -1,
-        left out of every statistic and counted (``n_nonfinite``, with a warning); a model with
-        no finite output raises :class:`ModelError`. When every prediction is one class, a
-        warning says consistency is uninformative (:attr:`InvarianceResult.uninformative`).
+        An :class:`InvarianceResult` (``n_classes``: the model's output size;
+        ``settings.padding``: the model's ``shiftlab_padding``, which ``shiftlab.runs`` sets).
+        Outputs with NaN or Inf logits are stored as class -1, left out of every statistic and
+        counted (``n_nonfinite``, with a warning); a model with no finite output raises
+        :class:`ModelError`. When every prediction is one class, a warning says consistency is
+        uninformative (:attr:`InvarianceResult.uninformative`).
 
     Example:
         A tiny classifier that is not shift-invariant (it flattens its feature map), on the
@@ -237,11 +239,13 @@ def measure_invariance(model: nn.Module, images: torch.Tensor, grid: Optional[Sh
 
     settings = InvarianceSettings(grid=grid, diagonal=diagonal, mode=mode, size=(height, width),
                                   margin=margin, n_pairs=int(n_pairs), seed=int(seed),
-                                  n_bootstrap=int(n_bootstrap), confidence=float(confidence))
+                                  n_bootstrap=int(n_bootstrap), confidence=float(confidence),
+                                  padding=str(getattr(model, "shiftlab_padding", "as-trained")))
     union = list(dict.fromkeys(grid.shifts + diagonal.shifts))  # grid order, then new sweep steps
     device = resolve_device(device)
     model = model.to(device)
-    name = model_name(model, meta)
+    provenance = given_provenance(provenance, meta)
+    name = model_name(model, provenance)
     started = time.perf_counter()
     show = progress if distributed.is_main() else False
     with evaluation_mode(model, name):
@@ -284,15 +288,13 @@ def measure_invariance(model: nn.Module, images: torch.Tensor, grid: Optional[Sh
         torch.randint(len(grid), (n_pairs,), generator=generator).numpy(),
         torch.randint(len(grid), (n_pairs,), generator=generator).numpy(),
     ], axis=1)
-    meta = {**(meta or {}), "n_images": n_images, "n_classes": n_classes,
-            "seconds": round(time.perf_counter() - started, 3), "device": str(device),
-            "shiftlab": __version__, "torch": torch.__version__,
-            "python": platform.python_version()}
+    provenance = measured_provenance(provenance, n_images=n_images, started=started,
+                                     device=device)
     result = InvarianceResult(
         settings=settings, reference_argmax=reference,
         grid_argmax=argmax[:, grid_index], grid_prob=prob[:, grid_index],
         diagonal_argmax=argmax[:, diagonal_index], diagonal_prob=prob[:, diagonal_index],
-        pairs=pairs, labels=label_array, meta=meta)
+        pairs=pairs, labels=label_array, n_classes=int(n_classes), provenance=provenance)
     if result.uninformative:
         warnings.warn(f"{name}: {result.uninformative}", stacklevel=2)
     return result

@@ -26,6 +26,7 @@ counts them.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -37,7 +38,7 @@ import numpy as np
 
 from ..errors import ShiftlabError, UsageError, one_line
 from ..results.files import read_archive, write_archive
-from ..results.provenance import NamedByMeta
+from ..results.provenance import Provenance, WithProvenance
 from ..equivariance.shifts import ShiftGrid
 
 if TYPE_CHECKING:  # pandas is imported lazily: only tables need it
@@ -46,8 +47,8 @@ if TYPE_CHECKING:  # pandas is imported lazily: only tables need it
 __all__ = ["InvarianceResult", "InvarianceSettings", "bootstrap_interval", "load_invariance",
            "uninformative_across", "wilson_interval"]
 
-FORMAT_VERSION = 2  # 2: class -1 marks a non-finite output; bootstrap settings
-_READABLE = (1, 2)
+FORMAT_VERSION = 3  # 2: class -1 marks a non-finite output; bootstrap settings; 3: typed provenance
+_READABLE = (1, 2, 3)  # 1 and 2 held an untyped ``meta`` dict: read into the provenance
 _KIND = "shiftlab.invariance"
 _ARRAYS = ("reference_argmax", "grid_argmax", "grid_prob", "diagonal_argmax", "diagonal_prob",
            "pairs")
@@ -202,6 +203,7 @@ class InvarianceSettings:
     seed: int = 0
     n_bootstrap: int = 1000
     confidence: float = 0.95
+    padding: str = "as-trained"
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -215,11 +217,12 @@ class InvarianceSettings:
                    size=tuple(data["size"]), margin=int(data["margin"]),
                    n_pairs=int(data["n_pairs"]), seed=int(data["seed"]),
                    n_bootstrap=int(data.get("n_bootstrap", 1000)),
-                   confidence=float(data.get("confidence", 0.95)))
+                   confidence=float(data.get("confidence", 0.95)),
+                   padding=str(data.get("padding", "as-trained")))
 
 
 @dataclass
-class InvarianceResult(NamedByMeta):
+class InvarianceResult(WithProvenance):
     """Per-image predictions under every shift, and the invariance numbers derived from them.
 
     Arrays (N images, S grid shifts, D diagonal steps, P pairs); class -1 / probability NaN mark
@@ -231,6 +234,11 @@ class InvarianceResult(NamedByMeta):
     * ``diagonal_argmax`` (N, D), ``diagonal_prob`` (N, D): the same along the diagonal sweep.
     * ``pairs`` (P, 3): the random pairs as (image, grid index of δ1, grid index of δ2).
     * ``labels`` (N,) class indices, or None.
+
+    ``n_classes`` is the model's number of outputs (None when unknown) and ``provenance``
+    (:class:`~shiftlab.results.provenance.Provenance`) where the model and images came from,
+    as for a per-layer ``Result``; ``label``, ``with_label`` and the read-only ``meta`` view
+    read it.
 
     >>> import torch
     >>> from torch import nn
@@ -259,7 +267,8 @@ class InvarianceResult(NamedByMeta):
     diagonal_prob: np.ndarray
     pairs: np.ndarray
     labels: Optional[np.ndarray] = None
-    meta: dict = field(default_factory=dict)
+    n_classes: Optional[int] = None
+    provenance: Provenance = field(default_factory=Provenance)
 
     @property
     def grid(self) -> ShiftGrid:
@@ -509,7 +518,7 @@ class InvarianceResult(NamedByMeta):
     def save(self, path: Union[str, os.PathLike]) -> Path:
         """Write one ``.npz`` (arrays + JSON header, no pickle) atomically: temp file, then rename."""
         header = {"format": FORMAT_VERSION, "kind": _KIND, "settings": self.settings.to_dict(),
-                  "meta": self.meta}
+                  "n_classes": self.n_classes, "provenance": self.provenance.to_dict()}
         arrays = {name: getattr(self, name) for name in _ARRAYS + ("labels",)}
         return write_archive(path, header, arrays)
 
@@ -528,8 +537,8 @@ def load_invariance(path: Union[str, os.PathLike]) -> InvarianceResult:
     >>> tmp = tempfile.TemporaryDirectory()
     >>> path = measure_invariance(model, images, ShiftGrid.square(4)).save(f"{tmp.name}/inv.npz")
     >>> result = load_invariance(path)
-    >>> result.n_images, len(result.grid), result.meta["n_classes"]
-    (6, 16, 10)
+    >>> result.n_images, len(result.grid), result.n_classes, result.provenance.n_images
+    (6, 16, 10, 6)
     """
     path = Path(path)
     if not path.is_file():
@@ -544,7 +553,29 @@ def load_invariance(path: Union[str, os.PathLike]) -> InvarianceResult:
                             f" {found}); re-run 'shiftlab consistency'")
     try:
         settings = InvarianceSettings.from_dict(header["settings"])
+        if header["format"] >= 3:
+            provenance = Provenance.from_dict(header["provenance"])
+            n_classes = header.get("n_classes")
+        else:
+            settings, provenance, n_classes = _from_meta(settings, header.get("meta") or {})
+        n_classes = None if n_classes is None else int(n_classes)
+    except ShiftlabError as exc:
+        raise ShiftlabError(f"{path}: {exc}") from exc
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ShiftlabError(f"{path} has an incomplete or damaged header ({type(exc).__name__}:"
                             f" {one_line(exc)}); re-run the measurement") from exc
-    return InvarianceResult(settings=settings, labels=labels, meta=header.get("meta", {}), **arrays)
+    return InvarianceResult(settings=settings, labels=labels, n_classes=n_classes,
+                            provenance=provenance, **arrays)
+
+
+def _from_meta(settings: InvarianceSettings, meta: dict
+               ) -> tuple[InvarianceSettings, Provenance, Optional[int]]:
+    """Settings, provenance and number of classes of a format 1-2 file, whose header held an
+    untyped ``meta`` dict: a Provenance dict (or free-form keys) plus ``n_classes`` and the
+    pipeline's ``padding``, which now have their own places."""
+    provenance = Provenance.from_header_meta(meta)
+    extra = dict(provenance.extra)
+    n_classes = extra.pop("n_classes", None)
+    if "padding" in extra:
+        settings = dataclasses.replace(settings, padding=str(extra.pop("padding")))
+    return settings, provenance.replace(extra=extra), n_classes

@@ -25,6 +25,7 @@ A tiny classifier on 32 px windows of the six shipped sample photos (R = 40, lab
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -36,18 +37,20 @@ import numpy as np
 from ..errors import ShiftlabError, one_line
 from ..results.files import read_archive, write_archive
 from .grid_result import INVALID, bootstrap_interval, single_class
-from ..results.provenance import NamedByMeta
+from ..results.provenance import Provenance, WithProvenance
 
 __all__ = ["DiagonalResult", "ProtocolResult", "ProtocolSettings", "load_protocol"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a typed provenance instead of an untyped ``meta`` dict
+_READABLE = (1, 2)  # format 1's ``meta`` is read into the provenance
 _KIND = "shiftlab.protocol"
 _ARRAYS = ("image", "offsets", "predictions", "probability")
 
 
 @dataclass(frozen=True)
 class ProtocolSettings:
-    """What defines a protocol run (saved with it). ``canvas`` is the input (R_h, R_w)."""
+    """What defines a protocol run (saved with it). ``canvas`` is the input (R_h, R_w);
+    ``padding`` the model's ``shiftlab_padding`` (``shiftlab.runs`` sets it)."""
 
     protocol: str
     size: int
@@ -57,6 +60,7 @@ class ProtocolSettings:
     max_offset: int = 0
     n_bootstrap: int = 1000
     confidence: float = 0.95
+    padding: str = "as-trained"
 
     @property
     def n_offsets(self) -> tuple[int, int]:
@@ -70,12 +74,14 @@ class ProtocolSettings:
         return cls(protocol=str(data["protocol"]), size=int(data["size"]),
                    canvas=tuple(int(v) for v in data["canvas"]), epochs=int(data["epochs"]),
                    seed=int(data["seed"]), max_offset=int(data["max_offset"]),
-                   n_bootstrap=int(data["n_bootstrap"]), confidence=float(data["confidence"]))
+                   n_bootstrap=int(data["n_bootstrap"]), confidence=float(data["confidence"]),
+                   padding=str(data.get("padding", "as-trained")))
 
 
 @dataclass
-class _Saved(NamedByMeta):
-    """Save/load shared by the two results: arrays + JSON header in one ``.npz``, no pickle."""
+class _Saved(WithProvenance):
+    """Save/load shared by the two results: arrays + JSON header in one ``.npz``, no pickle;
+    ``provenance`` as for a per-layer ``Result`` (``label``, ``with_label``, ``meta`` read it)."""
 
     settings: ProtocolSettings
     image: np.ndarray
@@ -83,7 +89,7 @@ class _Saved(NamedByMeta):
     predictions: np.ndarray
     probability: np.ndarray
     labels: Optional[np.ndarray] = None
-    meta: dict = field(default_factory=dict)
+    provenance: Provenance = field(default_factory=Provenance)
 
     @property
     def uninformative(self) -> Optional[str]:
@@ -122,7 +128,7 @@ class _Saved(NamedByMeta):
         'protocol-tiny.npz'
         """
         header = {"format": FORMAT_VERSION, "kind": _KIND, "settings": asdict(self.settings),
-                  "meta": self.meta}
+                  "provenance": self.provenance.to_dict()}
         arrays = {name: getattr(self, name) for name in _ARRAYS + ("labels",)}
         return write_archive(path, header, arrays)
 
@@ -313,11 +319,28 @@ def load_protocol(path: Union[str, os.PathLike]) -> Union[ProtocolResult, Diagon
     header, arrays = read_archive(path, _ARRAYS, ("labels",), what="protocol")
     labels = arrays.pop("labels", None)
     try:
-        if header.get("kind") != _KIND or header.get("format") != FORMAT_VERSION:
+        if header.get("kind") != _KIND or header.get("format") not in _READABLE:
             raise ValueError(f"kind {header.get('kind')!r}, format {header.get('format')!r}")
         settings = ProtocolSettings.from_dict(header["settings"])
+        if header["format"] >= 2:
+            provenance = Provenance.from_dict(header["provenance"])
+        else:
+            settings, provenance = _from_meta(settings, header.get("meta") or {})
     except Exception as exc:
         raise ShiftlabError(f"{path} is not a shiftlab protocol file of format {FORMAT_VERSION}"
                             f" ({type(exc).__name__}: {one_line(exc)}); re-run the protocol") from exc
     kind = DiagonalResult if settings.protocol == "diagonal" else ProtocolResult
-    return kind(settings=settings, labels=labels, meta=header.get("meta", {}), **arrays)
+    return kind(settings=settings, labels=labels, provenance=provenance, **arrays)
+
+
+def _from_meta(settings: ProtocolSettings, meta: dict) -> tuple[ProtocolSettings, Provenance]:
+    """Settings and provenance of a format-1 file, whose header held an untyped ``meta`` dict:
+    the pipeline's ``padding`` goes to the settings, its ``protocol`` (already there) is
+    dropped; the rest (the source digest, the model spec, ...) stays in ``extra``."""
+    provenance = Provenance.from_header_meta(meta)
+    extra = dict(provenance.extra)
+    if extra.get("protocol") == settings.protocol:
+        del extra["protocol"]
+    if "padding" in extra:
+        settings = dataclasses.replace(settings, padding=str(extra.pop("padding")))
+    return settings, provenance.replace(extra=extra)

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import collections.abc
 import os
-import platform
+import time
 import warnings
 from typing import Iterable, Iterator, Optional, Union
 
@@ -49,18 +49,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .._version import __version__
-
 from .. import distributed
 from ..checks import split_batch
 from ..defaults import PROTOCOLS as DEFAULT_PROTOCOLS
-from ..equivariance.engine import resolve_device
+from ..equivariance.engine import evaluation_mode, resolve_device
 from ..errors import ShiftlabError, UsageError
-from .grid import (check_finite, classifier_logits, evaluation_mode, model_name,
-                         top_class)
+from .grid import (check_finite, classifier_logits, given_provenance, measured_provenance,
+                   model_name, top_class)
 from .grid_result import INVALID
 from ..results.progress import EpochProgress
 from ..data.sources import ImageBatch
+from ..results.provenance import Provenance
 from .protocol_result import DiagonalResult, ProtocolResult, ProtocolSettings, load_protocol
 
 __all__ = ["DiagonalResult", "PROTOCOLS", "ProtocolResult", "ProtocolSettings",
@@ -72,9 +71,10 @@ Checkpoint = Union[str, "os.PathLike[str]", None]
 
 def consistency_protocol(model: nn.Module, batches: Iterable, *, size: int = 224, epochs: int = 1,
                          seed: int = 0, device: Union[str, torch.device, None] = "auto",
-                         progress: Optional[bool] = None, meta: Optional[dict] = None,
-                         n_bootstrap: int = 1000, confidence: float = 0.95,
-                         checkpoint: Checkpoint = None, resume: bool = False) -> ProtocolResult:
+                         progress: Optional[bool] = None, provenance: Optional[Provenance] = None,
+                         meta: Optional[dict] = None, n_bootstrap: int = 1000,
+                         confidence: float = 0.95, checkpoint: Checkpoint = None,
+                         resume: bool = False, resume_key: Optional[dict] = None) -> ProtocolResult:
     """The paper's consistency: two random ``size`` windows per image and epoch, one forward each.
 
     Args:
@@ -87,10 +87,14 @@ def consistency_protocol(model: nn.Module, batches: Iterable, *, size: int = 224
         seed: the offsets of image i in epoch e depend on (seed, e, i) only — not on batching
             or torchrun sharding — and the bootstrap. i is the image's position in the source
             (``ImageBatch.indices`` for shiftlab's streams, else its place in the stream).
-        device, progress, meta: as for :func:`shiftlab.measure_invariance`.
+        device, progress, provenance, meta: as for :func:`shiftlab.measure_invariance` (the
+            result's provenance gets the number of images, seconds, device and versions).
         checkpoint: a file for the rows of each completed epoch (written atomically, by rank 0);
-            ``resume=True`` continues from it (refused when settings, weights or ``meta``
-            differ; a missing file starts at epoch 0).
+            ``resume=True`` continues from it (a missing file starts at epoch 0), refused when
+            the settings, the weights or the run's identity differ, naming what differs. The
+            identity is ``resume_key`` when given (the pipeline passes the model spec, seed,
+            images, padding and source), else what ``provenance`` says was measured (its
+            fields but those the measurement fills) and ``meta``.
 
     Example:
         The six shipped sample photos at R = 40 as one batch (a list is re-iterable), with
@@ -106,8 +110,11 @@ def consistency_protocol(model: nn.Module, batches: Iterable, *, size: int = 224
         >>> result.summary()["consistency"], result.n_pairs, result.settings.n_offsets
         (0.8, 30, (8, 8))
     """
-    model, device, name = _prepare(model, device, meta, size, epochs, n_bootstrap, confidence)
-    saved = _progress(checkpoint, "zhang2019", size, seed, 0, model, meta)
+    model, device, named = _prepare(model, device, provenance, meta, size, epochs, n_bootstrap,
+                                    confidence)
+    name, started = model_name(model, named), time.perf_counter()
+    saved = _progress(checkpoint, "zhang2019", size, seed, 0, model,
+                      _identity(provenance, meta, resume_key))
     done = _restore(saved, resume, epochs)
     with evaluation_mode(model, name):
         for epoch, stream in _passes(batches, epochs, len(done), progress):
@@ -133,29 +140,32 @@ def consistency_protocol(model: nn.Module, batches: Iterable, *, size: int = 224
     predictions = np.concatenate([record["predictions"] for record in done])
     check_finite(name, int((predictions == INVALID).sum()), predictions.size)
     settings = ProtocolSettings("zhang2019", int(size), _canvas_of(done), int(epochs), int(seed), 0,
-                                int(n_bootstrap), float(confidence))
+                                int(n_bootstrap), float(confidence), _padding(model))
     image = np.arange(len(done[0]["ids"]))  # images numbered in source order, skips closed up
     result = ProtocolResult(settings=settings, image=np.tile(image, epochs),
                             offsets=np.concatenate([record["offsets"] for record in done]),
                             predictions=predictions,
                             probability=np.concatenate([record["probability"] for record in done]),
-                            labels=done[0]["labels"], meta=_meta(meta, device))
+                            labels=done[0]["labels"],
+                            provenance=measured_provenance(named, n_images=len(image),
+                                                           started=started, device=device))
     _warn_uninformative(result, name)
     return result
 
 
 def diagonal_protocol(model: nn.Module, batches: Iterable, *, size: int = 224, max_offset: int = 32,
                       device: Union[str, torch.device, None] = "auto",
-                      progress: Optional[bool] = None, meta: Optional[dict] = None,
-                      n_bootstrap: int = 1000, confidence: float = 0.95,
-                      seed: int = 0, checkpoint: Checkpoint = None,
-                      resume: bool = False) -> DiagonalResult:
+                      progress: Optional[bool] = None, provenance: Optional[Provenance] = None,
+                      meta: Optional[dict] = None, n_bootstrap: int = 1000,
+                      confidence: float = 0.95, seed: int = 0, checkpoint: Checkpoint = None,
+                      resume: bool = False, resume_key: Optional[dict] = None) -> DiagonalResult:
     """The paper's diagonal: the ground-truth class probability at windows (t, t), t = 0..max_offset.
 
     ``batches`` yields ``(images, labels)`` with images (B, C, R, R), R ≥ size + max_offset;
     one forward of B windows per t. The paper: R = 256, size = 224, max_offset = 32 (33 steps).
-    ``seed`` seeds only the bootstrap. ``checkpoint``/``resume`` as for
-    :func:`consistency_protocol` (one pass: a finished run's file is reused whole).
+    ``seed`` seeds only the bootstrap. ``provenance``, ``meta``, ``checkpoint``, ``resume`` and
+    ``resume_key`` as for :func:`consistency_protocol` (one pass: a finished run's file is
+    reused whole).
 
     Example:
         >>> from shiftlab.data import load_images, sample_image_paths
@@ -172,8 +182,11 @@ def diagonal_protocol(model: nn.Module, batches: Iterable, *, size: int = 224, m
     """
     if isinstance(max_offset, bool) or int(max_offset) != max_offset or max_offset < 0:
         raise UsageError(f"max_offset must be an integer >= 0, got {max_offset}")
-    model, device, name = _prepare(model, device, meta, size, 1, n_bootstrap, confidence)
-    saved = _progress(checkpoint, "diagonal", size, seed, int(max_offset), model, meta)
+    model, device, named = _prepare(model, device, provenance, meta, size, 1, n_bootstrap,
+                                    confidence)
+    name, started = model_name(model, named), time.perf_counter()
+    saved = _progress(checkpoint, "diagonal", size, seed, int(max_offset), model,
+                      _identity(provenance, meta, resume_key))
     done = _restore(saved, resume, 1)
     steps = range(int(max_offset) + 1)
     with evaluation_mode(model, name):
@@ -197,23 +210,31 @@ def diagonal_protocol(model: nn.Module, batches: Iterable, *, size: int = 224, m
     record = done[0]
     check_finite(name, int((record["predictions"] == INVALID).sum()), record["predictions"].size)
     settings = ProtocolSettings("diagonal", int(size), _canvas_of(done), 1, int(seed),
-                                int(max_offset), int(n_bootstrap), float(confidence))
+                                int(max_offset), int(n_bootstrap), float(confidence),
+                                _padding(model))
     result = DiagonalResult(settings=settings, image=np.arange(len(record["ids"])),
                             offsets=np.arange(int(max_offset) + 1),
                             predictions=record["predictions"], probability=record["probability"],
-                            labels=record["labels"], meta=_meta(meta, device))
+                            labels=record["labels"],
+                            provenance=measured_provenance(named, n_images=len(record["ids"]),
+                                                           started=started, device=device))
     _warn_uninformative(result, name)
     return result
 
 
-def _prepare(model, device, meta, size, epochs, n_bootstrap, confidence):
+def _prepare(model, device, provenance, meta, size, epochs, n_bootstrap, confidence):
+    """The model on its device, the device, and the caller's provenance (``meta`` folded in)."""
     for label, value in (("size", size), ("epochs", epochs), ("n_bootstrap", n_bootstrap)):
         if isinstance(value, bool) or int(value) != value or value < 1:
             raise UsageError(f"{label} must be a positive integer, got {value}")
     if not 0 < confidence < 1:
         raise UsageError(f"confidence must be between 0 and 1, got {confidence}")
     device = resolve_device(device)
-    return model.to(device), device, model_name(model, meta)
+    return model.to(device), device, given_provenance(provenance, meta)
+
+
+def _padding(model: nn.Module) -> str:
+    return str(getattr(model, "shiftlab_padding", "as-trained"))
 
 
 def _window_offsets(seed: int, epoch: int, ids: np.ndarray, bounds) -> np.ndarray:
@@ -327,12 +348,23 @@ def _canvas_of(done: list[dict]) -> Optional[tuple[int, int]]:
     return tuple(int(v) for v in done[0]["canvas"]) if done else None
 
 
+def _identity(provenance: Optional[Provenance], meta: Optional[dict],
+              resume_key: Optional[dict]) -> dict:
+    """What a resumed run must share with the interrupted one beyond the protocol settings:
+    ``resume_key`` when given, else the provenance's identity fields and ``meta``."""
+    if resume_key is not None:
+        return dict(resume_key)
+    return {**(provenance.identity() if provenance is not None else {}), **(meta or {})}
+
+
 def _progress(checkpoint: Checkpoint, protocol: str, size: int, seed: int, max_offset: int,
-              model: nn.Module, meta: Optional[dict]) -> Optional[EpochProgress]:
+              model: nn.Module, identity: dict) -> Optional[EpochProgress]:
     if checkpoint is None:
         return None
-    identity = {"protocol": protocol, "size": int(size), "seed": int(seed),
-                "max_offset": int(max_offset), **(meta or {})}
+    # the protocol's own settings win over a same-named identity field (a provenance's seed is
+    # the model's; the pipeline's is the same number)
+    identity = {**identity, "protocol": protocol, "size": int(size), "seed": int(seed),
+                "max_offset": int(max_offset)}
     return EpochProgress(checkpoint, model, identity)
 
 
@@ -388,7 +420,3 @@ def _warn_uninformative(result: Union[ProtocolResult, DiagonalResult], name: str
     if result.uninformative:
         warnings.warn(f"{name}: {result.uninformative}", stacklevel=3)
 
-
-def _meta(meta: Optional[dict], device: torch.device) -> dict:
-    return {**(meta or {}), "device": str(device), "shiftlab": __version__,
-            "torch": torch.__version__, "python": platform.python_version()}

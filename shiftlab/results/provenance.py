@@ -19,6 +19,10 @@ from .._version import __version__
 from ..errors import ShiftlabError
 
 
+#: the provenance fields a measurement fills (not part of a run's identity)
+MEASURED = ("n_images", "seconds", "device", "versions", "input_digest")
+
+
 @dataclass(frozen=True)
 class Provenance:
     """What produced a result, beyond the measurement ``Settings``.
@@ -114,6 +118,34 @@ class Provenance:
         }
         return cls(**mapped, extra=meta)
 
+    @classmethod
+    def from_header_meta(cls, meta: Optional[dict]) -> "Provenance":
+        """Provenance of the untyped ``meta`` dict the output-level results held before their
+        provenance was typed (invariance format 1-2, protocol format 1 files, and the ``meta=``
+        keyword): a Provenance dict plus what the measurement added, or free-form keys.
+
+        Typed fields are read as such, the top-level version keys (shiftlab, torch, python) go
+        to ``versions``, every other key to ``extra``.
+
+        >>> old = Provenance.from_header_meta({"model": "resnet18", "n_classes": 1000,
+        ...                                    "torch": "2.4.0", "extra": {"spec": "resnet18"}})
+        >>> old.model, old.versions, old.extra
+        ('resnet18', {'torch': '2.4.0'}, {'spec': 'resnet18', 'n_classes': 1000})
+        """
+        meta = dict(meta or {})
+        found = {key: meta.pop(key) for key in ("shiftlab", "torch", "python")
+                 if isinstance(meta.get(key), str)}
+        try:
+            out = cls.from_dict(meta)
+        except Exception:  # noqa: BLE001  (free-form metadata whose keys are not typed fields)
+            return cls.from_meta({**meta, **found})
+        return out.replace(versions={**found, **out.versions}) if found else out
+
+    def identity(self) -> dict:
+        """The fields that say what was measured (model, weights, seed, images, ...), as a dict:
+        ``to_dict`` without what the measurement itself fills (:data:`MEASURED`)."""
+        return {k: v for k, v in self.to_dict().items() if k not in MEASURED}
+
 
 def versions() -> dict:
     """shiftlab, torch and Python versions of this process."""
@@ -152,25 +184,24 @@ def as_tuple(values: Optional[Iterable[float]]) -> Optional[tuple[float, ...]]:
 
 
 
-class NamedByMeta:
-    """Mixin of the output-level results, which keep their provenance as a ``meta`` dict:
-    ``label``, ``with_label`` and a typed ``provenance`` read from it."""
+class WithProvenance:
+    """Mixin of the output-level results (``InvarianceResult``, ``ProtocolResult``,
+    ``DiagonalResult``), which hold a typed ``provenance`` field as ``Result`` does: ``label``,
+    ``with_label`` and the read-only ``meta`` view."""
 
-    meta: dict
+    provenance: Provenance
 
     @property
     def label(self) -> str:
-        """The name in tables, figures and warnings: meta 'label', else 'model', else 'result'."""
-        return str(self.meta.get("label") or self.meta.get("model") or "result")
+        """The name in tables, figures and warnings (``provenance.name``: label, else model,
+        else 'result')."""
+        return self.provenance.name
 
     @property
-    def provenance(self) -> Provenance:
-        """Where this result came from, typed (read from its metadata)."""
-        try:  # the meta of these results is a Provenance dict plus what the measurement added
-            return Provenance.from_dict(self.meta)
-        except Exception:  # noqa: BLE001  (older, free-form metadata)
-            return Provenance.from_meta(self.meta)
+    def meta(self) -> dict:
+        """The provenance as a plain dict (read-only view; use ``result.provenance``)."""
+        return {**self.provenance.extra, **self.provenance.to_dict()}
 
     def with_label(self, label: str):
         """A copy named ``label`` (the arrays are shared)."""
-        return dataclasses.replace(self, meta={**self.meta, "label": label})
+        return dataclasses.replace(self, provenance=self.provenance.replace(label=label))
