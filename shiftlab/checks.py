@@ -23,6 +23,32 @@ def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
     return value
 
 
+def check_mode(mode: object) -> str:
+    """'circular' or 'crop' (``shiftlab.equivariance.shifts.MODES``)."""
+    return check_choice("mode", mode, MODES)
+
+
+def check_alignment(align: object) -> str:
+    """'exact', 'bilinear' or 'fourier' (``shiftlab.equivariance.align.ALIGNMENTS``)."""
+    from .equivariance.align import ALIGNMENTS  # align builds on the checks: import when used
+
+    return check_choice("alignment", align, ALIGNMENTS)
+
+
+def check_metric(metric: object) -> str:
+    """'cosine', 'l2' or 'psnr' (``shiftlab.equivariance.metrics.METRICS``)."""
+    from .equivariance.metrics import METRICS
+
+    return check_choice("metric", metric, METRICS)
+
+
+def check_dtype(dtype: object) -> str:
+    """The forward passes' dtype: 'float32', 'bfloat16' or 'float16'."""
+    from .defaults import DTYPES
+
+    return check_choice("dtype", dtype, DTYPES)
+
+
 def check_count(name: str, value: object, minimum: int = 1) -> int:
     """A whole number >= ``minimum`` (bools and floats like 2.5 are refused)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value \
@@ -130,14 +156,11 @@ def check_request(*, mode: str, grid: Optional[ShiftGrid], margin: Optional[int]
     >>> check_request(mode="crop", grid=ShiftGrid.symmetric(2), margin=None, batch_size=4)[1]
     2
     """
-    from .equivariance.align import ALIGNMENTS
-    from .equivariance.metrics import METRICS
-
-    check_choice("mode", mode, MODES)
+    check_mode(mode)
     if align is not None:
-        check_choice("alignment", align, ALIGNMENTS)
+        check_alignment(align)
     if metric is not None:
-        check_choice("metric", metric, METRICS)
+        check_metric(metric)
     check_count("batch_size", batch_size)
     check_count("border", border, 0)
     grid = resolve_grid(grid, mode)

@@ -23,14 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from .checks import check_choice, check_count, check_filter_size, check_seed
-from .data.labels import CLASS_ORDERS
-from .defaults import (BATCH_SIZE, DTYPES, GRID_KINDS, MAX_SHIFT, PADDINGS, PAIRS, PROTOCOLS,
+from .checks import (check_alignment, check_choice, check_count, check_dtype, check_filter_size,
+                     check_metric, check_mode, check_seed)
+from .data.labels import check_class_order
+from .defaults import (BATCH_SIZE, GRID_KINDS, MAX_SHIFT, PADDINGS, PAIRS, PROTOCOLS,
                        SIZE, default_resize)
 from .errors import UsageError
-from .equivariance.align import ALIGNMENTS
-from .equivariance.metrics import METRICS
-from .equivariance.shifts import MODES
 from .models.variants import parse_variant
 
 PathLike = Union[str, Path]
@@ -150,7 +148,7 @@ class Shifts:
         check_choice("grid", self.grid, GRID_KINDS)
         check_count("max_shift", self.max_shift)
         check_count("subpixel", self.subpixel)
-        check_choice("mode", self.mode, MODES)
+        check_mode(self.mode)
 
 
 @dataclass(frozen=True)
@@ -168,8 +166,8 @@ class LayerComparison:
     border: int = 0
 
     def __post_init__(self) -> None:
-        check_choice("alignment", self.align, ALIGNMENTS)
-        check_choice("metric", self.metric, METRICS)
+        check_alignment(self.align)
+        check_metric(self.metric)
         if self.layers is not None:
             items = tuple(str(p).strip() for p in self.layers if str(p).strip())
             object.__setattr__(self, "layers", items or None)
@@ -192,7 +190,7 @@ class HeatmapRequest:
         if not isinstance(self.model, ModelSpec):
             raise UsageError(f"model must be a ModelSpec, got {type(self.model).__name__}")
         check_count("batch_size", self.batch_size)
-        check_choice("dtype", self.dtype, DTYPES)
+        check_dtype(self.dtype)
         if self.comparison.border and self.shifts.mode != "crop":
             raise UsageError("--border applies to --mode crop (circular shifts have no border to"
                              " ignore); drop it or use --mode crop")
@@ -255,7 +253,7 @@ class ConsistencyRequest:
         check_count("pairs", self.pairs)
         check_count("epochs", self.epochs)
         check_count("workers", self.workers, 0)
-        check_choice("class order", self.class_order, CLASS_ORDERS)
+        check_class_order(self.class_order)
         check_count("batch_size", self.batch_size)
         if self.labels is not None:
             object.__setattr__(self, "labels", str(self.labels))

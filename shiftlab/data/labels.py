@@ -62,6 +62,14 @@ class LabelledImages:
         return [lookup[Path(p).resolve()] for p in paths]
 
 
+def check_class_order(class_order: object) -> str:
+    """One of :data:`CLASS_ORDERS`, else a UsageError listing them."""
+    if class_order not in CLASS_ORDERS:
+        raise UsageError(f"class_order={class_order!r} is unknown; choose one of"
+                         f" {', '.join(CLASS_ORDERS)}")
+    return class_order
+
+
 def read_labels(source: Union[str, os.PathLike], categories: Optional[Sequence[str]] = None,
                 class_order: str = "auto") -> LabelledImages:
     """Image files with class indices, from class folders or a CSV.
@@ -107,8 +115,7 @@ def read_labels(source: Union[str, os.PathLike], categories: Optional[Sequence[s
     """
     from .images import IMAGE_SUFFIXES
 
-    if class_order not in CLASS_ORDERS:
-        raise UsageError(f"class_order={class_order!r} is unknown; choose one of {', '.join(CLASS_ORDERS)}")
+    check_class_order(class_order)
     source = Path(source)
     if source.is_dir():
         # Hidden folders (.ipynb_checkpoints) are never classes.

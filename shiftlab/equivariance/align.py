@@ -27,11 +27,11 @@ from typing import Optional, Union
 import torch
 
 from .bilinear import BilinearPlan, bilinear_axis
-from ..errors import UsageError
+from ..checks import check_alignment, check_mode
 from .geometry import LayerInfo
 from .kernels.differences import Differences, choose
 from .metrics import ComparisonStats
-from .shifts import MODES, phase_ramp
+from .shifts import phase_ramp
 from .stencil import (Workspace, device_constants, overlap_mask, rolled_into, runs, same_tensor,
                       sub_rolled, sum_sq, value_range)
 
@@ -384,10 +384,8 @@ def make_plan(info: LayerInfo, shifts: torch.Tensor, mode: str, align: str, bord
         >>> plan.compare(torch.ones(1, 3, 8, 8), torch.ones(1, 1, 3, 8, 8)).diff_sq.abs().max() < 1e-3
         tensor(True)
     """
-    if align not in ALIGNMENTS:
-        raise UsageError(f"unknown alignment {align!r}; choose one of {', '.join(ALIGNMENTS)}")
-    if mode not in MODES:
-        raise UsageError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    check_alignment(align)
+    check_mode(mode)
     shifts = shifts.to(torch.float64).cpu()
     stride = torch.tensor(info.stride, dtype=torch.float64)
     _, height, width = info.shape

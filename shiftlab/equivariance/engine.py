@@ -24,9 +24,9 @@ from tqdm import tqdm  # plain bar: tqdm.auto warns in notebooks without ipywidg
 from .. import distributed
 from .align import Plan, compare_global, make_plan
 from .capture import LayerCapture, LayerSelection
-from ..checks import (batch_layout, check_choice, check_request, count_passes, labelled_batches,
+from ..checks import (batch_layout, check_dtype, check_request, count_passes, labelled_batches,
                      window_size)
-from ..defaults import BATCH_SIZE, DTYPES
+from ..defaults import BATCH_SIZE
 from ..errors import ModelError, UsageError
 from .geometry import LayerInfo, as_feature_map, probe_layers
 from .metrics import ComparisonStats, DistanceAccumulator, concat, distance
@@ -119,7 +119,7 @@ def measure(model: nn.Module, images: Images, grid: Optional[ShiftGrid] = None, 
     """
     grid, margin = check_request(mode=mode, grid=grid, margin=margin, batch_size=batch_size,
                                  align=align, metric=metric, border=border)
-    check_choice("dtype", dtype or "float32", DTYPES)
+    check_dtype(dtype or "float32")
     streamed = not isinstance(images, torch.Tensor)
     if streamed and checkpoint is not None:
         raise UsageError("checkpoint/resume needs the images as one tensor; streamed sources are"
