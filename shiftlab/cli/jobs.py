@@ -55,6 +55,9 @@ def run_heatmap(request: HeatmapRequest, figures: FigureOptions, *,
     from .. import distributed
     from ..equivariance.engine import resolve_device
 
+    if resume and distributed_run:
+        raise UsageError("--resume is not available under torchrun (progress is kept by single"
+                         " processes only); run the interrupted measurement again without it")
     if out is not None:
         check_out(out, overwrite=overwrite, resume=resume)
     resolve_device(request.device)  # a missing GPU is refused before anything is loaded
@@ -256,11 +259,12 @@ def run_consistency(requests: Sequence[ConsistencyRequest], figures: FigureOptio
     from .. import distributed
     from ..equivariance.engine import resolve_device
 
+    checkpoints = [_protocol_checkpoint(out, request) for request in requests]
     if out is not None:
-        check_out(out, overwrite=overwrite, resume=resume)
+        check_out(out, overwrite=overwrite, resume=resume,
+                  progress=[c.name for c in checkpoints if c is not None])
     resolve_device(requests[0].device)
     quiet = quiet or not distributed.is_main()
-    checkpoints = [_protocol_checkpoint(out, request) for request in requests]
     results, labels = [], []
     for request, checkpoint in zip(requests, checkpoints):
         with warnings.catch_warnings(record=True) as caught:

@@ -58,9 +58,11 @@ def default_out(name: str) -> Path:
     return candidate
 
 
-def check_out(folder: Path, *, overwrite: bool = False, resume: bool = False) -> None:
+def check_out(folder: Path, *, overwrite: bool = False, resume: bool = False,
+              progress: Sequence[str] = (PROGRESS_FILE,)) -> None:
     """Fail before a long run if ``folder`` cannot be written, or holds another run's results
-    (unless ``overwrite``, or ``resume`` of the run that wrote them). Creates nothing."""
+    (unless ``overwrite``). ``resume`` continues only the run whose progress file (one of
+    ``progress``) is in ``folder``: it never replaces a finished set. Creates nothing."""
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -70,6 +72,16 @@ def check_out(folder: Path, *, overwrite: bool = False, resume: bool = False) ->
     if not os.access(existing, os.W_OK):
         raise ShiftlabError(f"cannot create output folder {folder}: {existing} is not writable;"
                             " choose another --out")
+    if resume and progress and not overwrite and folder.is_dir() and \
+            not any((folder / name).is_file() for name in progress):
+        others = sorted(p.name for p in folder.iterdir()
+                        if p.name.startswith(PROGRESS_FILE[:-4]) or is_output(p.name))
+        if others:
+            listed = ", ".join(others[:4]) + (f" and {len(others) - 4} more" if len(others) > 4
+                                              else "")
+            raise UsageError(f"--resume: {folder} holds no progress of this run, only {listed};"
+                             " a finished or different run is not continued: pass --overwrite"
+                             " to replace it, or choose a fresh --out")
     if folder.is_dir() and not (overwrite or resume):
         found = sorted(p.name for p in folder.iterdir() if is_output(p.name))
         if found:
