@@ -325,3 +325,20 @@ def test_image_preprocess_of_a_pil_image_equals_that_of_its_file(tmp_path):
     with Image.open(path) as image:
         assert torch.equal(prepare(image), prepare(path))
     assert torch.equal(prepare(path), load_images([path], size=24, margin=3).tensor[0])
+
+
+@pytest.mark.parametrize("fmt, name", [("EPS", "a.png"), ("GIF", "b.png"), ("PNG", "c.jpg"),
+                                       ("BMP", "d.jpeg")])
+def test_an_image_is_decoded_only_in_the_format_its_name_claims(tmp_path, fmt, name):
+    from PIL import Image, features
+
+    if fmt == "EPS":  # written by hand: saving EPS needs Ghostscript, and so would reading it
+        (tmp_path / name).write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n"
+                                      b"0 0 moveto 8 8 lineto stroke\nshowpage\n%%EOF\n")
+    else:
+        Image.new("RGB", (16, 16), (200, 10, 10)).save(tmp_path / name, format=fmt)
+    good = _save(tmp_path / "good.png", _gradient())
+    loaded = load_images([tmp_path / name, good], size=8)
+    assert [p.name for p in loaded.paths] == ["good.png"]
+    (path, reason), = loaded.skipped
+    assert path.name == name and "no other format is decoded" in reason

@@ -57,6 +57,10 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 #: File endings (lower case) that :func:`find_images` accepts.
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg")
+#: the Pillow formats each suffix may hold: a file is decoded only as what its name claims, so
+#: an EPS or any other format renamed to .png never reaches its decoder (EPS runs Ghostscript)
+SUFFIX_FORMATS: dict[str, tuple[str, ...]] = {".png": ("PNG",), ".jpg": ("JPEG",),
+                                               ".jpeg": ("JPEG",)}  # JPEG opens MPO files too
 
 #: Images with a side shorter than this are skipped. Upsampling them would make a blurry
 #: image, and the equivariance measured on it would say nothing about natural images.
@@ -402,7 +406,8 @@ def _read_rgb(path: Path, resize: int) -> torch.Tensor:
         with warnings.catch_warnings():
             # The pixel limit below is ours; Pillow's warning for the same files is noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            formats = SUFFIX_FORMATS.get(Path(path).suffix.lower(), ())
+            with Image.open(path, formats=formats) as image:
                 _check_pixels(path, image.size, resize)
                 image.load()
                 image = ImageOps.exif_transpose(image)
@@ -411,8 +416,10 @@ def _read_rgb(path: Path, resize: int) -> torch.Tensor:
         raise UnreadableImageError(path, "file not found") from None
     except Image.DecompressionBombError as exc:
         raise UnreadableImageError(path, f"too large ({one_line(exc)}); crop or downscale it") from None
-    except UnidentifiedImageError as exc:
-        raise UnreadableImageError(path, f"not a readable image ({one_line(exc)})") from None
+    except UnidentifiedImageError:
+        claimed = "/".join(SUFFIX_FORMATS.get(Path(path).suffix.lower(), ())) or "PNG or JPEG"
+        raise UnreadableImageError(path, f"not a readable image: not {claimed} as its name"
+                                         " says (no other format is decoded)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         # Pillow reports truncated or corrupt data with all of these, depending on the codec.
         raise UnreadableImageError(path, f"corrupt or truncated image ({one_line(exc)})") from None
