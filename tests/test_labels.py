@@ -91,3 +91,30 @@ def test_unknown_class_order_is_a_usage_error(tmp_path):
     wnid_folders(tmp_path)
     with pytest.raises(UsageError, match="class_order='alphabetical' is unknown"):
         read_labels(tmp_path, class_order="alphabetical")
+
+
+def test_one_image_with_two_labels_in_a_csv_is_refused_naming_its_rows(tmp_path):
+    from conftest import random_png_folder
+
+    random_png_folder(tmp_path, count=2)
+    (tmp_path / "labels.csv").write_text("file,label\n0.png,2\n1.png,3\n0.png,5\n")
+    with pytest.raises(UsageError, match=r"0\.png has different labels \('2', '5'\) in rows 1, 3"):
+        read_labels(tmp_path / "labels.csv")
+
+
+def test_one_image_linked_into_two_class_folders_is_refused(tmp_path):
+    from conftest import random_png_folder
+
+    random_png_folder(tmp_path / "2", count=1)
+    (tmp_path / "5").mkdir()
+    (tmp_path / "5" / "0.png").symlink_to(tmp_path / "2" / "0.png")
+    with pytest.raises(UsageError, match="has different labels .* in class folders"):
+        read_labels(tmp_path)
+
+
+def test_the_same_image_listed_twice_with_one_label_is_kept(tmp_path):
+    from conftest import random_png_folder
+
+    random_png_folder(tmp_path, count=1)
+    (tmp_path / "labels.csv").write_text("0.png,1\n0.png,1\n")
+    assert read_labels(tmp_path / "labels.csv").labels == [1, 1]

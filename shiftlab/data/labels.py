@@ -132,6 +132,7 @@ def read_labels(source: Union[str, os.PathLike], categories: Optional[Sequence[s
     else:
         raise UsageError(f"labels path {source} does not exist; pass a folder of class folders or"
                          " a CSV file with rows file,label")
+    _refuse_conflicting_labels(pairs, source)
     names = sorted({name for _, name in pairs})
     if class_order == "sorted" or (class_order == "auto" and _use_sorted_order(names, every_name,
                                                                                categories, source)):
@@ -142,6 +143,21 @@ def read_labels(source: Union[str, os.PathLike], categories: Optional[Sequence[s
     else:
         index, order = _class_indices(names, categories, source), "names"
     return LabelledImages([path for path, _ in pairs], [index[name] for _, name in pairs], order)
+
+
+def _refuse_conflicting_labels(pairs: Sequence[tuple[Path, str]], source: Path) -> None:
+    """One image (the same file, also through a symlink) given two different labels is refused,
+    naming it and where: the CSV's rows, or the class folders."""
+    seen: dict[str, list[tuple[int, str]]] = {}
+    for number, (image, name) in enumerate(pairs, start=1):
+        seen.setdefault(os.path.realpath(image), []).append((number, name))
+    for real, found in seen.items():
+        if len({name for _, name in found}) > 1:
+            where = (f"rows {', '.join(str(n) for n, _ in found)}" if source.is_file()
+                     else "class folders")
+            labels = ", ".join(repr(name) for name in dict.fromkeys(n for _, n in found))
+            raise UsageError(f"labels {source}: image {real} has different labels ({labels}) in"
+                             f" {where}; give each image one label")
 
 
 def _use_sorted_order(names: Sequence[str], every_name: Sequence[str],
