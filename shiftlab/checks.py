@@ -49,11 +49,21 @@ def check_dtype(dtype: object) -> str:
     return check_choice("dtype", dtype, DTYPES)
 
 
-def check_count(name: str, value: object, minimum: int = 1) -> int:
-    """A whole number >= ``minimum`` (bools and floats like 2.5 are refused)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value \
-            or value < minimum:
+def check_count(name: str, value: object, minimum: int = 1,
+                maximum: Optional[int] = None) -> int:
+    """A whole number >= ``minimum`` (and <= ``maximum``, a cost's bound checked before
+    anything is allocated); bools and floats like 2.5 are refused.
+
+    >>> check_count("pairs", 10**9, 1, 10**7)
+    Traceback (most recent call last):
+    ...
+    shiftlab.errors.UsageError: pairs must be a whole number in 1..10,000,000, got 1000000000
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
+            or abs(value) == float("inf") or int(value) != value or value < minimum:
         raise UsageError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise UsageError(f"{name} must be a whole number in {minimum}..{maximum:,}, got {value!r}")
     return int(value)
 
 

@@ -15,6 +15,8 @@ MAX_SHIFT = 8
 CROP_FRACTION = 0.875
 #: random shift pairs of the paper's pairwise consistency
 PAIRS = 1000
+#: the most pairs a run may ask for: 24 bytes each are kept (240 MB at the bound)
+MAX_PAIRS = 10_000_000
 #: inputs (images × shifts) per forward pass
 BATCH_SIZE = 16
 #: bootstrap resamples (over images) for consistency and accuracy intervals

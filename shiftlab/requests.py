@@ -26,7 +26,7 @@ from typing import Optional, Sequence, Union
 from .checks import (check_alignment, check_choice, check_count, check_dtype, check_filter_size,
                      check_metric, check_mode, check_seed)
 from .data.labels import check_class_order
-from .defaults import (BATCH_SIZE, GRID_KINDS, MAX_SHIFT, PADDINGS, PAIRS, PROTOCOLS,
+from .defaults import (BATCH_SIZE, MAX_PAIRS, GRID_KINDS, MAX_SHIFT, PADDINGS, PAIRS, PROTOCOLS,
                        SIZE, default_resize)
 from .errors import UsageError
 from .models.variants import parse_variant
@@ -250,7 +250,7 @@ class ConsistencyRequest:
         if not isinstance(self.model, ModelSpec):
             raise UsageError(f"model must be a ModelSpec, got {type(self.model).__name__}")
         check_choice("protocol", self.protocol, PROTOCOLS)
-        check_count("pairs", self.pairs)
+        check_count("--pairs", self.pairs, 1, MAX_PAIRS)
         check_count("epochs", self.epochs)
         check_count("workers", self.workers, 0)
         check_class_order(self.class_order)

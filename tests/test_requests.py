@@ -130,3 +130,10 @@ def test_compare_of_saved_results_refuses_measurement_options(tmp_path):
 def test_heatmap_border_needs_crop_mode():
     result = _invoke("heatmap", "--model", "vgg11", "--weights", "none", "--border", "2")
     assert result.exit_code == 2 and "--border applies to --mode crop" in result.output
+
+
+def test_pairs_have_an_upper_bound_checked_before_anything_is_allocated():
+    with pytest.raises(UsageError, match=r"--pairs must be a whole number in 1\.\.10,000,000"):
+        ConsistencyRequest(ModelSpec("vgg11"), pairs=1_000_000_000)
+    result = _invoke("consistency", "--model", "resnet18", "--pairs", "1000000000")
+    assert result.exit_code == 2 and "10,000,000" in result.output

@@ -46,6 +46,7 @@ from torch import nn
 from tqdm import tqdm  # plain bar: tqdm.auto warns in notebooks without ipywidgets
 
 from .. import distributed
+from ..defaults import MAX_PAIRS
 from ..checks import (batch_layout, check_count, check_request, labelled_batches, resolve_grid,
                      window_size)
 from ..equivariance.engine import evaluation_mode, resolve_device
@@ -224,7 +225,7 @@ def measure_invariance(model: nn.Module, images: torch.Tensor, grid: Optional[Sh
     first = next(batches, None)
     if first is None:
         raise UsageError("no images to measure")
-    check_count("n_pairs", n_pairs)
+    check_count("n_pairs", n_pairs, 1, MAX_PAIRS)
     if isinstance(n_bootstrap, bool) or int(n_bootstrap) < 1 or not 0 < confidence < 1:
         raise UsageError(f"n_bootstrap must be >= 1 and confidence in (0, 1), got {n_bootstrap}"
                          f" and {confidence}")
