@@ -359,6 +359,20 @@ def _rewrite(path: Path, **members) -> Path:
     return path
 
 
+@pytest.mark.parametrize("member, dtype, shape, limit", [
+    ("header", "<U250000000", (), "16,777,216"),       # one 1 GB text value
+    ("mean", "|S50000000", (32,), "16,777,216"),       # 32 text values of 50 MB each
+])
+def test_a_member_declaring_huge_values_is_refused_by_bytes_unexpanded(tmp_path, member, dtype,
+                                                                       shape, limit):
+    header = {"descr": dtype, "fortran_order": False, "shape": shape}
+    handle = __import__("io").BytesIO()
+    npformat.write_array_header_1_0(handle, header)
+    path = _rewrite(_saved_result(tmp_path), **{member: handle.getvalue() + b"\0" * 16})
+    with pytest.raises(ShiftlabError, match=rf"declares [\d,]+ bytes .* above the limit of {limit}"):
+        shiftlab.load(path)
+
+
 def test_a_result_member_declaring_a_huge_array_is_refused_unexpanded(tmp_path):
     header = npformat.header_data_from_array_1_0(np.zeros(1))
     header["shape"] = (100_000, 100_000)  # 80 GB declared, a few bytes stored

@@ -61,7 +61,9 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable) -> Path:
 def read_members(data: "np.lib.npyio.NpzFile", names, max_values: int, path,
                  what: str = "result") -> dict:
     """The named arrays of an open ``np.load`` archive, each refused before it is expanded when
-    its header declares more than ``max_values`` values (a 1.5 MB npz can hold 1.3 GB).
+    its header declares more than ``max_values`` values, more than 8 bytes a value, or text
+    (the JSON header, names) above ``MAX_TEXT_BYTES`` (a 1.5 MB npz can hold 1.3 GB; one
+    ``<U250000000`` value is 1 GB).
 
     Missing names raise ``ShiftlabError`` naming the first one.
     """
@@ -80,12 +82,19 @@ def read_members(data: "np.lib.npyio.NpzFile", names, max_values: int, path,
         if count > max_values or dtype.hasobject:
             raise ShiftlabError(f"{path}: array {name!r} declares {count:,} values ({dtype}), above"
                                 f" the limit of {max_values:,}; refusing to expand it")
+        size = count * dtype.itemsize
+        limit = MAX_TEXT_BYTES if dtype.kind in "SU" else max_values * 8
+        if size > limit:
+            raise ShiftlabError(f"{path}: array {name!r} declares {size:,} bytes ({count:,} x"
+                                f" {dtype}), above the limit of {limit:,}; refusing to expand it")
         out[name] = data[name]
     return out
 
 
 #: the most values one array of a shiftlab file may declare (checked before it is expanded)
 MAX_ARRAY_VALUES = 64 * 2**20
+#: the most bytes a text array (the JSON header, layer names) may declare
+MAX_TEXT_BYTES = 16 * 2**20
 
 
 def write_archive(path, header: dict, arrays: dict) -> Path:
