@@ -542,3 +542,33 @@ def test_compare_command_refuses_saved_results_of_other_padding(measured, tmp_pa
     b = b.save(tmp_path / "b.npz")
     one_error_line(invoke("compare", a, b, "--out", tmp_path / "cmp"), 1, "padding", "cannot compare")
     assert not (tmp_path / "cmp").exists()
+
+
+def test_stale_staging_cleanup_never_follows_a_planted_symlink(tmp_path):
+    from shiftlab.cli.reports import clean_stale
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "result.npz").write_bytes(b"someone else's file")
+    (outside / "notes.txt").write_text("keep me")
+    out = tmp_path / "out"
+    out.mkdir()
+    planted = out / ".shiftlab-999999-old-x"
+    planted.symlink_to(outside, target_is_directory=True)
+    for _ in range(2):  # every run cleans: nothing moves, however often
+        clean_stale(out)
+    assert sorted(p.name for p in outside.iterdir()) == ["notes.txt", "result.npz"]
+    assert (outside / "result.npz").read_bytes() == b"someone else's file"
+    assert sorted(p.name for p in out.iterdir()) == [planted.name]
+
+
+def test_stale_staging_cleanup_puts_back_only_outputs_it_could_have_set_aside(tmp_path):
+    from shiftlab.cli.reports import clean_stale
+
+    out = tmp_path / "out"
+    stale = out / ".shiftlab-999999-old-y"
+    stale.mkdir(parents=True)
+    (stale / "summary.csv").write_text("layer\n")
+    (stale / "notes.txt").write_text("not ours")
+    clean_stale(out)
+    assert sorted(p.name for p in out.iterdir()) == ["summary.csv"]

@@ -177,10 +177,16 @@ def _swap_in(folder: Path, stage: Path, replaces: Sequence[str] = OUTPUT_PATTERN
 
 def clean_stale(folder: Path) -> list[Path]:
     """Remove staging folders left by a killed run (``kill -9``); a killed swap's set-aside
-    outputs are put back first where no newer file took their place."""
+    outputs are put back first where no newer file took their place.
+
+    Only what a run of this user could have made is touched: a real folder (a symlink is never
+    followed), owned by this user, and in it only regular files named like outputs."""
     removed = []
+    uid = os.getuid() if hasattr(os, "getuid") else None
     for item in folder.glob(f"{_STAGING}*"):
-        if not item.is_dir():
+        if item.is_symlink() or not item.is_dir():
+            continue
+        if uid is not None and item.lstat().st_uid != uid:
             continue
         pid = _pid_of(item.name)
         if pid is not None and _alive(pid):
@@ -189,7 +195,9 @@ def clean_stale(folder: Path) -> list[Path]:
             continue  # an old-style name: only once surely abandoned
         if "-old-" in item.name:
             for old in item.iterdir():
-                if not (folder / old.name).exists():
+                if old.is_symlink() or not old.is_file() or not is_output(old.name):
+                    continue
+                if not os.path.lexists(folder / old.name):
                     os.replace(old, folder / old.name)
         shutil.rmtree(item, ignore_errors=True)
         removed.append(item)
