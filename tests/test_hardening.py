@@ -572,3 +572,32 @@ def test_stale_staging_cleanup_puts_back_only_outputs_it_could_have_set_aside(tm
     (stale / "notes.txt").write_text("not ours")
     clean_stale(out)
     assert sorted(p.name for p in out.iterdir()) == ["summary.csv"]
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "pthread_sigmask"), reason="POSIX only")
+def test_a_second_ctrl_c_during_cleanup_waits_until_the_staging_folder_is_gone(tmp_path,
+                                                                              monkeypatch):
+    import os
+    import shutil
+    import signal
+
+    from shiftlab.cli import reports
+
+    real_rmtree = shutil.rmtree
+
+    def interrupted_rmtree(path, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C lands as cleanup starts
+        for _ in range(1000):  # bytecodes run: an undeferred KeyboardInterrupt is raised here
+            pass
+        real_rmtree(path, *args, **kwargs)
+
+    def write(stage):
+        raise KeyboardInterrupt  # the first Ctrl-C, while the numbers are written
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier")
+    monkeypatch.setattr(reports.shutil, "rmtree", interrupted_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        reports.write_set(out, write)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]

@@ -75,3 +75,46 @@ def test_resume_is_refused_under_torchrun_instead_of_ignored(tmp_path):
         run_heatmap(request, FigureOptions(), padding_both=False, out=tmp_path / "out",
                     overwrite=False, quiet=True, resume=True, dry_run=False,
                     distributed_run=True)
+
+
+def test_a_second_run_into_an_out_folder_in_use_is_refused_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    images = random_png_folder(tmp_path / "images", count=2, side=24)
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".shiftlab-lock").write_text(str(holder.pid))  # as a running shiftlab leaves it
+        result = invoke("heatmap", "--model", TINY, "--images", images, *FAST, "--out", out)
+        assert result.exit_code == 2
+        assert f"in use by another shiftlab run (process {holder.pid})" in result.output
+        assert sorted(p.name for p in out.iterdir()) == [".shiftlab-lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is gone: its lock is stale and the next run takes it over, then removes it
+    assert invoke("heatmap", "--model", TINY, "--images", images, *FAST, "--out", out).exit_code == 0
+    assert not (out / ".shiftlab-lock").exists() and (out / "result.npz").is_file()
+
+
+def test_two_runs_started_together_into_one_fresh_folder_do_not_both_write(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    images = random_png_folder(tmp_path / "images", count=2, side=24)
+    out = tmp_path / "out"
+    env = {**os.environ, "SHIFTLAB_OFFLINE": "1", "MPLBACKEND": "Agg"}
+    command = [sys.executable, "-m", "shiftlab", "heatmap", "--model", TINY, "--images",
+               str(images), *FAST, "--out", str(out)]
+    runs = [subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    codes = sorted(run.wait(timeout=300) for run in runs)
+    errors = [run.stderr.read() for run in runs]
+    assert codes == [0, 2], errors  # never both: one writes, the other is refused in one line
+    refusal = next(e for e, run in zip(errors, runs) if run.returncode == 2)
+    # overlapping: the folder is in use; one after the other: it holds the first one's results
+    assert "in use by another shiftlab run" in refusal or "already holds" in refusal, refusal
+    assert len(refusal.strip().splitlines()) == 1

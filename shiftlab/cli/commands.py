@@ -23,6 +23,7 @@ from .options import (dpi_option, figure_options, figure_settings,  # noqa: E402
                       out_options, output_level_options, padding_option, refuse_unused, shifts,
                       spec_of, variant_options)
 from ..requests import CompareRequest, ConsistencyRequest  # noqa: E402
+from .reports import claim  # noqa: E402
 from ..errors import UsageError  # noqa: E402
 
 
@@ -82,10 +83,11 @@ def heatmap(model_spec: str, padding: str, scale: str, color_range, vmax: str, v
             raise UsageError("--resume needs the --out folder of the interrupted run")
         running_distributed = distributed.init_from_env()
         try:
-            run_heatmap(request, figures, padding_both=padding_both,
-                        out=Path(out) if out else None, overwrite=overwrite,
-                        quiet=quiet or not distributed.is_main(), resume=resume, dry_run=dry_run,
-                        distributed_run=running_distributed)
+            with claim(Path(out) if out and distributed.is_main() else None):
+                run_heatmap(request, figures, padding_both=padding_both,
+                            out=Path(out) if out else None, overwrite=overwrite,
+                            quiet=quiet or not distributed.is_main(), resume=resume,
+                            dry_run=dry_run, distributed_run=running_distributed)
             distributed.finish()  # every rank waits for rank 0's files, then leaves together
         finally:
             distributed.shutdown()
@@ -141,9 +143,11 @@ def compare(result_files: Sequence[str], model_specs: Sequence[str], antialias: 
             models = [spec_of(name, params, padding) for name in model_specs]
             request = CompareRequest.of_models(models, heatmap_request(models[0], params),
                                                antialias)
-        run_compare(list(result_files), request,
-                    figure_settings(scale, color_range, vmax, view, formats, dpi), difference,
-                    out=Path(out) if out else None, overwrite=overwrite, quiet=quiet)
+        with claim(Path(out) if out else None):
+            run_compare(list(result_files), request,
+                        figure_settings(scale, color_range, vmax, view, formats, dpi),
+                        difference, out=Path(out) if out else None, overwrite=overwrite,
+                        quiet=quiet)
 
 
 # -- consistency -------------------------------------------------------------------------
@@ -237,9 +241,10 @@ def consistency(model_specs: Sequence[str], antialias: Optional[int], padding: s
         requests = [template.for_model(model) for model in models]
         distributed.init_from_env()
         try:
-            run_consistency(requests, FigureOptions(formats=tuple(formats), dpi=dpi),
-                            out=Path(out) if out else None,
-                            overwrite=overwrite, quiet=quiet, resume=resume)
+            with claim(Path(out) if out and distributed.is_main() else None):
+                run_consistency(requests, FigureOptions(formats=tuple(formats), dpi=dpi),
+                                out=Path(out) if out else None,
+                                overwrite=overwrite, quiet=quiet, resume=resume)
             distributed.finish()  # every rank waits for rank 0's files, then leaves together
         finally:
             distributed.shutdown()
@@ -303,8 +308,10 @@ def plot(result_file: str, scale: str, color_range, vmax: str, view: str, format
 
         check_matplotlib_backend()
         figures = figure_settings(scale, color_range, vmax, view, formats, dpi, title)
-        written = run_plot(Path(result_file), layer_selection(layer_patterns), figures,
-                           out=Path(out) if out else None)
+        folder = Path(out) if out else Path(result_file).parent
+        with claim(folder if out or folder.is_dir() else None):
+            written = run_plot(Path(result_file), layer_selection(layer_patterns), figures,
+                               out=Path(out) if out else None)
         for path in written:
             click.echo(str(path))
 

@@ -9,10 +9,13 @@ Result numbers are saved before any figure is drawn: a figure that fails never l
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
@@ -134,11 +137,13 @@ def write_set(folder: Path, write: Callable[[Path], list[Path]],
                 for item in stage.iterdir():  # no half-drawn set of figures
                     if item.name not in keep:
                         item.unlink()
-        _swap_in(folder, stage, replaces)
+        with signals_deferred():
+            _swap_in(folder, stage, replaces)
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
-        if created and folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()  # a failed run leaves no new empty folder
+        with signals_deferred():  # a second Ctrl-C must not leave the staging folder behind
+            shutil.rmtree(stage, ignore_errors=True)
+            if created and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()  # a failed run leaves no new empty folder
     if failure is not None:
         names = ", ".join(path.name for path in written)
         reason = one_line(failure) if isinstance(failure, ShiftlabError) else \
@@ -173,6 +178,92 @@ def _swap_in(folder: Path, stage: Path, replaces: Sequence[str] = OUTPUT_PATTERN
                                 " permissions, then run again") from exc
         raise
     shutil.rmtree(backup, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGINT and SIGTERM until the block ends, so the folder is consistent when they land
+    (each is handled right after, as it would have been). Python runs signal handlers in the
+    main thread only, so the handlers are swapped there (masking the signal would not do: the
+    kernel hands a process's signal to any thread that does not mask it, torch's among them)."""
+    held = (signal.SIGINT, signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or \
+            any(signal.getsignal(signum) is None for signum in held):  # set outside Python
+        yield
+        return
+    received: list[int] = []
+    previous = {signum: signal.signal(signum, lambda number, _: received.append(number))
+                for signum in held}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(received):
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
+
+
+#: the file that holds an output folder for one run from its start to its end (the pid inside)
+LOCK_FILE = ".shiftlab-lock"
+
+
+@contextlib.contextmanager
+def claim(folder: Optional[Path]):
+    """Hold ``folder`` for the whole run: a second shiftlab run into it is refused in one line
+    until this one ends. A lock left by a killed process is taken over. ``None``: no claim."""
+    if folder is None:
+        yield
+        return
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        yield  # check_out names what is wrong with the folder
+        return
+    lock = folder / LOCK_FILE
+    _take(lock)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if _lock_pid(lock) == os.getpid():
+                lock.unlink()
+        if created and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()  # a run that wrote nothing leaves no new empty folder
+
+
+def _take(lock: Path) -> None:
+    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(3):
+        try:
+            handle = os.open(lock, flags, 0o644)
+        except FileExistsError:
+            pid = _lock_pid(lock)
+            if pid is not None and pid != os.getpid() and _alive(pid):
+                raise UsageError(f"--out {lock.parent} is in use by another shiftlab run (process"
+                                 f" {pid}); wait for it to end, or choose another --out") from None
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()  # left by a killed run (a symlink is removed, never followed)
+            continue
+        with os.fdopen(handle, "w") as out:
+            out.write(str(os.getpid()))
+        return
+    raise UsageError(f"--out {lock.parent} is being claimed by another shiftlab run; choose"
+                     " another --out")
+
+
+def _lock_pid(lock: Path) -> Optional[int]:
+    try:
+        if lock.is_symlink():
+            return None
+        text = lock.read_text()[:32].strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def clean_stale(folder: Path) -> list[Path]:
