@@ -330,7 +330,7 @@ def test_image_preprocess_of_a_pil_image_equals_that_of_its_file(tmp_path):
 @pytest.mark.parametrize("fmt, name", [("EPS", "a.png"), ("GIF", "b.png"), ("PNG", "c.jpg"),
                                        ("BMP", "d.jpeg")])
 def test_an_image_is_decoded_only_in_the_format_its_name_claims(tmp_path, fmt, name):
-    from PIL import Image, features
+    from PIL import Image
 
     if fmt == "EPS":  # written by hand: saving EPS needs Ghostscript, and so would reading it
         (tmp_path / name).write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n"

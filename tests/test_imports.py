@@ -133,6 +133,7 @@ def test_no_public_name_hides_a_subpackage():
 
     subpackages = {path.parent.name for path in PACKAGE.glob("*/__init__.py")}
     for name in subpackages:
+        importlib.import_module(f"shiftlab.{name}")
         assert isinstance(getattr(shiftlab, name), types.ModuleType), name
     assert importlib.import_module("shiftlab.equivariance.engine").measure is shiftlab.measure
     assert callable(shiftlab.measure)
