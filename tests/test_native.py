@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -11,13 +12,14 @@ import re
 import stat
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from shiftlab.equivariance.kernels import native
+from shiftlab.equivariance.kernels import build, native
 from shiftlab.equivariance.kernels.differences import choose
 from shiftlab.equivariance.align import make_plan
 from shiftlab.errors import ShiftlabError, UsageError
@@ -322,18 +324,113 @@ def test_a_damaged_cached_library_is_built_again(tmp_path, monkeypatch):
     assert built.stat().st_size > 100
 
 
-def test_a_compiler_that_hangs_is_given_up_on_after_one_attempt(tmp_path, monkeypatch):
-    calls = []
+def _fresh_build(tmp_path, monkeypatch):
+    """A library built into an empty cache under tmp_path: (its path, its bytes, its inode)."""
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("SHIFTLAB_CACHE_DIR", str(tmp_path / "cache"))
+    library = native._build(native._compiler())
+    return library, library.read_bytes(), library.stat().st_ino
 
-    def hang(command, **kwargs):
-        calls.append(command)
-        raise subprocess.TimeoutExpired(command, kwargs.get("timeout"))
 
-    monkeypatch.setenv("SHIFTLAB_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(native.subprocess, "run", hang)
-    with pytest.raises(OSError, match="ran longer than"):
-        native._build("/usr/bin/cc")
-    assert len(calls) == 1
+def _sound(library) -> bool:
+    return build.problem(library, hashlib.sha256(native.SOURCE.read_bytes()).hexdigest()) is None
+
+
+def test_a_truncated_cached_library_is_built_again_before_it_is_loaded(tmp_path, monkeypatch):
+    """dlopen of a truncated library dies of SIGBUS (exit 135, no message) when it maps the
+    missing pages: the size and hash are checked before, in a fresh process that loads it."""
+    library, data, _ = _fresh_build(tmp_path, monkeypatch)
+    os.truncate(library, len(data) // 2)
+    script = tmp_path / "use.py"
+    script.write_text("""
+import torch
+from shiftlab.equivariance.kernels import build, native
+ref = torch.randn(2, 3, 16, 17)
+squares, _ = native.difference_sums(ref, ref[None], [0], [(0, 0)])
+print(native.status(), float(squares.sum()))
+""")
+    env = dict(os.environ, SHIFTLAB_NATIVE="1", SHIFTLAB_CACHE_DIR=str(tmp_path / "cache"))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.split()[0] == "native"
+    assert library.stat().st_size == len(data) and _sound(library)
+
+
+@pytest.mark.parametrize("damage", ["writable", "flipped byte", "no sidecar", "symlink"])
+def test_a_cached_library_that_fails_a_check_is_replaced_not_loaded(tmp_path, monkeypatch,
+                                                                    damage):
+    """Only a regular file of this user that group and others cannot write, with the size and
+    hash recorded when it was built, is used; anything else is compiled again (a new file)."""
+    library, data, inode = _fresh_build(tmp_path, monkeypatch)
+    if damage == "writable":
+        os.chmod(library, 0o777)
+    elif damage == "flipped byte":
+        library.write_bytes(data[:5000] + bytes([data[5000] ^ 1]) + data[5001:])
+    elif damage == "no sidecar":
+        build.sidecar(library).unlink()
+    else:
+        elsewhere = tmp_path / "elsewhere.so"
+        os.replace(library, elsewhere)
+        library.symlink_to(elsewhere)
+    again = native._build(native._compiler())
+    assert again == library and not library.is_symlink()
+    assert library.stat().st_ino != inode
+    assert not stat.S_IMODE(library.stat().st_mode) & 0o022
+    assert library.read_bytes() == data and _sound(library)
+    assert native.load(required=True) is not None
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0, reason="needs root (chown)")
+def test_a_cached_library_of_another_user_is_replaced_not_loaded(tmp_path, monkeypatch):
+    library, _, inode = _fresh_build(tmp_path, monkeypatch)
+    os.chown(library, 65534, 65534)
+    assert not _sound(library)
+    assert native._build(native._compiler()) == library
+    assert library.stat().st_uid == 0 and library.stat().st_ino != inode
+
+
+def test_a_compiler_that_hangs_is_run_once_then_remembered(tmp_path, monkeypatch):
+    """A compiler that never returns is killed with its children after COMPILE_SECONDS, once: later processes take the eager code at once with one warning
+    (an error with SHIFTLAB_NATIVE=1) until the marker file is deleted."""
+    runs = tmp_path / "runs"
+    compiler = tmp_path / "slowcc"
+    compiler.write_text(f"#!/bin/sh\necho run >> {runs}\nsleep 60\n")  # sleep: a child
+    compiler.chmod(0o755)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CC", str(compiler))
+    monkeypatch.setenv("SHIFTLAB_CACHE_DIR", str(cache))
+    monkeypatch.setenv("SHIFTLAB_NATIVE", "auto")
+    monkeypatch.setattr(build, "COMPILE_SECONDS", 1)
+    monkeypatch.setattr(native, "_state", {})
+    started = time.monotonic()
+    with pytest.warns(RuntimeWarning, match="ran longer than 1 s") as caught:
+        assert native.load() is None
+    assert len(caught) == 1 and time.monotonic() - started < 30
+    assert runs.read_text().split() == ["run"]
+    marker, = cache.glob("*.timeout")
+    assert str(compiler) in marker.read_text()
+
+    script = ("from shiftlab import config; from shiftlab.equivariance.kernels import native; "
+              "print(native.load(required=config.native_mode() == 'on'))")
+    for setting in ("auto", "1"):  # new processes, with the default time limit
+        env = dict(os.environ, SHIFTLAB_NATIVE=setting, PYTHONWARNINGS="always")
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              env=env, timeout=60)
+        assert f"delete {marker} to try again" in done.stderr
+        if setting == "auto":
+            assert done.returncode == 0 and done.stdout.strip() == "None"
+            assert done.stderr.count("RuntimeWarning") == 1
+        else:
+            assert done.returncode != 0
+            assert "SHIFTLAB_NATIVE=1 but the kernel cannot be built" in done.stderr
+    assert runs.read_text().split() == ["run"]  # not run again
+
+    marker.unlink()  # tries again
+    monkeypatch.setattr(native, "_state", {})
+    with pytest.warns(RuntimeWarning, match="ran longer than 1 s"):
+        assert native.load() is None
+    assert runs.read_text().split() == ["run", "run"]
 
 
 def test_callers_on_several_threads_share_the_python_thread_pools(monkeypatch):
@@ -433,7 +530,7 @@ def runtimes():
         paths = {{line.split()[-1] for line in maps if re.search({_OPENMP!r}, line.strip())}}
     return sorted({{os.path.realpath(path) for path in paths}})
 before = runtimes()
-from shiftlab.equivariance.kernels import native
+from shiftlab.equivariance.kernels import build, native
 library = native.load(required=True)
 ref = torch.randn(2, 8, 16, 16)
 native.difference_sums(ref, ref[None] + 1.0, [0], [(1, 1)])  # start the OpenMP threads

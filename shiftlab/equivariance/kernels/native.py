@@ -11,9 +11,10 @@ It is an accelerator, never a requirement: without a compiler, on a GPU, for flo
 ``SHIFTLAB_NATIVE=0`` the eager code runs and gives the same numbers (to float rounding; tested).
 ``SHIFTLAB_NATIVE=1`` makes a failed build an error (benchmarks use it). The plans reach this module
 only through :mod:`~shiftlab.equivariance.kernels.differences`, which makes that choice. The shared
-object is cached under ``$SHIFTLAB_CACHE_DIR``, else ``$XDG_CACHE_HOME/shiftlab``, else
-``~/.cache/shiftlab`` (:func:`shiftlab.config.cache_dir`), keyed by the source, the compiler, its
-flags and the CPU. Every entry point's C signature is declared to ctypes (``_ARGUMENTS``).
+object is built and cached by :mod:`~shiftlab.equivariance.kernels.build` (under
+``$SHIFTLAB_CACHE_DIR``, else ``$XDG_CACHE_HOME/shiftlab``, else ``~/.cache/shiftlab``; checked
+against a recorded hash before it is loaded; a compiler that hangs is not run again). Every entry
+point's C signature is declared to ctypes (``_ARGUMENTS``).
 
 OpenMP: ``-fopenmp`` links ``libgomp.so.1``; PyTorch is imported first and its bundled runtime
 (``torch/lib/libgomp.so.1``) has that soname, so the loader binds the kernel to it: one OpenMP
@@ -23,12 +24,6 @@ system's as a second copy; tests/test_native.py checks ``/proc/self/maps`` for t
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -40,104 +35,12 @@ import torch
 
 from ... import config
 from ...errors import ShiftlabError, one_line
+from . import build
 
-SOURCE = Path(__file__).with_name("csrc") / "bilinear.c"
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-std=gnu99", "-shared", "-fPIC")
-# a compiler that does not know this CPU (no -march=native); no OpenMP runtime (Apple clang): one
-# thread per call, several calls on Python threads; neither
-_FALLBACKS = (FLAGS, tuple(flag for flag in FLAGS if flag != "-march=native"),
-              tuple("-fopenmp-simd" if flag == "-fopenmp" else flag for flag in FLAGS),
-              tuple("-fopenmp-simd" if flag == "-fopenmp" else flag for flag in FLAGS
-                    if flag != "-march=native"))
-COMPILE_SECONDS = 120
-"""A compiler still running after this long is given up on (no further attempts)."""
-
+SOURCE = build.SOURCE
+_build, _compiler = build.build, build.compiler  # looked up here at each use: tests replace them
 _lock = threading.Lock()
 _state: dict = {}
-
-
-def _cpu_signature() -> str:
-    """What -march=native depends on: the CPU's model and feature flags."""
-    lines = []
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
-            for line in info:
-                if line.startswith(("model name", "flags", "Features", "CPU part")):
-                    lines.append(line.strip())
-                    if len(lines) >= 3:
-                        break
-    except OSError:
-        pass
-    return "\n".join([platform.machine(), platform.processor(), *lines])
-
-
-def _user() -> str:
-    return str(os.getuid()) if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
-
-
-def _not_private(directory: Path) -> Optional[str]:
-    """Why a library there could be somebody else's, or None: only a directory owned by this
-    user and not writable by group or others may hold what is loaded (a shared /tmp must not
-    serve another user's .so)."""
-    if not hasattr(os, "getuid"):
-        return None
-    info = directory.stat()
-    if info.st_uid != os.getuid():
-        return f"{directory} belongs to another user: not used"
-    if info.st_mode & 0o022:
-        return f"{directory} is writable by other users: not used"
-    return None
-
-
-def _compiler() -> Optional[str]:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def _build(compiler: str, rebuild: bool = False) -> Path:
-    """The path of the compiled library: from the cache, else compiled now (``rebuild``:
-    replace a cached file that would not load)."""
-    source = SOURCE.read_bytes()
-    errors = []
-    for flags in _FALLBACKS:
-        key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(),
-                                         _cpu_signature().encode()])).hexdigest()[:20]
-        for directory in (config.cache_dir(), Path(tempfile.gettempdir()) / f"shiftlab-{_user()}"):
-            target = directory / f"bilinear-{key}.so"
-            try:
-                directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-                problem = _not_private(directory)
-                if problem:
-                    errors.append(problem)
-                    continue
-                if target.exists() and not rebuild:
-                    return target
-                handle, partial = tempfile.mkstemp(suffix=".so", dir=directory)
-                os.close(handle)
-            except OSError as exc:
-                errors.append(one_line(exc))
-                continue
-            try:
-                done = subprocess.run([compiler, *flags, str(SOURCE), "-o", partial],
-                                      capture_output=True, text=True, timeout=COMPILE_SECONDS)
-                if done.returncode == 0:
-                    with open(partial, "rb") as built:  # on disk before it is visible
-                        os.fsync(built.fileno())
-                    os.replace(partial, target)  # atomic: concurrent ranks may race here
-                    return target
-                lines = [line for line in done.stderr.splitlines() if "error" in line]
-                errors.append(one_line((lines or [done.stderr])[0] or f"exit {done.returncode}"))
-                break  # the flags, not the directory: try the next flags
-            except subprocess.TimeoutExpired:
-                raise OSError(f"{compiler} ran longer than {COMPILE_SECONDS} s") from None
-            except (OSError, subprocess.SubprocessError) as exc:
-                errors.append(one_line(exc))
-            finally:
-                if os.path.exists(partial):
-                    os.remove(partial)
-    raise OSError("; ".join(errors) or "no writable cache directory")
 
 
 # The C signatures (csrc/bilinear.c), declared so that ctypes converts and checks every argument:
@@ -187,7 +90,9 @@ def _library(warn: bool) -> Optional[ctypes.CDLL]:
                 try:
                     try:
                         library = _open(_build(compiler))
-                    except (OSError, AttributeError):  # a damaged cached file: build it again
+                    except build.GaveUp:  # a compiler that hangs is not run again
+                        raise
+                    except (OSError, AttributeError):  # a cached file that will not load
                         library = _open(_build(compiler, rebuild=True))
                 except (OSError, AttributeError) as exc:
                     library, reason = None, one_line(exc)
