@@ -8,7 +8,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from .defaults import default_grid
-from .errors import UsageError
+from .errors import ModelError, UsageError
 from .equivariance.shifts import MODES, ShiftGrid
 
 
@@ -111,6 +111,26 @@ def window_size(image_shape: Sequence[int], margin: int) -> tuple[int, int]:
     if height < 1 or width < 1:
         raise UsageError(f"images of {image_shape[-2]} px cannot hold a crop margin of {margin} px")
     return height, width
+
+
+def check_model_has_data(model: torch.nn.Module, name: Optional[str] = None) -> None:
+    """Refuse a model whose parameters or buffers are meta tensors (shapes, no data), which
+    cannot be moved to a device or run; one line naming the model, the first such tensor and
+    the fix.
+
+    >>> check_model_has_data(torch.nn.Linear(2, 2, device="meta"), "net")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    shiftlab.errors.ModelError: net has no data: its tensors are on the meta device ('weight' ...
+    """
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    meta = [key for key, tensor in tensors if tensor.is_meta]
+    if meta:
+        more = f" and {len(meta) - 1} more" if len(meta) > 1 else ""
+        raise ModelError(f"{name or type(model).__name__} has no data: its tensors are on the meta"
+                         f" device ({meta[0]!r}{more}); build the model on a real device (drop"
+                         " device='meta' or torch.device('meta') where it is built), or"
+                         " materialise it with model.to_empty(device='cpu') and load its weights")
 
 
 def check_image_tensor(images: object) -> torch.Tensor:

@@ -19,6 +19,7 @@ from ..defaults import PADDINGS
 from ..errors import UsageError
 from ..figures.options import FigureOptions
 from ..requests import CompareRequest, ConsistencyRequest, HeatmapRequest
+from ..results.progress import check_progress_path
 from .reports import (FIGURE_PATTERNS, PROGRESS_FILE, DrawingFailed, check_out, default_out,
                       is_output, result_figures, safe_name, write_comparison, write_consistency,
                       write_heatmap, write_padding_pair, write_set)
@@ -69,6 +70,8 @@ def run_heatmap(request: HeatmapRequest, figures: FigureOptions, *,
     requests = [request.for_model(dataclasses.replace(request.model, padding=padding))
                 for padding in PADDINGS] if padding_both else [request]
     checkpoint = out / PROGRESS_FILE if (out is not None and not distributed_run) else None
+    if checkpoint is not None and len(requests) == 1:
+        check_progress_path(checkpoint)  # before the model and images are loaded
     results = []
     for each in requests:
         results.append(runs.measure_heatmap(
@@ -263,6 +266,9 @@ def run_consistency(requests: Sequence[ConsistencyRequest], figures: FigureOptio
     if out is not None:
         check_out(out, overwrite=overwrite, resume=resume,
                   progress=[c.name for c in checkpoints if c is not None])
+    for checkpoint in checkpoints:
+        if checkpoint is not None:
+            check_progress_path(checkpoint)  # before any model is loaded
     resolve_device(requests[0].device)
     quiet = quiet or not distributed.is_main()
     results, labels = [], []

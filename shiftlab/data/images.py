@@ -218,9 +218,13 @@ def find_images(source: PathLike | Sequence[PathLike], recursive: bool = False) 
     """
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        if path.is_dir():
-            candidates = path.rglob("*") if recursive else path.iterdir()
-            found = sorted(p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if _is_dir(path):
+            try:
+                candidates = path.rglob("*") if recursive else path.iterdir()
+                found = sorted(p for p in candidates
+                               if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            except OSError as exc:  # PermissionError: a folder that may not be listed or searched
+                raise unreadable_folder_error(path, exc) from None
             if not found:
                 where = "or its subfolders" if recursive else "(subfolders are not searched)"
                 raise ImageError(
@@ -345,8 +349,40 @@ def _too_small(width: int, height: int) -> str:
     return f"too small ({width}x{height} px); images need at least {MIN_IMAGE_SIDE} px on each side"
 
 
+def unreadable_folder_error(folder: Path, exc: OSError) -> ImageError:
+    """The error for a folder that cannot be listed (``PermissionError``, ...), naming it.
+
+    >>> print(unreadable_folder_error(Path("val"), PermissionError(13, "Permission denied")))
+    cannot list folder val (Permission denied); check that you may read it (chmod +rx), or pass
+    another folder
+    """
+    return ImageError(f"cannot list folder {folder} ({exc.strerror or one_line(exc)}); check that you"
+                      " may read it (chmod +rx), or pass another folder")
+
+
+def _is_dir(path: Path) -> bool:
+    """``path.is_dir()``; a parent folder that may not be searched is one line naming the path."""
+    try:
+        return path.is_dir()
+    except OSError as exc:
+        raise unsearchable_path_error(path, exc) from None
+
+
+def _exists(path: Path) -> bool:
+    """``path.exists()``; a parent folder that may not be searched is one line naming the path."""
+    try:
+        return path.exists()
+    except OSError as exc:
+        raise unsearchable_path_error(path, exc) from None
+
+
+def unsearchable_path_error(path: Path, exc: OSError) -> ImageError:
+    return ImageError(f"cannot look at {path} ({exc.strerror or one_line(exc)}); check that you may"
+                      " read its folder (chmod +rx), or pass another path")
+
+
 def _checked_file(path: Path) -> Path:
-    if not path.exists():
+    if not _exists(path):
         raise ImageError(f"image path {path} does not exist; check the path or pass a folder of images")
     if not path.is_file():
         raise ImageError(f"{path} is neither a folder nor an image file; pass a folder or {_suffix_list()} files")
@@ -414,6 +450,9 @@ def _read_rgb(path: Path, resize: int) -> torch.Tensor:
                 array = _to_rgb_array(image)
     except FileNotFoundError:
         raise UnreadableImageError(path, "file not found") from None
+    except PermissionError as exc:  # not 'corrupt': the bytes were never read
+        raise UnreadableImageError(path, f"cannot be read ({exc.strerror or one_line(exc)}); check"
+                                         " that you may read it (chmod +r)") from None
     except Image.DecompressionBombError as exc:
         raise UnreadableImageError(path, f"too large ({one_line(exc)}); crop or downscale it") from None
     except UnidentifiedImageError:

@@ -113,20 +113,30 @@ def read_labels(source: Union[str, os.PathLike], categories: Optional[Sequence[s
         ...
         shiftlab.errors.UsageError: 1 unknown class names in .../labels.csv: '1'; use ...
     """
-    from .images import IMAGE_SUFFIXES
+    from .images import IMAGE_SUFFIXES, unreadable_folder_error, unsearchable_path_error
 
     check_class_order(class_order)
     source = Path(source)
-    if source.is_dir():
-        # Hidden folders (.ipynb_checkpoints) are never classes.
-        folders = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
+    try:
+        is_dir, is_file = source.is_dir(), source.is_file()
+    except OSError as exc:  # PermissionError: a parent folder that may not be searched
+        raise unsearchable_path_error(source, exc) from None
+    if is_dir:
+        listing = source
+        try:
+            # Hidden folders (.ipynb_checkpoints) are never classes.
+            folders = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
+            pairs = []
+            for listing in folders:
+                pairs += [(image, listing.name) for image in sorted(listing.iterdir())
+                          if image.is_file() and image.suffix.lower() in IMAGE_SUFFIXES]
+        except OSError as exc:  # PermissionError: a (class) folder that may not be listed
+            raise unreadable_folder_error(listing, exc) from None
         every_name = [folder.name for folder in folders]
-        pairs = [(image, folder.name) for folder in folders for image in sorted(folder.iterdir())
-                 if image.is_file() and image.suffix.lower() in IMAGE_SUFFIXES]
         if not pairs:
             raise UsageError(f"no images in class folders under {source}; lay labels out as"
                              " ROOT/class_name/*.jpg or pass a CSV file,label")
-    elif source.is_file():
+    elif is_file:
         pairs = _read_label_csv(source)
         every_name = sorted({name for _, name in pairs})
     else:
@@ -178,8 +188,9 @@ def _use_sorted_order(names: Sequence[str], every_name: Sequence[str],
 
 
 def _is_index(name: str, categories: Optional[Sequence[str]]) -> bool:
+    # isdecimal, not isdigit: '²' is a digit that int() cannot read (it is a class name then)
     key = _normalise(name)
-    return key.isdigit() and (categories is None or int(key) < len(categories))
+    return key.isdecimal() and (categories is None or int(key) < len(categories))
 
 
 def _read_label_csv(path: Path) -> list[tuple[Path, str]]:
@@ -200,7 +211,13 @@ def _read_label_csv(path: Path) -> list[tuple[Path, str]]:
                              f" {','.join(row)!r}")
         image = Path(row[0].strip())
         image = image if image.is_absolute() else path.parent / image
-        if not image.is_file():
+        try:
+            found = image.is_file()
+        except OSError as exc:  # PermissionError: a folder on its path that may not be searched
+            raise ImageError(f"labels file {path}, row {number}: cannot look at image {image}"
+                             f" ({exc.strerror or exc}); check that you may read its folder"
+                             " (chmod +rx)") from None
+        if not found:
             raise ImageError(f"labels file {path}, row {number}: image {image} does not exist;"
                              " file paths are relative to the CSV's folder")
         pairs.append((image, row[1].strip()))

@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .. import distributed
 from .images import (IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, ImagePreprocess,
-                   UnreadableImageError, find_images, no_images_error)
+                   UnreadableImageError, find_images, no_images_error, unreadable_folder_error,
+                   unsearchable_path_error)
 from ..checks import check_count
 from ..errors import ShiftlabError, UsageError
 from .labels import LabelledImages, read_labels
@@ -237,8 +238,12 @@ def _files_and_labels(source: Any, with_labels: bool, categories: Optional[Seque
         return list(source.paths), list(source.labels)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        if path.is_file() and path.suffix.lower() == ".csv" or path.is_dir() and not _holds_images(path):
-            if path.is_dir() and not with_labels:
+        try:
+            is_file, is_dir = path.is_file(), path.is_dir()
+        except OSError as exc:  # PermissionError: a parent folder that may not be searched
+            raise unsearchable_path_error(path, exc) from None
+        if is_file and path.suffix.lower() == ".csv" or is_dir and not _holds_images(path):
+            if is_dir and not with_labels:
                 return find_images(path, recursive=True), None
             labelled = read_labels(path, categories, class_order)
             return list(labelled.paths), list(labelled.labels)
@@ -250,7 +255,10 @@ def _files_and_labels(source: Any, with_labels: bool, categories: Optional[Seque
 
 
 def _holds_images(folder: Path) -> bool:
-    return any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir())
+    try:
+        return any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir())
+    except OSError as exc:  # PermissionError: a folder that may not be listed or searched
+        raise unreadable_folder_error(folder, exc) from None
 
 
 def _check_shape(shape: Sequence[int], crop: int) -> None:

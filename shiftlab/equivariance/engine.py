@@ -24,13 +24,13 @@ from tqdm import tqdm  # plain bar: tqdm.auto warns in notebooks without ipywidg
 from .. import distributed
 from .align import Plan, compare_global, make_plan
 from .capture import LayerCapture, LayerSelection
-from ..checks import (batch_layout, check_dtype, check_request, count_passes, labelled_batches,
-                     window_size)
+from ..checks import (batch_layout, check_dtype, check_model_has_data, check_request, count_passes,
+                     labelled_batches, window_size)
 from ..defaults import BATCH_SIZE
 from ..errors import ModelError, UsageError
 from .geometry import LayerInfo, as_feature_map, probe_layers
 from .metrics import ComparisonStats, DistanceAccumulator, concat, distance
-from ..results.progress import RunProgress
+from ..results.progress import RunProgress, check_progress_path
 from ..results.provenance import InputDigest, Provenance, versions
 from ..results.result import Result, Settings
 from .shifts import ShiftGrid, apply_shifts, centre_window
@@ -124,6 +124,8 @@ def measure(model: nn.Module, images: Images, grid: Optional[ShiftGrid] = None, 
     if streamed and checkpoint is not None:
         raise UsageError("checkpoint/resume needs the images as one tensor; streamed sources are"
                          " not resumable")
+    if checkpoint is not None:
+        check_progress_path(checkpoint)  # a folder of that name: refused before any work
     batches = (tensor for tensor, _ in labelled_batches(images))
     first = next(batches, None)
     if first is None:
@@ -133,6 +135,7 @@ def measure(model: nn.Module, images: Images, grid: Optional[ShiftGrid] = None, 
     device = resolve_device(device)
     autocast = _autocast(dtype, device)
     named = provenance or Provenance.from_meta(meta or {})  # names the model in the warning
+    check_model_has_data(model, named.label or named.model or None)
     with evaluation_mode(model, named.label or named.model or None):
         model = model.to(device)
         infos = probe_layers(model, (height, width), layers, channels=first.shape[1], device=device)

@@ -47,8 +47,8 @@ from tqdm import tqdm  # plain bar: tqdm.auto warns in notebooks without ipywidg
 
 from .. import distributed
 from ..defaults import MAX_PAIRS
-from ..checks import (batch_layout, check_count, check_request, labelled_batches, resolve_grid,
-                     window_size)
+from ..checks import (batch_layout, check_count, check_model_has_data, check_request,
+                     labelled_batches, resolve_grid, window_size)
 from ..equivariance.engine import evaluation_mode, resolve_device
 from ..errors import ModelError, ShiftlabError, UsageError
 from ..results.provenance import Provenance, versions
@@ -244,6 +244,7 @@ def measure_invariance(model: nn.Module, images: torch.Tensor, grid: Optional[Sh
                                   padding=str(getattr(model, "shiftlab_padding", "as-trained")))
     union = list(dict.fromkeys(grid.shifts + diagonal.shifts))  # grid order, then new sweep steps
     device = resolve_device(device)
+    check_model_has_data(model)
     model = model.to(device)
     provenance = given_provenance(provenance, meta)
     name = model_name(model, provenance)

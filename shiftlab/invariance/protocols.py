@@ -50,7 +50,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import distributed
-from ..checks import split_batch
+from ..checks import check_model_has_data, split_batch
 from ..defaults import PROTOCOLS as DEFAULT_PROTOCOLS
 from ..equivariance.engine import evaluation_mode, resolve_device
 from ..errors import ShiftlabError, UsageError
@@ -230,6 +230,7 @@ def _prepare(model, device, provenance, meta, size, epochs, n_bootstrap, confide
     if not 0 < confidence < 1:
         raise UsageError(f"confidence must be between 0 and 1, got {confidence}")
     device = resolve_device(device)
+    check_model_has_data(model)
     return model.to(device), device, given_provenance(provenance, meta)
 
 

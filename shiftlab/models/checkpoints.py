@@ -141,7 +141,8 @@ def load_checkpoint(
     shapes = [
         (key, tuple(state[key].shape), tuple(expected[key].shape))
         for key in expected
-        if key in state and isinstance(state[key], torch.Tensor) and state[key].shape != expected[key].shape
+        if key in state and isinstance(state[key], torch.Tensor) and isinstance(expected[key], torch.Tensor)
+        and state[key].shape != expected[key].shape
     ]
     if missing or unexpected or shapes:
         raise WeightsError(_mismatch_message(path, name, missing, unexpected, shapes))
@@ -383,9 +384,12 @@ def _mismatch_message(
         parts.append(f"{len(shapes)} shape mismatches, checkpoint vs model ({_first(listed)})")
     fix = "check that the model spec is the architecture the checkpoint was saved from"
     # Only the classifier differs, in its output size: the checkpoint has other classes.
-    if shapes and not missing and not unexpected:
-        outputs = {got[0] for _, got, want in shapes if got[1:] == want[1:] and got[0] != want[0]}
-        if len(outputs) == 1 and all(got[1:] == want[1:] for _, got, want in shapes):
+    # A 0-d entry (a scalar) has no output size: it never makes this a class-count mismatch.
+    if shapes and not missing and not unexpected and all(
+        len(got) == len(want) >= 1 and got[1:] == want[1:] for _, got, want in shapes
+    ):
+        outputs = {got[0] for _, got, want in shapes if got[0] != want[0]}
+        if len(outputs) == 1:
             fix = f"the checkpoint has {outputs.pop()} classes: pass num_classes (--num-classes) to match"
     return f"{path} does not fit {name}: {'; '.join(parts)}; {fix}"
 

@@ -48,7 +48,7 @@ from torch import nn
 from torchvision.models import get_model_weights
 
 from .checkpoints import is_checkpoint_path, load_checkpoint, state_dict_fingerprint
-from ..checks import check_count
+from ..checks import check_count, check_model_has_data
 from ..errors import ModelError, UsageError, WeightsError, one_line
 from .pretrained import (
     DOWNLOAD_TIMEOUT_S,
@@ -178,6 +178,7 @@ def load_model(
         loaded = _load_factory(spec, weights, checkpoint, num_classes)
     else:
         loaded = _load_torchvision(spec, weights, checkpoint, num_classes)
+    check_model_has_data(loaded.model, f"model {spec}")
     loaded.model.eval()
     loaded.model.to("cpu")
     return loaded
@@ -355,6 +356,7 @@ def _load_factory(spec: str, weights: str, checkpoint: _CheckpointOptions, num_c
         raise ModelError(f"factory {spec} raised {type(exc).__name__}: {one_line(exc)}{hint}") from exc
     if not isinstance(model, nn.Module):
         raise ModelError(f"factory {spec} returned {type(model).__name__}; it must return a torch.nn.Module")
+    check_model_has_data(model, f"the model of factory {spec}")  # before any weights are copied in
     return _finish_external(model, name, weights, checkpoint, "from factory", warn_random=False)
 
 

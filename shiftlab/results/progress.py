@@ -24,12 +24,31 @@ from ..models.checkpoints import state_dict_fingerprint
 from .result import Settings
 
 
+def check_progress_path(path) -> Path:
+    """``path`` as a Path when a progress file may be written there: refuses, before anything
+    is measured, a folder (or other non-file) of that name, which only the first save after a
+    whole batch or epoch of work would otherwise find.
+
+    >>> import tempfile
+    >>> check_progress_path(tempfile.gettempdir())  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    shiftlab.errors.UsageError: progress file ... is a folder, not a file; ...
+    """
+    path = Path(path)
+    if path.is_dir() or (path.exists() and not path.is_file()):
+        what = "a folder" if path.is_dir() else "not a regular file"
+        raise UsageError(f"progress file {path} is {what}, not a file; remove or rename it, or"
+                         " choose another --out folder (another checkpoint path)")
+    return path
+
+
 class _Checkpoint:
     """One progress file: a key (what the saved state depends on) and named arrays, written
     atomically and read back only by a run with the same key."""
 
     def __init__(self, path, key: dict, identity: Optional[dict]) -> None:
-        self.path = Path(path)
+        self.path = check_progress_path(path)
         self.key = dict(key)
         for name, value in sorted((identity or {}).items()):
             self.key[name] = json.dumps(value, sort_keys=True, default=str)

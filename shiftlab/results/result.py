@@ -23,6 +23,9 @@ FORMAT_VERSION = 2
 #: format-1 files (an untyped ``meta`` dict instead of a typed provenance) are still read
 READABLE_FORMATS = (1, 2)
 _ARRAYS = ("mean", "std", "n", "n_inf", "n_nan")
+_FRAME_COLUMNS = ("layer", "depth", "module", "kind", "stride", "dh", "dw", "mean", "std", "n")
+_SUMMARY_COLUMNS = ("layer", "depth", "module", "kind", "layout", "stride", "shape", "mean", "max",
+                    "defined_shifts")
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,8 @@ class Result:
                  "least equivariant spatial layers (mean over shifts):"]
         lines += [f"  {row.layer:<28} {row.module:<14} s={row.stride:g}  {row.mean:.4g}"
                   for row in worst.itertuples()]
+        if not self.layers:
+            lines.append("  (none: this result has no layers)")
         lines.append("result.summary() for every layer, result.map(layer) for one map")
         return "\n".join(lines)
 
@@ -216,14 +221,14 @@ class Result:
         import pandas as pd
 
         shifts = np.asarray(self.grid.shifts)
-        frames = []
+        frames = [pd.DataFrame(columns=_FRAME_COLUMNS)]  # the columns, also for no layers
         for depth, info in enumerate(self.layers):
             frames.append(pd.DataFrame({
                 "layer": info.name, "depth": depth, "module": info.module, "kind": info.kind,
                 "stride": info.stride[0], "dh": shifts[:, 0], "dw": shifts[:, 1],
                 "mean": self.mean[depth], "std": self.std[depth], "n": self.n[depth],
             }))
-        return pd.concat(frames, ignore_index=True)
+        return pd.concat(frames[1:] or frames, ignore_index=True)
 
     def summary(self) -> "pandas.DataFrame":
         """One row per layer: module, kind, stride, shape, mean and max distance over shifts."""
@@ -241,7 +246,7 @@ class Result:
                 "max": float(finite.max()) if finite.size else math.nan,
                 "defined_shifts": int((~np.isnan(values)).sum()),
             })
-        return pd.DataFrame(rows)
+        return pd.DataFrame(rows, columns=_SUMMARY_COLUMNS)  # the columns also for no layers
 
     # -- persistence -----------------------------------------------------------------
     def save(self, path: Union[str, os.PathLike]) -> Path:
@@ -291,8 +296,43 @@ def load(path: Union[str, os.PathLike]) -> Result:
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ShiftlabError(f"{path} has an incomplete or damaged header ({type(exc).__name__}:"
                             f" {one_line(exc)}); re-run the measurement") from exc
+    _check_layers(layers, path)
     _check_arrays(arrays, (len(layers), len(settings.grid)), path)
     return Result(settings=settings, layers=layers, provenance=provenance, **arrays)
+
+
+_KINDS = ("spatial", "global")
+_LAYOUTS = ("nchw", "nhwc", "tokens")
+
+
+def _check_layers(layers: list[LayerInfo], path: Path) -> None:
+    """Every layer of the header as ``Result.save`` writes it: text names, known kinds and
+    layouts, (rows, cols) strides; else one line naming the file and the layer."""
+    for number, info in enumerate(layers):
+        problem = _layer_problem(info)
+        if problem:
+            raise ShiftlabError(f"{path}: layer {number} of the header {problem}; the file is"
+                                " damaged or was not written by shiftlab: re-run the measurement")
+
+
+def _layer_problem(info: LayerInfo) -> Optional[str]:
+    for key in ("name", "module"):
+        value = getattr(info, key)
+        if not isinstance(value, str):
+            return f"has {key} {value!r}, not text"
+    if info.kind not in _KINDS:
+        return f"has kind {info.kind!r}, not one of {', '.join(_KINDS)}"
+    if info.layout not in _LAYOUTS:
+        return f"has layout {info.layout!r}, not one of {', '.join(_LAYOUTS)}"
+    for key in ("stride", "measured_stride"):
+        value = getattr(info, key)
+        if len(value) != 2:
+            return f"has {key} {list(value)}: {len(value)} values, not 2 (rows, cols)"
+        if any(v <= 0 for v in value):  # NaN (a global layer's, or unknown) compares False
+            return f"has {key} {list(value)}, not positive"
+    if any(v < 0 for v in info.shape) or info.extra_tokens < 0:
+        return f"has a negative shape {list(info.shape)} or extra_tokens {info.extra_tokens}"
+    return None
 
 
 def _check_arrays(arrays: dict, shape: tuple[int, int], path: Path) -> None:
