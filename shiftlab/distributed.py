@@ -7,12 +7,15 @@ per-image arrays (:func:`gather`). NCCL on GPUs, gloo on CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from .errors import ShiftlabError, one_line
 
 
 def active() -> bool:
@@ -65,6 +68,18 @@ def owned(positions: np.ndarray) -> np.ndarray:
     return np.asarray(positions) % world_size() == rank()
 
 
+@contextlib.contextmanager
+def _collective():
+    """A collective whose peer died (gloo: "Connection closed by peer", NCCL: a timeout) is
+    one line naming the cause, not the backend's message asking to report a bug."""
+    try:
+        yield
+    except RuntimeError as exc:
+        raise ShiftlabError(f"another torchrun process stopped, so process {rank()} cannot go"
+                            f" on ({one_line(exc)[:160]}); the failing process's own error says"
+                            " why") from exc
+
+
 def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:
     """Sum each tensor over all ranks, in place (moved through the backend's device)."""
     if not active():
@@ -73,7 +88,8 @@ def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:
         else torch.device("cpu")
     for tensor in tensors:
         buffer = tensor.to(device)
-        dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+        with _collective():
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
         tensor.copy_(buffer.to(tensor.device))
 
 
@@ -83,7 +99,8 @@ def gather(value: object) -> list:
     if not active():
         return [value]
     gathered: list = [None] * world_size()
-    dist.all_gather_object(gathered, value)
+    with _collective():
+        dist.all_gather_object(gathered, value)
     return gathered
 
 
@@ -92,7 +109,8 @@ def broadcast(value: object) -> object:
     if not active():
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    with _collective():
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -128,7 +146,6 @@ def _raise_first(errors: Sequence[Optional[tuple[type, str]]]) -> None:
             try:
                 failure = kind(message)
             except TypeError:  # a class whose constructor wants more than a message
-                from .errors import ShiftlabError
                 failure = ShiftlabError(message)
             raise failure
 
@@ -139,7 +156,8 @@ def finish() -> None:
     A rank that exits while others still use the process group can make gloo abort the process.
     """
     if active():
-        dist.barrier()
+        with _collective():
+            dist.barrier()
 
 
 def shutdown() -> None:

@@ -5,6 +5,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 import shiftlab
@@ -48,3 +49,22 @@ def test_two_gloo_ranks_equal_the_single_process_result(tmp_path):
     np.testing.assert_array_equal(sharded.n, single.n)  # every image counted once
     np.testing.assert_allclose(sharded.mean, single.mean, atol=1e-6, equal_nan=True)
     np.testing.assert_allclose(sharded.std, single.std, atol=1e-6, equal_nan=True)
+
+
+def test_a_peer_that_died_is_one_line_not_the_backends_report_a_bug_message(monkeypatch):
+    from shiftlab import distributed
+    from shiftlab.errors import ShiftlabError
+
+    def closed(*args, **kwargs):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection"
+                           " closed by peer [127.0.0.1]:29500")
+
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    monkeypatch.setattr(distributed.dist, "all_gather_object", closed)
+    monkeypatch.setattr(distributed.dist, "barrier", closed)
+    for call in (lambda: distributed.gather(1), distributed.finish):
+        with pytest.raises(ShiftlabError, match="another torchrun process stopped, so process 0"
+                                                " cannot go on .*Connection closed by peer"):
+            call()
