@@ -173,6 +173,11 @@ class LayerComparison:
             object.__setattr__(self, "layers", items or None)
         check_count("border", self.border, 0)
 
+    @property
+    def selection(self) -> Optional[list[str]]:
+        """``layers`` as :func:`shiftlab.measure` takes it (None: every leaf module)."""
+        return list(self.layers) if self.layers else None
+
 
 @dataclass(frozen=True)
 class HeatmapRequest:
@@ -194,6 +199,11 @@ class HeatmapRequest:
         if self.comparison.border and self.shifts.mode != "crop":
             raise UsageError("--border applies to --mode crop (circular shifts have no border to"
                              " ignore); drop it or use --mode crop")
+
+    @property
+    def autocast(self) -> Optional[str]:
+        """``dtype`` as :func:`shiftlab.measure` takes it (None: plain float32)."""
+        return None if self.dtype == "float32" else self.dtype
 
     def for_model(self, model: ModelSpec) -> "HeatmapRequest":
         """The same measurement of another model."""

@@ -121,9 +121,9 @@ def _dry_run(request: HeatmapRequest, quiet: bool) -> None:
     estimate = estimate_run(
         loaded.model, inputs.tensor, grid, batch_size=request.batch_size,
         mode=request.shifts.mode, align=comparison.align, metric=comparison.metric,
-        layers=list(comparison.layers) if comparison.layers else None, margin=margin,
+        layers=comparison.selection, margin=margin,
         border=comparison.border, device=resolve_device(request.device),
-        dtype=None if request.dtype == "float32" else request.dtype, progress=False)
+        dtype=request.autocast, progress=False)
     click.echo(f"{loaded.name}: {len(inputs.paths)} images x {len(grid)} shifts at"
                f" {request.inputs.size} px: {estimate.describe()}")
 

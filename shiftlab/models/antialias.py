@@ -42,7 +42,6 @@ _PAD_LAYERS = {
     "zero": nn.ZeroPad2d,
     "circular": nn.CircularPad2d,
 }
-_MAX_FILT = 7
 ARCHES = ("vgg", "alexnet", "resnet", "densenet", "mobilenet_v2", "generic")
 
 
@@ -55,7 +54,7 @@ def binomial_filter(filt_size: int) -> torch.Tensor:
                 [2., 4., 2.],
                 [1., 2., 1.]])
     """
-    _check_int("filt_size", filt_size, 1, _MAX_FILT)
+    check_filter_size(filt_size)
     row = torch.tensor([math.comb(filt_size - 1, i) for i in range(filt_size)], dtype=torch.float64)
     filt = torch.outer(row, row)
     return (filt / filt.sum()).to(torch.float32)
@@ -88,9 +87,9 @@ class BlurPool(nn.Module):
     def __init__(self, channels: int, filt_size: int = 4, stride: int = 2,
                  pad_type: str = "reflect", pad_off: int = 0) -> None:
         super().__init__()
-        _check_int("channels", channels, 1, None)
-        _check_int("filt_size", filt_size, 1, _MAX_FILT)
-        _check_int("stride", stride, 1, None)
+        check_count("channels", channels)
+        check_filter_size(filt_size)
+        check_count("stride", stride)
         if pad_type not in _PAD_LAYERS:
             raise UsageError(f"pad_type must be one of {sorted(_PAD_LAYERS)}, got {pad_type!r}")
         if isinstance(pad_off, bool) or not isinstance(pad_off, int):
@@ -195,13 +194,6 @@ _SAME_CHANNELS = _NORMS + _ACTS + (nn.Dropout, nn.Dropout2d, nn.Identity, nn.Max
 # Downsamplers the rules do not cover: reported, never silently kept.
 _OTHER_DOWNSAMPLERS = (nn.Conv1d, nn.Conv3d, nn.MaxPool1d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool3d,
                        nn.LPPool1d, nn.LPPool2d, nn.FractionalMaxPool2d, nn.FractionalMaxPool3d)
-
-
-def _check_int(name: str, value: object, low: int, high: Optional[int]) -> None:
-    if high is None:
-        check_count(name, value, low)
-    else:  # the filter size, the one bounded count
-        check_filter_size(value)
 
 
 def _detect_arch(model: nn.Module) -> str:
