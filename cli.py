@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Run the shiftlab command line from a checkout: python cli.py heatmap --model vgg16"""
-from shiftlab.cli import main
+from shiftlab.launch import main
 
 if __name__ == "__main__":
     main()

@@ -39,34 +39,73 @@ array([[0.   , 0.082, 0.   , 0.082],
 
 What every number means: docs/semantics.md.
 """
+# The public names are imported on first use (PEP 562), not here: `import shiftlab` must not
+# pull in torch, so the command line can start, and be interrupted, before the heavy imports.
+from importlib import import_module
+from typing import TYPE_CHECKING
+
 from ._version import __version__
 
-from .errors import ShiftlabError, UsageError  # noqa: E402
-from .equivariance.shifts import ShiftGrid  # noqa: E402
-from .equivariance.geometry import LayerInfo, probe_layers  # noqa: E402
-from .equivariance.capture import LayerCapture  # noqa: E402
-from .results.provenance import Provenance  # noqa: E402
-from .results.result import Result, Settings, load  # noqa: E402
-from .equivariance.engine import measure  # noqa: E402
-from .invariance.grid import measure_invariance  # noqa: E402
-from .invariance.grid_result import InvarianceResult, load_invariance, uninformative_across  # noqa: E402
-from .invariance.protocols import consistency_protocol, diagonal_protocol, load_protocol  # noqa: E402
-from .models.antialias import BlurPool, antialias  # noqa: E402
-from .models.padding import circular_padding  # noqa: E402
-from .results.comparison import Comparison, compare  # noqa: E402
-from .models.zoo import load_model  # noqa: E402
-from .data.images import load_images, sample_image_paths  # noqa: E402
-from .data.sources import ImageDataset, image_batches  # noqa: E402
-from .requests import (CompareRequest, ConsistencyRequest, HeatmapRequest, Inputs,  # noqa: E402
-                       LayerComparison, ModelSpec, Shifts)
-from . import runs  # noqa: E402
+_EXPORTS = {
+    "ShiftlabError": "errors", "UsageError": "errors",
+    "ShiftGrid": "equivariance.shifts",
+    "LayerInfo": "equivariance.geometry", "probe_layers": "equivariance.geometry",
+    "LayerCapture": "equivariance.capture",
+    "Provenance": "results.provenance",
+    "Result": "results.result", "Settings": "results.result", "load": "results.result",
+    "measure": "equivariance.engine",
+    "measure_invariance": "invariance.grid",
+    "InvarianceResult": "invariance.grid_result", "load_invariance": "invariance.grid_result",
+    "uninformative_across": "invariance.grid_result",
+    "consistency_protocol": "invariance.protocols", "diagonal_protocol": "invariance.protocols",
+    "load_protocol": "invariance.protocols",
+    "BlurPool": "models.antialias", "antialias": "models.antialias",
+    "circular_padding": "models.padding",
+    "Comparison": "results.comparison", "compare": "results.comparison",
+    "load_model": "models.zoo",
+    "load_images": "data.images", "sample_image_paths": "data.images",
+    "ImageDataset": "data.sources", "image_batches": "data.sources",
+    "CompareRequest": "requests", "ConsistencyRequest": "requests", "HeatmapRequest": "requests",
+    "Inputs": "requests", "LayerComparison": "requests", "ModelSpec": "requests",
+    "Shifts": "requests",
+}
+_SUBMODULES = ("runs",)
 
-__all__ = [
-    "__version__", "ShiftlabError", "UsageError", "ShiftGrid", "LayerInfo", "probe_layers",
-    "LayerCapture", "Provenance", "Result", "Settings", "load", "measure", "BlurPool",
-    "antialias", "circular_padding", "Comparison", "compare", "load_model", "load_images",
-    "sample_image_paths", "ImageDataset", "image_batches", "measure_invariance",
-    "InvarianceResult", "load_invariance", "uninformative_across", "consistency_protocol",
-    "diagonal_protocol", "load_protocol", "runs", "ModelSpec", "Inputs", "Shifts",
-    "LayerComparison", "HeatmapRequest", "CompareRequest", "ConsistencyRequest",
-]
+__all__ = ["__version__", *_EXPORTS, *_SUBMODULES]
+
+
+def __getattr__(name: str) -> object:
+    if name in _EXPORTS:
+        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    elif name in _SUBMODULES:
+        value = import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # imported once; later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from . import runs
+    from .data.images import load_images, sample_image_paths
+    from .data.sources import ImageDataset, image_batches
+    from .equivariance.capture import LayerCapture
+    from .equivariance.engine import measure
+    from .equivariance.geometry import LayerInfo, probe_layers
+    from .equivariance.shifts import ShiftGrid
+    from .errors import ShiftlabError, UsageError
+    from .invariance.grid import measure_invariance
+    from .invariance.grid_result import InvarianceResult, load_invariance, uninformative_across
+    from .invariance.protocols import consistency_protocol, diagonal_protocol, load_protocol
+    from .models.antialias import BlurPool, antialias
+    from .models.padding import circular_padding
+    from .models.zoo import load_model
+    from .requests import (CompareRequest, ConsistencyRequest, HeatmapRequest, Inputs,
+                           LayerComparison, ModelSpec, Shifts)
+    from .results.comparison import Comparison, compare
+    from .results.provenance import Provenance
+    from .results.result import Result, Settings, load

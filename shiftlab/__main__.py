@@ -1,5 +1,5 @@
 """python -m shiftlab"""
-from .cli.commands import main
+from .launch import main
 
 if __name__ == "__main__":
     main()

@@ -329,3 +329,36 @@ def test_str_of_a_loaded_result_without_layers(tmp_path):
     assert "0 layers" in text and "no layers" in text
     assert list(result.summary().columns)[:4] == ["layer", "depth", "module", "kind"]
     assert len(result.summary()) == 0 and len(result.to_frame()) == 0
+
+
+def test_importing_shiftlab_does_not_import_torch():
+    """The command line starts (and can be interrupted) before the heavy imports."""
+    import subprocess
+    import sys
+
+    code = "import sys, shiftlab; print('torch' in sys.modules, shiftlab.__version__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[0] == "False"
+    assert shiftlab.ShiftGrid.__name__ == "ShiftGrid"  # the lazy names still resolve
+    assert "measure" in dir(shiftlab) and "runs" in shiftlab.__all__
+
+
+@pytest.mark.parametrize("delay", [0.4, 1.2])
+def test_ctrl_c_while_the_command_line_imports_is_one_line_and_exit_130(delay):
+    """A Ctrl-C during the first seconds (torch, matplotlib importing) gives no traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "shiftlab", "--help"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    if process.returncode == 0:  # the imports finished first: nothing to check on this machine
+        pytest.skip(f"imports took under {delay} s")
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines() == [
+        "shiftlab: interrupted while starting (Ctrl-C); nothing was written"]
