@@ -614,6 +614,13 @@ def _torchvision_run(images, out, *extra):
                   "--quiet", "--out", out, *extra)
 
 
+def test_the_random_weights_warning_is_shown_once_under_padding_both(images, tmp_path):
+    result = _torchvision_run(images, tmp_path / "both", "--padding", "both")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if "random weights" in line]
+    assert len(warnings) == 1, result.stderr  # the model is built twice, the warning shown once
+
+
 def test_torchvision_model_with_weights_none_and_auto_offline(images, tmp_path):
     none_out, auto_out, seed_out = tmp_path / "none", tmp_path / "auto", tmp_path / "seed1"
     result = _torchvision_run(images, none_out, "--weights", "none")
@@ -627,7 +634,10 @@ def test_torchvision_model_with_weights_none_and_auto_offline(images, tmp_path):
     result = _torchvision_run(images, auto_out)  # --weights auto is the default
     assert result.exit_code == 0, result.output
     lines = [line for line in error_lines(result) if not line.startswith(ZERO_PADDING_HINT)]
-    assert len(lines) == 1 and lines[0].startswith("warning: ") and "random init" in lines[0], lines
+    assert len(lines) == 1 and lines[0].startswith("warning: squeezenet1_1 has random weights"), lines
+    # in the command line's words, and short
+    assert "--weights none" in lines[0] and "weights='none'" not in lines[0]
+    assert len(lines[0].replace(str(tmp_path), "")) < 250
     auto = shiftlab.load(auto_out / "result.npz")
     assert auto.provenance.weights == "random init" and auto.provenance.pretrained is False
     # --seed (default 0) fixes the random init: auto fell back to the same weights as none
@@ -825,6 +835,26 @@ def test_plot_defaults_to_the_result_folder_and_png_pdf(saved_result, monkeypatc
                                                   "heatmap.pdf", "profile.svg", "profile.pdf"}
     assert saved_result.read_bytes() == before
     assert leftover_temp_files(folder) == []
+
+
+def test_plot_of_a_layer_selection_writes_beside_the_full_figures(saved_result, monkeypatch):
+    _forbid_measuring(monkeypatch)
+    folder = saved_result.parent
+    full = (folder / "heatmap.png").read_bytes()
+    result = invoke("plot", saved_result, "--layers", "2", *FAST_FIGURES)
+    assert result.exit_code == 0, result.output
+    assert (folder / "heatmap.png").read_bytes() == full  # the full figure is kept
+    assert (folder / "heatmap-selected.png").is_file() and (folder / "profile-selected.png").is_file()
+    # asked to replace: the selection takes the full figures' names, the -selected ones stay
+    result = invoke("plot", saved_result, "--layers", "2", "--replace", *FAST_FIGURES)
+    assert result.exit_code == 0, result.output
+    assert (folder / "heatmap.png").read_bytes() != full
+    assert (folder / "heatmap-selected.png").is_file()
+
+
+def test_plot_replace_without_layers_is_a_usage_error(saved_result):
+    result = invoke("plot", saved_result, "--replace")
+    assert result.exit_code == 2 and "--replace needs --layers" in result.stderr
 
 
 def test_plot_missing_file_is_a_runtime_error(tmp_path):

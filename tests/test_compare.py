@@ -5,6 +5,8 @@ Tiny models, 16 px seeded random images and 2x2 or 4x4 grids keep the file well 
 """
 from __future__ import annotations
 
+import math
+
 import dataclasses
 import textwrap
 from pathlib import Path
@@ -261,9 +263,13 @@ def test_summary_has_one_row_per_matched_layer_with_means_and_change(base_vs_aa)
     table = cmp.summary()
     rows = cmp.rows
     assert len(table) == len(rows) > 0
-    assert list(table["layer[base]"]) == [a for a, _ in rows]
-    assert list(table["layer[aa]"]) == [b for _, b in rows]
+    assert list(table["layer[base]"]) == [a or "" for a, _ in rows]
+    assert list(table["layer[aa]"]) == [b or "" for _, b in rows]
     for record, (a, b) in zip(table.to_dict("records"), rows):
+        if a is None:  # the antialiased model's stride-1 max-pool: no baseline partner
+            assert math.isnan(record["mean[base]"]) and math.isnan(record["change[aa]"])
+            assert record["mean[aa]"] == aa.layer_mean(b)
+            continue
         assert record["mean[base]"] == base.layer_mean(a)
         assert record["mean[aa]"] == aa.layer_mean(b)
         assert record["change[aa]"] == pytest.approx(aa.layer_mean(b) - base.layer_mean(a), abs=1e-15)
@@ -276,8 +282,8 @@ def test_structure_matching_pairs_the_maxpool_with_the_blurpool_that_replaced_it
     assert base.layer_names == ["0", "1", "2", "3"]
     assert aa.layer_names == ["0", "1", "2", "3", "4"]  # MaxPool(2, 1) then BlurPool inserted
     rows = Comparison([base, aa]).rows
-    assert rows == [("0", "0"), ("1", "1"), ("2", "3"), ("3", "4")]
-    pool_row = next(row for row in rows if base.layer(row[0]).module == "MaxPool2d")
+    assert rows == [("0", "0"), ("1", "1"), (None, "2"), ("2", "3"), ("3", "4")]
+    pool_row = next(row for row in rows if row[0] and base.layer(row[0]).module == "MaxPool2d")
     assert aa.layer(pool_row[1]).module == "BlurPool"
     assert base.layer(pool_row[0]).stride == aa.layer(pool_row[1]).stride == (2.0, 2.0)
 
@@ -435,3 +441,47 @@ def test_cli_antialias_with_a_baseline_checkpoint_copies_its_weights(cli_run, tm
                     *FAST, "--images", images, "--out", out, "--format", "png")
     assert result.exit_code == 0, everything(result)
     assert len(list(out.glob("result-*.npz"))) == 2
+
+
+def _pool5_like_pair():
+    """A baseline whose last max-pool gives 3x3 at 14 px and its circular BlurPool copy, whose
+    pool gives 4x4 (the vgg16 pool5 case at 112 px with --padding circular)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)).eval()
+    images = torch.randn(2, 3, 14, 14, generator=torch.Generator().manual_seed(0))
+    grid = shiftlab.ShiftGrid.square(2)
+    base = shiftlab.measure(shiftlab.circular_padding(net), images, grid, progress=False)
+    aa = shiftlab.measure(shiftlab.circular_padding(shiftlab.antialias(net, 4)), images, grid,
+                          progress=False)
+    return base, aa
+
+
+def test_a_blurpool_one_pixel_larger_than_its_maxpool_still_pairs_with_it():
+    base, aa = _pool5_like_pair()
+    assert base.layer("5").shape[1:] == (3, 3) and aa.layer("7").shape[1:] == (4, 4)
+    table = shiftlab.compare(base, aa, labels=["base", "aa"]).summary()
+    last = table.iloc[-1]
+    assert (last["layer[base]"], last["layer[aa]"]) == ("5", "7")
+
+
+def test_compare_gives_every_layer_of_both_models_a_row():
+    base, aa = _pool5_like_pair()
+    comparison = shiftlab.compare(base, aa, labels=["base", "aa"])
+    table = comparison.summary()
+    assert set(table["layer[base]"]) - {""} == set(base.layer_names)
+    assert set(table["layer[aa]"]) - {""} == set(aa.layer_names)
+    # the stride-1 max-pools in front of each BlurPool have no baseline partner
+    assert comparison.unmatched == {"base": [], "aa": ["2", "6"]}
+    alone = table[table["layer[base]"] == ""]
+    assert list(alone["layer[aa]"]) == ["2", "6"] and alone["mean[base]"].isna().all()
+    # rows keep each network's order
+    order = [name for name in table["layer[aa]"] if name]
+    assert order == aa.layer_names
+
+
+def test_cli_compare_names_layers_without_a_partner_on_stderr(cli_run):
+    result = cli_run[0]
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if "without a partner" in line]
+    assert len(lines) == 1 and "+aa2" in lines[0], result.stderr

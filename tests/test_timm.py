@@ -172,7 +172,7 @@ def test_convnext_runs_with_the_stride_of_each_stage():
 def test_cli_layers_lists_a_timm_model():
     result = _invoke("layers", "--model", "timm:resnet18", "--size", "32")  # weights 'auto'
     assert result.exit_code == 0, result.output
-    assert "warning: timm:resnet18: built with random init" in result.stderr
+    assert "warning: timm:resnet18 has random weights" in result.stderr
     assert "77 layers of timm:resnet18 at 32 px (random init)" in result.stderr
     rows = {line.split()[1]: line.split() for line in result.stdout.splitlines()[1:]}
     assert rows["conv1"][2:6] == ["Conv2d", "spatial", "nchw", "2"]

@@ -254,7 +254,8 @@ def consistency(model_specs: Sequence[str], antialias: Optional[int], padding: s
 @main.command()
 @model_options
 @padding_option(allow_both=False)
-@click.option("--size", type=click.IntRange(8), default=224, show_default=True, help="Input size.")
+@click.option("--size", type=click.IntRange(8), default=defaults.SIZE, show_default=True,
+              help="Input size (the default is heatmap's: strides and shapes as heatmap measures them).")
 @click.option("--layers", "-l", "layer_patterns", multiple=True, metavar="GLOB|type:T",
               help="Only these layers (repeatable): name globs or 'type:MaxPool2d'.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
@@ -300,8 +301,12 @@ def layers(model_spec: str, padding: str, size: int, layer_patterns: Sequence[st
 @click.option("--title", default=None, help="Figure title.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
               help="Output folder. Default: the result file's folder (its figures are replaced).")
+@click.option("--replace", is_flag=True,
+              help="With --layers: replace heatmap.* and profile.* by the selection's figures"
+                   " (default: write heatmap-selected.* and profile-selected.* beside them).")
 def plot(result_file: str, scale: str, color_range, vmax: str, view: str, formats: Sequence[str],
-         dpi: int, layer_patterns: Sequence[str], title: Optional[str], out: Optional[str]) -> None:
+         dpi: int, layer_patterns: Sequence[str], title: Optional[str], out: Optional[str],
+         replace: bool) -> None:
     """Re-draw the figures of a saved result.npz without recomputing."""
     with user_errors():
         from .jobs import run_plot
@@ -310,8 +315,11 @@ def plot(result_file: str, scale: str, color_range, vmax: str, view: str, format
         figures = figure_settings(scale, color_range, vmax, view, formats, dpi, title)
         folder = Path(out) if out else Path(result_file).parent
         with claim(folder if out or folder.is_dir() else None):
+            if replace and not layer_patterns:
+                raise UsageError("--replace needs --layers (without a selection, plot replaces"
+                                 " the figures anyway)")
             written = run_plot(Path(result_file), layer_selection(layer_patterns), figures,
-                               out=Path(out) if out else None)
+                               out=Path(out) if out else None, replace=replace)
         for path in written:
             click.echo(str(path))
 

@@ -34,8 +34,19 @@ def warn_line(message: object) -> None:
     click.echo(f"warning: {' '.join(str(message).split())}", err=True)
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
-    warn_line(message)
+class _OncePerCommand:
+    """``warnings.showwarning`` for one command: each distinct warning one line, once (the
+    same model loaded twice, under ``--padding both`` or ``compare``, warns once), in the
+    command line's words where the warning has them (``cli_text``)."""
+
+    def __init__(self) -> None:
+        self.shown: set[str] = set()
+
+    def __call__(self, message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        text = message.cli_text() if hasattr(message, "cli_text") else str(message)
+        if text not in self.shown:
+            self.shown.add(text)
+            warn_line(text)
 
 
 @contextmanager
@@ -52,7 +63,7 @@ def user_errors() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.filterwarnings("ignore", message=r".*TypedStorage is deprecated.*")
-        warnings.showwarning = _show_warning
+        warnings.showwarning = _OncePerCommand()
         try:
             yield
         except ShiftlabError as exc:

@@ -130,8 +130,13 @@ def _dry_run(request: HeatmapRequest, quiet: bool) -> None:
 
 def report(result) -> None:
     summary = result.summary()
-    spatial = summary[summary["kind"] == "spatial"]
-    if len(spatial) and spatial["mean"].notna().any():
+    spatial = summary[(summary["kind"] == "spatial") & summary["mean"].notna()]
+    undefined = result.undefined_layers()
+    if undefined:
+        shown = ", ".join(undefined[:4]) + (f" and {len(undefined) - 4} more" if len(undefined) > 4 else "")
+        click.echo(f"undefined (no shift of the grid but (0, 0) is defined at their stride under"
+                   f" --align {result.settings.align}): {shown}", err=True)
+    if len(spatial):
         means = spatial["mean"]
         # PSNR: higher is more equivariant, so the least equivariant layer has the lowest value
         worst = spatial.loc[means.idxmin() if result.settings.metric == "psnr" else means.idxmax()]
@@ -178,11 +183,13 @@ def check_drawable(result, path="the result") -> None:
 
 
 def run_plot(result_file: Path, layers, figures: FigureOptions, *,
-             out: Optional[Path]) -> list[Path]:
+             out: Optional[Path], replace: bool = False) -> list[Path]:
     """Re-draw heatmap.* and profile.* of a saved result; returns the written paths.
 
     Into the result's own folder only its figures are replaced (the numbers stay); another
     folder that holds results is refused, so figures never sit next to another run's numbers.
+    A layer selection is drawn as heatmap-selected.* and profile-selected.*, beside the full
+    figures, unless ``replace``.
     """
     from ..results.result import load, select_layers
 
@@ -198,8 +205,10 @@ def run_plot(result_file: Path, layers, figures: FigureOptions, *,
             raise UsageError(f"--out {folder} holds another run's results ({', '.join(found[:4])});"
                              " its figures would not match them: choose a fresh --out, or the"
                              " result's own folder")
-    return write_set(folder, lambda stage: result_figures(result, stage, figures),
-                     replaces=FIGURE_PATTERNS)
+    suffix = "-selected" if layers and not replace else ""
+    return write_set(folder, lambda stage: result_figures(result, stage, figures, suffix),
+                     replaces=tuple(f"{stem}{suffix}.*" for stem in ("heatmap", "profile"))
+                     if suffix else FIGURE_PATTERNS)
 
 
 # -- compare -------------------------------------------------------------------------------
@@ -232,11 +241,14 @@ def run_compare(result_files: list, request: Optional[CompareRequest], figures: 
     written = write_comparison(comparison, folder, not result_files, figures, difference)
     for result, label in zip(comparison.results, comparison.labels):
         warn_nonfinite(result, label)
+    alone = {label: names for label, names in comparison.unmatched.items() if names}
+    if alone:
+        click.echo("layers without a partner (a row of their own): " + "; ".join(
+            f"{label}: {', '.join(names)}" for label, names in alone.items()), err=True)
     if not quiet:
         table = comparison.summary()
-        means = [c for c in table.columns if c.startswith("mean[")]
-        click.echo(table[[table.columns[1]] + means].to_string(index=False, float_format="%.4g"),
-                   err=True)
+        columns = [c for c in table.columns if c.startswith(("layer[", "mean["))]
+        click.echo(table[columns].to_string(index=False, float_format="%.4g"), err=True)
     for path in written:
         click.echo(str(path))
 

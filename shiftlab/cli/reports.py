@@ -32,7 +32,7 @@ PROGRESS_FILE = ".shiftlab-progress.npz"
 #: holds another run's results
 OUTPUT_PATTERNS = ("result.npz", "result-*.npz", "invariance-*.npz", "protocol-*.npz",
                    "summary.csv", "consistency.csv", "models.csv", "heatmap.*", "heatmap-*.*",
-                   "profile.*", "paper.*", "grids.*", "difference*.*", "probability.*", "padding.*",
+                   "profile.*", "profile-*.*", "paper.*", "grids.*", "difference*.*", "probability.*", "padding.*",
                    "scatter.*", "diagonal.*")
 #: the figures of one result (``shiftlab plot`` replaces only these)
 FIGURE_PATTERNS = ("heatmap.*", "profile.*", "paper.*")
@@ -345,12 +345,12 @@ def _grid(result, figures: FigureOptions):
                       color_range=figures.color_range, view=figures.view)
 
 
-def result_figures(result, folder: Path, figures: FigureOptions) -> list[Path]:
-    """heatmap.* and profile.* of one result."""
+def result_figures(result, folder: Path, figures: FigureOptions, suffix: str = "") -> list[Path]:
+    """heatmap{suffix}.* and profile{suffix}.* of one result."""
     from ..figures.plots import layer_profile
 
-    return save_figures([("heatmap", lambda: _grid(result, figures)),
-                         ("profile", lambda: layer_profile(result, scale=figures.scale,
+    return save_figures([(f"heatmap{suffix}", lambda: _grid(result, figures)),
+                         (f"profile{suffix}", lambda: layer_profile(result, scale=figures.scale,
                                                            title=figures.title,
                                                            view=figures.view))],
                         folder, figures)

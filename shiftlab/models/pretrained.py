@@ -19,7 +19,7 @@ import socket
 import threading
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 from urllib.parse import urlparse
 
 import torch
@@ -48,14 +48,38 @@ OFFLINE_ENV: str = "SHIFTLAB_OFFLINE"
 
 
 class PretrainedUnavailableWarning(UserWarning):
-    """``weights='auto'`` could not get pretrained weights and fell back to random init."""
+    """``weights='auto'`` could not get pretrained weights and fell back to random init.
+
+    Carries its parts, so the command line can say the same in its own words (``cli_text``).
+
+    >>> str(PretrainedUnavailableWarning("vgg16", "not cached", "save URL into DIR/"))
+    "vgg16: random init (not cached); for pretrained weights save URL into DIR/, or pass weights='none' to silence this"
+    >>> PretrainedUnavailableWarning("vgg16", "not cached", "save URL into DIR/").cli_text()
+    'vgg16 has random weights (not cached); for pretrained weights save URL into DIR/; --weights none silences this'
+    """
+
+    def __init__(self, model: str, reason: str, fix: str, cli_fix: Optional[str] = None) -> None:
+        self.model, self.reason, self.fix = model, reason, fix
+        self.cli_fix = cli_fix or fix
+        super().__init__(f"{model}: random init ({reason}); for pretrained weights {fix},"
+                         " or pass weights='none' to silence this")
+
+    def cli_text(self) -> str:
+        """The warning for command-line users (options, not Python arguments)."""
+        return (f"{self.model} has random weights ({self.reason}); for pretrained weights"
+                f" {self.cli_fix}; --weights none silences this")
 
 
 class PretrainedUnavailable(Exception):
     """Pretrained weights are not cached and cannot be downloaded; the message says why.
 
+    ``reason`` is the short cause without the file (the fallback warning names the fix).
     Not a ``ShiftlabError``: the caller turns it into a fallback warning or a ``WeightsError``.
     """
+
+    def __init__(self, reason: str, cached_file: Optional[Path] = None) -> None:
+        self.reason = reason
+        super().__init__(f"{cached_file} is {reason}" if cached_file else reason)
 
 
 def offline() -> bool:
@@ -108,10 +132,11 @@ def load_pretrained(name: str, chosen: Any, allow_download: bool | None = None) 
     cached = cached_file.is_file()
     if not cached:
         if not allow_download:
-            raise PretrainedUnavailable(f"{cached_file} is not cached and {OFFLINE_ENV}=1 forbids downloading")
+            raise PretrainedUnavailable(f"not cached; {OFFLINE_ENV}=1 forbids downloads",
+                                        cached_file)
         reason = _unreachable_reason(chosen.url, DOWNLOAD_TIMEOUT_S)
         if reason is not None:
-            raise PretrainedUnavailable(f"{cached_file} is not cached and the download failed: {reason}")
+            raise PretrainedUnavailable(f"not cached, and the download failed: {reason}", cached_file)
     try:
         return _download_pretrained(name, chosen)
     except (OSError, http.client.HTTPException) as exc:
@@ -120,8 +145,7 @@ def load_pretrained(name: str, chosen: Any, allow_download: bool | None = None) 
                 f"cannot read cached weights {cached_file} ({one_line(exc)}); check its permissions"
             ) from None
         raise PretrainedUnavailable(
-            f"{cached_file} is not cached and the download failed: {one_line(exc)}"
-        ) from None
+            f"not cached, and the download failed: {one_line(exc)}", cached_file) from None
     except Exception as exc:  # torch.load raises many types for a broken file
         if cached:
             raise WeightsError(

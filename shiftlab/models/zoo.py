@@ -212,12 +212,14 @@ def _load_torchvision(name: str, weights: str, checkpoint: _CheckpointOptions,
         n_categories = len(default.meta["categories"])
         if num_classes is not None and num_classes != n_categories:
             reason = f"num_classes={num_classes} differs from the {n_categories} classes of {default}"
-            return _random_fallback(name, enum, reason, "drop num_classes for pretrained weights", extra)
+            return _random_fallback(name, enum, PretrainedUnavailableWarning(
+                name, reason, "drop num_classes", "drop --num-classes"), extra)
         try:
             return _pretrained(name, default)
         except PretrainedUnavailable as exc:
-            fix = f"download {default.url} and put it at {cache_file(default)} for pretrained weights"
-            return _random_fallback(name, enum, str(exc), fix, extra)
+            fix = f"save {default.url} into {cache_file(default).parent}{os.sep}"
+            return _random_fallback(name, enum, PretrainedUnavailableWarning(name, exc.reason, fix),
+                                    extra)
 
     chosen = _weights_member(enum, weights)
     if chosen is not None:
@@ -326,13 +328,9 @@ def _pretrained(name: str, chosen: Any) -> LoadedModel:
     return LoadedModel(model, name, chosen.name, True, mean, std, min_size, categories)  # type: ignore[arg-type]
 
 
-def _random_fallback(name: str, enum: Any, reason: str, fix: str, extra: dict[str, int]) -> LoadedModel:
-    warnings.warn(
-        f"{name}: random init, because the pretrained weights cannot be used: {reason}; {fix}, "
-        "or pass weights='none' to silence this",
-        PretrainedUnavailableWarning,
-        stacklevel=4,
-    )
+def _random_fallback(name: str, enum: Any, warning: PretrainedUnavailableWarning,
+                     extra: dict[str, int]) -> LoadedModel:
+    warnings.warn(warning, stacklevel=4)
     return _random_init(name, enum, extra)
 
 
@@ -471,12 +469,9 @@ def _finish_external(
     kind = weights.lower()
     if kind in ("auto", "none"):
         if kind == "auto" and warn_random:
-            warnings.warn(
-                f"{name}: built with random init (timm models are created with pretrained=False); "
-                "pass a checkpoint path as weights for trained weights, or weights='none' to silence this",
-                PretrainedUnavailableWarning,
-                stacklevel=4,
-            )
+            warnings.warn(PretrainedUnavailableWarning(
+                name, "timm models are built with pretrained=False here",
+                "pass a checkpoint path as weights", "pass --weights CHECKPOINT"), stacklevel=4)
         return LoadedModel(model, name, built, False, mean, std, min_size)  # type: ignore[arg-type]
     if not is_checkpoint_path(weights):
         raise UsageError(

@@ -18,8 +18,11 @@ A tiny network and its antialiased copy, measured on the same images and grid:
   layer[tiny] layer[tiny+aa4]  mean[tiny]  mean[tiny+aa4]
 0           0               0      0.0000          0.0000
 1           1               1      0.0000          0.0000
-2           2               3      0.0684          0.0162
-3           3               4      0.0631          0.0154
+2                           2         NaN          0.0347
+3           2               3      0.0730          0.0172
+4           3               4      0.0673          0.0164
+>>> cmp.unmatched        # the antialiased max-pool (stride 1, before the BlurPool) is its own row
+{'tiny': [], 'tiny+aa4': ['2']}
 >>> fig = cmp.plot_difference()
 >>> [ax.get_label() for ax in fig.axes]
 ['layer:0', 'layer:1', 'layer:3', 'layer:4', 'colorbar']
@@ -29,7 +32,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional, Sequence
 
 from ..errors import SettingsMismatchError, UsageError
-from .matching import input_differences, match_layers, result_labels
+from .matching import input_differences, match_layers, result_labels, unmatched_layers
 from .result import Result
 
 if TYPE_CHECKING:
@@ -65,23 +68,32 @@ class Comparison:
                     f" {', '.join(differences)}; measure both with the same settings and images")
 
     @property
-    def rows(self) -> list[tuple[str, ...]]:
-        """Matched layer names, one tuple (a name per result) per row, in network order."""
-        return match_layers(self.results)
+    def rows(self) -> list[tuple[Optional[str], ...]]:
+        """One tuple (a layer name per result) per row, in network order; a layer that no other
+        result's layer matches has a row of its own with None for the others."""
+        return match_layers(self.results, keep_unmatched=True)
+
+    @property
+    def unmatched(self) -> dict[str, list[str]]:
+        """Per label, the layers without a partner in the other results (empty lists: none)."""
+        return dict(zip(self.labels, unmatched_layers(self.results)))
 
     def summary(self) -> "pandas.DataFrame":
-        """Per matched layer: each model's layer name, stride and mean distance, and the change."""
+        """Per row: each model's layer name, module, stride and mean distance, and the change
+        from the first model (NaN where a model has no layer in that row)."""
+        import math
+
         import pandas as pd
 
         records = []
         for depth, names in enumerate(self.rows):
             row: dict = {"row": depth}
             for label, result, name in zip(self.labels, self.results, names):
-                info = result.layer(name)
-                row[f"layer[{label}]"] = name
-                row[f"module[{label}]"] = info.module
-                row[f"stride[{label}]"] = info.stride[0]
-                row[f"mean[{label}]"] = result.layer_mean(name)
+                info = result.layer(name) if name is not None else None
+                row[f"layer[{label}]"] = name or ""
+                row[f"module[{label}]"] = info.module if info else ""
+                row[f"stride[{label}]"] = info.stride[0] if info else math.nan
+                row[f"mean[{label}]"] = result.layer_mean(name) if info else math.nan
             for label in self.labels[1:]:
                 row[f"change[{label}]"] = row[f"mean[{label}]"] - row[f"mean[{self.labels[0]}]"]
             records.append(row)
@@ -123,13 +135,14 @@ def compare(*items, labels: Optional[Sequence[str]] = None, images=None, grid=No
         >>> cmp = shiftlab.compare(base, shiftlab.antialias(base, 4), images=x,
         ...                        grid=shiftlab.ShiftGrid.square(4))
         >>> cmp.labels, cmp.rows
-        (['model 1', 'model 2'], [('0', '0'), ('1', '1'), ('2', '3'), ('3', '4')])
+        (['model 1', 'model 2'], [('0', '0'), ('1', '1'), (None, '2'), ('2', '3'), ('3', '4')])
         >>> cmp.summary()[["module[model 2]", "change[model 2]"]].round(3)
           module[model 2]  change[model 2]
         0          Conv2d            0.000
         1            ReLU            0.000
-        2        BlurPool           -0.052
-        3          Conv2d           -0.048
+        2       MaxPool2d              NaN
+        3        BlurPool           -0.056
+        4          Conv2d           -0.051
     """
     if len(items) == 1 and isinstance(items[0], (list, tuple)):
         items = tuple(items[0])

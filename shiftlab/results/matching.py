@@ -17,7 +17,8 @@ from .result import Result
 Results = Union[Result, Sequence[Result]]
 
 
-def match_layers(results: Results, by: str = "auto") -> list[tuple[str, ...]]:
+def match_layers(results: Results, by: str = "auto",
+                 keep_unmatched: bool = False) -> list[tuple[Optional[str], ...]]:
     """Which layers of several results belong together: one tuple of names per matched row.
 
     - ``by='name'``: the names present in every result, in the first result's network order.
@@ -28,6 +29,10 @@ def match_layers(results: Results, by: str = "auto") -> list[tuple[str, ...]]:
       in an antialiased model, and inserted layers are skipped.
     - ``by='auto'`` (default): by name when every result has the same layer names (possibly
       one is a filtered subset), else by structure.
+
+    With ``keep_unmatched=True`` a layer without a partner is not dropped: it gets a row of its
+    own, None for the other results, placed after its predecessor in its network (what
+    ``compare`` shows, so no layer disappears from a comparison).
 
     Example:
         >>> import torch
@@ -45,8 +50,45 @@ def match_layers(results: Results, by: str = "auto") -> list[tuple[str, ...]]:
         [('0', '0'), ('1', '1'), ('2', '2'), ('3', '3')]
         >>> match_layers([base, aa])      # auto: the names differ, so by structure
         [('0', '0'), ('1', '1'), ('2', '3'), ('3', '4')]
+        >>> match_layers([base, aa], keep_unmatched=True)   # the BlurPool's max-pool (stride 1)
+        [('0', '0'), ('1', '1'), (None, '2'), ('2', '3'), ('3', '4')]
     """
     results = as_results(results)
+    rows = _matched(results, by)
+    return _with_unmatched(results, rows) if keep_unmatched else rows
+
+
+def unmatched_layers(results: Results, by: str = "auto") -> list[list[str]]:
+    """Per result, its layers that no other result's layer matches (in network order)."""
+    results = as_results(results)
+    rows = _matched(results, by)
+    return [[name for name in r.layer_names if name not in {row[j] for row in rows}]
+            for j, r in enumerate(results)]
+
+
+def _with_unmatched(results: list[Result], rows: list[tuple]) -> list[tuple]:
+    out = [tuple(row) for row in rows]
+    for j, result in enumerate(results):
+        names = result.layer_names
+        matched = {row[j] for row in out if row[j] is not None}
+        for index, name in enumerate(names):
+            if name in matched:
+                continue
+            # after the row of this layer's nearest predecessor in its own network
+            position = 0
+            for earlier in reversed(names[:index]):
+                hits = [k for k, row in enumerate(out) if row[j] == earlier]
+                if hits:
+                    position = hits[0] + 1
+                    break
+            while position < len(out) and out[position][j] is None:
+                position += 1  # after rows already inserted there, keeping network order
+            out.insert(position, tuple(name if k == j else None for k in range(len(results))))
+            matched.add(name)
+    return out
+
+
+def _matched(results: list[Result], by: str) -> list[tuple[str, ...]]:
     resolved = resolve_matching(results, by)
     if resolved == "structure":
         return _match_structure(results)
@@ -96,6 +138,12 @@ def _token(info: LayerInfo) -> tuple:
     return (info.kind, tuple(info.stride) if info.is_spatial else None, tuple(info.shape))
 
 
+def _loose_token(info: LayerInfo) -> tuple:
+    """Kind, stride and channels: a BlurPool's output can be a pixel larger than the max-pool
+    it replaced (vgg16's pool5 at 112 px: 4x4 against 3x3), and still takes its place."""
+    return (info.kind, tuple(info.stride) if info.is_spatial else None, tuple(info.shape[:1]))
+
+
 def _same_structure(a: Result, b: Result) -> bool:
     common = set(a.layer_names) & set(b.layer_names)
     return all(_token(a.layer(n)) == _token(b.layer(n)) for n in common)
@@ -124,10 +172,12 @@ def _match_structure(results: list[Result]) -> list[tuple[str, ...]]:
             # replaced max-pool pairs with its BlurPool, not with whatever follows it
             cursor = b0 + 1
             for a in range(a0 + 1, a1):
-                for b in range(cursor, b1):
-                    if _token(other.layers[b]) == _token(base[a]):
-                        pairs[a] = b
-                        cursor = b + 1
+                for same in (_token, _loose_token):
+                    match = next((b for b in range(cursor, b1)
+                                  if same(other.layers[b]) == same(base[a])), None)
+                    if match is not None:
+                        pairs[a] = match
+                        cursor = match + 1
                         break
         maps.append({k: other.layers[v].name for k, v in pairs.items()})
     first = base

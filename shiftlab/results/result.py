@@ -104,8 +104,8 @@ class Result:
     Result(result: 4 layers x 64 shifts, circular/bilinear/cosine, 2 images)
     model ? (weights ?), 16x16 px, padding as-trained
     least equivariant spatial layers (mean over shifts):
-      2                            MaxPool2d      s=2  0.06843
-      3                            Conv2d         s=2  0.06312
+      2                            MaxPool2d      s=2  0.06952
+      3                            Conv2d         s=2  0.06412
       1                            ReLU           s=1  0
       0                            Conv2d         s=1  0
     result.summary() for every layer, result.map(layer) for one map
@@ -188,15 +188,38 @@ class Result:
         out[rows, cols] = self.values(layer, stat)
         return out
 
-    def layer_mean(self, layer: str) -> float:
-        """Mean distance over the shifts with a finite value (NaN when there is none).
+    def measured(self, layer: str) -> np.ndarray:
+        """The layer's mean distance at every measured shift: defined, finite, not (0, 0).
 
-        For PSNR the +inf of identical maps (always the zero shift) is left out, so the mean
-        ranks layers; for cosine and l2 every defined value is finite.
+        The identity shift is left out of every summary: its distance is 0 (PSNR +inf) by
+        construction and says nothing about the layer. A layer whose grid holds no other defined
+        shift (stride 4, exact alignment, shifts 0..3) gives an empty array: it is undefined.
         """
         values = self.values(layer)
-        values = values[np.isfinite(values)]
+        return values[np.isfinite(values) & ~self._identity]
+
+    @property
+    def _identity(self) -> np.ndarray:
+        """(S,) True at the zero shift of the grid."""
+        return np.all(np.asarray(self.grid.shifts, dtype=float).reshape(-1, 2) == 0, axis=1)
+
+    def layer_mean(self, layer: str) -> float:
+        """Mean distance over the measured shifts (``measured``); NaN when there is none.
+
+        >>> import torch
+        >>> from shiftlab import ShiftGrid, measure
+        >>> net = torch.nn.Sequential(torch.nn.MaxPool2d(4)).eval()
+        >>> x = torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+        >>> result = measure(net, x, ShiftGrid.square(4), align="exact", progress=False)
+        >>> result.layer_mean("0")   # stride 4: no shift of 0..3 but (0, 0) is defined
+        nan
+        """
+        values = self.measured(layer)
         return float(values.mean()) if values.size else math.nan
+
+    def undefined_layers(self) -> list[str]:
+        """Layers with no measured shift (``measured`` empty): reported as undefined, never 0."""
+        return [name for name in self.layer_names if not self.measured(name).size]
 
     def nonfinite_layers(self) -> list[str]:
         """Layers where some image gave a non-finite value for a shift the alignment defines."""
@@ -231,20 +254,20 @@ class Result:
         return pd.concat(frames[1:] or frames, ignore_index=True)
 
     def summary(self) -> "pandas.DataFrame":
-        """One row per layer: module, kind, stride, shape, mean and max distance over shifts."""
+        """One row per layer: module, kind, stride, shape, mean and max distance over the measured
+        shifts (``measured``: not the identity), and how many shifts that is; NaN where none."""
         import pandas as pd
 
         rows = []
         for depth, info in enumerate(self.layers):
-            values = self.mean[depth]
-            finite = values[np.isfinite(values)]
+            measured = self.measured(info.name)
             rows.append({
                 "layer": info.name, "depth": depth, "module": info.module, "kind": info.kind,
                 "layout": info.layout if info.is_spatial else "",
                 "stride": info.stride[0], "shape": "x".join(map(str, info.shape)),
                 "mean": self.layer_mean(info.name),
-                "max": float(finite.max()) if finite.size else math.nan,
-                "defined_shifts": int((~np.isnan(values)).sum()),
+                "max": float(measured.max()) if measured.size else math.nan,
+                "defined_shifts": int(measured.size),
             })
         return pd.DataFrame(rows, columns=_SUMMARY_COLUMNS)  # the columns also for no layers
 
