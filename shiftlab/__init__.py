@@ -68,6 +68,8 @@ _EXPORTS = {
     "CompareRequest": "requests", "ConsistencyRequest": "requests", "HeatmapRequest": "requests",
     "Inputs": "requests", "LayerComparison": "requests", "ModelSpec": "requests",
     "Shifts": "requests",
+    "attribute": "attribution.engine", "AttributionResult": "attribution.result",
+    "load_attribution": "attribution.result", "AttributionRequest": "requests",
 }
 _SUBMODULES = ("runs",)
 
@@ -109,3 +111,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .results.comparison import Comparison, compare
     from .results.provenance import Provenance
     from .results.result import Result, Settings, load
+    from .attribution.engine import attribute
+    from .attribution.result import AttributionResult, load_attribution
+    from .requests import AttributionRequest

@@ -288,3 +288,53 @@ class ConsistencyRequest:
     def for_model(self, model: ModelSpec) -> "ConsistencyRequest":
         """The same measurement of another model."""
         return dataclasses.replace(self, model=model)
+
+
+@dataclass(frozen=True)
+class AttributionRequest:
+    """``shiftlab attribute``: each layer call's share of the output's Lie derivative under a
+    continuous translation of the input, for one model (docs/semantics.md, section 10).
+
+    ``axis``: horizontal, vertical or both; ``output``: logits or probabilities (softmax);
+    ``layers``: None (every leaf module call) or globs / 'type:Name' items (nested modules are
+    refused when the model is loaded); ``dtype``: float32 or float64.
+
+    >>> AttributionRequest(ModelSpec("vgg11", weights="none"), axis="vertical").axis
+    'vertical'
+    >>> AttributionRequest(ModelSpec("vgg11", weights="none"), output="softmax")
+    Traceback (most recent call last):
+    ...
+    shiftlab.errors.UsageError: unknown output space 'softmax'; choose one of logits, probabilities
+    """
+
+    model: ModelSpec
+    inputs: Inputs = field(default_factory=Inputs)
+    axis: str = "both"
+    output: str = "logits"
+    layers: Optional[tuple[str, ...]] = None
+    batch_size: int = BATCH_SIZE
+    device: str = "auto"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        from .attribution.settings import AXES, DTYPES, OUTPUT_SPACES
+
+        if not isinstance(self.model, ModelSpec):
+            raise UsageError(f"model must be a ModelSpec, got {type(self.model).__name__}")
+        check_choice("axis", self.axis, AXES)
+        check_choice("output space", self.output, OUTPUT_SPACES)
+        check_choice("dtype", self.dtype, DTYPES)
+        check_count("batch_size", self.batch_size)
+        if self.layers is not None:
+            layers = (self.layers,) if isinstance(self.layers, str) else self.layers
+            items = tuple(str(p).strip() for p in layers if str(p).strip())
+            object.__setattr__(self, "layers", items or None)
+
+    @property
+    def selection(self) -> Optional[list[str]]:
+        """``layers`` as :func:`shiftlab.attribute` takes it (None: every leaf module)."""
+        return list(self.layers) if self.layers else None
+
+    def for_model(self, model: ModelSpec) -> "AttributionRequest":
+        """The same attribution of another model."""
+        return dataclasses.replace(self, model=model)

@@ -20,7 +20,7 @@ import dataclasses
 import hashlib
 import warnings
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 import torch
 
@@ -32,10 +32,13 @@ from .equivariance.shifts import ShiftGrid
 from .models.checkpoints import state_dict_fingerprint
 from .models.padding import has_zero_padding
 from .models.zoo import LoadedModel
-from .requests import (ConsistencyRequest, HeatmapRequest, Inputs, LayerComparison, ModelSpec,
-                       Shifts)
+from .requests import (AttributionRequest, ConsistencyRequest, HeatmapRequest, Inputs,
+                       LayerComparison, ModelSpec, Shifts)
 from .results.provenance import Provenance, as_tuple
 from .results.result import Result
+
+if TYPE_CHECKING:  # the attribution engine is imported when a run needs it
+    from .attribution.result import AttributionResult
 
 #: the largest canvas side (input + 2 × crop margin) the pipeline decodes images to
 MAX_CANVAS = 4096
@@ -395,3 +398,56 @@ def _source_digest(source, max_images: Optional[int]) -> str:
     labels = list(getattr(source, "labels", []))[:max_images]
     text = "\n".join(str(Path(p).resolve()) for p in paths) + "\n" + ",".join(map(str, labels))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def attribute(model: str = "vgg16", *, weights: str = "auto", seed: int = 0,
+              antialias: Optional[int] = None, padding: str = "as-trained",
+              num_classes: Optional[int] = None, trust_checkpoint: bool = False,
+              weights_key: Optional[str] = None, mean: Optional[Sequence[float]] = None,
+              std: Optional[Sequence[float]] = None, images: Sequence[PathLike] = (),
+              max_images: Optional[int] = None, size: int = SIZE, resize: Optional[int] = None,
+              axis: str = "both", output: str = "logits",
+              layers: Union[str, Sequence[str], None] = None, batch_size: int = BATCH_SIZE,
+              device: str = "auto", dtype: str = "float32", label: Optional[str] = None,
+              progress: Optional[bool] = None) -> "AttributionResult":
+    """What ``shiftlab attribute`` measures, as one call: returns the ``AttributionResult``.
+
+    A convenience for notebooks: the keywords build an
+    :class:`~shiftlab.requests.AttributionRequest` (validated there), which
+    :func:`measure_attribution` runs.
+
+    Example:
+        >>> result = attribute("resnet18", weights="none", size=32, max_images=2,
+        ...                    axis="horizontal", layers="layer4.1.*", progress=False)
+        >>> result.provenance.images, result.layer_names[:3]
+        (('astronaut.jpg', 'camera.jpg'), ['layer4.1.conv1', 'layer4.1.bn1', 'layer4.1.relu'])
+    """
+    request = AttributionRequest(
+        ModelSpec(model, weights=weights, antialias=antialias, padding=padding, seed=seed,
+                  num_classes=num_classes, weights_key=weights_key,
+                  trust_checkpoint=trust_checkpoint, mean=mean, std=std),
+        inputs=Inputs(images=tuple(images), max_images=max_images, size=size, resize=resize),
+        axis=axis, output=output, layers=_layer_items(layers), batch_size=batch_size,
+        device=device, dtype=dtype)
+    return measure_attribution(request, label=label, progress=progress)
+
+
+def measure_attribution(request: AttributionRequest, *, label: Optional[str] = None,
+                        progress: Optional[bool] = None,
+                        on_ready: Optional[OnReady] = None) -> "AttributionResult":
+    """Run an attribution request: model, images, then :func:`shiftlab.attribute` (``on_ready``
+    is called as ``on_ready(loaded, inputs, None, request)`` before the measurement)."""
+    from .attribution.engine import attribute as attribute_layers
+
+    loaded = load_spec(request.model)
+    inputs = load_inputs(loaded, request.inputs)
+    provenance = provenance_for(
+        loaded, request.model.name, inputs, seed=request.model.seed,
+        antialias=request.model.antialias,
+        resize=request.inputs.resize or default_resize(request.inputs.size), label=label)
+    if on_ready is not None:
+        on_ready(loaded, inputs, None, request)
+    return attribute_layers(loaded.model, inputs.tensor, axis=request.axis, output=request.output,
+                            layers=request.selection, batch_size=request.batch_size,
+                            device=request.device, dtype=request.dtype, progress=progress,
+                            provenance=provenance)

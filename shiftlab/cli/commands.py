@@ -18,11 +18,14 @@ from .console import Group, check_matplotlib_backend, import_matplotlib, user_er
 
 import_matplotlib()  # before cli_options imports it: an invalid MPLBACKEND must not crash here
 
-from .options import (dpi_option, figure_options, figure_settings,  # noqa: E402
-                      heatmap_request, inputs, layer_selection, measure_options, model_options,
-                      out_options, output_level_options, padding_option, refuse_unused, shifts,
-                      spec_of, variant_options)
-from ..requests import CompareRequest, ConsistencyRequest  # noqa: E402
+from .options import (apply_options, dpi_option, figure_options, figure_settings,  # noqa: E402
+                      heatmap_request, image_options, inputs, layer_selection, measure_options,
+                      model_options, out_options, output_level_options, padding_option,
+                      refuse_unused, run_options, shifts, spec_of, variant_options)
+from ..attribution.settings import AXES, DTYPES as ATTRIBUTION_DTYPES, OUTPUT_SPACES  # noqa: E402
+from ..checks import check_filter_size  # noqa: E402
+from ..figures.panels import DEFAULT_COLOR_RANGE  # noqa: E402
+from ..requests import AttributionRequest, CompareRequest, ConsistencyRequest  # noqa: E402
 from .reports import claim  # noqa: E402
 from ..errors import UsageError  # noqa: E402
 
@@ -40,6 +43,7 @@ def main() -> None:
     shiftlab plot runs/x/result.npz           re-draw figures without recomputing
     shiftlab compare --model vgg16 --antialias 4   baseline vs. antialiased (BlurPool)
     shiftlab consistency --model resnet18 --antialias 4   output-level consistency, flips, MAC
+    shiftlab attribute --model vgg16          which layers make the output move under a shift
     """
 
 
@@ -148,6 +152,73 @@ def compare(result_files: Sequence[str], model_specs: Sequence[str], antialias: 
                         figure_settings(scale, color_range, vmax, view, formats, dpi),
                         difference, out=Path(out) if out else None, overwrite=overwrite,
                         quiet=quiet)
+
+
+# -- attribute ---------------------------------------------------------------------------
+@main.command()
+@click.option("--model", "-m", "model_specs", multiple=True, required=True, metavar="MODEL",
+              help="A model (repeatable: one figure, the models one above the other):"
+                   " NAME[+aaK][@WEIGHTS], e.g. resnet50, resnet50+aa4@lpf4.pth, file.py:factory.")
+@variant_options
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for random-init weights.")
+@padding_option(allow_both=False)
+@apply_options(image_options())
+@click.option("--axis", type=click.Choice(AXES), default="both", show_default=True,
+              help="Direction of the translation: horizontal (along W), vertical (along H), or"
+                   " both (their squared norms and inner products added).")
+@click.option("--output", "output_space", type=click.Choice(OUTPUT_SPACES), default="logits",
+              show_default=True,
+              help="The output whose change is attributed: the logits, or the softmax"
+                   " probabilities.")
+@click.option("--layers", "-l", "layer_patterns", multiple=True, metavar="GLOB|type:T",
+              help="Only these layer calls get a share (repeatable; globs or 'type:Name'; no"
+                   " module inside another); the rest of the change lands in the remainder."
+                   " Default: every leaf module.")
+@apply_options(run_options())
+@click.option("--dtype", type=click.Choice(ATTRIBUTION_DTYPES), default="float32",
+              show_default=True, help="Precision of the forward-mode passes.")
+@click.option("--format", "formats", multiple=True, type=click.Choice(defaults.FIGURE_FORMATS),
+              default=("png", "pdf"), show_default=True, help="Figure formats (repeatable).")
+@dpi_option()
+@click.option("--title", default=None, help="Figure title.")
+@out_options(default="attribute-<model>")
+@click.option("--dry-run", is_flag=True,
+              help="Print the number of forward-mode passes and an estimate of the time from"
+                   " one calibration pass, then exit.")
+def attribute(model_specs: Sequence[str], antialias: Optional[int], padding: str, axis: str,
+              output_space: str, layer_patterns: Sequence[str], dtype: str,
+              formats: Sequence[str], dpi: int, title: Optional[str], out: Optional[str],
+              overwrite: bool, quiet: bool, dry_run: bool, **params) -> None:
+    """Which layers make the output move when the input is translated.
+
+    \b
+    shiftlab attribute --model vgg16                     every layer call's share
+    shiftlab attribute --model resnet50 --antialias 4    baseline and BlurPool, one figure
+
+    The output's derivative under a sub-pixel (band-limited) translation, L F, is split exactly
+    into one term per layer call (its own Lie derivative carried to the output) plus a
+    remainder for operations that are not modules (torch.flatten, +). Each layer's signed
+    share of L F sums to 1 with the remainder. Writes result.npz (attribution-<model>.npz for
+    several models), summary.csv and attribution.{png,pdf}. One forward-mode pass per layer
+    call, image batch and axis: see --dry-run.
+    """
+    with user_errors():
+        from .attribution import run_attribute
+
+        check_matplotlib_backend()
+        figures = figure_settings("linear", DEFAULT_COLOR_RANGE, "auto", "all", formats, dpi, title)
+        models = [spec_of(name, params, padding) for name in model_specs]
+        if antialias is not None:
+            check_filter_size(antialias)
+            models += [model.antialiased(antialias) for model in models]
+        requests = [AttributionRequest(model, inputs=inputs(params), axis=axis,
+                                       output=output_space,
+                                       layers=layer_selection(layer_patterns),
+                                       batch_size=params["batch_size"], device=params["device"],
+                                       dtype=dtype) for model in models]
+        with claim(Path(out) if out and not dry_run else None):
+            run_attribute(requests, figures, out=Path(out) if out else None,
+                          overwrite=overwrite, quiet=quiet, dry_run=dry_run)
 
 
 # -- consistency -------------------------------------------------------------------------

@@ -131,11 +131,6 @@ def _dry_run(request: HeatmapRequest, quiet: bool) -> None:
 def report(result) -> None:
     summary = result.summary()
     spatial = summary[(summary["kind"] == "spatial") & summary["mean"].notna()]
-    undefined = result.undefined_layers()
-    if undefined:
-        shown = ", ".join(undefined[:4]) + (f" and {len(undefined) - 4} more" if len(undefined) > 4 else "")
-        click.echo(f"undefined (no shift of the grid but (0, 0) is defined at their stride under"
-                   f" --align {result.settings.align}): {shown}", err=True)
     if len(spatial):
         means = spatial["mean"]
         # PSNR: higher is more equivariant, so the least equivariant layer has the lowest value
@@ -161,7 +156,13 @@ def warn_nonfinite(result, label: str = "") -> None:
 
 
 def warn_undefined(result) -> None:
-    """Crop mode with a border that leaves no compared region in any spatial layer."""
+    """Layers without a measured shift (named, once); crop mode with a border that leaves no
+    compared region in any spatial layer."""
+    undefined = result.undefined_layers()
+    if undefined:
+        shown = ", ".join(undefined[:4]) + (f" and {len(undefined) - 4} more" if len(undefined) > 4 else "")
+        warn_line(f"undefined (no shift of the grid but (0, 0) is defined at their stride under"
+                  f" --align {result.settings.align}; NaN in summary.csv, not 0): {shown}")
     spatial = [i for i, info in enumerate(result.layers) if info.is_spatial]
     if result.settings.mode == "crop" and spatial and \
             all(result.n[i].sum() + result.n_inf[i].sum() == 0 for i in spatial):
@@ -193,6 +194,14 @@ def run_plot(result_file: Path, layers, figures: FigureOptions, *,
     """
     from ..results.result import load, select_layers
 
+    if _kind(result_file) == "shiftlab.attribution":
+        from .attribution import attribution_figures
+
+        if layers or replace:
+            raise UsageError("--layers and --replace draw layer grids; an attribution file"
+                             " is drawn whole")
+        return attribution_figures(result_file, out if out is not None else result_file.parent,
+                                   figures)
     result = load(result_file)
     check_drawable(result, result_file)
     if layers:
@@ -209,6 +218,19 @@ def run_plot(result_file: Path, layers, figures: FigureOptions, *,
     return write_set(folder, lambda stage: result_figures(result, stage, figures, suffix),
                      replaces=tuple(f"{stem}{suffix}.*" for stem in ("heatmap", "profile"))
                      if suffix else FIGURE_PATTERNS)
+
+
+def _kind(path: Path) -> Optional[str]:
+    """The ``kind`` a saved file's header names (None: a heatmap result, or unreadable, which
+    ``load`` then reports in its own words)."""
+    from ..errors import ShiftlabError
+    from ..results.files import read_archive
+
+    try:
+        header, _ = read_archive(path, ())
+    except ShiftlabError:
+        return None
+    return header.get("kind")
 
 
 # -- compare -------------------------------------------------------------------------------

@@ -22,6 +22,11 @@ def apply(func, options: Sequence[Decorator]):
     return func
 
 
+def apply_options(options: Sequence[Decorator]) -> Decorator:
+    """A decorator applying a list of options (``image_options()``, ``run_options()``)."""
+    return lambda func: apply(func, options)
+
+
 def model_options(func):
     """--model (one), --weights, --weights-key, --trust-checkpoint, --seed, --num-classes,
     --padding, --mean/--std."""

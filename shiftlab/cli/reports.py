@@ -31,9 +31,10 @@ PROGRESS_FILE = ".shiftlab-progress.npz"
 #: names of the files shiftlab writes into --out (any command): a folder holding one of these
 #: holds another run's results
 OUTPUT_PATTERNS = ("result.npz", "result-*.npz", "invariance-*.npz", "protocol-*.npz",
-                   "summary.csv", "consistency.csv", "models.csv", "heatmap.*", "heatmap-*.*",
-                   "profile.*", "profile-*.*", "paper.*", "grids.*", "difference*.*", "probability.*", "padding.*",
-                   "scatter.*", "diagonal.*")
+                   "attribution-*.npz", "summary.csv", "consistency.csv", "models.csv",
+                   "heatmap.*", "heatmap-*.*", "profile.*", "profile-*.*", "paper.*", "grids.*",
+                   "difference*.*", "probability.*", "padding.*", "scatter.*", "diagonal.*",
+                   "attribution.*")
 #: the figures of one result (``shiftlab plot`` replaces only these)
 FIGURE_PATTERNS = ("heatmap.*", "profile.*", "paper.*")
 _STAGING = ".shiftlab-"
