@@ -314,7 +314,7 @@ def test_blurpool_lowers_the_pool_rows_mean_and_difference_at_odd_shifts(base_vs
     axes = [ax for ax in fig.axes if ax.get_label() == "layer:3"]  # panels are labelled by b's layer
     assert len(axes) == 1  # the first title line names both layers, however it is spaced
     assert "".join(axes[0].get_title().splitlines()[0].split()) == "2→3", axes[0].get_title()
-    drawn = np.ma.filled(axes[0].collections[0].get_array().astype(float), np.nan)
+    drawn = np.ma.filled(axes[0].images[0].get_array().astype(float), np.nan)
     expected = aa.map("3") - base.map("2")
     assert drawn.shape == (4, 4) and np.allclose(drawn, expected)
     odd = np.zeros((4, 4), bool)

@@ -15,6 +15,7 @@ from matplotlib.colors import LogNorm, TwoSlopeNorm  # noqa: E402
 from torch import nn  # noqa: E402
 
 import shiftlab  # noqa: E402
+from shiftlab.figures import drawing  # noqa: E402
 from shiftlab.figures import panels as panels_module  # noqa: E402
 from shiftlab.figures import plots  # noqa: E402
 from shiftlab.errors import SettingsMismatchError, UsageError  # noqa: E402
@@ -88,12 +89,15 @@ def main_bar(fig):
 
 
 def bar_label(fig) -> str:
-    """The main colour bar's label with its line wrapping undone."""
-    return " ".join(main_bar(fig).get_ylabel().split())
+    """What the colour shows, its line wrapping undone: the shared bar's label, or the figure
+    text that names the quantity when every panel has its own bar."""
+    own = [t.get_text() for t in fig.texts if t.get_gid() == drawing.COLOUR_LABEL]
+    return " ".join((own[0] if own else main_bar(fig).get_ylabel()).split())
 
 
 def mesh(ax):
-    return ax.collections[0]
+    """A panel's cells: one image (a PDF embeds it at its own size, never a figure-sized bitmap)."""
+    return ax.images[0]
 
 
 # -- layer_grid ----------------------------------------------------------------------------
@@ -157,7 +161,7 @@ def test_log_scale_marks_exact_zeros_in_their_own_colour_not_clipped(result):
     assert norm.vmin == pytest.approx(finite[finite > 0].min())
     drawn = mesh(panels(fig)[0]).get_array()
     assert np.ma.getmaskarray(drawn)[0, 0]  # shift (0, 0) is exactly 0: not on the log scale
-    zero_layer = panels(fig)[0].collections[1].get_array()  # the flat-colour overlay
+    zero_layer = panels(fig)[0].images[1].get_array()  # the flat-colour overlay
     assert not np.ma.getmaskarray(zero_layer)[0, 0] and np.ma.getmaskarray(zero_layer).sum() == 15
     assert "exactly 0 (off the log scale)" in legend_texts(fig)
     assert "log scale" in bar_label(fig)
@@ -177,7 +181,7 @@ def test_psnr_reverses_colormap_and_draws_inf_in_its_own_labelled_colour():
     finite_max = psnr.mean[np.isfinite(psnr.mean)].max()
     assert np.ma.getmaskarray(first.get_array())[0, 0]  # shift (0, 0) is +inf: not the finite max
     assert first.get_clim()[1] == pytest.approx(finite_max)
-    overlay = panels(fig)[0].collections[1]
+    overlay = panels(fig)[0].images[1]
     assert list(overlay.get_cmap().colors) == [panels_module.INF_COLOUR]
     assert not np.ma.getmaskarray(overlay.get_array())[0, 0]
     assert "∞ dB (identical maps)" in legend_texts(fig)
@@ -209,14 +213,14 @@ def test_diagonal_grid_is_drawn_as_strips_not_empty_squares():
         assert drawn.shape == (1, 6)
         assert np.array_equal(np.ma.getmaskarray(drawn)[0], np.isnan(diag.values(name)))
         x0, y0, width, height = ax.get_position().bounds
-        assert width > 3 * height
+        assert width * fig.get_figwidth() > 3 * height * fig.get_figheight()  # inches: a strip
 
 
 def test_many_layers_wrap_into_rows():
     many = make_result([spatial(f"features.{i}", 1) for i in range(45)], align="bilinear")
     fig = plots.layer_grid(many)
     axes = panels(fig)
-    assert len(axes) == 45 and len(colorbars(fig)) == 46  # one per panel (color_range='layer') + key
+    assert len(axes) == 45 and len(colorbars(fig)) == 45  # one per panel (color_range='layer')
     rows = {round(ax.get_position().y0, 4) for ax in axes}
     cols = {round(ax.get_position().x0, 4) for ax in axes}
     assert len(rows) > 1 and len(cols) <= 10 and len(rows) * len(cols) >= 45
@@ -253,14 +257,20 @@ def test_group_by_block_keeps_a_nested_block_in_its_row():
     assert panels(fig)[1].get_title().startswith("downsample.0\n")
 
 
-def test_long_layer_names_shrink_or_shorten_to_fit_their_panel():
+def test_long_layer_and_module_names_wrap_onto_lines_and_keep_every_character():
     long_name = "backbone.body.stage4.block12.attention.proj.conv"
-    fig = plots.layer_grid(make_result([spatial(long_name, 1), spatial("c", 1)], align="bilinear"))
+    layers = [spatial(long_name, 1, "AdaptiveAvgPool2d"), spatial("c", 1)]
+    fig = plots.layer_grid(make_result(layers, align="bilinear"), color_range="shared")
     title = panels(fig)[0].title
-    first_line = title.get_text().split("\n")[0]
-    assert first_line.startswith("backbone.") and "…" in first_line and first_line.endswith(".conv")
-    assert len(first_line) < len(long_name)
-    assert title.get_fontsize() == 5 and panels(fig)[1].title.get_fontsize() == 6.5
+    lines = title.get_text().split("\n")
+    assert len(lines) > 2 and "…" not in title.get_text()
+    mean = panels_module.fmt(make_result(layers, align="bilinear").layer_mean(long_name))
+    full = f"{long_name} AdaptiveAvgPool2d · s=1 · μ={mean}"
+    assert "".join(title.get_text().split()) == "".join(full.split())  # only line breaks added
+    assert lines[0].endswith(".") and all(len(line) <= 24 for line in lines)  # broken after a '.'
+    assert title.get_fontsize() == panels(fig)[1].title.get_fontsize() == panels_module.FS_PANEL
+    heights = {round(ax.get_position().height, 6) for ax in panels(fig)}
+    assert len(heights) == 1  # every panel the same size, the title row as tall as the longest
 
 
 # -- layer_profile -------------------------------------------------------------------------
@@ -588,6 +598,7 @@ def test_paper_view_compare_names_both_layers_with_module_types():
 
 
 # -- probabilities ---------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore::UserWarning")  # random weights: every image one class, expected
 def test_probability_plot_has_one_legend_entry_per_image_and_dashes_misclassified_ones():
     from conftest import tiny_classifier
 
@@ -604,3 +615,184 @@ def test_probability_plot_has_one_legend_entry_per_image_and_dashes_misclassifie
     styles = [line.get_linestyle() for line in fig.axes[0].get_lines()[:3]]
     assert styles == ["-", "--", "-"]
     assert "random init" in fig.axes[0].get_title()
+
+
+# -- issue 25: vector files, colour bars, notes in panels, undefined layers -------------------
+def all_artists(fig) -> list:
+    return [a for a in fig.findobj() if a is not fig]
+
+
+def test_pdf_draws_panels_as_images_and_never_through_a_figure_sized_raster(result, tmp_path,
+                                                                            monkeypatch):
+    from matplotlib.backends.backend_mixed import MixedModeRenderer
+
+    passes = []
+    real = MixedModeRenderer.start_rasterizing
+    monkeypatch.setattr(MixedModeRenderer, "start_rasterizing",
+                        lambda self: (passes.append(1), real(self))[1])
+    for color_range in ("layer", "shared"):
+        fig = plots.layer_grid(result, color_range=color_range)
+        assert not [a for a in all_artists(fig) if a.get_rasterized()]
+        assert all(len(ax.images) >= 1 for ax in panels(fig))
+        pdf, = plots.save_figure(fig, tmp_path / color_range, formats=("pdf",))
+        data = pdf.read_bytes()
+        assert data.count(b"/Subtype /Image") >= len(panels(fig))  # cells: embedded images
+        assert b"/Font" in data  # titles and ticks: text, not pixels
+    assert passes == []  # each pass costs a bitmap of the whole figure, kept until the file is written
+
+
+def test_each_panels_colour_bar_labels_three_to_five_round_values_in_readable_print(result):
+    fig = plots.layer_grid(result, color_range="layer")
+    for ax in panels(fig):
+        bar = next(a for a in fig.axes if a.get_label() == f"colorbar:{ax.get_label()}")
+        labels = [t for t in bar.get_yticklabels() if t.get_text()]
+        assert 3 <= len(labels) <= 5, [t.get_text() for t in labels]
+        assert all(t.get_fontsize() >= 6 for t in labels)
+        values = [float(t.get_text().replace("−", "-")) for t in labels]
+        low, high = mesh(ax).get_clim()
+        assert values[0] == low == 0 and all(low <= v <= high for v in values)
+
+
+def test_colour_bars_show_numbers_and_no_numberless_panel_low_high_key(result):
+    fig = plots.layer_grid(result, color_range="layer")
+    texts = [t.get_text() for a in fig.axes for t in a.get_yticklabels()] + [t.get_text() for t in fig.texts]
+    assert not [t for t in texts if "panel" in t and ("low" in t or "high" in t)]
+    assert "colorbar" not in [a.get_label() for a in fig.axes]  # no key without numbers
+    assert "cosine distance (0 = equivariant)" in bar_label(fig)  # the quantity, named once
+    shared = plots.layer_grid(result, color_range="shared")
+    labels = [t.get_text() for t in main_bar(shared).get_yticklabels() if t.get_text()]
+    assert 3 <= len(labels) <= 5 and all(float(v.replace("−", "-")) >= 0 for v in labels)
+
+
+def test_a_panel_that_is_0_everywhere_says_so_without_a_meaningless_colour_bar():
+    values = np.random.default_rng(0).uniform(0.01, 0.2, size=(3, 16))
+    values[0] = 0.0  # features.0: exactly equivariant at every shift
+    zero = make_result(THREE, align="bilinear", values=values)
+    fig = plots.layer_grid(zero, color_range="layer")
+    first, pool = panels(fig)[0], panels(fig)[1]
+    assert [t.get_text() for t in first.texts] == ["0 everywhere"] and len(pool.texts) == 0
+    labels = [a.get_label() for a in fig.axes]
+    assert "colorbar:layer:features.0" not in labels and "colorbar:layer:features.2" in labels
+    shared = plots.layer_grid(zero, color_range="shared")  # 0 has a place on a shared scale
+    assert [t.get_text() for t in panels(shared)[0].texts] == ["0 everywhere"]
+    assert mesh(panels(shared)[0]).norm is mesh(panels(shared)[1]).norm
+
+
+def test_ratio_difference_titles_give_the_log2_ratio_of_the_means_not_a_difference():
+    a = make_result(THREE, align="bilinear", seed=0, meta={"label": "base"})
+    b = make_result(THREE, align="bilinear", seed=1, meta={"label": "aa"})
+    fig = plots.difference_grid(a, b, difference="ratio")
+    for ax, name in zip(panels(fig), a.layer_names):
+        title = " ".join(ax.get_title().split())
+        expected = math.log2(b.layer_mean(name) / a.layer_mean(name))
+        assert "Δμ" not in title and f"log2 μ ratio={panels_module.fmt(expected)}" in title
+    assert "log2 μ ratio = log2(aa's μ / base's μ)" in " ".join(t.get_text() for t in fig.texts)
+    diff = plots.difference_grid(a, b, difference="diff")
+    delta = b.layer_mean("features.0") - a.layer_mean("features.0")
+    assert f"Δμ={panels_module.fmt(delta)}" in " ".join(panels(diff)[0].get_title().split())
+
+
+def test_profile_y_axis_starts_at_0_for_distances_and_psnr_keeps_its_own_range(result):
+    assert plots.layer_profile(result).axes[0].get_ylim()[0] == 0
+    psnr = make_result(THREE, metric="psnr", align="bilinear",
+                       values=np.random.default_rng(3).uniform(20, 40, size=(3, 16)))
+    assert plots.layer_profile(psnr).axes[0].get_ylim()[0] > 15
+
+
+def test_single_model_profile_does_not_say_matched_layers_share_an_x(result):
+    assert "matched" not in plots.layer_profile(result).axes[0].get_xlabel()
+    assert "matched layers share an x" in plots.layer_profile([result, make_result(THREE, seed=1)]).axes[0].get_xlabel()
+
+
+def vgg16_like(last_stride: tuple = (32, 32)) -> list[LayerInfo]:
+    """VGG16's convolutions, ReLUs and pools (strides 1..32), then two linear layers."""
+    layers, index, stride = [], 0, 1
+    for convs in (2, 2, 3, 3, 3):
+        for _ in range(convs):
+            layers += [spatial(f"features.{index}", stride), spatial(f"features.{index + 1}", stride, "ReLU")]
+            index += 2
+        stride *= 2
+        layers.append(spatial(f"features.{index}", stride, "MaxPool2d"))
+        index += 1
+    layers[-1] = LayerInfo(layers[-1].name, "MaxPool2d", "spatial", tuple(map(float, last_stride)),
+                           tuple(map(float, last_stride)), (4, 2, 2))
+    return layers + [glob("classifier.0"), glob("classifier.6")]
+
+
+@pytest.mark.parametrize("last_stride", [(32, 32), (32, 16)])
+def test_stride_labels_and_global_never_touch_in_a_paper_view_profile(last_stride):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = plots.layer_profile(make_result(vgg16_like(last_stride), align="bilinear"), view="paper")
+    FigureCanvasAgg(fig).draw()
+    boxes = [(t.get_text(), t.get_window_extent().expanded(1.0, 1.0).padded(2 * fig.dpi / 72))
+             for t in fig.axes[0].texts]  # 2 pt of room around each label
+    assert {"s=16", "global"} <= {text for text, _ in boxes}
+    assert not [(a, b) for k, (a, box) in enumerate(boxes) for b, other in boxes[k + 1:]
+                if box.overlaps(other)]
+
+
+def undefined_result(metric: str = "cosine", seed: int = 0, label: str = "toy") -> Result:
+    """A stride-4 pool under exact alignment on the 0..3 grid: only (0, 0) is defined."""
+    layers = [spatial("features.0", 1), spatial("features.2", 4, "MaxPool2d"), glob("classifier.0")]
+    return make_result(layers, seed=seed, meta={"model": "toynet", "weights": "random init",
+                                                "n_images": 3, "label": label})
+
+
+UNDEFINED_AT_4 = "undefined: no shift except (0, 0) is defined at stride 4"
+
+
+def notes(ax) -> list[str]:
+    """The texts written across a panel, their line wrapping undone."""
+    return [" ".join(t.get_text().split()) for t in ax.texts]
+
+
+def test_a_layer_with_only_the_identity_shift_defined_says_undefined_not_mu_0():
+    undefined = undefined_result()
+    assert np.isnan(undefined.map("features.2")).sum() == 15  # the cells: (0, 0) only
+    fig = plots.layer_grid(undefined)
+    pool = next(ax for ax in panels(fig) if ax.get_label() == "layer:features.2")
+    assert notes(pool) == [UNDEFINED_AT_4]
+    assert "μ" not in pool.get_title() and "nan" not in pool.get_title() and "n/a" not in pool.get_title()
+    assert "colorbar:layer:features.2" not in [a.get_label() for a in fig.axes]
+    assert "μ=" in panels(fig)[0].get_title()
+    shared = plots.layer_grid(undefined, color_range="shared", view="paper")
+    assert notes(panels(shared)[1]) == [UNDEFINED_AT_4]
+
+
+def test_profiles_leave_a_gap_at_an_undefined_layer_never_a_0():
+    undefined = undefined_result()
+    fig = plots.layer_profile(undefined, labels=["toy"])
+    line, ax = data_line(fig, "toy (random init)")
+    y = np.asarray(line.get_ydata(), dtype=float)
+    assert np.isnan(y[1]) and np.isfinite(y[[0, 2]]).all()
+    assert ax.get_xticklabels()[1].get_color() != ax.get_xticklabels()[0].get_color()
+    assert "undefined" in ax.get_xlabel()
+
+
+def test_compare_and_difference_panels_of_an_undefined_layer_say_so():
+    a, b = undefined_result(seed=0, label="a"), undefined_result(seed=1, label="b")
+    grid = plots.compare_grid([a, b])
+    assert [n for ax in panels(grid) for n in notes(ax)] == [UNDEFINED_AT_4] * 2
+    for difference in ("diff", "ratio"):
+        fig = plots.difference_grid(a, b, difference=difference)
+        pool = panels(fig)[1]
+        assert notes(pool) == [UNDEFINED_AT_4]
+        assert "μ" not in pool.get_title() and "nan" not in pool.get_title()
+
+
+def test_padding_figure_treats_an_undefined_layer_as_no_value_not_a_0_gap():
+    from shiftlab.figures.boundary import padding_profile
+
+    trained, circular = undefined_result(seed=0), undefined_result(seed=1)
+    fig = padding_profile(trained, circular)
+    ax = fig.axes[0]
+    for line in ax.get_lines()[:2]:
+        y = np.asarray(line.get_ydata(), dtype=float)
+        assert np.isnan(y[1]) and np.isfinite(y[[0, 2]]).all()
+    shaded = ax.collections[0].get_paths()
+    xs = np.concatenate([path.vertices[:, 0] for path in shaded])
+    assert not np.any(np.isclose(xs, 1.0))  # nothing shaded at the undefined layer
+    assert ax.get_xticklabels()[1].get_color() != ax.get_xticklabels()[0].get_color()
+    assert ax.get_ylim()[0] == 0
+    plt.close(fig)

@@ -1,7 +1,7 @@
-"""Building blocks of the figures in :mod:`shiftlab.figures.plots`: colour scales, ticks, text, layout.
+"""Building blocks of the figures in :mod:`shiftlab.figures.plots`: colour scales, ticks, text.
 
 Nothing here takes a :class:`~shiftlab.results.result.Result` apart beyond its provenance; ``plots``
-decides what a panel shows, this module how it is drawn. The choice lists (``COLOR_RANGES``,
+decides what a panel shows, :mod:`shiftlab.figures.drawing` how it is drawn. The choice lists (``COLOR_RANGES``,
 ``DIFFERENCES``, ``SCALES``) live here once; ``shiftlab.figures.plots`` and the CLI take them from here.
 
 >>> escape("cost $5")     # drawn literally, never parsed as mathtext
@@ -10,28 +10,24 @@ decides what a panel shows, this module how it is drawn. The choice lists (``COL
 from __future__ import annotations
 
 import math
-import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import matplotlib
 import numpy as np
-import seaborn as sns
-from matplotlib.cm import ScalarMappable
-from matplotlib.colors import Colormap, ListedColormap, LogNorm, Normalize, TwoSlopeNorm
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.patches import Patch, Rectangle
-from matplotlib.transforms import blended_transform_factory
+from matplotlib.colors import Colormap, LogNorm, Normalize, TwoSlopeNorm
 
 from ..checks import check_choice
 from ..errors import UsageError
 
 COLOR_RANGES = ("layer", "stage", "shared")
 DEFAULT_COLOR_RANGE = "layer"
-COLOR_RANGE_HELP = ("layer: each panel its own scale (its own small colour bar), so every layer's"
-                    " stride pattern shows; stage: one scale per stride; shared: one scale for all"
-                    " panels (the paper's), comparable across layers")
+COLOR_RANGE_HELP = ("How the heatmap panels share colour scales. layer (the default): each panel"
+                    " its own scale and colour bar, so every layer's stride pattern shows; stage:"
+                    " one scale per stride; shared: one scale and one colour bar for all panels"
+                    " (the paper's), comparable across layers. A panel that is one value"
+                    " everywhere ('0 everywhere') or undefined gets no bar of its own. compare's"
+                    " difference figure always uses one symmetric scale.")
 VMAX_HELP = ("top of the colour scale: auto (the largest value), pNN (the NN-th percentile of the"
              " plotted values, e.g. p99) or a number; larger values get the colour bar's arrow")
 SCALES = ("linear", "log")
@@ -42,7 +38,7 @@ METRIC_LABELS = {
     "psnr": "PSNR (dB, higher = more equivariant)",
 }
 HIGHER_IS_BETTER = {"psnr"}
-FS_TITLE, FS_PANEL, FS_TICK, FS_NOTE = 9.0, 6.5, 5.5, 6.5
+FS_TITLE, FS_PANEL, FS_TICK, FS_NOTE = 9.0, 7.0, 6.0, 7.0
 UNDEFINED = "grey = undefined (stride does not divide the shift)"
 NO_VALUE = "grey = no value for this shift"
 RANDOM_INIT = "random init"
@@ -105,16 +101,69 @@ def image_names(result) -> list[str]:
     return [str(name) for name in (provenance_field(result, "images") or [])]
 
 
-def fit(title: str, room: float, smallest: float = 5.0) -> tuple[str, float]:
-    """Shrink a panel title to ``room`` inches: a smaller font, then '…' in the middle of long lines."""
-    longest = max(len(line) for line in title.split("\n"))
-    size = min(FS_PANEL, room * 72 / (0.58 * longest))
-    if size >= smallest:
-        return title, size
-    keep = int(room * 72 / (0.58 * smallest))
-    lines = [line if len(line) <= keep else f"{line[:keep // 2 - 1]}…{line[-(keep - keep // 2):]}"
-             for line in title.split("\n")]
-    return "\n".join(lines), smallest
+#: where a title line may break: after ' · ' and ' → ' first, then inside a module path
+_BREAKS = ("·→", "._/")
+
+
+def wrap_title(title: str, room: float, size: Optional[float] = None) -> str:
+    """``title`` broken into lines that fit ``room`` inches at ``size`` pt, every character kept.
+
+    Lines break after ' · ' and '→'; a part still too long, in a first line (the layer's name),
+    then breaks after '.', '_' or '/'; what is still too long is cut into line-long chunks,
+    never shortened.
+
+    >>> print(wrap_title("backbone.body.stage4.block12.proj\\nConv2d · s=16 · μ=0.0123", 1.0))
+    backbone.body.
+    stage4.block12.
+    proj
+    Conv2d · s=16 ·
+    μ=0.0123
+    >>> print(wrap_title("features.10→features.13", 1.0))
+    features.10→
+    features.13
+    """
+    size = FS_PANEL if size is None else size
+    width = max(8, int(room * 72 / (0.56 * size)))
+    lines: list[str] = []
+    for number, line in enumerate(title.split("\n")):
+        lines += _wrap(line, width, _BREAKS if number == 0 else _BREAKS[:1])
+    return "\n".join(lines)
+
+
+def _wrap(text: str, width: int, breaks: Sequence[str]) -> list[str]:
+    if len(text) <= width:
+        return [text]
+    if not breaks:  # no place left to break: line-long chunks
+        return [text[i:i + width] for i in range(0, len(text), width)]
+    lines: list[str] = []
+    for line in _pack(_pieces(text, breaks[0]), width):
+        lines += _wrap(line, width, breaks[1:])
+    return lines
+
+
+def _pieces(line: str, separators: str) -> list[str]:
+    """``line`` cut after each separator (and the space after a '·' or '→')."""
+    pieces, current = [], ""
+    for k, char in enumerate(line):
+        current += char
+        if char in separators and not (char in "·→" and line[k + 1:k + 2] == " "):
+            pieces.append(current)
+            current = ""
+        elif char == " " and k > 0 and line[k - 1] in "·→":
+            pieces.append(current)
+            current = ""
+    return pieces + ([current] if current else [])
+
+
+def _pack(pieces: list[str], width: int) -> list[str]:
+    """Pieces joined greedily into lines of at most ``width`` (a longer piece stays whole)."""
+    lines, current = [], ""
+    for piece in pieces:
+        if current and len((current + piece).rstrip()) > width:
+            lines.append(current.rstrip())
+            current = ""
+        current += piece
+    return lines + ([current.rstrip()] if current.strip() or not lines else [])
 
 
 # -- colour ------------------------------------------------------------------------------------
@@ -266,7 +315,7 @@ def grid_columns(n: int, ncols: Optional[int], strip: bool) -> int:
     return max(1, min(n, cap, math.ceil(math.sqrt(n) * factor)))
 
 
-# -- layout and drawing ----------------------------------------------------------------------------
+# -- cells drawn apart ------------------------------------------------------------------------
 @dataclass
 class Special:
     """Cells drawn in one flat colour with a legend entry (PSNR's ∞, zeros on a log scale)."""
@@ -274,210 +323,6 @@ class Special:
     mask: np.ndarray
     colour: str
     label: str
-
-
-@dataclass
-class Panel:
-    """One heatmap: data (rows, cols) with NaN where undefined, x/y shift values (ys None for a
-    strip), grid position, its colour scale and its special cells."""
-
-    label: str
-    title: str
-    data: np.ndarray
-    xs: list[float]
-    ys: Optional[list[float]]
-    row: int
-    col: int
-    scale: Scale
-    specials: list[Special] = field(default_factory=list)
-
-
-@dataclass
-class _Box:
-    """Sizes in inches."""
-
-    panel_w: float
-    panel_h: float
-    title_h: float = 0.30
-    hgap: float = 0.14
-    vgap: float = 0.12
-    tick_w: float = 0.30
-
-
-def _box(strip: bool, shape: tuple[int, int], own_bars: bool) -> _Box:
-    if strip:
-        box = _Box(panel_w=1.9, panel_h=0.24, hgap=0.2, tick_w=0.1, vgap=0.26)
-    else:
-        rows, cols = shape
-        side = 1.05
-        box = _Box(panel_w=side * max(0.3, cols / max(rows, cols)),
-                   panel_h=side * max(0.3, rows / max(rows, cols)))
-    if own_bars:
-        box.hgap += 0.42  # room for each panel's own colour bar and its tick labels
-    return box
-
-
-@dataclass
-class Layout:
-    """Everything around the panels: colour bar text, title, notes, row labels and separators."""
-
-    cbar_label: str
-    title: str
-    notes: list[str]
-    row_labels: dict[int, str] = field(default_factory=dict)
-    separators: list[int] = field(default_factory=list)
-    strip: bool = False
-    own_bars: bool = False
-    xlabel: str = "dw"
-    ylabel: str = "dh"
-
-
-def draw(panels: list[Panel], ncols: int, cmap: Colormap, layout: Layout) -> Figure:
-    """Place ``panels`` on a grid of ``ncols`` columns with one colour bar on the right (the
-    shared scale, or a key for per-panel scales when ``layout.own_bars``)."""
-    strip = layout.strip
-    box = _box(strip, panels[0].data.shape, layout.own_bars)
-    nrows = max(p.row for p in panels) + 1
-    label_w = max((len(t) for t in layout.row_labels.values()), default=0) * 7 * 0.6 / 72
-    left = 0.3 + box.tick_w + (label_w + 0.12 if layout.row_labels else 0)
-    area_w = ncols * box.panel_w + (ncols - 1) * box.hgap
-    pitch = box.title_h + box.panel_h + box.vgap
-    area_h = nrows * pitch - box.vgap
-    bar_h = min(max(box.panel_h, area_h - box.title_h), 5.5)
-    wrap = max(14, int(bar_h * 72 / (7.0 * 0.55)))
-    bar_lines = [w for part in layout.cbar_label.split("\n") for w in textwrap.wrap(part, wrap)]
-    right = 0.2 + 0.12 + 0.45 + 0.14 * len(bar_lines) + (box.hgap if layout.own_bars else 0)
-    top = 0.15 + (layout.title.count("\n") + 1) * FS_TITLE * 1.35 / 72
-    legend = _legend_items(panels, layout.notes)
-    bottom = 0.42 + len(layout.notes) * 0.16 + (0.16 if legend else 0) + 0.05
-    width, height = left + area_w + right, top + area_h + bottom
-    fig = Figure(figsize=(width, height))
-    frac = lambda x, y, w, h: [x / width, 1 - (y + h) / height, w / width, h / height]  # noqa: E731
-    bottom_of_col: dict[int, int] = {}
-    for p in panels:
-        bottom_of_col[p.col] = max(bottom_of_col.get(p.col, -1), p.row)
-    for p in panels:
-        x = left + p.col * (box.panel_w + box.hgap)
-        y = top + p.row * pitch + box.title_h
-        ax = fig.add_axes(frac(x, y, box.panel_w, box.panel_h), label=p.label)
-        show_x, show_y = bottom_of_col[p.col] == p.row, p.col == 0 and not strip
-        _heatmap(ax, p, cmap, show_x, show_y, room=box.panel_w + 0.8 * box.hgap)
-        if show_x:
-            ax.set_xlabel(escape(layout.xlabel), fontsize=FS_TICK + 0.5, labelpad=1)
-        if show_y:
-            ax.set_ylabel(escape(layout.ylabel), fontsize=FS_TICK + 0.5, labelpad=1)
-        if layout.own_bars:
-            cax = fig.add_axes(frac(x + box.panel_w + 0.04, y, 0.05, box.panel_h), label=f"colorbar:{p.label}")
-            bar = fig.colorbar(ScalarMappable(norm=p.scale.norm, cmap=cmap), cax=cax, extend=p.scale.extend,
-                               extendfrac=0.12)
-            bar.minorticks_off()  # a log bar would label its minor ticks too
-            bar.set_ticks([p.scale.norm.vmin, p.scale.norm.vmax])
-            bar.set_ticklabels([fmt(p.scale.norm.vmin), fmt(p.scale.norm.vmax)])
-            bar.ax.tick_params(labelsize=FS_TICK - 1, length=1, width=0.3, pad=1)
-            bar.outline.set_linewidth(0.3)
-    for row, text in layout.row_labels.items():
-        y = top + row * pitch + box.title_h + box.panel_h / 2
-        fig.text((left - box.tick_w - 0.2) / width, 1 - y / height, escape(text), ha="right", va="center",
-                 fontsize=7, fontweight="bold")
-    for row in layout.separators:
-        y = 1 - (top + row * pitch - box.vgap / 2) / height
-        fig.add_artist(Line2D([0.1 / width, (left + area_w) / width], [y, y], lw=0.6, color="0.75",
-                              transform=fig.transFigure))
-    key_x = left + area_w + 0.2 + (box.hgap if layout.own_bars else 0)  # clear of the last panel's bar
-    cax = fig.add_axes(frac(key_x, top + box.title_h, 0.12, bar_h), label="colorbar")
-    if layout.own_bars:  # a key only: where each panel's own range sits on the colormap
-        bar = fig.colorbar(ScalarMappable(norm=Normalize(0, 1), cmap=cmap), cax=cax)
-        bar.set_ticks([0, 1])
-        bar.set_ticklabels(["panel\nlow", "panel\nhigh"])
-    else:
-        shared = panels[0].scale
-        bar = fig.colorbar(ScalarMappable(norm=shared.norm, cmap=cmap), cax=cax, extend=shared.extend)
-    bar.set_label("\n".join(escape(line) for line in bar_lines), fontsize=7)
-    bar.ax.tick_params(labelsize=6)
-    bar.outline.set_linewidth(0.4)
-    fig.suptitle(escape(layout.title), x=left / width, y=1 - 0.1 / height, ha="left", va="top",
-                 fontsize=FS_TITLE)
-    _notes(fig, layout.notes, legend, left / width, bottom, height)
-    return fig
-
-
-def _legend_items(panels: list[Panel], notes: list[str]) -> list[Patch]:
-    items = [Patch(facecolor="0.86", edgecolor="0.55", hatch="////", lw=0.4, label=note)
-             for note in notes if note in (UNDEFINED, NO_VALUE)]
-    seen: dict[str, str] = {}
-    for p in panels:
-        for special in p.specials:
-            if special.mask.any():
-                seen.setdefault(special.label, special.colour)
-    items += [Patch(facecolor=colour, edgecolor="0.3", lw=0.4, label=escape(label))
-              for label, colour in seen.items()]
-    return items
-
-
-def _notes(fig: Figure, notes: list[str], legend: list[Patch], x: float, bottom: float,
-           height: float) -> None:
-    y = bottom - 0.42
-    for note in notes:
-        if note not in (UNDEFINED, NO_VALUE):
-            fig.text(x, (y - 0.1) / height, escape(note), fontsize=FS_NOTE, color="0.3", va="center")
-            y -= 0.16
-    if legend:
-        fig.legend(handles=legend, loc="center left", bbox_to_anchor=(x - 0.01, (y - 0.1) / height),
-                   frameon=False, fontsize=FS_NOTE, handlelength=1.6, handleheight=0.9, borderpad=0,
-                   borderaxespad=0, ncols=len(legend), columnspacing=1.2)
-
-
-def _heatmap(ax, panel: Panel, cmap: Colormap, show_x: bool, show_y: bool, room: float) -> None:
-    rows, cols = panel.data.shape
-    norm = panel.scale.norm
-    sns.heatmap(panel.data, ax=ax, cmap=cmap, norm=norm, vmin=norm.vmin, vmax=norm.vmax, cbar=False,
-                xticklabels=False, yticklabels=False, rasterized=True)
-    ax.add_patch(Rectangle((0, 0), cols, rows, facecolor="0.86", edgecolor="0.55", hatch="////",
-                           lw=0, zorder=0.5))
-    for special in panel.specials:
-        if special.mask.any():
-            ax.pcolormesh(np.ma.masked_where(~special.mask, np.ones(special.mask.shape)),
-                          cmap=ListedColormap([special.colour]), vmin=0, vmax=1, rasterized=True)
-    for spine in ax.spines.values():
-        spine.set_visible(True)
-        spine.set_linewidth(0.4)
-        spine.set_color("0.45")
-    title, size = fit(escape(panel.title), room)
-    ax.set_title(title, fontsize=size, pad=2, linespacing=1.1)
-    xticks = tick_indices(panel.xs)
-    ax.set_xticks([i + 0.5 for i in xticks])
-    ax.set_xticklabels([f"{panel.xs[i]:g}" for i in xticks] if show_x else [])
-    if panel.ys is None:
-        ax.set_yticks([])
-    else:
-        yticks = tick_indices(panel.ys)
-        ax.set_yticks([i + 0.5 for i in yticks])
-        ax.set_yticklabels([f"{panel.ys[i]:g}" for i in yticks] if show_y else [], rotation=0)
-    ax.tick_params(labelsize=FS_TICK, length=1.5, width=0.4, pad=1)
-
-
-def mark_strides(ax, marks: dict, spans: dict, n_results: int, colours, length: int) -> None:
-    """Dotted lines with 's=2', 's=4', ... where the stride changes; grey bands over global runs.
-
-    Labels closer than 1/20 of the axis to the previous one on the same level drop a level.
-    """
-    trans = blended_transform_factory(ax.transData, ax.transAxes)
-    labels = []
-    for (x, text), owners in marks.items():
-        colour = "0.45" if len(owners) == n_results else colours[owners[0]]
-        ax.axvline(x, ls=":", lw=0.9, color=colour, zorder=1)
-        labels.append((x, text, colour, "normal"))
-    for (x0, x1), owners in spans.items():
-        shared = len(owners) == n_results
-        ax.axvspan(x0, x1, color="0.92" if shared else colours[owners[0]], alpha=1 if shared else 0.1,
-                   zorder=0, lw=0)
-        labels.append((x0, "global", "0.35" if shared else colours[owners[0]], "italic"))
-    last: list[float] = []
-    for x, text, colour, style in sorted(labels, key=lambda item: item[0]):
-        level = next((k for k, end in enumerate(last) if x - end > length / 20), len(last))
-        last[level:level + 1] = [x]
-        ax.text(x + 0.1, 1.01 + 0.055 * level, text, transform=trans, fontsize=6.5, color=colour,
-                va="bottom", ha="left", fontstyle=style, clip_on=False)
 
 
 RATIO_COLOURS = ("#3b0a45", "#0b5d1e")  # baseline exactly 0 / other exactly 0: outside any log

@@ -4,7 +4,10 @@ Every function builds a standalone :class:`matplotlib.figure.Figure` (not regist
 pyplot, so nothing leaks and nothing pops up); display it in a notebook or write it with
 :func:`save_figure`. Axes carry labels so code can find them: ``'layer:<name>'`` for a
 heatmap panel (``'layer:<label>:<name>'`` in :func:`compare_grid`), ``'colorbar'`` for the
-colour bar (``'colorbar:<panel label>'`` for a panel's own bar), ``'profile'`` for the line plot.
+shared colour bar (``color_range='shared'``), ``'colorbar:<panel label>'`` for a panel's own bar
+(the other colour ranges; the quantity is then the figure text with gid ``'colour-label'``),
+``'profile'`` for the line plot. Panels and colour bars are images, so a PDF of a large model
+costs about what a PNG does (:mod:`shiftlab.figures.drawing`).
 
 A tiny conv / max-pool / conv network, measured and saved, then drawn from its file:
 
@@ -20,17 +23,19 @@ A tiny conv / max-pool / conv network, measured and saved, then drawn from its f
 >>> tmp = tempfile.TemporaryDirectory()
 >>> _ = shiftlab.measure(net, images, shiftlab.ShiftGrid.square(4)).save(f"{tmp.name}/result.npz")
 >>> fig = layer_grid(shiftlab.load(f"{tmp.name}/result.npz"), view="paper")
->>> [ax.get_label() for ax in fig.axes]
-['layer:0', 'colorbar:layer:0', 'layer:2', 'colorbar:layer:2', 'layer:3', 'colorbar:layer:3',
- 'colorbar']
+>>> [ax.get_label() for ax in fig.axes]      # conv1 is 0 everywhere: a note, no colour bar
+['layer:0', 'layer:2', 'colorbar:layer:2', 'layer:3', 'colorbar:layer:3']
 >>> [path.name for path in save_figure(fig, f"{tmp.name}/layers")]
 ['layers.png', 'layers.pdf']
 
 Summary values: a panel's ``μ`` and the profile's y value are ``Result.layer_mean`` (mean over
 the shifts where the layer is defined). For PSNR, whose identical maps give +inf (always at
 shift (0, 0)), they are the mean over the finite shifts instead; the +inf cells are drawn in
-their own colour. Layout, colour and text helpers live in :mod:`shiftlab.figures.panels`, layer
-selection and paper names in :mod:`shiftlab.figures.views`.
+their own colour. A layer with no defined shift but (0, 0) has no μ
+(:mod:`shiftlab.figures.summaries`): its panel says "undefined", a profile leaves a gap. A panel
+that is one value everywhere says so ("0 everywhere") instead of drawing a colour bar. Colour
+and text helpers live in :mod:`shiftlab.figures.panels`, drawing in
+:mod:`shiftlab.figures.drawing`, layer selection and paper names in :mod:`shiftlab.figures.views`.
 """
 from __future__ import annotations
 
@@ -51,10 +56,12 @@ from ..errors import SettingsMismatchError, UsageError
 from ..results.files import atomic_write
 from ..equivariance.geometry import LayerInfo
 from ..results.matching import Results, as_results, check_comparable, match_layers, resolve_matching, result_labels
+from .drawing import Layout, Panel, draw, mark_strides
 from .panels import (difference_map, COLOR_RANGES, DEFAULT_COLOR_RANGE, DIFFERENCES, FS_TITLE, HIGHER_IS_BETTER,
-                     METRIC_LABELS, NO_VALUE, RANDOM_INIT, SCALES, UNDEFINED, Layout, Panel, Scale,
-                     VmaxSpec, colormap, grid_columns, special_cells, colour_scale, diverging_scale, draw,
-                     escape, fmt, image_names, is_random_init, mark_strides, weights_text)
+                     METRIC_LABELS, RANDOM_INIT, RATIO_FLOOR, SCALES, UNDEFINED, NO_VALUE, Scale,
+                     VmaxSpec, colormap, grid_columns, special_cells, colour_scale, diverging_scale,
+                     escape, fmt, image_names, is_random_init, weights_text)
+from .summaries import layer_value, undefined_reason
 from ..results.result import Result
 from ..equivariance.shifts import ShiftGrid
 from .views import (DEFAULT_VIEW, VIEWS, blocks, plotted_layers, row_texts, select_view, stride_changes,
@@ -77,7 +84,9 @@ def layer_grid(result: Result, layers: Optional[Sequence[str]] = None, ncols: Op
     Rows of a panel are dh, columns dw (``result.grid.dh_values`` / ``dw_values``); a diagonal
     grid is drawn as one strip per layer (x = t). Panels follow network order and wrap into
     rows; undefined cells (``exact`` alignment where the stride does not divide the shift) are
-    hatched grey, never zero. Titles: layer, module type, stride, μ.
+    hatched grey, never zero. Titles: layer, module type, stride, μ (none where the layer is
+    undefined: its panel says why). A panel that is one value everywhere (an exactly
+    equivariant layer: 0) says so instead of drawing a colour bar of its own.
 
     Args:
         result: a measurement.
@@ -108,8 +117,10 @@ def layer_grid(result: Result, layers: Optional[Sequence[str]] = None, ncols: Op
         >>> result = shiftlab.measure(net, images, shiftlab.ShiftGrid.square(4))
         >>> fig = layer_grid(result, view="paper", color_range="shared", vmax="p99")
         >>> [ax.get_title() for ax in fig.axes]       # the ReLU is not in the paper view
-        ['conv1\\nConv2d · s=1 · μ=0', 'pool1\\nMaxPool2d · s=2 · μ=0.0684',
-         'conv2\\nConv2d · s=2 · μ=0.0631', '']
+        ['conv1\\nConv2d · s=1 · μ=0', 'pool1\\nMaxPool2d · s=2 ·\\nμ=0.073',
+         'conv2\\nConv2d · s=2 · μ=0.0673', '']
+        >>> [text.get_text() for text in fig.axes[0].texts]   # circular convs: exact
+        ['0 everywhere']
     """
     shown = dict(select_view(result, view))
     infos = [i for i in plotted_layers(result, layers, spatial_only) if i.name in shown]
@@ -126,7 +137,7 @@ def layer_grid(result: Result, layers: Optional[Sequence[str]] = None, ncols: Op
     ncols = grid_columns(len(infos), ncols, strip) if ncols is not None else min(grid_columns(len(infos), None, strip), longest)
     panels, row_labels, separators = [], {}, []
     row, col, previous = -1, ncols, None
-    for info, (data, specials), (_, xs, ys), block, sc in zip(infos, drawn, images, groups, scales):
+    for info, (data, specials), (raw, xs, ys), block, sc in zip(infos, drawn, images, groups, scales):
         if col >= ncols or block != previous:
             row, col = row + 1, 0
             if block != previous:
@@ -136,8 +147,10 @@ def layer_grid(result: Result, layers: Optional[Sequence[str]] = None, ncols: Op
         previous = block
         name = shown[info.name]
         name = name[len(block) + 1:] if block and name.startswith(f"{block}.") else name
-        text = f"{name}\n{_stats(info, _summary(result, info.name))}"
-        panels.append(Panel(f"layer:{info.name}", text, data, xs, ys, row, col, sc, specials))
+        text = f"{name}\n{_stats(info, layer_value(result, info.name))}"
+        note, scaled = _panel_note(result, info.name, raw, color_range != "shared")
+        panels.append(Panel(f"layer:{info.name}", text, data, xs, ys, row, col, sc, specials,
+                            note, scaled))
         col += 1
     layout = Layout(_colour_label(metric, scale), title or _default_title(result),
                     _notes([result], [i[0] for i in images], strip), row_labels, separators, strip,
@@ -154,7 +167,9 @@ def layer_profile(results: Results, labels: Optional[Sequence[str]] = None, scal
     so a max-pool meets the BlurPool that replaced it); x is the matched row and a tick names the
     layer of each result ('features.4 / features.5' where they differ). A dotted vertical line
     with 's=2', 's=4', ... marks where the stride changes; global layers are hollow diamonds on a
-    grey band. Zero means vanish on a log axis.
+    grey band. A linear axis of distances starts at 0 (PSNR keeps its own range); zero means
+    vanish on a log axis. An undefined layer (no shift but (0, 0) defined) is a gap in its line,
+    never a 0, and its name is grey when it is undefined in every result.
 
     Example:
         >>> import torch
@@ -171,6 +186,8 @@ def layer_profile(results: Results, labels: Optional[Sequence[str]] = None, scal
         >>> fig = layer_profile([tiny, tiny_aa], labels=["tiny", "tiny+aa4"])
         >>> [tick.get_text() for tick in fig.axes[0].get_xticklabels()]   # 2 meets BlurPool 3
         ['0', '1', '2 / 3', '3 / 4']
+        >>> fig.axes[0].get_xlabel(), float(fig.axes[0].get_ylim()[0])
+        ('layer (network order; matched layers share an x)', 0.0)
     """
     results = as_results(results)
     labels = [_random_mark(label, r) for label, r in zip(result_labels(results, labels), results)]
@@ -185,10 +202,13 @@ def layer_profile(results: Results, labels: Optional[Sequence[str]] = None, scal
     colours = sns.color_palette("deep", len(results))
     marks: dict[tuple[float, str], list[int]] = {}
     spans: dict[tuple[float, float], list[int]] = {}
+    undefined = np.ones(length, dtype=bool)  # rows without a value in any result
     for i, (result, names, label) in enumerate(zip(results, columns, labels)):
         x = np.arange(len(names))
-        y = np.array([_summary(result, n) for n in names], dtype=float)
-        ax.plot(x, y, marker="o", ms=3, lw=1.2, color=colours[i], label=escape(label))
+        y = np.array([layer_value(result, n) for n in names], dtype=float)  # NaN: a gap
+        undefined &= np.isnan(y)
+        ax.plot(x, y, marker="o", ms=3, lw=1.2, color=colours[i], label=escape(label),
+                clip_on=scale == "log")  # a mean of 0 sits on the axis, its marker whole
         glob = np.array([not result.layer(n).is_spatial for n in names], dtype=bool)
         if glob.any():
             ax.plot(x[glob], y[glob], ls="none", marker="D", ms=4.5, mfc="white",
@@ -213,8 +233,16 @@ def layer_profile(results: Results, labels: Optional[Sequence[str]] = None, scal
     ax.set_xticks(ticks)
     texts = row_texts(rows, results, view)
     ax.set_xticklabels([escape(texts[t]) for t in ticks], rotation=90, fontsize=6)
-    ax.set_xlabel("layer (network order; matched layers share an x)", fontsize=8)
+    for tick, row in zip(ax.get_xticklabels(), ticks):
+        if undefined[row]:
+            tick.set_color("0.6")
+    xlabel = "layer (network order" + ("; matched layers share an x)" if len(results) > 1 else ")")
+    if undefined.any():
+        xlabel += "\ngrey: undefined (no shift but (0, 0) is defined), left out of the line"
+    ax.set_xlabel(xlabel, fontsize=8)
     ax.set_xlim(-0.7, length - 0.3)
+    if scale == "linear" and metric not in HIGHER_IS_BETTER:
+        ax.set_ylim(bottom=0.0)  # distances: 0 (equivariant) is where the axis starts
     ax.set_ylabel(f"mean over shifts:\n{METRIC_LABELS.get(metric, metric)}", fontsize=8)
     ax.tick_params(axis="y", labelsize=7)
     ax.grid(axis="y", lw=0.4, color="0.88")
@@ -259,8 +287,8 @@ def compare_grid(results: Sequence[Result], labels: Optional[Sequence[str]] = No
         >>> [ax.get_title() for ax in fig.axes if ax.get_label().startswith("layer:")]
         ... # doctest: +NORMALIZE_WHITESPACE
         ['conv1\\nConv2d · s=1 · μ=0', 'conv1\\nConv2d · s=1 · μ=0',
-         'pool1\\nMaxPool2d · s=2 · μ=0.0684', 'blurpool1\\nBlurPool · s=2 · μ=0.0162',
-         'conv2\\nConv2d · s=2 · μ=0.0631', 'conv2\\nConv2d · s=2 · μ=0.0154']
+         'pool1\\nMaxPool2d · s=2 · μ=0.073', 'blurpool1\\nBlurPool · s=2 · μ=0.0172',
+         'conv2\\nConv2d · s=2 · μ=0.0673', 'conv2\\nConv2d · s=2 · μ=0.0164']
     """
     results = as_results(results)
     if len(results) < 2:
@@ -285,11 +313,12 @@ def compare_grid(results: Sequence[Result], labels: Optional[Sequence[str]] = No
             row_labels[grid_row] = label
             if i == 0 and band > 0 and col == 0:
                 separators.append(grid_row)
-            text = f"{names[i].get(name, name)}\n{_stats(result.layer(name), _summary(result, name))}"
+            text = f"{names[i].get(name, name)}\n{_stats(result.layer(name), layer_value(result, name))}"
             data, specials = drawn[index][i]
-            _, xs, ys = raw[index][i]
+            values, xs, ys = raw[index][i]
+            note, scaled = _panel_note(result, name, values, color_range != "shared")
             panels.append(Panel(f"layer:{label}:{name}", text, data, xs, ys, grid_row, col,
-                                row_scales[index], specials))
+                                row_scales[index], specials, note, scaled))
     layout = Layout(_colour_label(metric, scale),
                     title or f"{' vs '.join(labels)}\n{_settings_line(results[0])}",
                     _notes(results, [img[0] for group in raw for img in group], strip), row_labels,
@@ -310,6 +339,8 @@ def difference_grid(a: Result, b: Result, labels: Optional[Sequence[str]] = None
     ``difference='ratio'``: log2(b / a) (distances only), so a halving reads −1 in a layer of
     distance 0.001 as in one of 0.5; both 0 gives 0, and cells where exactly one is 0 get their
     own colours. The limit comes from ``vmax`` ('auto', 'pNN' of |values|, or a number).
+    A title gives the summary in the colour's unit: Δμ (b's μ − a's μ) for 'diff', the log2 of
+    the ratio of the means (log2 μ ratio) for 'ratio'.
 
     Example:
         >>> import torch
@@ -324,8 +355,9 @@ def difference_grid(a: Result, b: Result, labels: Optional[Sequence[str]] = None
         >>> grid = shiftlab.ShiftGrid.square(4)
         >>> tiny_aa = shiftlab.measure(shiftlab.antialias(net, 4), images, grid)
         >>> fig = difference_grid(tiny, tiny_aa, labels=["tiny", "tiny+aa4"], difference="ratio")
-        >>> [ax.get_title() for ax in fig.axes][2:4]
-        ['2→3\\nMaxPool2d → B…2 · Δμ=-0.0523', '3→4\\nConv2d · s=2 · Δμ=-0.0477']
+        >>> [ax.get_title() for ax in fig.axes][2:4]     # doctest: +NORMALIZE_WHITESPACE
+        ['2→3\\nMaxPool2d → BlurPool ·\\ns=2 · log2 μ ratio=-2.08',
+         '3→4\\nConv2d · s=2 ·\\nlog2 μ ratio=-2.04']
         >>> print(fig.axes[-1].get_ylabel())
         log2(tiny+aa4 / tiny) (cosine)
         < 0: tiny+aa4 more equivariant (−1 = halved)
@@ -351,10 +383,13 @@ def difference_grid(a: Result, b: Result, labels: Optional[Sequence[str]] = None
         ia, ib = a.layer(na), b.layer(nb)
         module = " → ".join(dict.fromkeys((ia.module, ib.module)))
         stride = " → ".join(dict.fromkeys((stride_text(ia), stride_text(ib))))
-        delta = _summary(b, nb) - _summary(a, na)
+        change = _change(layer_value(a, na), layer_value(b, nb), difference)
+        stat = "" if math.isnan(change) else f" · {_CHANGE[difference]}={fmt(change)}"
         _, xs, ys = _image(b, nb)
-        panels.append(Panel(f"layer:{nb}", f"{name}\n{module} · {stride} · Δμ={fmt(delta)}",
-                            data, xs, ys, *divmod(k, ncols), sc, specials))
+        note, scaled = next(((reason, False) for reason in (undefined_reason(a, na), undefined_reason(b, nb))
+                             if reason), None) or _constant_note(data, color_range != "shared")
+        panels.append(Panel(f"layer:{nb}", f"{name}\n{module} · {stride}{stat}", data, xs, ys,
+                            *divmod(k, ncols), sc, specials, note, scaled))
     if difference == "ratio":
         label = f"log2({labels[1]} / {labels[0]}) ({metric})\n< 0: {labels[1]} more equivariant (−1 = halved)"
     else:
@@ -364,7 +399,8 @@ def difference_grid(a: Result, b: Result, labels: Optional[Sequence[str]] = None
             label += "\n∞ clipped to the finite max"
     head = f"log2({labels[1]} / {labels[0]})" if difference == "ratio" else f"{labels[1]} − {labels[0]}"
     layout = Layout(label, title or f"{head}\n{_settings_line(a)}",
-                    _notes(results, [m for pair in pairs for m in pair], strip, "Δμ = change of μ"),
+                    _notes(results, [m for pair in pairs for m in pair], strip,
+                           f"{_CHANGE[difference]} = {_CHANGE_TEXT[difference]}".format(*labels)),
                     strip=strip, own_bars=color_range != "shared", xlabel=_xlabel(strip))
     return draw(panels, ncols, colormap(cmap, False), layout)
 
@@ -546,16 +582,42 @@ def _scales(items: list, keys: list, make) -> list[Scale]:
     return [made[key] for key in keys]
 
 
-def _summary(result: Result, name: str) -> float:
-    value = result.layer_mean(name)
-    if result.settings.metric in HIGHER_IS_BETTER and value == math.inf:
-        finite = result.values(name)[np.isfinite(result.values(name))]
-        return float(finite.mean()) if finite.size else math.inf
-    return value
+_CHANGE = {"diff": "Δμ", "ratio": "log2 μ ratio"}
+_CHANGE_TEXT = {"diff": "{1}'s μ − {0}'s μ", "ratio": "log2({1}'s μ / {0}'s μ)"}
 
 
-def _stats(info: LayerInfo, summary: float) -> str:
-    return f"{info.module} · {stride_text(info)} · μ={fmt(summary)}"
+def _change(first: float, second: float, difference: str) -> float:
+    """The change of μ in the colour's unit: second − first, or log2(second / first) with the
+    ratio map's rule for distances at rounding level (both: 0, one: ±∞). NaN when either is."""
+    if difference == "diff" or math.isnan(first) or math.isnan(second):
+        return second - first
+    low_first, low_second = first <= RATIO_FLOOR, second <= RATIO_FLOOR
+    if low_first or low_second:
+        return 0.0 if low_first and low_second else (math.inf if low_first else -math.inf)
+    return math.log2(second / first)
+
+
+def _panel_note(result: Result, name: str, values: np.ndarray, own_bars: bool) -> tuple[Optional[str], bool]:
+    """(note, scaled) of a layer's panel: why it is undefined (no colour scale), or '0 everywhere'
+    when every defined cell holds one value (on a colour scale only when that scale is shared,
+    where the value has a place), else (None, True)."""
+    reason = undefined_reason(result, name)
+    if reason is not None:
+        return reason, False
+    return _constant_note(values, own_bars)
+
+
+def _constant_note(values: np.ndarray, own_bars: bool) -> tuple[Optional[str], bool]:
+    defined = values[~np.isnan(values)]
+    if defined.size and bool(np.all(defined == defined.flat[0])):
+        return f"{fmt(float(defined.flat[0]))} everywhere", not own_bars
+    return None, True
+
+
+def _stats(info: LayerInfo, summary: float, name: str = "μ") -> str:
+    """'Conv2d · s=2 · μ=0.0123'; without the value where there is none (an undefined layer)."""
+    head = f"{info.module} · {stride_text(info)}"
+    return head if math.isnan(summary) else f"{head} · {name}={fmt(summary)}"
 
 
 
@@ -592,7 +654,7 @@ def _random_mark(label: str, result) -> str:
 
 
 def _notes(results: list[Result], arrays: Sequence[np.ndarray], strip: bool,
-           summary: str = "μ = mean over defined shifts") -> list[str]:
+           summary: str = "μ = mean over the defined shifts but (0, 0)") -> list[str]:
     result = results[0]
     axes = "x = diagonal shift t = dh = dw" if strip else "rows = dh, columns = dw"
     notes = [f"Each panel: {axes} (input shift, px); title: layer · module · stride · {summary}"]
