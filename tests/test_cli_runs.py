@@ -35,6 +35,8 @@ def test_dry_run_estimates_and_writes_nothing(setup, tmp_path):
     assert "forward passes" in result.output and "estimated" in result.output
     # 4 images in batches of 2; 8 shifted inputs 1 per pass + the reference: 2 x 9 passes
     assert "18 forward passes" in result.output
+    # and what the figures will cost: one panel per layer of the model
+    assert "figures: 1 x a layer grid of" in result.output and " MB" in result.output
     assert not (tmp_path / "out").exists()
 
 

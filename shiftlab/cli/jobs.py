@@ -63,7 +63,7 @@ def run_heatmap(request: HeatmapRequest, figures: FigureOptions, *,
         check_out(out, overwrite=overwrite, resume=resume)
     resolve_device(request.device)  # a missing GPU is refused before anything is loaded
     if dry_run:
-        _dry_run(request, quiet)
+        _dry_run(request, figures, quiet, grids=2 if padding_both else 1)
         return
     if resume and padding_both:
         raise UsageError("--resume continues one measurement; it does not combine with --padding both")
@@ -106,8 +106,10 @@ def run_heatmap(request: HeatmapRequest, figures: FigureOptions, *,
             click.echo(str(path))
 
 
-def _dry_run(request: HeatmapRequest, quiet: bool) -> None:
-    """Calibrate on a few shifts of the first image batch and print what the run would cost."""
+def _dry_run(request: HeatmapRequest, figures: FigureOptions, quiet: bool, grids: int = 1) -> None:
+    """Calibrate on a few shifts of the first image batch and print what the run (and its
+    figures) would cost."""
+    from ..equivariance.capture import select_modules
     from ..equivariance.engine import resolve_device
     from ..equivariance.estimate import estimate_run
 
@@ -126,6 +128,9 @@ def _dry_run(request: HeatmapRequest, quiet: bool) -> None:
         dtype=request.autocast, progress=False)
     click.echo(f"{loaded.name}: {len(inputs.paths)} images x {len(grid)} shifts at"
                f" {request.inputs.size} px: {estimate.describe()}")
+    panels = len(select_modules(loaded.model, comparison.selection))
+    click.echo(f"figures: {grids} x {figures.cost(panels)} (drawn after the measurement, one at"
+               " a time)")
 
 
 def report(result) -> None:

@@ -163,16 +163,14 @@ def output_level_options(func):
 
 
 def figure_options(func):
-    from ..figures.panels import COLOR_RANGES, DEFAULT_COLOR_RANGE, SCALES
+    from ..figures.panels import COLOR_RANGE_HELP, COLOR_RANGES, DEFAULT_COLOR_RANGE, SCALES
     from ..figures.views import VIEWS
 
     return apply(func, [
         click.option("--scale", "--metric-scale", "scale", type=click.Choice(SCALES),
                      default="linear", show_default=True, help="Colour scale of the heatmaps."),
         click.option("--color-range", type=click.Choice(COLOR_RANGES),
-                     default=DEFAULT_COLOR_RANGE, show_default=True,
-                     help="shared: one colour scale for all panels (the paper's); layer: each"
-                          " panel its own; stage: one scale per stride."),
+                     default=DEFAULT_COLOR_RANGE, show_default=True, help=COLOR_RANGE_HELP),
         click.option("--vmax", default="auto", show_default=True, metavar="auto|pNN|VALUE",
                      help="Top of the colour scale: auto, a percentile of the plotted values"
                           " (p99) or a number; larger values show as the bar's 'over' arrow."),
@@ -190,7 +188,7 @@ def dpi_option():
     from ..figures.options import DPI_RANGE
 
     return click.option("--dpi", type=click.IntRange(*DPI_RANGE), default=150, show_default=True,
-                        help="Resolution of PNG figures.")
+                        help="Resolution of PNG figures, and of the heatmap cells inside PDF/SVG.")
 
 
 def out_options(default: str):
