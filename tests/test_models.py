@@ -143,10 +143,10 @@ def test_file_spec_without_factory_says_how_to_write_it():
         load_model("mynet.py")
 
 
-def test_list_model_names_holds_classifiers_only():
+def test_list_model_names_holds_classifiers_and_segmentation_models_only():
     names = list_model_names()
-    assert "resnet18" in names and "vit_b_16" in names
-    assert "fasterrcnn_resnet50_fpn" not in names and "deeplabv3_resnet50" not in names
+    assert "resnet18" in names and "vit_b_16" in names and "deeplabv3_resnet50" in names
+    assert "fasterrcnn_resnet50_fpn" not in names and "raft_small" not in names
     assert names == sorted(names)
 
 

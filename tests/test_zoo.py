@@ -1,4 +1,5 @@
-"""Every torchvision classification model goes through ``shiftlab layers`` and a 2×2 measure.
+"""Every torchvision classification and segmentation model goes through ``shiftlab layers`` and
+a 2×2 measure.
 
 The whole zoo is ``slow`` (``pytest -m slow tests/test_zoo.py``: 2.5 min on 2 idle CPU cores,
 1.7 min with ``-n 2``, up to 6 min on a busy machine; random init, one image, each model at the
@@ -7,7 +8,8 @@ smallest input it accepts); one fast test runs three small CNNs (about 1 s) on e
 What is checked per model: the CLI ``layers`` command exits 0 and lists as many layers as the
 measurement has; a circular 2×2 measurement runs; every layer has a finite mean at every shift and
 exactly 0 at shift (0, 0) (SPEC known answer 1); at least one layer is spatial; the last layer
-(the logits) is global. For convolutional networks every spatial layer also has a whole, square
+(the logits) is global, or for a segmentation model its output map ``output[out]`` at stride 1
+(upsampled by ``F.interpolate`` inside forward). For convolutional networks every spatial layer also has a whole, square
 stride (stride measurement works on the whole CNN zoo).
 
 Transformers (checked in ``_check_layouts``): ViT encoder outputs are token sequences
@@ -32,7 +34,10 @@ from click.testing import CliRunner
 
 import shiftlab
 from shiftlab.cli.commands import main
+from shiftlab.models.segmentation import segmentation_model_names
 from shiftlab.models.zoo import list_model_names
+
+SEGMENTATION = segmentation_model_names()
 
 # Smallest input side (px) each model runs at with random init. The DEFAULT weights'
 # ``meta['min_size']`` is a floor for most CNNs but not a rule: torchvision's Swin accepts 32
@@ -67,6 +72,8 @@ SIZES: dict[str, int] = {
         "swin_t", "swin_s", "swin_b", "swin_v2_t", "swin_v2_s", "swin_v2_b",
         "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
     )},
+    # segmentation models take any size (meta: 1); their output has the input's size
+    **{name: 32 for name in SEGMENTATION},
 }
 
 # Transformers and ConvNeXt: layers that are not (N, C, h, w), checked in _check_layouts.
@@ -120,7 +127,10 @@ def _check_model(name: str) -> shiftlab.Result:
     zero = result.grid.shifts.index((0, 0))
     assert (result.mean[:, zero] == 0).all()  # SPEC known answer 1
     assert any(info.is_spatial for info in infos)
-    assert infos[-1].kind == "global"
+    if name in SEGMENTATION:
+        assert (infos[-1].name, infos[-1].stride) == ("output[out]", (1.0, 1.0))
+    else:
+        assert infos[-1].kind == "global"
     odd = [(i.name, i.stride) for i in infos
            if i.is_spatial and (i.integer_stride is None or i.stride[0] != i.stride[1])]
     assert not odd, f"spatial layers without a whole square stride: {odd[:5]}"
@@ -173,6 +183,6 @@ def test_small_cnns_go_through_layers_and_measure() -> None:
 @pytest.mark.filterwarnings("ignore:the model does not accept a second input size")
 @pytest.mark.filterwarnings("ignore:The default weight initialization")
 @pytest.mark.parametrize("name", _zoo_params())
-def test_every_torchvision_classifier_goes_through_layers_and_measure(name: str) -> None:
+def test_every_torchvision_model_goes_through_layers_and_measure(name: str) -> None:
     _check_model(name)
 

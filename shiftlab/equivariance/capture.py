@@ -1,11 +1,15 @@
 """The hook owner: which layers are watched, how often each runs, and hooks always removed.
 
 A layer is a (module, call number, output element): ``features.3``, ``relu#2`` (second call of a
-shared module in one forward), ``block[0]`` (first tensor of a tuple output).
+shared module in one forward), ``block[0]`` (first tensor of a tuple output). With the default
+selection the model's own output is a layer too when it holds maps (N, C, H, W) that no watched
+module returned: ``output[out]`` of a segmentation model that upsamples with ``F.interpolate``
+inside ``forward``.
 """
 from __future__ import annotations
 
 import fnmatch
+import weakref
 from collections import defaultdict
 from typing import Callable, Iterator, Optional, Sequence, Union
 
@@ -16,6 +20,9 @@ from ..errors import UsageError
 
 LayerSelection = Union[None, str, Sequence[Union[str, type]]]
 OnOutput = Callable[[str, torch.Tensor], None]
+
+#: The layer name of the model's own output (``output``, ``output[out]`` for a dict).
+OUTPUT = "output"
 
 
 def select_modules(model: nn.Module, layers: LayerSelection = None) -> dict[str, nn.Module]:
@@ -38,7 +45,7 @@ def select_modules(model: nn.Module, layers: LayerSelection = None) -> dict[str,
             and not any(name.startswith(parent + ".") for parent in atomic)
         }
         if not chosen and not named:
-            chosen = {"output": model}  # the model itself is a single leaf module
+            chosen = {OUTPUT: model}  # the model itself is a single leaf module
         return chosen
     if isinstance(layers, (str, type)):
         layers = [layers]
@@ -102,6 +109,11 @@ class LayerCapture:
     ``inplace=True``) can overwrite the tensor: reduce or clone there, never keep a reference.
     Hooks are removed in ``__exit__`` even when the forward raised.
 
+    With ``layers=None`` the model's own output is watched too, as the layer ``output``
+    (``output[out]``, ``output[aux]`` for a dict): each of its 4-D tensors (N, C, H, W) that is
+    not the very tensor a watched module returned in the same forward. So a segmentation
+    model's final ``F.interpolate`` is measured, and a classifier's logits are not counted twice.
+
     >>> seen = []
     >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
     >>> with LayerCapture(net, on_output=lambda name, t: seen.append(name)):
@@ -117,6 +129,9 @@ class LayerCapture:
         self.on_output = on_output
         self._handles: list = []
         self._calls: dict[str, int] = defaultdict(int)
+        self.watch_output = layers is None and OUTPUT not in self.modules
+        # the tensors watched modules returned in this forward, without keeping them alive
+        self._returned: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
 
     def __enter__(self) -> "LayerCapture":
         try:
@@ -125,6 +140,8 @@ class LayerCapture:
             self._handles.append(self.model.register_forward_pre_hook(self._reset))
             for name, module in self.modules.items():
                 self._handles.append(module.register_forward_hook(self._hook_for(name)))
+            if self.watch_output:
+                self._handles.append(self.model.register_forward_hook(self._output_hook))
         except BaseException:
             self.remove()
             raise
@@ -141,16 +158,27 @@ class LayerCapture:
 
     def _reset(self, *_: object) -> None:
         self._calls.clear()
+        self._returned.clear()
 
     def _hook_for(self, name: str) -> Callable:
         def hook(module: nn.Module, inputs: object, output: object) -> None:
             self._calls[name] += 1
             count = self._calls[name]
             layer = name if count == 1 else f"{name}#{count}"
-            if self.on_output is not None:
-                for element, tensor in flatten_output(layer, output):
+            for element, tensor in flatten_output(layer, output):
+                if self.watch_output:
+                    self._returned[id(tensor)] = tensor
+                if self.on_output is not None:
                     self.on_output(element, tensor)
         return hook
+
+    def _output_hook(self, model: nn.Module, inputs: object, output: object) -> None:
+        """The model's own output maps that no watched module returned (see the class doc)."""
+        if self.on_output is None:
+            return
+        for element, tensor in flatten_output(OUTPUT, output):
+            if tensor.dim() == 4 and self._returned.get(id(tensor)) is not tensor:
+                self.on_output(element, tensor)
 
 
 def module_name(layer: str) -> str:
@@ -168,6 +196,6 @@ def module_name(layer: str) -> str:
 def layer_module(model: nn.Module, layer: str) -> nn.Module:
     """The module that produced ``layer`` (strips ``#k`` and ``[i]`` suffixes)."""
     name = module_name(layer)
-    if name == "output":
+    if name == OUTPUT:
         return model
     return model.get_submodule(name)

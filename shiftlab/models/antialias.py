@@ -8,7 +8,7 @@ The paper's recipe replaces every strided operation by "evaluate densely, blur, 
 
 For torchvision's VGG, AlexNet, ResNet (ResNeXt, Wide ResNet), DenseNet and MobileNetV2 the
 converted model has the module layout and ``state_dict`` keys of the published antialiased-cnns
-models of the same name, so their released checkpoints load with ``strict=True`` (DenseNet ones
+models of the same name (FCN and DeepLabV3 get that ResNet layout in their ``backbone``), so their released checkpoints load with ``strict=True`` (DenseNet ones
 may first need the old ``norm.1`` -> ``norm1`` key rename that antialiased-cnns' and torchvision's
 DenseNet loaders apply). The code here is our own; only the layouts follow that project.
 """
@@ -27,6 +27,7 @@ from torch import nn
 from torchvision import models as tvm
 from torchvision.models.mobilenetv2 import InvertedResidual
 from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models.segmentation import DeepLabV3, FCN
 
 from ..checks import check_count, check_filter_size
 from ..errors import ModelError, UsageError
@@ -132,7 +133,10 @@ def antialias(model: nn.Module, filt_size: int = 4, copy_weights: bool = True,
     torchvision VGG, AlexNet, ResNet/ResNeXt/Wide ResNet, DenseNet and MobileNetV2 get the layout
     of the antialiased-cnns model of the same name (stems kept strided where that project keeps
     them: ResNet ``conv1``, DenseNet ``conv0``, MobileNetV2 ``features.0``; AlexNet's stride-4
-    ``conv1`` becomes stride 2 + BlurPool(2)). Any other module is converted by the generic rules;
+    ``conv1`` becomes stride 2 + BlurPool(2)). FCN and DeepLabV3 with a ResNet backbone get the
+    ResNet layout in ``backbone``; its dilated stages (``replace_stride_with_dilation``: layer3
+    and layer4 run at stride 1 with dilation 2 and 4) have no stride to convert and keep their
+    dilation. Any other module is converted by the generic rules;
     the strided modules that cannot be converted are listed in ``model.shiftlab_unconverted``
     (qualified names in the returned model) and reported with a ``UserWarning``.
 
@@ -201,6 +205,9 @@ def _detect_arch(model: nn.Module) -> str:
                       (tvm.DenseNet, "densenet"), (tvm.MobileNetV2, "mobilenet_v2")):
         if isinstance(model, cls):
             return arch
+    if isinstance(model, (FCN, DeepLabV3)) and isinstance(getattr(model.backbone, "layer4", None),
+                                                           nn.Sequential):
+        return "resnet"  # a (dilated) ResNet backbone
     return "generic"
 
 
@@ -325,10 +332,14 @@ def _convert_alexnet(model: tvm.AlexNet, blur: _Blur) -> list[nn.Module]:
     return [conv]
 
 
-def _convert_resnet(model: tvm.ResNet, blur: _Blur) -> list[nn.Module]:
+def _convert_resnet(model: nn.Module, blur: _Blur) -> list[nn.Module]:
     # antialiased-cnns resnet.py (pool_only=True): conv1 keeps stride 2; the stem pool becomes
     # Sequential(MaxPool(kernel 2, stride 1), BlurPool(64)) -- kernel 2 without padding, not
     # torchvision's MaxPool(3, 2, padding 1), so checkpoints see the pooling they were trained on.
+    # FCN/DeepLabV3: the same in the backbone (an IntermediateLayerGetter with ResNet's children);
+    # a dilated block has stride 1 everywhere, so the checks below leave it as it is.
+    if isinstance(model, (FCN, DeepLabV3)):
+        model = model.backbone
     model.maxpool = nn.Sequential(nn.MaxPool2d(kernel_size=2, stride=1),
                                   blur(model.bn1.num_features, stride=_stride(model.maxpool)))
     for layer in (model.layer1, model.layer2, model.layer3, model.layer4):

@@ -7,6 +7,9 @@ about it (input normalisation, minimum input size, class names).
 Model specs:
 
 * ``resnet18`` or ``torchvision:resnet18``: a torchvision classification model.
+* ``deeplabv3_resnet50``, ``lraspp_mobilenet_v3_large``, ...: a torchvision semantic
+  segmentation model, whose output is a dict of (N, classes, H, W) maps
+  (see :mod:`shiftlab.models.segmentation`).
 * ``path/to/file.py:factory``: ``factory()`` from a Python file.
 * ``package.module:factory``: ``factory()`` from an importable module.
 * ``timm:resnet18``: a timm model, built without pretrained weights. Needs ``pip install timm``.
@@ -58,6 +61,7 @@ from .pretrained import (
     cache_file,
     load_pretrained,
 )
+from .segmentation import build_for_checkpoint, builder_arguments, segmentation_model_names
 
 __all__ = [
     "DOWNLOAD_TIMEOUT_S",
@@ -110,13 +114,14 @@ class LoadedModel:
 
 
 def list_model_names() -> list[str]:
-    """Return the names of torchvision's classification models, sorted.
+    """Return the names of torchvision's classification and semantic segmentation models, sorted.
 
     Example:
-        >>> "resnet18" in list_model_names()
-        True
+        >>> "resnet18" in list_model_names(), "lraspp_mobilenet_v3_large" in list_model_names()
+        (True, True)
     """
-    return sorted(torchvision.models.list_models(module=torchvision.models))
+    return sorted(torchvision.models.list_models(module=torchvision.models)
+                  + segmentation_model_names())
 
 
 def load_model(
@@ -241,13 +246,13 @@ def _load_torchvision(name: str, weights: str, checkpoint: _CheckpointOptions,
             f"unknown weights {weights!r} for {name}; use 'auto', 'none', one of {members}, "
             "or a checkpoint path (.pth, .pt, .tar, .safetensors, ...)"
         )
-    model = torchvision.models.get_model(name, weights=None, **extra)
-    checkpoint.load(model, weights, name)
+    model = build_for_checkpoint(name, extra, lambda model: checkpoint.load(model, weights, name))
     return LoadedModel(model, name, weights, True, min_size=_min_size(model, enum))
 
 
 def _random_init(name: str, enum: Any, extra: dict[str, int]) -> LoadedModel:
-    model = torchvision.models.get_model(name, weights=None, **extra)
+    # weights_backbone=None: a segmentation builder would otherwise download its backbone's
+    model = torchvision.models.get_model(name, weights=None, **extra, **builder_arguments(name))
     return LoadedModel(model, name, _RANDOM_INIT, False, min_size=_min_size(model, enum))
 
 
@@ -304,8 +309,8 @@ def _torchvision_name(name: str) -> str:
     close = difflib.get_close_matches(name.lower(), names, n=5, cutoff=0.6)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     raise UsageError(
-        f"unknown model {name!r}; {hint}list_model_names() lists torchvision's classification models, "
-        "or use path/to/file.py:factory, package.module:factory or timm:name"
+        f"unknown model {name!r}; {hint}list_model_names() lists torchvision's classification and "
+        "segmentation models, or use path/to/file.py:factory, package.module:factory or timm:name"
     )
 
 
