@@ -323,6 +323,23 @@ def test_blurpool_lowers_the_pool_rows_mean_and_difference_at_odd_shifts(base_vs
     assert np.all(np.abs(base.map("2")[~odd]) <= 1e-6)  # the max-pool is exact at even shifts
 
 
+def test_comparison_figures_show_every_layer_of_both_models(base_vs_aa):
+    base, aa = base_vs_aa
+    cmp = Comparison([base, aa])
+    assert [row for row in cmp.rows if None in row] == [(None, "2")]  # aa's stride-1 max-pool
+    from shiftlab.figures.captions import random_mark
+
+    shown_base, shown_aa = random_mark("base", base), random_mark("aa", aa)  # as the figures name them
+    grids = [ax.get_label() for ax in cmp.plot_grids().axes]
+    assert {f"layer:{shown_aa}:2", f"missing:{shown_base}:2"} <= set(grids)
+    profile = cmp.plot_profile().axes[0]
+    line = next(line for line in profile.get_lines() if line.get_label() == shown_aa)
+    assert list(line.get_xdata()) == list(range(len(aa.layers)))
+    difference = cmp.plot_difference()
+    alone = next(ax for ax in difference.axes if ax.get_label() == "layer:2")
+    assert "nothing to subtract" in " ".join(alone.texts[0].get_text().split())
+
+
 # -- shiftlab.compare -------------------------------------------------------------------------
 def test_compare_measures_models_on_the_same_images_and_grid():
     base = pool_net()

@@ -546,11 +546,12 @@ def test_profile_of_renamed_layers_is_aligned_on_matched_rows_with_both_names():
     base, aa = base_and_antialiased()
     fig = plots.layer_profile([base, aa])
     (line_a, ax), (line_b, _) = data_line(fig, "base"), data_line(fig, "aa")
-    assert list(line_a.get_xdata()) == list(line_b.get_xdata()) == [0, 1, 2, 3]
-    assert np.allclose(line_b.get_ydata(), [aa.layer_mean(n) for n in
-                                            ("features.0", "features.3", "features.4", "fc")])
+    assert list(line_a.get_xdata()) == [0, 2, 3, 4]  # base has no layer in aa's stride-1 pool's row
+    assert list(line_b.get_xdata()) == [0, 1, 2, 3, 4]
+    assert np.allclose(line_b.get_ydata(), [aa.layer_mean(n) for n in aa.layer_names])
     ticks = [t.get_text() for t in ax.get_xticklabels()]
-    assert ticks == ["features.0", "features.2 / features.3", "features.3 / features.4", "fc"]
+    assert ticks == ["features.0", "– / features.2", "features.2 / features.3",
+                     "features.3 / features.4", "fc"]
 
 
 def test_ratio_difference_is_log2_of_b_over_a_with_zero_cases_marked():
@@ -796,3 +797,71 @@ def test_padding_figure_treats_an_undefined_layer_as_no_value_not_a_0_gap():
     assert ax.get_xticklabels()[1].get_color() != ax.get_xticklabels()[0].get_color()
     assert ax.get_ylim()[0] == 0
     plt.close(fig)
+
+
+# -- every layer of both models in compare's figures ------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_pair() -> tuple[Result, Result]:
+    """A circular conv / ReLU / max-pool / conv net and antialias(net, 4): the antialiased
+    model's layer '2' is the stride-1 max-pool in front of its BlurPool '3', with no partner."""
+    torch.manual_seed(0)
+    circular = dict(padding=1, padding_mode="circular")
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, **circular), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(4, 8, 3, **circular)).eval()
+    images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    grid = ShiftGrid.square(4)
+    tiny = shiftlab.measure(net, images, grid, progress=False, meta={"label": "tiny"})
+    tiny_aa = shiftlab.measure(shiftlab.antialias(net, 4), images, grid, progress=False,
+                               meta={"label": "tiny+aa4"})
+    assert tiny_aa.layer("2").module == "MaxPool2d" and tiny_aa.layer("2").stride == (1.0, 1.0)
+    return tiny, tiny_aa
+
+
+@pytest.mark.parametrize("view", ["all", "paper"])
+def test_compare_grid_draws_the_stride1_maxpool_that_has_no_partner_beside_an_empty_panel(tiny_pair, view):
+    tiny, tiny_aa = tiny_pair
+    fig = plots.compare_grid([tiny, tiny_aa], view=view)
+    labels = [ax.get_label() for ax in fig.axes]
+    assert len(panels(fig)) == {"all": 4 + 5, "paper": 3 + 4}[view]  # every (view) layer of both
+    pool = next(ax for ax in panels(fig) if ax.get_label() == "layer:tiny+aa4:2")
+    assert pool.get_title().split("\n")[1].startswith("MaxPool2d · s=1")
+    assert np.allclose(mesh(pool).get_array(), tiny_aa.map("2"))
+    empty = next(ax for ax in fig.axes if ax.get_label() == "missing:tiny:2")
+    assert notes(empty) == ["no partner in tiny"] and not empty.images
+    assert "colorbar:missing:tiny:2" not in labels
+    x0 = {ax.get_label(): round(ax.get_position().x0, 4) for ax in fig.axes}
+    assert x0["missing:tiny:2"] == x0["layer:tiny+aa4:2"]  # stacked in the pool's column
+
+
+def test_layer_grid_of_one_result_has_no_missing_panels(tiny_pair):
+    fig = plots.layer_grid(tiny_pair[1])
+    assert [ax.get_label() for ax in panels(fig)] == [f"layer:{n}" for n in tiny_pair[1].layer_names]
+    assert not [ax for ax in fig.axes if ax.get_label().startswith("missing:")]
+
+
+def test_profile_lines_have_a_point_at_every_layer_of_their_own_model(tiny_pair):
+    tiny, tiny_aa = tiny_pair
+    fig = plots.layer_profile([tiny, tiny_aa])
+    (line_aa, ax), (line_tiny, _) = data_line(fig, "tiny+aa4"), data_line(fig, "tiny")
+    assert list(line_aa.get_xdata()) == [0, 1, 2, 3, 4]  # one point per layer of tiny+aa4
+    assert np.allclose(line_aa.get_ydata(), [tiny_aa.layer_mean(n) for n in tiny_aa.layer_names])
+    assert list(line_tiny.get_xdata()) == [0, 1, 3, 4]  # nothing of tiny in the stride-1 pool's row
+    assert np.allclose(line_tiny.get_ydata(), [tiny.layer_mean(n) for n in tiny.layer_names])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "– / 2", "2 / 3", "3 / 4"]
+    assert "no layer here" in ax.get_xlabel()
+
+
+def test_difference_figure_names_the_row_without_a_partner_and_subtracts_nothing(tiny_pair):
+    tiny, tiny_aa = tiny_pair
+    fig = plots.difference_grid(tiny, tiny_aa)
+    assert [ax.get_label() for ax in panels(fig)] == ["layer:0", "layer:1", "layer:2", "layer:3", "layer:4"]
+    alone = panels(fig)[2]
+    assert alone.get_title().split("\n")[0] == "2 (tiny+aa4)" and "Δμ" not in alone.get_title()
+    assert notes(alone) == ["no partner in tiny: nothing to subtract"] and not alone.images
+    matched = panels(fig)[3]  # matched rows as before: b − a on one shared scale
+    assert matched.get_title().split("\n")[0] == "2→3"
+    assert np.allclose(mesh(matched).get_array(), tiny_aa.map("3") - tiny.map("2"))
+    assert len(colorbars(fig)) == 1
+    reverse = plots.difference_grid(tiny_aa, tiny)  # the layer of a: labelled with a's label
+    alone = next(ax for ax in panels(reverse) if ax.get_label() == "layer:tiny+aa4:2")
+    assert notes(alone) == ["no partner in tiny: nothing to subtract"]

@@ -20,7 +20,8 @@ from shiftlab.errors import UsageError  # noqa: E402
 from shiftlab.equivariance.geometry import LayerInfo  # noqa: E402
 from shiftlab.results.result import Result, Settings  # noqa: E402
 from shiftlab.equivariance.shifts import ShiftGrid  # noqa: E402
-from shiftlab.figures.views import VIEWS, select_view, stride_text  # noqa: E402
+from shiftlab.figures.views import (VIEWS, row_texts, select_view, stride_changes, stride_text,  # noqa: E402
+                                    view_rows)
 
 NAN2 = (math.nan, math.nan)
 
@@ -105,3 +106,41 @@ def test_stride_text_shows_fractions_and_anisotropic_strides():
     assert stride_text(layer("up", "Upsample", 0.5)) == "s=1/2"
     assert stride_text(LayerInfo("x", "Conv2d", "spatial", (2.0, 4.0), (2.0, 4.0), (1, 2, 2))) == "s=2×4"
     assert stride_text(layer("fc", "Linear")) == "global"
+
+
+# -- rows of several results, a layer without a partner among them ------------------------------
+def base_and_antialiased() -> tuple[Result, Result]:
+    base = result_of([layer("0", "Conv2d", 1), layer("1", "ReLU", 1), layer("2", "MaxPool2d", 2),
+                      layer("3", "Conv2d", 2)])
+    aa = result_of([layer("0", "Conv2d", 1), layer("1", "ReLU", 1), layer("2", "MaxPool2d", 1),
+                    layer("3", "BlurPool", 2), layer("4", "Conv2d", 2)])
+    return base, aa
+
+
+ROWS = [("0", "0"), ("1", "1"), (None, "2"), ("2", "3"), ("3", "4")]
+
+
+def test_view_rows_checks_a_row_without_the_first_results_layer_in_the_next_results_view():
+    base, aa = base_and_antialiased()
+    assert view_rows([base, aa], ROWS, "all") == ROWS
+    # paper view: the ReLU row goes, aa's stride-1 max-pool (pool1 in aa's view) stays
+    assert view_rows([base, aa], ROWS, "paper") == [("0", "0"), (None, "2"), ("2", "3"), ("3", "4")]
+    only_relu = result_of([layer("1", "ReLU", 1), layer("2", "MaxPool2d", 2)])
+    assert view_rows([base, only_relu], [("1", "1"), ("2", None)], "all") == [("1", "1"), ("2", None)]
+
+
+def test_row_texts_put_a_dash_where_a_result_has_no_layer():
+    base, aa = base_and_antialiased()
+    assert row_texts(ROWS, [base, aa], "all") == ["0", "1", "– / 2", "2 / 3", "3 / 4"]
+    assert row_texts([("0", "0"), (None, "2"), ("2", "3")], [base, aa], "paper") == [
+        "conv1", "– / pool1", "pool1 / blurpool1"]
+    assert row_texts([("3", None)], [base, aa], "all") == ["3 / –"]
+
+
+def test_stride_changes_skip_rows_where_a_result_has_no_layer():
+    base, aa = base_and_antialiased()
+    column = [None if name is None else base.layer(name) for name, _ in ROWS]
+    assert stride_changes(column) == ([(2.5, "s=2")], [])  # the stride changes at row 3, not 2
+    fc = layer("fc", "Linear")
+    assert stride_changes([fc, None, fc, layer("c", "Conv2d", 1)]) == ([], [(-0.5, 2.5)])
+    assert stride_changes([layer("c", "Conv2d", 1), fc, None]) == ([], [(0.5, 2.5)])

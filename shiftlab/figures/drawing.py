@@ -1,11 +1,11 @@
 """How a grid of heatmap panels is drawn: layout, cells, colour bars, notes and stride labels.
 
-:mod:`shiftlab.figures.plots` decides what each :class:`Panel` shows; this module places and
-draws them. Cells and colour-bar gradients are images (``AxesImage``/``BboxImage``), never
-rasterized meshes: a vector backend embeds an image at its own size, whereas matplotlib's
-mixed-mode renderer draws every ``rasterized=True`` artist through a bitmap of the whole figure
-and keeps each one until the file is written (a 100-layer PDF took 5.5 GB that way). Text,
-ticks, spines and hatching stay vectors.
+The figures (:mod:`shiftlab.figures.plots`, :mod:`shiftlab.figures.compare`) decide what each
+:class:`Panel` shows; this module places and draws them. Cells and colour-bar gradients are
+images (``AxesImage``/``BboxImage``), never rasterized meshes: a vector backend embeds an
+image at its own size, whereas matplotlib's mixed-mode renderer draws every ``rasterized=True``
+artist through a bitmap of the whole figure and keeps each one until the file is written (a
+100-layer PDF took 5.5 GB that way). Text, ticks, spines and hatching stay vectors.
 
 >>> import numpy as np
 >>> from matplotlib import colormaps
@@ -52,7 +52,9 @@ class Panel:
     strip), grid position, its colour scale and its special cells.
 
     ``note`` is written across the panel ('0 everywhere', 'undefined: ...'); a panel that is not
-    ``scaled`` draws its defined cells plain white and gets no colour bar of its own.
+    ``scaled`` draws its defined cells plain white and gets no colour bar of its own. An
+    ``empty`` panel holds no layer (a model without a partner for another model's layer): no
+    cells, no hatching and no ticks, a dashed frame around its note.
     """
 
     label: str
@@ -66,6 +68,7 @@ class Panel:
     specials: list[Special] = field(default_factory=list)
     note: Optional[str] = None
     scaled: bool = True
+    empty: bool = False
 
 
 @dataclass
@@ -201,19 +204,24 @@ def draw(panels: list[Panel], ncols: int, cmap: Colormap, layout: Layout) -> Fig
     fig = Figure(figsize=(width, height))
     frac = lambda x, y, w, h: [x / width, 1 - (y + h) / height, w / width, h / height]  # noqa: E731
     bottom_of_col: dict[int, int] = {}
-    for p in panels:
-        bottom_of_col[p.col] = max(bottom_of_col.get(p.col, -1), p.row)
+    for p in panels:  # the lowest panel with cells labels its column's x ticks
+        if not p.empty:
+            bottom_of_col[p.col] = max(bottom_of_col.get(p.col, -1), p.row)
     for p, title in zip(panels, titles):
         x = left + p.col * (box.panel_w + box.hgap)
         y = top + p.row * pitch + box.title_h
         ax = fig.add_axes(frac(x, y, box.panel_w, box.panel_h), label=p.label)
-        show_x, show_y = bottom_of_col[p.col] == p.row, p.col == 0 and not strip
-        _heatmap(ax, p, cmap, show_x, show_y, title, strip, box.panel_w)
+        show_x = not p.empty and bottom_of_col.get(p.col) == p.row
+        show_y = not p.empty and p.col == 0 and not strip
+        if p.empty:
+            _empty(ax, p, title, strip, box.panel_w)
+        else:
+            _heatmap(ax, p, cmap, show_x, show_y, title, strip, box.panel_w)
         if show_x:
             ax.set_xlabel(escape(layout.xlabel), fontsize=FS_TICK + 0.5, labelpad=1)
         if show_y:
             ax.set_ylabel(escape(layout.ylabel), fontsize=FS_TICK + 0.5, labelpad=1)
-        if layout.own_bars and p.scaled:
+        if layout.own_bars and p.scaled and not p.empty:
             cax = fig.add_axes(frac(x + box.panel_w + 0.04, y, 0.06, box.panel_h),
                                label=f"colorbar:{p.label}")
             colour_bar(fig, cax, p.scale.norm, cmap, p.scale.extend, extendfrac=0.12)
@@ -291,10 +299,7 @@ def _heatmap(ax, panel: Panel, cmap: Colormap, show_x: bool, show_y: bool, title
             _cells(ax, np.where(special.mask, 1.0, np.nan), ListedColormap([special.colour]),
                    Normalize(0, 1), zorder=1.1)
     if panel.note:
-        size = FS_TICK if strip else FS_NOTE
-        ax.text(0.5, 0.5, _fill(panel.note, width - 0.1, size), transform=ax.transAxes,
-                ha="center", va="center", fontsize=size, color="0.15", zorder=3, linespacing=1.15,
-                bbox=dict(facecolor="white", edgecolor="0.7", lw=0.4, alpha=0.9, pad=1.5))
+        _write_note(ax, panel.note, strip, width)
     for spine in ax.spines.values():
         spine.set_visible(True)
         spine.set_linewidth(0.4)
@@ -312,6 +317,30 @@ def _heatmap(ax, panel: Panel, cmap: Colormap, show_x: bool, show_y: bool, title
     ax.tick_params(labelsize=FS_TICK, length=1.5, width=0.4, pad=1)
 
 
+def _write_note(ax, note: str, strip: bool, width: float, colour: str = "0.15") -> None:
+    size = FS_TICK if strip else FS_NOTE
+    ax.text(0.5, 0.5, _fill(note, width - 0.1, size), transform=ax.transAxes, ha="center",
+            va="center", fontsize=size, color=colour, zorder=3, linespacing=1.15,
+            bbox=dict(facecolor="white", edgecolor="0.7", lw=0.4, alpha=0.9, pad=1.5))
+
+
+def _empty(ax, panel: Panel, title: str, strip: bool, width: float) -> None:
+    """A panel without a layer: a light dashed frame, its note, its title; nothing to read off."""
+    rows, cols = panel.data.shape
+    ax.set_xlim(0, cols)
+    ax.set_ylim(rows, 0)
+    for spine in ax.spines.values():
+        spine.set_visible(True)
+        spine.set_linewidth(0.6)
+        spine.set_color("0.7")
+        spine.set_linestyle((0, (3, 2)))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if panel.note:
+        _write_note(ax, panel.note, strip, width, colour="0.35")
+    ax.set_title(title, fontsize=FS_PANEL, pad=2, linespacing=1.1, color="0.35")
+
+
 def _fill(note: str, room: float, size: float) -> str:
     """A panel's note wrapped to ``room`` inches, '(0, 0)' kept on one line.
 
@@ -322,7 +351,7 @@ def _fill(note: str, room: float, size: float) -> str:
     """
     width = max(8, int(room * 72 / (0.56 * size)))
     words = escape(" ".join(note.split())).replace(", ", ",\u00a0")
-    return "\n".join(textwrap.wrap(words, width)).replace("\u00a0", " ")
+    return "\n".join(textwrap.wrap(words, width, break_on_hyphens=False)).replace("\u00a0", " ")
 
 
 STRIDE_FONT = 6.5  # pt, the 's=2' / 'global' labels above a profile

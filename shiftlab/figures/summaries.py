@@ -3,7 +3,9 @@
 A layer × shift cell is either measured or undefined (NaN). The identity shift (0, 0) is 0 by
 construction and carries no information, so a layer whose only defined cell is (0, 0) (a
 stride-4 layer on a 0..3 grid under exact alignment) has no μ: its panel says why, a profile
-leaves a gap there, never a 0. Everything else about μ is ``Result.layer_mean``'s rule.
+leaves a gap there, never a 0. Everything else about μ is ``Result.layer_mean``'s rule. A
+panel's title line (:func:`stats_text`) and its note (:func:`panel_note`: undefined, or one value
+everywhere) come from here too.
 
 A stride-4 pool under exact alignment on a 0..3 grid: only (0, 0) is defined.
 
@@ -31,8 +33,9 @@ from typing import Optional
 
 import numpy as np
 
+from ..equivariance.geometry import LayerInfo
 from ..results.result import Result
-from .panels import HIGHER_IS_BETTER
+from .panels import HIGHER_IS_BETTER, fmt
 from .views import stride_text
 
 #: the shift that is 0 by construction: it never makes a layer "defined"
@@ -67,3 +70,32 @@ def layer_value(result: Result, name: str) -> float:
             return float(finite.mean())
         return math.inf if np.isposinf(values).any() else math.nan
     return value
+
+
+def panel_note(result: Result, name: str, values: np.ndarray, own_bars: bool) -> tuple[Optional[str], bool]:
+    """(note, scaled) of a layer's panel: why it is undefined (no colour scale), or '0 everywhere'
+    when every defined cell holds one value (on a colour scale only when that scale is shared,
+    where the value has a place), else (None, True)."""
+    reason = undefined_reason(result, name)
+    if reason is not None:
+        return reason, False
+    return constant_note(values, own_bars)
+
+
+def constant_note(values: np.ndarray, own_bars: bool) -> tuple[Optional[str], bool]:
+    """('<value> everywhere', scaled) when every defined cell of ``values`` is one value, else
+    (None, True); such a panel is on a colour scale only when that scale is shared."""
+    defined = values[~np.isnan(values)]
+    if defined.size and bool(np.all(defined == defined.flat[0])):
+        return f"{fmt(float(defined.flat[0]))} everywhere", not own_bars
+    return None, True
+
+
+def stats_text(info: LayerInfo, summary: float, name: str = "μ") -> str:
+    """'Conv2d · s=2 · μ=0.0123'; without the value where there is none (an undefined layer).
+
+    >>> stats_text(LayerInfo("p", "MaxPool2d", "spatial", (2.0, 2.0), (2.0, 2.0), (4, 8, 8)), 0.0123)
+    'MaxPool2d · s=2 · μ=0.0123'
+    """
+    head = f"{info.module} · {stride_text(info)}"
+    return head if math.isnan(summary) else f"{head} · {name}={fmt(summary)}"

@@ -206,19 +206,54 @@ def plotted_layers(result: Result, layers: Optional[Sequence[str]] = None,
     return infos
 
 
-def view_rows(results: list[Result], rows: list[tuple[str, ...]], view: str) -> list[tuple[str, ...]]:
-    """Matched rows whose first layer is in the first result's view."""
-    kept = dict(select_view(results[0], view))
-    rows = [row for row in rows if row[0] in kept]
+def view_rows(results: list[Result], rows: list[tuple[Optional[str], ...]],
+              view: str) -> list[tuple[Optional[str], ...]]:
+    """Matched rows whose layer is in ``view``: the first result's layer, or in a row where that
+    result has none (None: a layer without a partner), the first named layer's in its result.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> import shiftlab
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)).eval()
+    >>> images = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    >>> grid = shiftlab.ShiftGrid.square(2)
+    >>> base = shiftlab.measure(net, images, grid)
+    >>> aa = shiftlab.measure(shiftlab.antialias(net, 4), images, grid)
+    >>> rows = [('0', '0'), ('1', '1'), (None, '2'), ('2', '3')]
+    >>> view_rows([base, aa], rows, "paper")     # the ReLU is not in the paper view
+    [('0', '0'), (None, '2'), ('2', '3')]
+    """
+    views: dict[int, dict[str, str]] = {}  # a result's view, looked up only when a row needs it
+
+    def kept(row: tuple[Optional[str], ...]) -> bool:
+        index = next((k for k, name in enumerate(row) if name is not None), None)
+        if index is None:
+            return False
+        if index not in views:
+            views[index] = dict(select_view(results[index], view))
+        return row[index] in views[index]
+
+    rows = [row for row in rows if kept(row)]
     if not rows:
         raise UsageError(f"no matched layers left in the {view!r} view; use view='all'")
     return rows
 
 
-def row_texts(rows: list[tuple[str, ...]], results: list[Result], view: str) -> list[str]:
-    """One tick text per matched row: each result's (view) name, ' / '-joined where they differ."""
+#: where a row has no layer of a result (a layer without a partner in the other results)
+NO_LAYER = "–"
+
+
+def row_texts(rows: list[tuple[Optional[str], ...]], results: list[Result], view: str) -> list[str]:
+    """One tick text per matched row: each result's (view) name, ' / '-joined where they differ;
+    a row where a result has no layer names every result in order, :data:`NO_LAYER` for it
+    ('– / 2': only the second result has a layer there)."""
     names = [dict(select_view(r, view)) for r in results]
-    return [" / ".join(dict.fromkeys(n.get(name, name) for n, name in zip(names, row))) for row in rows]
+    texts = []
+    for row in rows:
+        shown = [NO_LAYER if name is None else n.get(name, name) for n, name in zip(names, row)]
+        texts.append(" / ".join(shown if None in row else dict.fromkeys(shown)))
+    return texts
 
 
 def blocks(names: list[str]) -> list[str]:
@@ -249,17 +284,31 @@ def stride_text(info: LayerInfo) -> str:
     return f"s={one(sh)}" if sh == sw else f"s={one(sh)}×{one(sw)}"
 
 
-def stride_changes(infos: list[LayerInfo]) -> tuple[list[tuple[float, str]], list[tuple[float, float]]]:
-    """(x, 's=2') where the stride differs from the previous spatial layer's; (x0, x1) global runs."""
+def stride_changes(infos: list[Optional[LayerInfo]]) -> tuple[list[tuple[float, str]], list[tuple[float, float]]]:
+    """(x, 's=2') where the stride differs from the previous spatial layer's; (x0, x1) global runs.
+
+    ``infos[x]`` is the layer at x, None where this result has none (a row of another result's
+    layer without a partner): such an x neither changes the stride nor ends a global run.
+
+    >>> conv = LayerInfo("c", "Conv2d", "spatial", (1.0, 1.0), (1.0, 1.0), (4, 8, 8))
+    >>> pool = LayerInfo("p", "MaxPool2d", "spatial", (2.0, 2.0), (2.0, 2.0), (4, 4, 4))
+    >>> fc = LayerInfo("fc", "Linear", "global", (math.nan,) * 2, (math.nan,) * 2, (10,))
+    >>> stride_changes([conv, None, pool, fc])
+    ([(1.5, 's=2')], [(2.5, 3.5)])
+    """
     marks, spans, previous, start = [], [], "s=1", None
-    for x, info in enumerate(infos + [None]):
-        if info is not None and not info.is_spatial:
+    for x, info in enumerate(infos):
+        if info is None:
+            continue
+        if not info.is_spatial:
             start = x if start is None else start
             continue
         if start is not None:
             spans.append((start - 0.5, x - 0.5))
             start = None
-        if info is not None and stride_text(info) != previous:
+        if stride_text(info) != previous:
             previous = stride_text(info)
             marks.append((x - 0.5, previous))
+    if start is not None:
+        spans.append((start - 0.5, len(infos) - 0.5))
     return marks, spans

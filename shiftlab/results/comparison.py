@@ -25,7 +25,7 @@ A tiny network and its antialiased copy, measured on the same images and grid:
 {'tiny': [], 'tiny+aa4': ['2']}
 >>> fig = cmp.plot_difference()
 >>> [ax.get_label() for ax in fig.axes]
-['layer:0', 'layer:1', 'layer:3', 'layer:4', 'colorbar']
+['layer:0', 'layer:1', 'layer:2', 'layer:3', 'layer:4', 'colorbar']
 """
 from __future__ import annotations
 
