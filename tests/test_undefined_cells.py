@@ -76,7 +76,7 @@ def test_heatmap_names_undefined_layers_and_writes_nan_never_zero(tmp_path):
         "--size", "16", "--max-shift", "4", "--max-images", "2", "--device", "cpu",
         "--align", "exact", "--format", "png", "--dpi", "30", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    table = pd.read_csv(out / "summary.csv").set_index("layer")
+    table = pd.read_csv(out / "summary.csv", dtype={"layer": str}).set_index("layer")
     # tiny_classifier: layers 3 and 4 are at stride 4, so a 0..3 grid defines only (0, 0)
     assert table.loc["3", "mean"] != table.loc["3", "mean"]  # NaN, not 0
     assert table.loc["4", "defined_shifts"] == 0

@@ -218,8 +218,12 @@ class Result:
         return float(values.mean()) if values.size else math.nan
 
     def undefined_layers(self) -> list[str]:
-        """Layers with no measured shift (``measured`` empty): reported as undefined, never 0."""
-        return [name for name in self.layer_names if not self.measured(name).size]
+        """Layers that the alignment leaves no shift but (0, 0): no image at any other shift
+        (``n``, ``n_inf`` and ``n_nan`` all 0). Reported as undefined, never 0; a layer whose
+        values are all non-finite is reported as such instead (``nonfinite_layers``)."""
+        others = ~self._identity
+        return [info.name for info, n, inf, nan in zip(self.layers, self.n, self.n_inf, self.n_nan)
+                if not (n + inf + nan)[others].sum()]
 
     def nonfinite_layers(self) -> list[str]:
         """Layers where some image gave a non-finite value for a shift the alignment defines."""
