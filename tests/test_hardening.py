@@ -459,6 +459,7 @@ def test_measure_runs_a_training_model_in_eval_mode_and_restores_it():
     assert model.training and all(m.training for m in model.modules())
 
 
+@pytest.mark.filterwarnings("ignore:.*consistency is uninformative")
 def test_measure_invariance_runs_a_training_model_in_eval_mode_and_restores_it():
     from shiftlab.invariance.grid import measure_invariance
 

@@ -10,6 +10,9 @@ from shiftlab import ShiftGrid
 from shiftlab.errors import UsageError
 from conftest import make_maxpool
 
+# the interrupting test model is left in train mode on purpose: the warning is expected
+pytestmark = pytest.mark.filterwarnings("ignore:.*was in train mode")
+
 
 class Interrupting(torch.nn.Module):
     """Wraps a model and raises KeyboardInterrupt on the n-th forward."""
