@@ -56,7 +56,7 @@ def attribution_chart(results: "AttributionResult | Sequence[AttributionResult]"
     low, high = min(0.0, finite.min()), max(0.0, finite.max())
     pad = 0.08 * ((high - low) or 1.0)
     width = max(layers for layers in (len(s) for s in summaries))
-    fig, axes = plt.subplots(len(items), 1, figsize=(min(4 + 0.09 * width, 24), 2.9 * len(items) + 0.9),
+    fig, axes = plt.subplots(len(items), 1, figsize=(min(max(9.0, 4 + 0.09 * width), 24), 2.9 * len(items) + 1.1),
                              squeeze=False, constrained_layout=True)
     for row, (ax, result, summary, share, label) in enumerate(
             zip(axes[:, 0], items, summaries, shares, labels)):
@@ -68,8 +68,8 @@ def attribution_chart(results: "AttributionResult | Sequence[AttributionResult]"
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6),
                fontsize=8, frameon=False)
     output = items[0].settings.output
-    fig.suptitle(title or "Share of the output's change under a sub-pixel translation, per layer"
-                 f" call ({output}, axis {items[0].settings.axis})", fontsize=11)
+    fig.suptitle(title or "Each layer call's share of the output's change under a sub-pixel"
+                 f" translation\n({output}, axis {items[0].settings.axis})", fontsize=11)
     return fig
 
 
@@ -103,7 +103,7 @@ def _draw_row(ax, result, summary, share, label, colour, ylim) -> None:
         else float("nan")
     lee = np.nanmean(result.lee) if np.isfinite(result.lee).any() else float("nan")
     ax.set_title(f"{label}: mean ‖L F‖ = {total:.3g}, remainder share {rest:+.3f},"
-                 f" LEE {lee:.3g} ({result.n_images} images, {layers} layer calls)",
+                 f" LEE {lee:.3g}\n{result.n_images} images, {layers} layer calls",
                  fontsize=9, loc="left")
     ax.set_xlabel("layer call, in network order")
 
@@ -111,18 +111,18 @@ def _draw_row(ax, result, summary, share, label, colour, ylim) -> None:
 def _mark_strides(ax, result) -> None:
     """A dotted rule and 's=K' (global layers: 'global') where the output stride changes,
     labelled along the bottom edge, clear of the bars' names at the top."""
-    previous = None
+    previous, last_at, level = None, -10, 0
     count = len(result.layers) + 1
     for index, info in enumerate(result.layers):
         stride = f"s={info.stride[0]:g}" if info.is_spatial else "global"
         if stride != previous:
             if index:
                 ax.axvline(index - 0.5, color="0.6", linestyle=":", linewidth=0.8)
-            right = index > 0.9 * count  # near the right edge: the label reads leftwards
-            ax.text(index - 0.5 + (-0.3 if right else 0.3), 0.02, stride, fontsize=7,
-                    va="bottom", ha="right" if right else "left", color="0.35",
-                    transform=ax.get_xaxis_transform())
-            previous = stride
+            # a label close to the previous one goes one line up, so they never touch
+            level = level + 1 if index - last_at < 0.06 * count else 0
+            ax.text(index - 0.2, 0.02 + 0.07 * level, stride, fontsize=7, va="bottom",
+                    ha="left", color="0.35", transform=ax.get_xaxis_transform())
+            previous, last_at = stride, index
 
 
 def _module_types(items) -> list[str]:
