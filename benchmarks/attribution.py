@@ -23,10 +23,7 @@ import torchvision
 import shiftlab
 from shiftlab.equivariance.capture import select_modules
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from .bench import _sync
 
 
 def _fastest(run, repeat: int, device: torch.device) -> float:

@@ -10,6 +10,7 @@ import click
 from .. import runs
 from ..figures.options import FigureOptions
 from ..requests import AttributionRequest
+from .jobs import unique_label
 from .reports import check_out, default_out, safe_name, save_figures, write_set, write_table
 
 #: the attribution figure's stem (``shiftlab plot`` redraws it under the same name)
@@ -32,7 +33,7 @@ def run_attribute(requests: Sequence[AttributionRequest], figures: FigureOptions
     for request in requests:
         result = runs.measure_attribution(request, progress=None if not quiet else False,
                                           on_ready=_announce(quiet))
-        label = _unique(result.provenance.model or request.model.name, labels)
+        label = unique_label(result.provenance.model or request.model.name, labels)
         labels.append(label)
         results.append(result.with_label(label))
     folder = out if out is not None else default_out(f"attribute-{results[0].label}")
@@ -48,8 +49,6 @@ def write_attribution(results: Sequence, folder: Path, figures: FigureOptions) -
     """result.npz (one model) or attribution-<label>.npz (several), summary.csv, attribution.*."""
     import pandas as pd
 
-    from ..figures.attribution import attribution_chart
-
     def write(stage: Path) -> list[Path]:
         if len(results) == 1:
             written = [results[0].save(stage / "result.npz")]
@@ -61,21 +60,25 @@ def write_attribution(results: Sequence, folder: Path, figures: FigureOptions) -
             table = table[["model"] + [c for c in table.columns if c != "model"]]
         return written + [write_table(stage / "summary.csv", table)]
 
-    def draw(stage: Path) -> list[Path]:
-        return save_figures([(FIGURE, lambda: attribution_chart(results, title=figures.title))],
-                            stage, figures)
-    return write_set(folder, write, draw, redraw="draw it with 'shiftlab plot' on the saved npz")
+    return write_set(folder, write, lambda stage: _draw(results, stage, figures),
+                     redraw="draw it with 'shiftlab plot' on the saved npz")
 
 
 def attribution_figures(path: Path, folder: Path, figures: FigureOptions) -> list[Path]:
     """``shiftlab plot`` of a saved attribution: attribution.* into ``folder``."""
     from ..attribution.result import load_attribution
-    from ..figures.attribution import attribution_chart
 
     result = load_attribution(path)
-    return write_set(folder, lambda stage: save_figures(
-        [(FIGURE, lambda: attribution_chart(result, title=figures.title))], stage, figures),
-        replaces=(f"{FIGURE}.*",))
+    return write_set(folder, lambda stage: _draw([result], stage, figures),
+                     replaces=(f"{FIGURE}.*",))
+
+
+def _draw(results: Sequence, stage: Path, figures: FigureOptions) -> list[Path]:
+    """attribution.* of ``results`` (one row of bars each) into ``stage``."""
+    from ..figures.attribution import attribution_chart
+
+    return save_figures([(FIGURE, lambda: attribution_chart(list(results), title=figures.title))],
+                        stage, figures)
 
 
 def _report(result) -> None:
@@ -111,10 +114,3 @@ def _announce(quiet: bool) -> runs.OnReady:
                        err=True)
     return say
 
-
-def _unique(name: str, taken: Sequence[str]) -> str:
-    label, count = name, 1
-    while label in taken:
-        count += 1
-        label = f"{name}#{count}"
-    return label
