@@ -241,7 +241,9 @@ class ConsistencyRequest:
 
     ``protocol``: 'grid' (every shift of ``shifts`` on every image), 'zhang2019' (the paper's
     two random ``size`` windows of the ``resize`` centre crop per image and epoch) or
-    'diagonal'. ``labels``: class folders or a CSV (the images then come from it).
+    'diagonal'. ``labels``: class folders or a CSV (the images then come from it); for a
+    dense model (segmentation), a folder of image/mask pairs whose pixels equal to
+    ``ignore_index`` carry no label.
     """
 
     model: ModelSpec
@@ -255,11 +257,13 @@ class ConsistencyRequest:
     class_order: str = "auto"
     batch_size: int = BATCH_SIZE
     device: str = "auto"
+    ignore_index: int = 255
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, ModelSpec):
             raise UsageError(f"model must be a ModelSpec, got {type(self.model).__name__}")
         check_choice("protocol", self.protocol, PROTOCOLS)
+        check_count("ignore_index", self.ignore_index, 0)
         check_count("--pairs", self.pairs, 1, MAX_PAIRS)
         check_count("epochs", self.epochs)
         check_count("workers", self.workers, 0)

@@ -284,10 +284,13 @@ def consistency(model: str = "resnet18", *, weights: str = "auto", seed: int = 0
                 mode: str = "circular", labels_path: Optional[PathLike] = None,
                 n_pairs: int = PAIRS, protocol: str = "grid", epochs: int = 1, workers: int = 0,
                 class_order: str = "auto", batch_size: int = BATCH_SIZE, device: str = "auto",
-                progress: Optional[bool] = None, label: Optional[str] = None):
+                ignore_index: int = 255, progress: Optional[bool] = None,
+                label: Optional[str] = None):
     """What ``shiftlab consistency`` measures for one model: an ``InvarianceResult`` (protocol
     'grid': every shift of the grid on every image) or a protocol result ('zhang2019': two
     random ``size`` windows of the ``resize`` centre crop per image and epoch; 'diagonal').
+    A model whose output is a map (segmentation) gives a ``DenseResult`` on the grid, with
+    ``labels_path`` a folder of image/mask pairs (``ignore_index``: unlabelled pixels).
 
     A convenience for notebooks: the keywords build a
     :class:`~shiftlab.requests.ConsistencyRequest`, which :func:`measure_consistency` runs.
@@ -306,7 +309,8 @@ def consistency(model: str = "resnet18", *, weights: str = "auto", seed: int = 0
         shifts=Shifts(grid=grid, max_shift=max_shift, subpixel=subpixel, mode=mode),
         protocol=protocol, pairs=n_pairs,
         labels=str(labels_path) if labels_path is not None else None, epochs=epochs,
-        workers=workers, class_order=class_order, batch_size=batch_size, device=device)
+        workers=workers, class_order=class_order, batch_size=batch_size, device=device,
+        ignore_index=ignore_index)
     return measure_consistency(request, label=label, progress=progress)
 
 
@@ -321,12 +325,15 @@ def measure_consistency(request: ConsistencyRequest, *, label: Optional[str] = N
     theirs) and every rank returns the single-process result.
     """
     from .data.labels import read_labels
+    from .invariance.dense import is_dense
     from .invariance.grid import measure_invariance
 
     if request.protocol == "grid" and (checkpoint is not None or resume):
         raise UsageError("--resume continues the zhang2019 and diagonal protocols per epoch; the"
                          " grid protocol runs in one pass (use fewer --images per run instead)")
     loaded = load_spec(request.model)
+    if is_dense(loaded.model, request.inputs.size):
+        return _dense(loaded, request, label=label, progress=progress, on_ready=on_ready)
     labelled = None
     images = request.inputs.images
     if request.labels is not None:
@@ -352,6 +359,45 @@ def measure_consistency(request: ConsistencyRequest, *, label: Optional[str] = N
         labels=labelled.for_paths(inputs.paths) if labelled is not None else None,
         n_pairs=request.pairs, seed=request.model.seed, batch_size=request.batch_size,
         device=request.device, progress=progress, provenance=provenance)
+
+
+def _dense(loaded: LoadedModel, request: ConsistencyRequest, *, label: Optional[str],
+           progress: Optional[bool], on_ready: Optional[OnReady]):
+    """A dense model (its output is a map) on the grid: images, or image/mask pairs streamed
+    from the ``labels`` folder."""
+    from .data.masks import mask_batches, read_mask_pairs
+    from .invariance.dense import measure_dense
+
+    if request.protocol != "grid":
+        raise UsageError(f"--protocol {request.protocol} draws windows for classifiers;"
+                         f" {loaded.name} returns a map, so measure it on the grid (drop"
+                         " --protocol)")
+    if request.class_order != "auto":
+        raise UsageError("--class-order reads class folders; masks hold class indices")
+    shifts, margin = shift_plan(request.shifts, request.inputs)
+    inputs, pairs = None, None
+    size, resize = request.inputs.size, request.inputs.resize or default_resize(
+        request.inputs.size, margin)
+    if request.labels is not None:
+        pairs = read_mask_pairs(request.labels, request.inputs.max_images)
+        images = mask_batches(pairs, size=size, margin=margin, resize=resize, mean=loaded.mean,
+                              std=loaded.std, batch_size=min(len(pairs), request.batch_size),
+                              workers=request.workers)
+    else:
+        inputs = load_inputs(loaded, request.inputs, margin=margin)
+        images = inputs.tensor
+    provenance = provenance_for(loaded, request.model.name, inputs, seed=request.model.seed,
+                                antialias=request.model.antialias, resize=resize, label=label,
+                                labels=request.labels)
+    if pairs is not None:
+        provenance = provenance.replace(images=tuple(p.name for p in pairs.images))
+    if on_ready is not None:
+        on_ready(loaded, inputs, shifts, request)
+    return measure_dense(loaded.model, images, shifts, n_images=None if pairs is None
+                         else len(pairs), mode=request.shifts.mode, margin=margin,
+                         ignore_index=request.ignore_index, n_pairs=request.pairs,
+                         seed=request.model.seed, batch_size=request.batch_size,
+                         device=request.device, progress=progress, provenance=provenance)
 
 
 def _protocol(loaded: LoadedModel, request: ConsistencyRequest, images, labelled, *,

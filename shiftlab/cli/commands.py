@@ -224,8 +224,9 @@ def attribute(model_specs: Sequence[str], antialias: Optional[int], padding: str
 # -- consistency -------------------------------------------------------------------------
 @main.command()
 @click.option("--model", "-m", "model_specs", multiple=True, required=True, metavar="MODEL",
-              help="A classifier to measure (repeatable): NAME[+aaK][@WEIGHTS], e.g. resnet18,"
-                   " resnet50+aa4@resnet50_lpf4.pth, path/to/file.py:factory.")
+              help="A classifier or segmentation model to measure (repeatable):"
+                   " NAME[+aaK][@WEIGHTS], e.g. resnet18, resnet50+aa4@resnet50_lpf4.pth,"
+                   " deeplabv3_mobilenet_v3_large, path/to/file.py:factory.")
 @variant_options
 @click.option("--seed", default=0, show_default=True, type=int,
               help="Seed for random-init weights, the random shift pairs and the bootstrap.")
@@ -237,7 +238,13 @@ def attribute(model_specs: Sequence[str], antialias: Optional[int], padding: str
 @click.option("--labels", "labels_path", type=click.Path(), default=None, metavar="PATH",
               help="Class labels for accuracy: class folders ROOT/<class>/*.jpg (category names,"
                    " class indices, or ImageNet WNIDs in sorted order) or a CSV with rows"
-                   " file,label. The images are then taken from it (no --images).")
+                   " file,label. The images are then taken from it (no --images). For a"
+                   " segmentation model: a folder ROOT/images/NAME.jpg + ROOT/masks/NAME.png"
+                   " (class indices; VOC's JPEGImages/ + SegmentationClass/ too) for mIoU and"
+                   " pixel accuracy under shifts.")
+@click.option("--ignore-index", type=click.IntRange(0), default=255, show_default=True,
+              help="Segmentation masks: the value of pixels without a label (left out of mIoU"
+                   " and pixel accuracy).")
 @click.option("--protocol", type=click.Choice(defaults.PROTOCOLS), default="grid",
               show_default=True,
               help="grid: every shift of --grid on every image; zhang2019: the paper's ImageNet"
@@ -246,8 +253,8 @@ def attribute(model_specs: Sequence[str], antialias: Optional[int], padding: str
 @click.option("--epochs", type=click.IntRange(1), default=1, show_default=True,
               help="zhang2019: passes over the images (pairs = images x epochs).")
 @click.option("--workers", type=click.IntRange(0), default=0, show_default=True,
-              help="DataLoader processes that decode images for the protocols, which stream"
-                   " them (0: decode in the main process).")
+              help="DataLoader processes that decode images for the protocols and for"
+                   " segmentation masks, which stream them (0: decode in the main process).")
 @click.option("--class-order", type=click.Choice(["auto", "names", "sorted"]), default="auto",
               show_default=True,
               help="How --labels folder/CSV names become class indices: names (category names or"
@@ -265,11 +272,12 @@ def attribute(model_specs: Sequence[str], antialias: Optional[int], padding: str
                    " the model, weights, seed, settings or image files (names, order, labels;"
                    " not their contents) differ).")
 def consistency(model_specs: Sequence[str], antialias: Optional[int], padding: str,
-                n_pairs: int, labels_path: Optional[str], protocol: str, epochs: int,
-                workers: int, class_order: str, formats: Sequence[str], dpi: int,
+                n_pairs: int, labels_path: Optional[str], ignore_index: int, protocol: str,
+                epochs: int, workers: int, class_order: str, formats: Sequence[str], dpi: int,
                 out: Optional[str], overwrite: bool, quiet: bool, resume: bool,
                 **params) -> None:
-    """Output-level shift invariance: does the predicted class survive a shift?
+    """Output-level shift invariance: does the predicted class (of an image, or of each
+    pixel for a segmentation model) survive a shift?
 
     For each model, on the grid of shifts: consistency vs. the unshifted prediction per shift,
     the paper's pairwise consistency over --pairs random pairs of shifts, the share of images
@@ -280,9 +288,14 @@ def consistency(model_specs: Sequence[str], antialias: Optional[int], padding: s
     \b
     shiftlab consistency --model resnet18 --antialias 4      baseline vs. BlurPool version
     shiftlab consistency -m resnet50 --labels val/ --protocol zhang2019 --size 224 --resize 256
+    shiftlab consistency -m deeplabv3_mobilenet_v3_large --labels masks/ --mode crop
 
     Prints one row per model to stdout and writes summary.csv, consistency.csv (per model and
-    shift), invariance-<model>.npz and probability.{png,pdf} into --out. Under
+    shift), invariance-<model>.npz and probability.{png,pdf} into --out. A model whose output
+    is a map (segmentation) is measured pixel by pixel: agreement with the unshifted
+    prediction, mASSC over --pairs, output distances, EQ-T and, with masks, mIoU and pixel
+    accuracy per shift; it writes dense-<model>.npz, agreement.{png,pdf} (where in the image
+    predictions flip) and shift-size.{png,pdf}. Under
     torchrun --nproc_per_node=N -m shiftlab consistency ... each process measures 1/N of the
     images (the protocols decode only theirs); the numbers equal one process's.
     """
@@ -293,13 +306,13 @@ def consistency(model_specs: Sequence[str], antialias: Optional[int], padding: s
 
         check_matplotlib_backend()
         if protocol == "grid":
-            refuse_unused("consistency", ["epochs", "workers"],
+            refuse_unused("consistency", ["epochs"] + (["workers"] if labels_path is None else []),
                           "by --protocol grid (every image is measured in one pass)")
         else:
             refuse_unused("consistency", ["max_shift", "grid", "subpixel", "mode", "n_pairs"],
                           f"by --protocol {protocol} (it draws its own shifts)")
         if labels_path is None:
-            refuse_unused("consistency", ["class_order"], "without --labels")
+            refuse_unused("consistency", ["class_order", "ignore_index"], "without --labels")
         if resume and not out:
             raise UsageError("--resume needs the --out folder of the interrupted run")
         models = [spec_of(name, params, padding) for name in model_specs]
@@ -308,7 +321,8 @@ def consistency(model_specs: Sequence[str], antialias: Optional[int], padding: s
         template = ConsistencyRequest(
             models[0], inputs=inputs(params), shifts=shifts(params), protocol=protocol,
             pairs=n_pairs, labels=labels_path, epochs=epochs, workers=workers,
-            class_order=class_order, batch_size=params["batch_size"], device=params["device"])
+            class_order=class_order, batch_size=params["batch_size"], device=params["device"],
+            ignore_index=ignore_index)
         requests = [template.for_model(model) for model in models]
         distributed.init_from_env()
         try:

@@ -23,6 +23,8 @@ def format_consistency(table: pd.DataFrame) -> str:
 
     if "protocol" in table and table["protocol"].notna().all():
         return _format_protocol(table, column)
+    if "massc" in table:
+        return _format_dense(table, column)
 
     shown = pd.DataFrame({"model": table["model"]})
     shown["consistency (pairs)"] = column("pairwise_consistency")
@@ -65,4 +67,30 @@ def _format_protocol(table: pd.DataFrame, column) -> str:
                                 zip(table["accuracy_ci_low"], table["accuracy_ci_high"])]
     if (table["n_nonfinite"] > 0).any():
         shown["non-finite (left out)"] = table["n_nonfinite"]
+    return shown.to_string(index=False)
+
+
+def _format_dense(table: pd.DataFrame, column) -> str:
+    """Dense models: pixel agreement (mASSC over pairs, vs. the unshifted output), output
+    distance, EQ-T, and mIoU / pixel accuracy with masks."""
+    def interval(low: str, high: str) -> list:
+        return [f"[{lo:.3f}, {hi:.3f}]" if pd.notna(lo) else "-" for lo, hi in
+                zip(table[low], table[high])]
+
+    shown = pd.DataFrame({"model": table["model"]})
+    shown["mASSC (pairs)"] = column("massc")
+    shown["95% CI"] = interval("massc_ci_low", "massc_ci_high")
+    shown["pairs"] = table["n_pairs"]
+    shown["images"] = table["n_images"]
+    shown["vs reference"] = column("agreement")
+    shown["worst shift"] = column("worst_shift_agreement")
+    shown["output cosine"] = column("output_cosine", "{:.4f}")
+    shown["EQ-T (dB)"] = column("eq_t_db", "{:.1f}")
+    if "miou" in table and table["miou"].notna().any():
+        shown["mIoU"] = column("miou")
+        shown["mIoU 95% CI"] = interval("miou_ci_low", "miou_ci_high")
+        shown["mIoU worst shift"] = column("miou_worst_shift")
+        shown["pixel acc."] = column("pixel_accuracy")
+    if (table["n_nonfinite"] > 0).any():
+        shown["non-finite pixels (left out)"] = table["n_nonfinite"]
     return shown.to_string(index=False)

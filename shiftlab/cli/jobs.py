@@ -39,6 +39,11 @@ def _announce(quiet: bool) -> runs.OnReady:
                        f" {request.inputs.size} px windows of {request.crop} px centre crops,"
                        " images streamed", err=True)
             return
+        if inputs is None:  # a dense model's image/mask pairs, streamed
+            click.echo(f"{loaded.name} ({loaded.weights}): segmentation output, image/mask pairs"
+                       f" of {request.labels} at {request.inputs.size} px, {len(grid)} shifts"
+                       f" ({grid.kind}, {request.shifts.mode})", err=True)
+            return
         comparison = getattr(request, "comparison", None)  # consistency compares no layers
         align, metric = (comparison.align, comparison.metric) if comparison else ("-", "-")
         click.echo(f"{loaded.name} ({loaded.weights}): {len(inputs.paths)} images at"
@@ -317,6 +322,9 @@ def run_consistency(requests: Sequence[ConsistencyRequest], figures: FigureOptio
             result = runs.measure_consistency(
                 request, progress=None if not quiet else False, on_ready=_announce(quiet),
                 checkpoint=checkpoint, resume=resume)
+        if results and _is_dense(result) != _is_dense(results[0]):
+            raise UsageError(f"{result.label} and {results[0].label} differ in kind (one returns"
+                             " a map, one a class per image); measure them in separate runs")
         label = unique_label(result.label, labels)
         labels.append(label)
         # every rank's warnings (skipped files are seen by the rank that decodes them), once
@@ -368,9 +376,15 @@ def _protocol_checkpoint(out: Optional[Path], request: ConsistencyRequest) -> Op
     return out / PROGRESS_FILE.replace(".npz", f"-{name}.npz")
 
 
+def _is_dense(result) -> bool:
+    return getattr(result, "kind", None) == "dense"
+
+
 def _warn_uninformative(results: list) -> None:
     from ..invariance.grid_result import uninformative_across
 
+    if any(_is_dense(result) for result in results):
+        return  # each dense result warned for itself when it was measured
     message = uninformative_across(results) if len(results) > 1 else None
     if message:
         warn_line(message)

@@ -34,7 +34,7 @@ OUTPUT_PATTERNS = ("result.npz", "result-*.npz", "invariance-*.npz", "protocol-*
                    "attribution-*.npz", "summary.csv", "consistency.csv", "models.csv",
                    "heatmap.*", "heatmap-*.*", "profile.*", "profile-*.*", "paper.*", "grids.*",
                    "difference*.*", "probability.*", "padding.*", "scatter.*", "diagonal.*",
-                   "attribution.*")
+                   "attribution.*", "dense-*.npz", "agreement.*", "shift-size.*")
 #: the figures of one result (``shiftlab plot`` replaces only these)
 FIGURE_PATTERNS = ("heatmap.*", "profile.*", "paper.*")
 _STAGING = ".shiftlab-"
@@ -432,6 +432,9 @@ def write_consistency(results: Sequence, table, folder: Path,
 
     from ..figures.plots import probability_plot
 
+    if results and all(getattr(r, "kind", None) == "dense" for r in results):
+        return write_dense_consistency(results, table, folder, figures)
+
     def write(stage: Path) -> list[Path]:
         gridded = [r for r in results if hasattr(r, "to_frame")]  # protocols have no grid
         written = [r.save(stage / f"{'invariance' if hasattr(r, 'to_frame') else 'protocol'}-"
@@ -457,4 +460,27 @@ def write_consistency(results: Sequence, table, folder: Path,
                 and table["accuracy"].notna().sum() > 1:
             drawn.append(("scatter", lambda: accuracy_consistency_plot(table)))
         return save_figures(drawn, stage, figures)
+    return write_set(folder, write, draw)
+
+
+def write_dense_consistency(results: Sequence, table, folder: Path,
+                            figures: FigureOptions) -> list[Path]:
+    """dense-<label>.npz, consistency.csv (per model and shift), summary.csv, agreement.* (the
+    per-pixel agreement map) and shift-size.* (agreement, and mIoU with masks, against |δ|)."""
+    import pandas as pd
+
+    def write(stage: Path) -> list[Path]:
+        written = [r.save(stage / f"dense-{safe_name(r.label)}.npz") for r in results]
+        frames = [r.to_frame().assign(model=r.label) for r in results]
+        per_shift = pd.concat(frames, ignore_index=True)
+        per_shift = per_shift[["model"] + [c for c in per_shift.columns if c != "model"]]
+        written.append(write_table(stage / "consistency.csv", per_shift))
+        return written + [write_table(stage / "summary.csv", table)]
+
+    def draw(stage: Path) -> list[Path]:
+        from ..figures.dense import agreement_by_shift_plot, agreement_map_plot
+
+        return save_figures([("agreement", lambda: agreement_map_plot(results)),
+                             ("shift-size", lambda: agreement_by_shift_plot(results))],
+                            stage, figures)
     return write_set(folder, write, draw)

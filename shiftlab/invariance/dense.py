@@ -1,0 +1,462 @@
+"""Output-level shift invariance of a dense model (segmentation, image-to-image): per-pixel
+agreement (mASSC), output distances, EQ-T, and mIoU / pixel accuracy with masks.
+
+A dense model returns a map at the input's size: a tensor (N, C, H, W), or a dict of such maps
+(torchvision's segmentation models: ``out``, ``aux``), of which ``output`` is measured. Each
+pixel's class is the argmax over C (for C = 1, a positive logit is class 1). The shifted output
+is brought back to the unshifted image's frame before anything is compared: rolled back in
+circular mode; in crop mode only the pixels that both windows see are compared, so a pixel that
+entered the window with the shift never counts (docs/semantics.md, "Dense outputs").
+
+:func:`measure_dense` runs the model once per (image, shift), batch by batch; what it keeps is
+per-image counts, the (H, W) agreement map and, with masks, confusion matrices, so memory does
+not grow with the number of images. :class:`~shiftlab.invariance.dense_result.DenseResult`
+holds the numbers.
+
+A circular-padded net without striding is exactly equivariant, so every pixel agrees at every
+shift:
+
+>>> _ = torch.manual_seed(0)
+>>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode="circular"), nn.ReLU(),
+...                     nn.Conv2d(8, 5, 3, padding=1, padding_mode="circular")).eval()
+>>> result = measure_dense(net, torch.randn(2, 3, 16, 16), ShiftGrid.square(4), progress=False)
+>>> result.summary()["massc"], float(result.agreement.min())
+(1.0, 1.0)
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .. import distributed
+from ..checks import batch_layout, check_count, check_model_has_data, check_request, window_size
+from ..defaults import MAX_PAIRS
+from ..equivariance.engine import evaluation_mode, resolve_device
+from ..equivariance.metrics import ComparisonStats, distance
+from ..equivariance.shifts import ShiftGrid, apply_shifts, centre_window
+from ..errors import ModelError, UsageError
+from ..results.provenance import Provenance
+from .dense_result import DenseResult, DenseSettings
+from .grid import check_finite, given_provenance, measured_provenance, model_name
+from .grid_result import INVALID
+
+__all__ = ["dense_output", "is_dense", "measure_dense", "pixel_classes"]
+
+Batches = Iterable[tuple[torch.Tensor, Optional[torch.Tensor]]]
+
+
+# -- the model's output map -------------------------------------------------------------
+def dense_output(output: object, batch: torch.Tensor, key: str = "out") -> torch.Tensor:
+    """The output map (B, C, H, W) of a model's ``output`` for ``batch`` (B, 3, H, W): the
+    tensor itself, ``output[key]`` of a dict, or the first element of a tuple/list; a
+    :class:`ModelError` when it is not a map at the input's size.
+
+    >>> dense_output({"out": torch.zeros(2, 5, 8, 8)}, torch.zeros(2, 3, 8, 8)).shape
+    torch.Size([2, 5, 8, 8])
+    """
+    if isinstance(output, dict):
+        if key not in output:
+            raise ModelError(f"the model returned a dict with keys {sorted(output)}; dense"
+                             f" consistency reads its {key!r} map")
+        output = output[key]
+    elif isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    if not isinstance(output, torch.Tensor) or output.dim() != 4 \
+            or output.shape[0] != batch.shape[0]:
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise ModelError(f"the model's output is {shape}; dense consistency needs a map"
+                         " (N, classes, H, W)")
+    if output.shape[-2:] != batch.shape[-2:]:
+        raise ModelError(f"the model's output map is {output.shape[-2]}x{output.shape[-1]} for a"
+                         f" {batch.shape[-2]}x{batch.shape[-1]} input; dense consistency compares"
+                         " pixels, so the map must be upsampled to the input's size in forward")
+    return output
+
+
+def is_dense(model: nn.Module, size: int, device: Union[str, torch.device] = "cpu") -> bool:
+    """Whether ``model`` returns a map at the input's size (a segmentation or image-to-image
+    network) rather than one vector per image: one forward of a zero (1, 3, size, size) input.
+
+    >>> is_dense(nn.Conv2d(3, 2, 1), 8), is_dense(nn.Sequential(nn.Flatten(), nn.Linear(48, 2)), 4)
+    (True, False)
+    """
+    probe = torch.zeros(1, 3, size, size, device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the train-mode warning belongs to the measurement
+        try:
+            with torch.inference_mode(), evaluation_mode(model):
+                output = model(probe)
+        except Exception:  # noqa: BLE001  a classifier's own checks say what is wrong, later
+            return False
+    if isinstance(output, dict):
+        output = output.get("out")
+    elif isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    return isinstance(output, torch.Tensor) and output.dim() == 4 \
+        and tuple(output.shape[-2:]) == (size, size) and size > 1
+
+
+def pixel_classes(maps: torch.Tensor) -> torch.Tensor:
+    """Per-pixel class of maps (..., C, H, W): argmax over C, or ``logit > 0`` for C = 1;
+    -1 where a pixel's values are not all finite (never an agreement).
+
+    >>> pixel_classes(torch.tensor([[[[0.1, -2.0]], [[0.3, float("nan")]]]])).tolist()
+    [[[1, -1]]]
+    """
+    finite = torch.isfinite(maps).all(-3)
+    if maps.shape[-3] == 1:
+        classes = (maps[..., 0, :, :] > 0).long()
+    else:
+        classes = maps.argmax(-3)
+    return torch.where(finite, classes, torch.full_like(classes, INVALID))
+
+
+# -- measurement --------------------------------------------------------------------------
+def measure_dense(model: nn.Module, images: Union[torch.Tensor, Batches],
+                  grid: Optional[ShiftGrid] = None, *, masks: Optional[torch.Tensor] = None,
+                  n_images: Optional[int] = None, mode: str = "circular",
+                  margin: Optional[int] = None, ignore_index: Optional[int] = 255,
+                  output: str = "out", n_pairs: int = 1000, seed: int = 0,
+                  batch_size: int = 16, device: Union[str, torch.device, None] = "auto",
+                  progress: Optional[bool] = None, provenance: Optional[Provenance] = None,
+                  n_bootstrap: int = 1000, confidence: float = 0.95) -> DenseResult:
+    """Agreement, mASSC, output distances, EQ-T and (with masks) mIoU of a dense model's output
+    under every whole-pixel shift of ``grid``.
+
+    Args:
+        model: returns (N, C, H, W) maps at the input's size, or a dict of them (``output``
+            names the one measured; torchvision's segmentation models: 'out').
+        images: (N, 3, H, W); in crop mode the canvases (N, 3, H+2m, W+2m) whose centre window
+            is the unshifted image. Or an iterable of (images, masks or None) batches
+            (:func:`shiftlab.data.masks.mask_batches`), streamed; ``n_images`` is then required
+            (it assigns the random pairs to images).
+        grid: whole-pixel shifts; default ``ShiftGrid.square(8)`` (circular) or
+            ``symmetric(4)`` (crop).
+        masks: (N, H, W) class indices (canvases (N, H+2m, W+2m) in crop mode) for mIoU and
+            pixel accuracy; pixels equal to ``ignore_index`` are left out.
+        mode, margin: 'circular' (torch.roll) or 'crop' (windows of a larger canvas).
+        n_pairs, seed: random pairs of shifts for mASSC (pair k uses image k mod N, as for
+            classifiers); the seed also drives the bootstrap.
+        batch_size: inputs per forward pass; the numbers do not depend on it.
+        device, progress, provenance, n_bootstrap, confidence: as for
+            :func:`shiftlab.measure_invariance`.
+
+    Returns:
+        A :class:`~shiftlab.invariance.dense_result.DenseResult`.
+    """
+    check_count("n_pairs", n_pairs, 1, MAX_PAIRS)
+    if isinstance(n_bootstrap, bool) or int(n_bootstrap) < 1 or not 0 < confidence < 1:
+        raise UsageError(f"n_bootstrap must be >= 1 and confidence in (0, 1), got {n_bootstrap}"
+                         f" and {confidence}")
+    grid, margin = check_request(mode=mode, grid=grid, margin=margin, batch_size=batch_size)
+    if not grid.is_integer:
+        raise UsageError("dense consistency compares pixels, so it needs whole-pixel shifts;"
+                         " drop --subpixel")
+    if distributed.active():
+        raise UsageError("dense consistency runs in one process; run it without torchrun")
+    batches, n_images = _batches(images, masks, n_images, batch_size)
+    first = next(batches, None)
+    if first is None:
+        raise UsageError("no images to measure")
+    height, width = window_size(first[0].shape, margin)
+    settings = DenseSettings(grid=grid, mode=mode, size=(height, width), margin=margin,
+                             n_pairs=int(n_pairs), seed=int(seed), n_bootstrap=int(n_bootstrap),
+                             confidence=float(confidence),
+                             padding=str(getattr(model, "shiftlab_padding", "as-trained")),
+                             ignore_index=None if ignore_index is None else int(ignore_index),
+                             output=output)
+    generator = torch.Generator().manual_seed(int(seed))
+    pairs = np.stack([np.arange(n_pairs, dtype=np.int64) % n_images,
+                      torch.randint(len(grid), (n_pairs,), generator=generator).numpy(),
+                      torch.randint(len(grid), (n_pairs,), generator=generator).numpy()], axis=1)
+    device = resolve_device(device)
+    check_model_has_data(model)
+    model = model.to(device)
+    provenance = given_provenance(provenance, None)
+    name = model_name(model, provenance)
+    started = time.perf_counter()
+    tally = _Tally(settings, n_images, pairs)
+    bar = tqdm(total=n_images, desc="dense consistency", unit="image", leave=False,
+               disable=None if progress is None else not progress)
+    with bar, evaluation_mode(model, name), torch.inference_mode():
+        start = 0
+        for tensor, mask in itertools.chain([first], batches):
+            if start + len(tensor) > n_images:
+                raise UsageError(f"the stream holds more than the {n_images} images it was said"
+                                 " to hold (n_images)")
+            _measure_batch(model, tensor.to(device), None if mask is None else mask.to(device),
+                           start, tally, batch_size)
+            start += len(tensor)
+            bar.update(len(tensor))
+    if start != n_images:
+        raise UsageError(f"the stream held {start} images, not the {n_images} of n_images")
+    n_forwarded = n_images * (1 + sum(1 for s in grid.shifts if tuple(s) != (0, 0)))
+    check_finite(name, tally.nonfinite_outputs, n_forwarded)
+    result = tally.result(measured_provenance(provenance, n_images=n_images, started=started,
+                                              device=device))
+    if result.uninformative:
+        warnings.warn(f"{name}: {result.uninformative}", stacklevel=2)
+    return result
+
+
+def _batches(images, masks, n_images: Optional[int], batch_size: int
+             ) -> tuple[Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]], int]:
+    """(batches of (images, masks or None), the number of images)."""
+    if isinstance(images, torch.Tensor):
+        if images.dim() != 4 or not images.is_floating_point() or len(images) == 0:
+            raise UsageError("images must be a floating tensor (N, C, H, W) with N >= 1")
+        if masks is not None and (not isinstance(masks, torch.Tensor) or masks.dim() != 3
+                                  or masks.shape != (images.shape[0], *images.shape[-2:])):
+            raise UsageError(f"masks must be a tensor (N, H, W) matching the images"
+                             f" {tuple(images.shape)}, got {getattr(masks, 'shape', masks)}")
+        step = max(1, min(len(images), batch_size))
+        return ((images[k:k + step], None if masks is None else masks[k:k + step])
+                for k in range(0, len(images), step)), len(images)
+    if masks is not None:
+        raise UsageError("pass masks inside the stream's (images, masks) batches")
+    if n_images is None:
+        raise UsageError("a stream of batches needs n_images (the random pairs are assigned to"
+                         " images by index)")
+    check_count("n_images", n_images)
+
+    def stream() -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        for item in images:
+            batch, mask = (item if isinstance(item, (tuple, list)) else (item, None))[:2]
+            if not isinstance(batch, torch.Tensor) or batch.dim() != 4:
+                raise UsageError("each batch must be (images (B, C, H, W), masks (B, H, W) or"
+                                 " None)")
+            yield batch, mask
+    return stream(), int(n_images)
+
+
+@dataclass
+class _Shifted:
+    """One shift's output for a batch, brought back to the unshifted frame."""
+
+    classes: torch.Tensor      # (B, H, W) class per pixel of the unshifted frame, -1: not seen
+    rows: slice                # where the shifted window overlaps, in the unshifted frame
+    cols: slice
+    source_rows: slice         # the same pixels in the shifted output
+    source_cols: slice
+
+
+def _align(out_classes: torch.Tensor, dh: int, dw: int, mode: str) -> _Shifted:
+    """Bring a shifted output's classes (B, H, W) back to the unshifted frame."""
+    height, width = out_classes.shape[-2:]
+    if mode == "circular":
+        return _Shifted(torch.roll(out_classes, (-dh, -dw), (-2, -1)), slice(None), slice(None),
+                        slice(None), slice(None))
+    # the crop window shifted by d shows at its pixel p what the unshifted window shows at p - d
+    rows = slice(max(0, -dh), height - max(0, dh))
+    cols = slice(max(0, -dw), width - max(0, dw))
+    source_rows = slice(rows.start + dh, rows.stop + dh)
+    source_cols = slice(cols.start + dw, cols.stop + dw)
+    aligned = torch.full_like(out_classes, INVALID)
+    aligned[:, rows, cols] = out_classes[:, source_rows, source_cols]
+    return _Shifted(aligned, rows, cols, source_rows, source_cols)
+
+
+def _aligned_maps(maps: torch.Tensor, shifted: _Shifted, dh: int, dw: int, mode: str
+                  ) -> tuple[torch.Tensor, slice, slice]:
+    """A shifted output map (B, C, H, W) on the overlap, and where that is in the unshifted
+    frame."""
+    if mode == "circular":
+        return torch.roll(maps, (-dh, -dw), (-2, -1)), slice(None), slice(None)
+    return maps[..., shifted.source_rows, shifted.source_cols], shifted.rows, shifted.cols
+
+
+class _Tally:
+    """Everything kept of a run: per-image counts, pooled sums, the map, the confusions."""
+
+    def __init__(self, settings: DenseSettings, n_images: int, pairs: np.ndarray) -> None:
+        n_shifts = len(settings.grid)
+        self.settings, self.pairs = settings, pairs
+        self.agree = np.zeros((n_images, n_shifts), dtype=np.int64)
+        self.valid = np.zeros((n_images, n_shifts), dtype=np.int64)
+        self.distances = {m: np.full((n_images, n_shifts), np.nan) for m in ("cosine", "l2", "psnr")}
+        self.diff_sq = np.zeros(n_shifts)
+        self.values = np.zeros(n_shifts)
+        self.low, self.high = math.inf, -math.inf
+        self.pair_agree = np.zeros(len(pairs), dtype=np.int64)
+        self.pair_valid = np.zeros(len(pairs), dtype=np.int64)
+        self.map_sum = np.zeros(settings.size)
+        self.map_count = np.zeros(settings.size)
+        self.n_classes: Optional[int] = None
+        self.reference_classes: Optional[np.ndarray] = None
+        self.correct = self.labelled = self.confusion = self.image_confusion = None
+        self.nonfinite_outputs = 0
+        self.nonfinite_pixels = 0
+
+    def start(self, n_classes: int, with_masks: bool, n_images: int) -> None:
+        """Size the class-dependent arrays at the first batch (the model tells C)."""
+        if self.n_classes is not None:
+            if with_masks != (self.confusion is not None):
+                raise UsageError("every batch must carry masks, or none")
+            return
+        self.n_classes = n_classes
+        self.reference_classes = np.zeros(n_classes, dtype=np.int64)
+        if with_masks:
+            n_shifts = len(self.settings.grid)
+            self.correct = np.zeros((n_images, n_shifts), dtype=np.int64)
+            self.labelled = np.zeros((n_images, n_shifts), dtype=np.int64)
+            self.confusion = np.zeros((n_shifts, n_classes, n_classes), dtype=np.int64)
+            self.image_confusion = np.zeros((n_images, n_classes, n_classes), dtype=np.int64)
+
+    def result(self, provenance: Provenance) -> DenseResult:
+        return DenseResult(
+            settings=self.settings, agree=self.agree, valid=self.valid,
+            cosine=self.distances["cosine"], l2=self.distances["l2"],
+            psnr=self.distances["psnr"], diff_sq=self.diff_sq, values=self.values,
+            peak_to_peak=float(self.high - self.low) if self.high >= self.low else math.nan,
+            pairs=self.pairs, pair_agree=self.pair_agree, pair_valid=self.pair_valid,
+            agreement_sum=self.map_sum, agreement_count=self.map_count,
+            reference_classes=self.reference_classes, n_classes=int(self.n_classes),
+            n_nonfinite=int(self.nonfinite_pixels), correct=self.correct,
+            labelled=self.labelled, confusion=self.confusion,
+            image_confusion=self.image_confusion, provenance=provenance)
+
+
+def _measure_batch(model: nn.Module, batch: torch.Tensor, masks: Optional[torch.Tensor],
+                   start: int, tally: _Tally, batch_size: int) -> None:
+    """Every shift of the grid for one batch of images, tallied."""
+    settings = tally.settings
+    mode, margin, key = settings.mode, settings.margin, settings.output
+    n_total = len(tally.agree)
+    ids = np.arange(start, start + len(batch))
+    window = centre_window(batch, margin) if mode == "crop" else batch
+    reference = dense_output(model(window), window, key).double()
+    n_classes = max(2, reference.shape[1])
+    tally.start(n_classes, masks is not None, n_total)
+    if masks is not None:
+        _check_masks(masks, batch, n_classes, settings.ignore_index)
+    ref_classes = pixel_classes(reference)
+    tally.nonfinite_outputs += int((ref_classes == INVALID).flatten(1).any(1).sum())
+    tally.nonfinite_pixels += int((ref_classes == INVALID).sum())
+    seen = ref_classes[ref_classes != INVALID]
+    tally.reference_classes += torch.bincount(seen, minlength=n_classes).cpu().numpy()
+    finite = reference[torch.isfinite(reference)]
+    if finite.numel():
+        tally.low = min(tally.low, float(finite.min()))
+        tally.high = max(tally.high, float(finite.max()))
+
+    shifts = [tuple(int(v) for v in s) for s in settings.grid.shifts]
+    table = torch.tensor(shifts, dtype=torch.float64)
+    aligned = torch.empty((len(shifts), *ref_classes.shape), dtype=torch.int32,
+                          device=ref_classes.device)
+    moving = [k for k, s in enumerate(shifts) if s != (0, 0)]
+    for k, s in enumerate(shifts):
+        if s == (0, 0):  # the identity reuses the reference pass
+            _tally_shift(tally, k, s, reference, ref_classes, reference, ref_classes, masks,
+                         ids, aligned, moved=False)
+    _, per_pass = batch_layout(len(batch), batch_size)
+    for first in range(0, len(moving), per_pass):
+        index = moving[first:first + per_pass]
+        inputs = apply_shifts(batch, table[index], mode, margin)  # (k, B, C, H, W)
+        outputs = dense_output(model(inputs.reshape(-1, *inputs.shape[2:])),
+                               inputs.reshape(-1, *inputs.shape[2:]), key).double()
+        outputs = outputs.reshape(len(index), len(batch), *outputs.shape[1:])
+        for position, k in enumerate(index):
+            out = outputs[position]
+            out_classes = pixel_classes(out)
+            tally.nonfinite_outputs += int((out_classes == INVALID).flatten(1).any(1).sum())
+            tally.nonfinite_pixels += int((out_classes == INVALID).sum())
+            _tally_shift(tally, k, shifts[k], reference, ref_classes, out, out_classes, masks,
+                         ids, aligned, moved=True)
+    _tally_pairs(tally, aligned, ids)
+
+
+def _tally_shift(tally: _Tally, k: int, shift: tuple[int, int], reference: torch.Tensor,
+                 ref_classes: torch.Tensor, out: torch.Tensor, out_classes: torch.Tensor,
+                 masks: Optional[torch.Tensor], ids: np.ndarray, aligned: torch.Tensor,
+                 moved: bool) -> None:
+    settings = tally.settings
+    dh, dw = shift
+    shifted = _align(out_classes, dh, dw, settings.mode)
+    aligned[k] = shifted.classes
+    compared = (shifted.classes != INVALID) & (ref_classes != INVALID)
+    agrees = compared & (shifted.classes == ref_classes)
+    tally.agree[ids, k] = agrees.flatten(1).sum(1).cpu().numpy()
+    tally.valid[ids, k] = compared.flatten(1).sum(1).cpu().numpy()
+    if moved:
+        tally.map_sum += agrees.sum(0).double().cpu().numpy()
+        tally.map_count += compared.sum(0).double().cpu().numpy()
+    # output distances over the overlap, finite pixels only (as the agreement counts them)
+    maps, rows, cols = _aligned_maps(out, shifted, dh, dw, settings.mode)
+    ref = reference[..., rows, cols]
+    keep = compared[:, rows, cols][:, None].expand_as(ref)
+    a = torch.where(keep, ref, torch.zeros_like(ref)).flatten(1)
+    b = torch.where(keep, maps, torch.zeros_like(maps)).flatten(1)
+    count = keep.flatten(1).sum(1).double()
+    diff_sq = ((a - b) ** 2).sum(1)
+    peak = torch.where(keep, ref, torch.full_like(ref, -math.inf)).flatten(1).amax(1) - \
+        torch.where(keep, ref, torch.full_like(ref, math.inf)).flatten(1).amin(1)
+    stats = ComparisonStats(ref_sq=(a * a).sum(1)[None], shifted_sq=(b * b).sum(1)[None],
+                            diff_sq=diff_sq[None], count=count[None], peak=peak[None],
+                            valid=torch.ones(1, dtype=torch.bool, device=a.device))
+    for metric in ("cosine", "l2", "psnr"):
+        values = distance(stats, metric)[0]
+        values = torch.where(count > 0, values, torch.full_like(values, math.nan))
+        tally.distances[metric][ids, k] = values.cpu().numpy()
+    tally.diff_sq[k] += float(diff_sq.sum())
+    tally.values[k] += float(count.sum())
+    if masks is not None:
+        _tally_masks(tally, k, shift, out_classes, masks, ids)
+
+
+def _tally_masks(tally: _Tally, k: int, shift: tuple[int, int], out_classes: torch.Tensor,
+                 masks: torch.Tensor, ids: np.ndarray) -> None:
+    """The shifted input's prediction against its own mask (the mask shifted alike)."""
+    settings = tally.settings
+    table = torch.tensor([shift], dtype=torch.float64)
+    mask = apply_shifts(masks[:, None], table, settings.mode, settings.margin)[0, :, 0]
+    labelled = mask != settings.ignore_index if settings.ignore_index is not None \
+        else torch.ones_like(mask, dtype=torch.bool)
+    correct = labelled & (out_classes == mask)
+    tally.correct[ids, k] = correct.flatten(1).sum(1).cpu().numpy()
+    tally.labelled[ids, k] = labelled.flatten(1).sum(1).cpu().numpy()
+    n_classes = tally.n_classes
+    counted = labelled & (out_classes != INVALID)
+    image = torch.arange(len(ids), device=mask.device)[:, None, None].expand_as(mask)
+    index = (image * n_classes + mask) * n_classes + out_classes
+    counts = torch.bincount(index[counted], minlength=len(ids) * n_classes * n_classes)
+    counts = counts.reshape(len(ids), n_classes, n_classes).cpu().numpy()
+    tally.image_confusion[ids] += counts
+    tally.confusion[k] += counts.sum(0)
+
+
+def _tally_pairs(tally: _Tally, aligned: torch.Tensor, ids: np.ndarray) -> None:
+    """mASSC's pairs of this batch's images: agreement on the pixels both shifts see."""
+    rows = np.flatnonzero((tally.pairs[:, 0] >= ids[0]) & (tally.pairs[:, 0] <= ids[-1]))
+    for row in rows:
+        image, first, second = tally.pairs[row]
+        a, b = aligned[first, image - ids[0]], aligned[second, image - ids[0]]
+        both = (a != INVALID) & (b != INVALID)
+        tally.pair_agree[row] = int((both & (a == b)).sum())
+        tally.pair_valid[row] = int(both.sum())
+
+
+def _check_masks(masks: torch.Tensor, batch: torch.Tensor, n_classes: int,
+                 ignore_index: Optional[int]) -> None:
+    if masks.shape != (batch.shape[0], *batch.shape[-2:]):
+        raise UsageError(f"masks {tuple(masks.shape)} do not match the images"
+                         f" {tuple(batch.shape)}; pass one (H, W) mask per image")
+    if masks.is_floating_point():
+        raise UsageError(f"masks must hold class indices (integers), got {masks.dtype}")
+    wrong = (masks < 0) | (masks >= n_classes)
+    if ignore_index is not None:
+        wrong &= masks != ignore_index
+    if bool(wrong.any()):
+        value = int(masks[wrong][0])
+        ignore = f" nor the ignore index {ignore_index}" if ignore_index is not None else ""
+        raise UsageError(f"mask value {value} is not a class of the model (0..{n_classes - 1})"
+                         f"{ignore}; pass --ignore-index or check the masks")
+
