@@ -392,7 +392,8 @@ def layers(model_spec: str, padding: str, size: int, layer_patterns: Sequence[st
 def plot(result_file: str, scale: str, color_range, vmax: str, view: str, formats: Sequence[str],
          dpi: int, layer_patterns: Sequence[str], title: Optional[str], out: Optional[str],
          replace: bool) -> None:
-    """Re-draw the figures of a saved result.npz without recomputing."""
+    """Re-draw the figures of a saved result without recomputing: a heatmap's result.npz,
+    an attribution-*.npz, or a segmentation model's dense-*.npz (agreement and shift-size)."""
     with user_errors():
         from .jobs import run_plot
 

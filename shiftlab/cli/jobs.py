@@ -212,6 +212,12 @@ def run_plot(result_file: Path, layers, figures: FigureOptions, *,
                              " is drawn whole")
         return attribution_figures(result_file, out if out is not None else result_file.parent,
                                    figures)
+    if _kind(result_file) == "shiftlab.dense":
+        if layers or replace:
+            raise UsageError("--layers and --replace draw layer grids; a dense consistency file"
+                             " is drawn whole")
+        return _dense_figures(result_file, out if out is not None else result_file.parent,
+                              figures)
     result = load(result_file)
     check_drawable(result, result_file)
     if layers:
@@ -228,6 +234,19 @@ def run_plot(result_file: Path, layers, figures: FigureOptions, *,
     return write_set(folder, lambda stage: result_figures(result, stage, figures, suffix),
                      replaces=tuple(f"{stem}{suffix}.*" for stem in ("heatmap", "profile"))
                      if suffix else FIGURE_PATTERNS)
+
+
+def _dense_figures(path: Path, folder: Path, figures: FigureOptions) -> list[Path]:
+    """agreement.* and shift-size.* of one saved dense consistency result."""
+    from ..figures.dense import agreement_by_shift_plot, agreement_map_plot
+    from ..invariance.dense_result import load_dense
+    from .reports import save_figures
+
+    result = load_dense(path)
+    drawn = [("agreement", lambda: agreement_map_plot(result)),
+             ("shift-size", lambda: agreement_by_shift_plot([result]))]
+    return write_set(folder, lambda stage: save_figures(drawn, stage, figures),
+                     replaces=("agreement.*", "shift-size.*"))
 
 
 def _kind(path: Path) -> Optional[str]:

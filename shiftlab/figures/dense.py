@@ -79,6 +79,11 @@ def agreement_map_plot(results) -> Figure:
                      fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
+        if result.uninformative:  # a uniform map would otherwise read as "perfectly stable"
+            won = int(np.flatnonzero(result.reference_classes)[0])
+            ax.text(0.5, 0.5, f"every unshifted pixel is class {won}:\nagreement says little"
+                    " here", transform=ax.transAxes, ha="center", va="center", fontsize=7,
+                    bbox={"facecolor": "white", "edgecolor": "0.6", "alpha": 0.9})
     bar = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.85)
     bar.set_label("share of shifted inputs whose class\nat this pixel agrees with the unshifted",
                   fontsize=7)

@@ -46,7 +46,7 @@ from ..equivariance.shifts import ShiftGrid, apply_shifts, centre_window
 from ..errors import ModelError, UsageError
 from ..results.provenance import Provenance
 from .dense_result import DenseResult, DenseSettings
-from .grid import check_finite, given_provenance, measured_provenance, model_name
+from .grid import given_provenance, measured_provenance, model_name
 from .grid_result import INVALID
 
 __all__ = ["dense_output", "is_dense", "measure_dense", "pixel_classes"]
@@ -199,8 +199,14 @@ def measure_dense(model: nn.Module, images: Union[torch.Tensor, Batches],
             bar.update(len(tensor))
     if start != n_images:
         raise UsageError(f"the stream held {start} images, not the {n_images} of n_images")
-    n_forwarded = n_images * (1 + sum(1 for s in grid.shifts if tuple(s) != (0, 0)))
-    check_finite(name, tally.nonfinite_outputs, n_forwarded)
+    n_pixels = n_images * (1 + sum(1 for s in grid.shifts if tuple(s) != (0, 0))) \
+        * height * width
+    if tally.nonfinite_pixels >= n_pixels:
+        raise ModelError(f"{name} gave NaN or Inf at every output pixel; check its weights and"
+                         " the input normalisation")
+    if tally.nonfinite_pixels:
+        warnings.warn(f"{name}: {tally.nonfinite_pixels} of {n_pixels} output pixels have NaN or"
+                      " Inf values; they are left out of every statistic", stacklevel=2)
     result = tally.result(measured_provenance(provenance, n_images=n_images, started=started,
                                               device=device))
     if result.uninformative:
@@ -293,7 +299,6 @@ class _Tally:
         self.n_classes: Optional[int] = None
         self.reference_classes: Optional[np.ndarray] = None
         self.correct = self.labelled = self.confusion = self.image_confusion = None
-        self.nonfinite_outputs = 0
         self.nonfinite_pixels = 0
 
     def start(self, n_classes: int, with_masks: bool, n_images: int) -> None:
@@ -339,7 +344,6 @@ def _measure_batch(model: nn.Module, batch: torch.Tensor, masks: Optional[torch.
     if masks is not None:
         _check_masks(masks, batch, n_classes, settings.ignore_index)
     ref_classes = pixel_classes(reference)
-    tally.nonfinite_outputs += int((ref_classes == INVALID).flatten(1).any(1).sum())
     tally.nonfinite_pixels += int((ref_classes == INVALID).sum())
     seen = ref_classes[ref_classes != INVALID]
     tally.reference_classes += torch.bincount(seen, minlength=n_classes).cpu().numpy()
@@ -367,7 +371,6 @@ def _measure_batch(model: nn.Module, batch: torch.Tensor, masks: Optional[torch.
         for position, k in enumerate(index):
             out = outputs[position]
             out_classes = pixel_classes(out)
-            tally.nonfinite_outputs += int((out_classes == INVALID).flatten(1).any(1).sum())
             tally.nonfinite_pixels += int((out_classes == INVALID).sum())
             _tally_shift(tally, k, shifts[k], reference, ref_classes, out, out_classes, masks,
                          ids, aligned, moved=True)
