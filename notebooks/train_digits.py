@@ -62,9 +62,31 @@ def small_vgg(num_classes: int = 10, widths: tuple[int, ...] = (16, 32, 64)) -> 
     return nn.Sequential(*layers)
 
 
+def digit_masks(x: torch.Tensor, y: torch.Tensor, threshold: float = 0.25) -> torch.Tensor:
+    """Segmentation masks (N, H, W) of the digits: class y + 1 where the ink is above
+    ``threshold``, 0 (background) elsewhere; 11 classes."""
+    return torch.where(x[:, 0] > threshold, (y + 1)[:, None, None], torch.zeros_like(y)[:, None, None])
+
+
+def small_fcn(num_classes: int = 11, widths: tuple[int, ...] = (16, 32, 64)) -> nn.Sequential:
+    """``small_vgg``'s encoder, a 1x1 classifier per position and nearest upsampling back to
+    the input size: a fully convolutional segmentation net, (N, 1, H, W) -> (N, 11, H, W)."""
+    layers: list[nn.Module] = []
+    c_in = 1
+    for width in widths:
+        for _ in range(2):
+            layers += [nn.Conv2d(c_in, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+            c_in = width
+        layers.append(nn.MaxPool2d(2))
+    layers += [nn.Conv2d(c_in, num_classes, 1),
+               nn.Upsample(scale_factor=2 ** len(widths), mode="bilinear")]
+    return nn.Sequential(*layers)
+
+
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 10,
           batch_size: int = 64, lr: float = 3e-3, seed: int = 0) -> list[float]:
-    """Adam on cross-entropy, no augmentation; the batch order is drawn from ``seed``.
+    """Adam on cross-entropy, no augmentation; the batch order is drawn from ``seed``. ``y``
+    holds one class per image, or per pixel (N, H, W) for a segmentation net.
 
     Returns the mean loss per epoch; leaves ``model`` in eval mode.
     """

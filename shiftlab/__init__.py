@@ -70,6 +70,9 @@ _EXPORTS = {
     "Shifts": "requests",
     "attribute": "attribution.engine", "AttributionResult": "attribution.result",
     "load_attribution": "attribution.result", "AttributionRequest": "requests",
+    "measure_dense": "invariance.dense", "DenseResult": "invariance.dense_result",
+    "load_dense": "invariance.dense_result", "read_mask_pairs": "data.masks",
+    "mask_batches": "data.masks",
 }
 _SUBMODULES = ("runs",)
 
@@ -113,4 +116,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .results.result import Result, Settings, load
     from .attribution.engine import attribute
     from .attribution.result import AttributionResult, load_attribution
+    from .data.masks import mask_batches, read_mask_pairs
+    from .invariance.dense import measure_dense
+    from .invariance.dense_result import DenseResult, load_dense
     from .requests import AttributionRequest
