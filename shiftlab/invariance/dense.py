@@ -38,6 +38,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import distributed
+from ..data.masks import check_mask_values
 from ..checks import batch_layout, check_count, check_model_has_data, check_request, window_size
 from ..defaults import MAX_PAIRS
 from ..equivariance.engine import evaluation_mode, resolve_device
@@ -454,12 +455,5 @@ def _check_masks(masks: torch.Tensor, batch: torch.Tensor, n_classes: int,
                          f" {tuple(batch.shape)}; pass one (H, W) mask per image")
     if masks.is_floating_point():
         raise UsageError(f"masks must hold class indices (integers), got {masks.dtype}")
-    wrong = (masks < 0) | (masks >= n_classes)
-    if ignore_index is not None:
-        wrong &= masks != ignore_index
-    if bool(wrong.any()):
-        value = int(masks[wrong][0])
-        ignore = f" nor the ignore index {ignore_index}" if ignore_index is not None else ""
-        raise UsageError(f"mask value {value} is not a class of the model (0..{n_classes - 1})"
-                         f"{ignore}; pass --ignore-index or check the masks")
+    check_mask_values(masks, n_classes, ignore_index)
 
