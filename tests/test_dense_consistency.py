@@ -194,7 +194,7 @@ def test_figures_show_one_panel_per_model_and_a_miou_panel_with_masks():
     assert labels[:2] == ["agreement:base", "agreement:other"]
     curves = agreement_by_shift_plot([base, other]).axes
     assert [ax.get_label() for ax in curves] == ["agreement by shift", "miou by shift"]
-    assert len(curves[0].get_lines()) == 2
+    assert len(curves[0].get_lines()) == 4  # per model: mean by |δ|, mASSC by |δ1 − δ2|
 
 
 # -- bad input -----------------------------------------------------------------------------------
@@ -309,3 +309,12 @@ def test_plot_redraws_the_figures_of_a_saved_dense_result(tmp_path):
                                       "--format", "png", "--dpi", "30"])
     assert again.exit_code == 0, again.output
     assert (out / "agreement.png").exists() and (out / "shift-size.png").exists()
+
+
+def test_massc_by_distance_is_1_between_inputs_an_even_shift_apart_for_pool_upsample():
+    grid = shiftlab.ShiftGrid.square(4)
+    result = _measure(dense_nets.pool_upsample(), _images(16, count=2), grid, n_pairs=400)
+    lengths, massc = result.massc_by_distance()
+    assert lengths[0] == 0.0 and massc[0] == 1.0  # a pair of equal shifts always agrees
+    assert np.isclose(massc[np.isclose(lengths, 2.0)], 1.0).all()  # (0, 2) and (2, 0) apart
+    assert massc[np.isclose(lengths, 1.0)].max() < 1.0

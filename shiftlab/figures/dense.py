@@ -95,8 +95,9 @@ def agreement_map_plot(results) -> Figure:
 
 def agreement_by_shift_plot(results: Sequence) -> Figure:
     """Agreement with the unshifted prediction against the shift's length |δ| (px), one colour
-    per model: a dot per grid shift, a line through the mean at each length; mIoU per shift in
-    a second panel when the results carry masks.
+    per model: a dot per grid shift, a line through the mean at each length, and dashed the
+    mASSC of the random pairs against the length |δ1 − δ2| between their two inputs; mIoU per
+    shift in a second panel when the results carry masks.
 
     Example:
         >>> import torch
@@ -134,12 +135,16 @@ def agreement_by_shift_plot(results: Sequence) -> Figure:
                    else f"mIoU {fmt(summary['miou'])}")
             ax.plot(lengths, means, color=colour, lw=1.8,
                     label=escape(f"{random_mark(result.label, result)} ({tag})"))
+            if name.startswith("agreement"):  # the pairs: two shifted inputs δ1 − δ2 apart
+                between, massc = result.massc_by_distance()
+                ax.plot(between, massc, color=colour, lw=1.0, ls="--", alpha=0.9)
         ax.set_xlabel("shift length |δ| (px)", fontsize=8)
         ax.set_ylabel(ylabel, fontsize=8)
         ax.grid(lw=0.4, color="0.9")
         ax.spines[["top", "right"]].set_visible(False)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=7, frameon=False)
-    fig.suptitle(escape(f"Dense output under shifts: dots are grid shifts, lines their mean\n"
+    fig.suptitle(escape(f"Dense output under shifts: dots are grid shifts, solid lines their"
+                        " mean; dashed: mASSC of the random pairs by |δ1 − δ2|\n"
                         f"{_settings(items[0])}"), fontsize=FS_TITLE)
     return fig

@@ -221,6 +221,18 @@ class DenseResult(WithProvenance):
         value = agree.sum() / total if total else math.nan
         return (float(value), *self._bootstrap(np.rint(agree), np.rint(valid)))
 
+    def massc_by_distance(self) -> tuple[np.ndarray, np.ndarray]:
+        """mASSC of the random pairs grouped by the length |δ1 − δ2| (px) of the shift between
+        their two inputs: (lengths, mASSC), sorted by length."""
+        shifts = np.asarray(self.grid.shifts, dtype=np.float64).reshape(-1, 2)
+        between = shifts[self.pairs[:, 2]] - shifts[self.pairs[:, 1]]
+        length = np.round(np.hypot(between[:, 0], between[:, 1]), 6)
+        lengths, group = np.unique(length, return_inverse=True)
+        agree = np.bincount(group, weights=self.pair_agree, minlength=len(lengths))
+        valid = np.bincount(group, weights=self.pair_valid, minlength=len(lengths))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return lengths, agree / valid
+
     def pooled_miou(self) -> tuple[float, float, float]:
         """mIoU over every shift's prediction (the unshifted one included), with a percentile
         bootstrap over images of the summed confusion matrices; NaNs without masks."""
