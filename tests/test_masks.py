@@ -254,6 +254,15 @@ def test_mask_values_within_classes_or_equal_to_the_ignore_index_are_accepted():
     assert check_mask_values(torch.tensor([0, 1, -1]), 2, -1) is None  # torch's ignore_index style
 
 
+def test_without_an_ignore_index_every_mask_value_must_be_a_class():
+    assert check_mask_values(torch.tensor([0, 1, 2]), 3, None) is None
+    with pytest.raises(UsageError, match=r"^mask value 255 is not a class of the model \(0..2\);") as info:
+        check_mask_values(torch.tensor([0, 255]), 3, None)
+    assert "ignore index" not in str(info.value)
+    with pytest.raises(UsageError, match="n_classes must be an integer >= 1"):
+        check_mask_values(torch.tensor([0]), 0, 255)
+
+
 # -- demo dataset --------------------------------------------------------------------------
 def test_demo_masks_hold_two_classes_and_an_ignore_band_along_their_boundary(demo):
     assert len(demo) == 6 and [p.name for p in demo.images] == [p.name for p in demo.masks]
@@ -287,7 +296,7 @@ def test_demo_refuses_a_folder_that_is_not_empty(tmp_path):
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "SHIFTLAB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "shiftlab.data.masks", *args], capture_output=True,
-                          text=True, env=env, timeout=120)
+                          text=True, env=env, timeout=120, check=False)
 
 
 def test_cli_writes_the_demo_and_says_so_in_one_line(tmp_path):

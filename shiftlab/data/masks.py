@@ -7,6 +7,7 @@ pixel (i, j). ``python -m shiftlab.data.masks FOLDER`` writes a small demo datas
 
 Example:
     >>> import tempfile
+    >>> from shiftlab.data.images import IMAGENET_MEAN, IMAGENET_STD
     >>> tmp = tempfile.TemporaryDirectory()
     >>> pairs = write_demo_masks(Path(tmp.name) / "demo", size=48)
     >>> len(pairs), pairs.images[0].name, pairs.masks[0].name
@@ -35,10 +36,9 @@ from torchvision.transforms.v2 import functional as TF
 
 from ..defaults import default_resize
 from ..errors import ShiftlabError, UsageError, one_line
-from .images import (IMAGE_SUFFIXES, MAX_PIXELS, SUFFIX_FORMATS, ImagePreprocess,
+from .images import (IMAGE_SUFFIXES, MAX_PIXELS, MIN_IMAGE_SIDE, SUFFIX_FORMATS, ImagePreprocess,
                      UnreadableImageError, _check_geometry, _check_pixels, sample_image_paths,
                      unreadable_folder_error)
-from .images import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (the module's example uses them)
 
 __all__ = ["IGNORE_INDEX", "MaskPreprocess", "MaskedDataset", "MaskedImages", "check_mask_values",
            "main", "mask_batches", "read_mask", "read_mask_pairs", "write_demo_masks"]
@@ -84,9 +84,8 @@ def read_mask_pairs(source: PathLike, max_images: Optional[int] = None) -> Maske
     Raises:
         UsageError: no such folder, neither layout, no images, or images without a mask.
     """
-    if max_images is not None and (isinstance(max_images, bool) or not isinstance(max_images, int)
-                                   or max_images < 1):
-        raise UsageError(f"max_images must be an integer >= 1, got {max_images!r}; or leave it unset")
+    if max_images is not None:
+        _check_int("max_images", max_images, 1)
     root = Path(source)
     if not root.exists():
         raise UsageError(f"mask dataset folder {root} does not exist; {_LAYOUT_HINT}")
@@ -135,7 +134,8 @@ def read_mask(path: PathLike) -> np.ndarray:
                 mode, array = image.mode, np.asarray(image)
     except ShiftlabError:
         raise
-    except Exception as exc:  # Pillow reports corrupt data with many types, depending on the codec
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        # Pillow reports missing, non-PNG or corrupt files with all of these, depending on the codec.
         raise UsageError(f"cannot read mask {path} ({one_line(exc) or type(exc).__name__}); masks must"
                          " be PNG files of class indices") from None
     if mode in _INDEX_MODES or mode.startswith("I;16"):
@@ -223,12 +223,11 @@ def mask_batches(pairs: MaskedImages, *, size: int, margin: int = 0, resize: Opt
 
     An error in a DataLoader worker reaches the caller as the same one-line error.
     """
-    for name, value, low in (("batch_size", batch_size, 1), ("workers", workers, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise UsageError(f"{name} must be an integer >= {low}, got {value!r}")
+    _check_int("batch_size", batch_size, 1)
+    _check_int("workers", workers, 0)
     image_prep = ImagePreprocess(size=size, margin=margin, mean=mean, std=std, resize=resize)
-    dataset = MaskedDataset(pairs, image_prep, MaskPreprocess(size=size, margin=margin, resize=resize))
-    loader = DataLoader(_Guarded(dataset), batch_size=batch_size, shuffle=False, num_workers=workers,
+    dataset = _Guarded(pairs, image_prep, MaskPreprocess(size=size, margin=margin, resize=resize))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=_collate)
     return _stream(loader)
 
@@ -240,19 +239,13 @@ def _stream(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         yield batch
 
 
-class _Guarded(Dataset):
-    """Returns an item's ShiftlabError instead of raising it: DataLoader would wrap a raised one
-    in a multi-line traceback text."""
-
-    def __init__(self, dataset: MaskedDataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
+class _Guarded(MaskedDataset):
+    """Returns an item's error instead of raising it: DataLoader would wrap a raised one (from a
+    worker) in a multi-line traceback text."""
 
     def __getitem__(self, index: int) -> Union[tuple[torch.Tensor, torch.Tensor], ShiftlabError]:
         try:
-            return self.dataset[index]
+            return super().__getitem__(index)
         except ShiftlabError as exc:
             return exc
 
@@ -262,6 +255,12 @@ def _collate(items: list) -> Union[tuple[torch.Tensor, torch.Tensor], ShiftlabEr
         if isinstance(item, ShiftlabError):
             return item
     return torch.stack([i for i, _ in items]), torch.stack([m for _, m in items])
+
+
+def _check_int(name: str, value: object, low: int) -> None:
+    # bool is an int subclass, but True as a count is always a mistake.
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise UsageError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 def _upright_size(path: Path) -> tuple[int, int]:
@@ -283,8 +282,7 @@ def check_mask_values(mask: torch.Tensor, n_classes: int, ignore_index: Optional
     ...
     shiftlab.errors.UsageError: mask value 40 in a.png is not a class of the model (0..20) nor the ignore ...
     """
-    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 1:
-        raise UsageError(f"n_classes must be an integer >= 1, got {n_classes!r}")
+    _check_int("n_classes", n_classes, 1)
     wrong = (mask < 0) | (mask >= n_classes)
     if ignore_index is not None:
         wrong &= mask != ignore_index
@@ -299,7 +297,7 @@ def check_mask_values(mask: torch.Tensor, n_classes: int, ignore_index: Optional
 
 
 def write_demo_masks(folder: PathLike, size: int = 256) -> MaskedImages:
-    """Write the sample photos as ``folder/images/NAME.png`` and two-class masks ``folder/masks/NAME.png``.
+    """Write the sample photos as ``folder/images/NAME.png`` with masks ``folder/masks/NAME.png``.
 
     Images are RGB PNGs with a ``size`` px shorter side. A mask is 1 where the (lightly blurred)
     greyscale is brighter than its median, 0 elsewhere, and :data:`IGNORE_INDEX` on a 2 px band
@@ -308,12 +306,10 @@ def write_demo_masks(folder: PathLike, size: int = 256) -> MaskedImages:
     Raises:
         UsageError: ``folder`` exists and is not empty, ``size`` is too small, or writing fails.
     """
-    if isinstance(size, bool) or not isinstance(size, int) or size < 8:
-        raise UsageError(f"size must be an integer >= 8, got {size!r}")
+    _check_int("size", size, MIN_IMAGE_SIDE)
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise UsageError(f"{folder} exists and is not an empty folder; pass a new or empty"
-                         " folder")
+        raise UsageError(f"{folder} exists and is not an empty folder; pass a new or empty folder")
     try:
         for sub in ("images", "masks"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
@@ -327,7 +323,8 @@ def write_demo_masks(folder: PathLike, size: int = 256) -> MaskedImages:
             # Blurred first: thresholding raw pixels cuts texture (stars, fur) into specks that
             # the ignore band then swallows whole (97% of the Hubble photo).
             grey = rgb.convert("L").filter(ImageFilter.GaussianBlur(max(1.0, size / 64)))
-            _save_atomic(Image.fromarray(_demo_mask(np.asarray(grey))), folder / "masks" / f"{photo.stem}.png")
+            mask = Image.fromarray(_demo_mask(np.asarray(grey)))
+            _save_atomic(mask, folder / "masks" / f"{photo.stem}.png")
     except OSError as exc:
         raise UsageError(f"cannot write the demo to {folder} ({exc.strerror or one_line(exc)});"
                          " pass a folder you may write to") from None
