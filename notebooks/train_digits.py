@@ -65,7 +65,8 @@ def small_vgg(num_classes: int = 10, widths: tuple[int, ...] = (16, 32, 64)) -> 
 def digit_masks(x: torch.Tensor, y: torch.Tensor, threshold: float = 0.25) -> torch.Tensor:
     """Segmentation masks (N, H, W) of the digits: class y + 1 where the ink is above
     ``threshold``, 0 (background) elsewhere; 11 classes."""
-    return torch.where(x[:, 0] > threshold, (y + 1)[:, None, None], torch.zeros_like(y)[:, None, None])
+    digit = (y + 1)[:, None, None]
+    return torch.where(x[:, 0] > threshold, digit, torch.zeros_like(digit))
 
 
 def small_fcn(num_classes: int = 11, widths: tuple[int, ...] = (16, 32, 64)) -> nn.Sequential:
