@@ -133,11 +133,15 @@ def agreement_by_shift_plot(results: Sequence) -> Figure:
             summary = result.summary()
             tag = (f"mASSC {fmt(summary['massc'])}" if name.startswith("agreement")
                    else f"mIoU {fmt(summary['miou'])}")
+            if result.uninformative:
+                tag += ", one class everywhere"
             ax.plot(lengths, means, color=colour, lw=1.8,
                     label=escape(f"{random_mark(result.label, result)} ({tag})"))
             if name.startswith("agreement"):  # the pairs: two shifted inputs δ1 − δ2 apart
                 between, massc = result.massc_by_distance()
                 ax.plot(between, massc, color=colour, lw=1.0, ls="--", alpha=0.9)
+        low, high = ax.get_ylim()  # shares: never an axis below 0 or above 1
+        ax.set_ylim(max(low, 0.0), min(high, 1.02))
         ax.set_xlabel("shift length |δ| (px)", fontsize=8)
         ax.set_ylabel(ylabel, fontsize=8)
         ax.grid(lw=0.4, color="0.9")
