@@ -318,3 +318,16 @@ def test_massc_by_distance_is_1_between_inputs_an_even_shift_apart_for_pool_upsa
     assert lengths[0] == 0.0 and massc[0] == 1.0  # a pair of equal shifts always agrees
     assert np.isclose(massc[np.isclose(lengths, 2.0)], 1.0).all()  # (0, 2) and (2, 0) apart
     assert massc[np.isclose(lengths, 1.0)].max() < 1.0
+
+
+def test_crop_mode_streams_mask_canvases_that_match_the_image_canvases(tmp_path, mask_folder):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["consistency", "-m", f"{NETS}:pool_upsample", "--labels",
+                                       str(mask_folder), "--mode", "crop", "--grid", "symmetric",
+                                       "--max-images", "2", *FAST, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    loaded = load_dense(out / "dense-dense_nets_pool_upsample.npz")
+    assert loaded.settings.mode == "crop" and loaded.settings.margin == 2
+    overlap = np.array([(24 - abs(dh)) * (24 - abs(dw)) for dh, dw in loaded.grid.shifts])
+    assert (loaded.valid == overlap).all()  # no pixel compared twice or out of the overlap
+    assert (loaded.labelled <= 24 * 24).all() and loaded.labelled.sum() > 0

@@ -26,10 +26,8 @@ shift:
 from __future__ import annotations
 
 import itertools
-import math
 import time
 import warnings
-from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional, Union
 
 import numpy as np
@@ -42,11 +40,11 @@ from ..data.masks import check_mask_values
 from ..checks import batch_layout, check_count, check_model_has_data, check_request, window_size
 from ..defaults import MAX_PAIRS
 from ..equivariance.engine import evaluation_mode, resolve_device
-from ..equivariance.metrics import ComparisonStats, distance
 from ..equivariance.shifts import ShiftGrid, apply_shifts, centre_window
 from ..errors import ModelError, UsageError
 from ..results.provenance import Provenance
 from .dense_result import DenseResult, DenseSettings
+from .dense_tally import Tally, tally_pairs, tally_shift
 from .grid import given_provenance, measured_provenance, model_name
 from .grid_result import INVALID
 
@@ -185,7 +183,7 @@ def measure_dense(model: nn.Module, images: Union[torch.Tensor, Batches],
     provenance = given_provenance(provenance, None)
     name = model_name(model, provenance)
     started = time.perf_counter()
-    tally = _Tally(settings, n_images, pairs)
+    tally = Tally(settings, n_images, pairs)
     bar = tqdm(total=n_images, desc="dense consistency", unit="image", leave=False,
                disable=None if progress is None else not progress)
     with bar, evaluation_mode(model, name), torch.inference_mode():
@@ -245,94 +243,8 @@ def _batches(images, masks, n_images: Optional[int], batch_size: int
     return stream(), int(n_images)
 
 
-@dataclass
-class _Shifted:
-    """One shift's output for a batch, brought back to the unshifted frame."""
-
-    classes: torch.Tensor      # (B, H, W) class per pixel of the unshifted frame, -1: not seen
-    rows: slice                # where the shifted window overlaps, in the unshifted frame
-    cols: slice
-    source_rows: slice         # the same pixels in the shifted output
-    source_cols: slice
-
-
-def _align(out_classes: torch.Tensor, dh: int, dw: int, mode: str) -> _Shifted:
-    """Bring a shifted output's classes (B, H, W) back to the unshifted frame."""
-    height, width = out_classes.shape[-2:]
-    if mode == "circular":
-        return _Shifted(torch.roll(out_classes, (-dh, -dw), (-2, -1)), slice(None), slice(None),
-                        slice(None), slice(None))
-    # the crop window shifted by d shows at its pixel p what the unshifted window shows at p - d
-    rows = slice(max(0, -dh), height - max(0, dh))
-    cols = slice(max(0, -dw), width - max(0, dw))
-    source_rows = slice(rows.start + dh, rows.stop + dh)
-    source_cols = slice(cols.start + dw, cols.stop + dw)
-    aligned = torch.full_like(out_classes, INVALID)
-    aligned[:, rows, cols] = out_classes[:, source_rows, source_cols]
-    return _Shifted(aligned, rows, cols, source_rows, source_cols)
-
-
-def _aligned_maps(maps: torch.Tensor, shifted: _Shifted, dh: int, dw: int, mode: str
-                  ) -> tuple[torch.Tensor, slice, slice]:
-    """A shifted output map (B, C, H, W) on the overlap, and where that is in the unshifted
-    frame."""
-    if mode == "circular":
-        return torch.roll(maps, (-dh, -dw), (-2, -1)), slice(None), slice(None)
-    return maps[..., shifted.source_rows, shifted.source_cols], shifted.rows, shifted.cols
-
-
-class _Tally:
-    """Everything kept of a run: per-image counts, pooled sums, the map, the confusions."""
-
-    def __init__(self, settings: DenseSettings, n_images: int, pairs: np.ndarray) -> None:
-        n_shifts = len(settings.grid)
-        self.settings, self.pairs = settings, pairs
-        self.agree = np.zeros((n_images, n_shifts), dtype=np.int64)
-        self.valid = np.zeros((n_images, n_shifts), dtype=np.int64)
-        self.distances = {m: np.full((n_images, n_shifts), np.nan) for m in ("cosine", "l2", "psnr")}
-        self.diff_sq = np.zeros(n_shifts)
-        self.values = np.zeros(n_shifts)
-        self.low, self.high = math.inf, -math.inf
-        self.pair_agree = np.zeros(len(pairs), dtype=np.int64)
-        self.pair_valid = np.zeros(len(pairs), dtype=np.int64)
-        self.map_sum = np.zeros(settings.size)
-        self.map_count = np.zeros(settings.size)
-        self.n_classes: Optional[int] = None
-        self.reference_classes: Optional[np.ndarray] = None
-        self.correct = self.labelled = self.confusion = self.image_confusion = None
-        self.nonfinite_pixels = 0
-
-    def start(self, n_classes: int, with_masks: bool, n_images: int) -> None:
-        """Size the class-dependent arrays at the first batch (the model tells C)."""
-        if self.n_classes is not None:
-            if with_masks != (self.confusion is not None):
-                raise UsageError("every batch must carry masks, or none")
-            return
-        self.n_classes = n_classes
-        self.reference_classes = np.zeros(n_classes, dtype=np.int64)
-        if with_masks:
-            n_shifts = len(self.settings.grid)
-            self.correct = np.zeros((n_images, n_shifts), dtype=np.int64)
-            self.labelled = np.zeros((n_images, n_shifts), dtype=np.int64)
-            self.confusion = np.zeros((n_shifts, n_classes, n_classes), dtype=np.int64)
-            self.image_confusion = np.zeros((n_images, n_classes, n_classes), dtype=np.int64)
-
-    def result(self, provenance: Provenance) -> DenseResult:
-        return DenseResult(
-            settings=self.settings, agree=self.agree, valid=self.valid,
-            cosine=self.distances["cosine"], l2=self.distances["l2"],
-            psnr=self.distances["psnr"], diff_sq=self.diff_sq, values=self.values,
-            peak_to_peak=float(self.high - self.low) if self.high >= self.low else math.nan,
-            pairs=self.pairs, pair_agree=self.pair_agree, pair_valid=self.pair_valid,
-            agreement_sum=self.map_sum, agreement_count=self.map_count,
-            reference_classes=self.reference_classes, n_classes=int(self.n_classes),
-            n_nonfinite=int(self.nonfinite_pixels), correct=self.correct,
-            labelled=self.labelled, confusion=self.confusion,
-            image_confusion=self.image_confusion, provenance=provenance)
-
-
 def _measure_batch(model: nn.Module, batch: torch.Tensor, masks: Optional[torch.Tensor],
-                   start: int, tally: _Tally, batch_size: int) -> None:
+                   start: int, tally: Tally, batch_size: int) -> None:
     """Every shift of the grid for one batch of images, tallied."""
     settings = tally.settings
     mode, margin, key = settings.mode, settings.margin, settings.output
@@ -360,7 +272,7 @@ def _measure_batch(model: nn.Module, batch: torch.Tensor, masks: Optional[torch.
     moving = [k for k, s in enumerate(shifts) if s != (0, 0)]
     for k, s in enumerate(shifts):
         if s == (0, 0):  # the identity reuses the reference pass
-            _tally_shift(tally, k, s, reference, ref_classes, reference, ref_classes, masks,
+            tally_shift(tally, k, s, reference, ref_classes, reference, ref_classes, masks,
                          ids, aligned, moved=False)
     _, per_pass = batch_layout(len(batch), batch_size)
     for first in range(0, len(moving), per_pass):
@@ -373,79 +285,9 @@ def _measure_batch(model: nn.Module, batch: torch.Tensor, masks: Optional[torch.
             out = outputs[position]
             out_classes = pixel_classes(out)
             tally.nonfinite_pixels += int((out_classes == INVALID).sum())
-            _tally_shift(tally, k, shifts[k], reference, ref_classes, out, out_classes, masks,
+            tally_shift(tally, k, shifts[k], reference, ref_classes, out, out_classes, masks,
                          ids, aligned, moved=True)
-    _tally_pairs(tally, aligned, ids)
-
-
-def _tally_shift(tally: _Tally, k: int, shift: tuple[int, int], reference: torch.Tensor,
-                 ref_classes: torch.Tensor, out: torch.Tensor, out_classes: torch.Tensor,
-                 masks: Optional[torch.Tensor], ids: np.ndarray, aligned: torch.Tensor,
-                 moved: bool) -> None:
-    settings = tally.settings
-    dh, dw = shift
-    shifted = _align(out_classes, dh, dw, settings.mode)
-    aligned[k] = shifted.classes
-    compared = (shifted.classes != INVALID) & (ref_classes != INVALID)
-    agrees = compared & (shifted.classes == ref_classes)
-    tally.agree[ids, k] = agrees.flatten(1).sum(1).cpu().numpy()
-    tally.valid[ids, k] = compared.flatten(1).sum(1).cpu().numpy()
-    if moved:
-        tally.map_sum += agrees.sum(0).double().cpu().numpy()
-        tally.map_count += compared.sum(0).double().cpu().numpy()
-    # output distances over the overlap, finite pixels only (as the agreement counts them)
-    maps, rows, cols = _aligned_maps(out, shifted, dh, dw, settings.mode)
-    ref = reference[..., rows, cols]
-    keep = compared[:, rows, cols][:, None].expand_as(ref)
-    a = torch.where(keep, ref, torch.zeros_like(ref)).flatten(1)
-    b = torch.where(keep, maps, torch.zeros_like(maps)).flatten(1)
-    count = keep.flatten(1).sum(1).double()
-    diff_sq = ((a - b) ** 2).sum(1)
-    peak = torch.where(keep, ref, torch.full_like(ref, -math.inf)).flatten(1).amax(1) - \
-        torch.where(keep, ref, torch.full_like(ref, math.inf)).flatten(1).amin(1)
-    stats = ComparisonStats(ref_sq=(a * a).sum(1)[None], shifted_sq=(b * b).sum(1)[None],
-                            diff_sq=diff_sq[None], count=count[None], peak=peak[None],
-                            valid=torch.ones(1, dtype=torch.bool, device=a.device))
-    for metric in ("cosine", "l2", "psnr"):
-        values = distance(stats, metric)[0]
-        values = torch.where(count > 0, values, torch.full_like(values, math.nan))
-        tally.distances[metric][ids, k] = values.cpu().numpy()
-    tally.diff_sq[k] += float(diff_sq.sum())
-    tally.values[k] += float(count.sum())
-    if masks is not None:
-        _tally_masks(tally, k, shift, out_classes, masks, ids)
-
-
-def _tally_masks(tally: _Tally, k: int, shift: tuple[int, int], out_classes: torch.Tensor,
-                 masks: torch.Tensor, ids: np.ndarray) -> None:
-    """The shifted input's prediction against its own mask (the mask shifted alike)."""
-    settings = tally.settings
-    table = torch.tensor([shift], dtype=torch.float64)
-    mask = apply_shifts(masks[:, None], table, settings.mode, settings.margin)[0, :, 0]
-    labelled = mask != settings.ignore_index if settings.ignore_index is not None \
-        else torch.ones_like(mask, dtype=torch.bool)
-    correct = labelled & (out_classes == mask)
-    tally.correct[ids, k] = correct.flatten(1).sum(1).cpu().numpy()
-    tally.labelled[ids, k] = labelled.flatten(1).sum(1).cpu().numpy()
-    n_classes = tally.n_classes
-    counted = labelled & (out_classes != INVALID)
-    image = torch.arange(len(ids), device=mask.device)[:, None, None].expand_as(mask)
-    index = (image * n_classes + mask) * n_classes + out_classes
-    counts = torch.bincount(index[counted], minlength=len(ids) * n_classes * n_classes)
-    counts = counts.reshape(len(ids), n_classes, n_classes).cpu().numpy()
-    tally.image_confusion[ids] += counts
-    tally.confusion[k] += counts.sum(0)
-
-
-def _tally_pairs(tally: _Tally, aligned: torch.Tensor, ids: np.ndarray) -> None:
-    """mASSC's pairs of this batch's images: agreement on the pixels both shifts see."""
-    rows = np.flatnonzero((tally.pairs[:, 0] >= ids[0]) & (tally.pairs[:, 0] <= ids[-1]))
-    for row in rows:
-        image, first, second = tally.pairs[row]
-        a, b = aligned[first, image - ids[0]], aligned[second, image - ids[0]]
-        both = (a != INVALID) & (b != INVALID)
-        tally.pair_agree[row] = int((both & (a == b)).sum())
-        tally.pair_valid[row] = int(both.sum())
+    tally_pairs(tally, aligned, ids)
 
 
 def _check_masks(masks: torch.Tensor, batch: torch.Tensor, n_classes: int,
