@@ -38,14 +38,14 @@ from tqdm import tqdm
 from .. import distributed
 from ..data.masks import check_mask_values
 from ..checks import batch_layout, check_count, check_model_has_data, check_request, window_size
-from ..defaults import MAX_PAIRS
 from ..equivariance.engine import evaluation_mode, resolve_device
 from ..equivariance.shifts import ShiftGrid, apply_shifts, centre_window
 from ..errors import ModelError, UsageError
 from ..results.provenance import Provenance
 from .dense_result import DenseResult, DenseSettings
 from .dense_tally import Tally, tally_pairs, tally_shift
-from .grid import given_provenance, measured_provenance, model_name
+from .grid import (check_pair_options, draw_pairs, given_provenance, measured_provenance,
+                   model_name)
 from .grid_result import INVALID
 
 __all__ = ["dense_output", "is_dense", "measure_dense", "pixel_classes"]
@@ -152,10 +152,7 @@ def measure_dense(model: nn.Module, images: Union[torch.Tensor, Batches],
     Returns:
         A :class:`~shiftlab.invariance.dense_result.DenseResult`.
     """
-    check_count("n_pairs", n_pairs, 1, MAX_PAIRS)
-    if isinstance(n_bootstrap, bool) or int(n_bootstrap) < 1 or not 0 < confidence < 1:
-        raise UsageError(f"n_bootstrap must be >= 1 and confidence in (0, 1), got {n_bootstrap}"
-                         f" and {confidence}")
+    check_pair_options(n_pairs, n_bootstrap, confidence)
     grid, margin = check_request(mode=mode, grid=grid, margin=margin, batch_size=batch_size)
     if not grid.is_integer:
         raise UsageError("dense consistency compares pixels, so it needs whole-pixel shifts;"
@@ -173,10 +170,7 @@ def measure_dense(model: nn.Module, images: Union[torch.Tensor, Batches],
                              padding=str(getattr(model, "shiftlab_padding", "as-trained")),
                              ignore_index=None if ignore_index is None else int(ignore_index),
                              output=output)
-    generator = torch.Generator().manual_seed(int(seed))
-    pairs = np.stack([np.arange(n_pairs, dtype=np.int64) % n_images,
-                      torch.randint(len(grid), (n_pairs,), generator=generator).numpy(),
-                      torch.randint(len(grid), (n_pairs,), generator=generator).numpy()], axis=1)
+    pairs = draw_pairs(n_pairs, n_images, len(grid), seed)
     device = resolve_device(device)
     check_model_has_data(model)
     model = model.to(device)

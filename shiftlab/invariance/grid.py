@@ -141,6 +141,31 @@ def check_finite(name: str, n_nonfinite: int, n_total: int) -> None:
                       " left out of every statistic", stacklevel=3)
 
 
+def check_pair_options(n_pairs: int, n_bootstrap: int, confidence: float) -> None:
+    """Refuse a pair count outside 1..MAX_PAIRS, fewer than one bootstrap resample, or a
+    confidence outside (0, 1)."""
+    check_count("n_pairs", n_pairs, 1, MAX_PAIRS)
+    if isinstance(n_bootstrap, bool) or int(n_bootstrap) < 1 or not 0 < confidence < 1:
+        raise UsageError(f"n_bootstrap must be >= 1 and confidence in (0, 1), got {n_bootstrap}"
+                         f" and {confidence}")
+
+
+def draw_pairs(n_pairs: int, n_images: int, n_shifts: int, seed: int) -> np.ndarray:
+    """The random pairs of shifts (P, 3) as (image, index of δ1, index of δ2): pair k uses
+    image k mod N and two grid indices drawn independently and uniformly by a
+    ``torch.Generator`` seeded with ``seed`` (so a pair may repeat a shift).
+
+    >>> draw_pairs(4, 2, 3, seed=0)[:, 0].tolist()
+    [0, 1, 0, 1]
+    """
+    generator = torch.Generator().manual_seed(int(seed))
+    return np.stack([
+        np.arange(n_pairs, dtype=np.int64) % n_images,
+        torch.randint(n_shifts, (n_pairs,), generator=generator).numpy(),
+        torch.randint(n_shifts, (n_pairs,), generator=generator).numpy(),
+    ], axis=1)
+
+
 # -- measurement -------------------------------------------------------------------------
 def default_diagonal(grid: ShiftGrid) -> ShiftGrid:
     """The sweep (t, t) over the grid's extent: its own diagonal shifts when it has two or more
@@ -225,10 +250,7 @@ def measure_invariance(model: nn.Module, images: torch.Tensor, grid: Optional[Sh
     first = next(batches, None)
     if first is None:
         raise UsageError("no images to measure")
-    check_count("n_pairs", n_pairs, 1, MAX_PAIRS)
-    if isinstance(n_bootstrap, bool) or int(n_bootstrap) < 1 or not 0 < confidence < 1:
-        raise UsageError(f"n_bootstrap must be >= 1 and confidence in (0, 1), got {n_bootstrap}"
-                         f" and {confidence}")
+    check_pair_options(n_pairs, n_bootstrap, confidence)
     grid = resolve_grid(grid, mode) if mode in MODES else grid
     diagonal = diagonal if diagonal is not None else (default_diagonal(grid) if grid is not None
                                                       else None)
@@ -284,12 +306,7 @@ def measure_invariance(model: nn.Module, images: torch.Tensor, grid: Optional[Sh
         raise UsageError(f"label {int(label_array.max())} is out of range: the model has"
                          f" {n_classes} classes (0..{n_classes - 1})")
 
-    generator = torch.Generator().manual_seed(int(seed))
-    pairs = np.stack([
-        np.arange(n_pairs, dtype=np.int64) % n_images,
-        torch.randint(len(grid), (n_pairs,), generator=generator).numpy(),
-        torch.randint(len(grid), (n_pairs,), generator=generator).numpy(),
-    ], axis=1)
+    pairs = draw_pairs(n_pairs, n_images, len(grid), seed)
     provenance = measured_provenance(provenance, n_images=n_images, started=started,
                                      device=device)
     result = InvarianceResult(
