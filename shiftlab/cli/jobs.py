@@ -204,20 +204,18 @@ def run_plot(result_file: Path, layers, figures: FigureOptions, *,
     """
     from ..results.result import load, select_layers
 
-    if _kind(result_file) == "shiftlab.attribution":
-        from .attribution import attribution_figures
+    from .attribution import attribution_figures
+    from .reports import dense_figures
 
+    # files drawn whole, by the kind their header names (read once)
+    whole = {"shiftlab.attribution": ("an attribution file", attribution_figures),
+             "shiftlab.dense": ("a dense consistency file", dense_figures)}
+    kind = _kind(result_file)
+    if kind in whole:
+        what, draw = whole[kind]
         if layers or replace:
-            raise UsageError("--layers and --replace draw layer grids; an attribution file"
-                             " is drawn whole")
-        return attribution_figures(result_file, out if out is not None else result_file.parent,
-                                   figures)
-    if _kind(result_file) == "shiftlab.dense":
-        if layers or replace:
-            raise UsageError("--layers and --replace draw layer grids; a dense consistency file"
-                             " is drawn whole")
-        return _dense_figures(result_file, out if out is not None else result_file.parent,
-                              figures)
+            raise UsageError(f"--layers and --replace draw layer grids; {what} is drawn whole")
+        return draw(result_file, out if out is not None else result_file.parent, figures)
     result = load(result_file)
     check_drawable(result, result_file)
     if layers:
@@ -234,19 +232,6 @@ def run_plot(result_file: Path, layers, figures: FigureOptions, *,
     return write_set(folder, lambda stage: result_figures(result, stage, figures, suffix),
                      replaces=tuple(f"{stem}{suffix}.*" for stem in ("heatmap", "profile"))
                      if suffix else FIGURE_PATTERNS)
-
-
-def _dense_figures(path: Path, folder: Path, figures: FigureOptions) -> list[Path]:
-    """agreement.* and shift-size.* of one saved dense consistency result."""
-    from ..figures.dense import agreement_by_shift_plot, agreement_map_plot
-    from ..invariance.dense_result import load_dense
-    from .reports import save_figures
-
-    result = load_dense(path)
-    drawn = [("agreement", lambda: agreement_map_plot(result)),
-             ("shift-size", lambda: agreement_by_shift_plot([result]))]
-    return write_set(folder, lambda stage: save_figures(drawn, stage, figures),
-                     replaces=("agreement.*", "shift-size.*"))
 
 
 def _kind(path: Path) -> Optional[str]:

@@ -428,7 +428,6 @@ def write_consistency(results: Sequence, table, folder: Path,
     """invariance-<label>.npz (protocol-<label>.npz), consistency.csv (per model and shift),
     summary.csv, probability.*, and scatter.* (accuracy vs. consistency) for several models
     measured with labels."""
-    import pandas as pd
 
     from ..figures.plots import probability_plot
 
@@ -440,10 +439,7 @@ def write_consistency(results: Sequence, table, folder: Path,
         written = [r.save(stage / f"{'invariance' if hasattr(r, 'to_frame') else 'protocol'}-"
                                   f"{safe_name(r.label)}.npz") for r in results]
         if gridded:
-            frames = [r.to_frame().assign(model=r.label) for r in gridded]
-            per_shift = pd.concat(frames, ignore_index=True)
-            per_shift = per_shift[["model"] + [c for c in per_shift.columns if c != "model"]]
-            written.append(write_table(stage / "consistency.csv", per_shift))
+            written.append(write_table(stage / "consistency.csv", per_shift_table(gridded)))
         return written + [write_table(stage / "summary.csv", table)]
 
     def draw(stage: Path) -> list[Path]:
@@ -463,24 +459,40 @@ def write_consistency(results: Sequence, table, folder: Path,
     return write_set(folder, write, draw)
 
 
+def per_shift_table(results: Sequence):
+    """consistency.csv: every result's ``to_frame()`` (one row per shift), a model column first."""
+    import pandas as pd
+
+    frames = [r.to_frame().assign(model=r.label) for r in results]
+    per_shift = pd.concat(frames, ignore_index=True)
+    return per_shift[["model"] + [c for c in per_shift.columns if c != "model"]]
+
+
 def write_dense_consistency(results: Sequence, table, folder: Path,
                             figures: FigureOptions) -> list[Path]:
     """dense-<label>.npz, consistency.csv (per model and shift), summary.csv, agreement.* (the
     per-pixel agreement map) and shift-size.* (agreement, and mIoU with masks, against |δ|)."""
-    import pandas as pd
-
     def write(stage: Path) -> list[Path]:
         written = [r.save(stage / f"dense-{safe_name(r.label)}.npz") for r in results]
-        frames = [r.to_frame().assign(model=r.label) for r in results]
-        per_shift = pd.concat(frames, ignore_index=True)
-        per_shift = per_shift[["model"] + [c for c in per_shift.columns if c != "model"]]
-        written.append(write_table(stage / "consistency.csv", per_shift))
+        written.append(write_table(stage / "consistency.csv", per_shift_table(results)))
         return written + [write_table(stage / "summary.csv", table)]
 
-    def draw(stage: Path) -> list[Path]:
-        from ..figures.dense import agreement_by_shift_plot, agreement_map_plot
+    return write_set(folder, write, lambda stage: _draw_dense(results, stage, figures))
 
-        return save_figures([("agreement", lambda: agreement_map_plot(results)),
-                             ("shift-size", lambda: agreement_by_shift_plot(results))],
-                            stage, figures)
-    return write_set(folder, write, draw)
+
+def dense_figures(path: Path, folder: Path, figures: FigureOptions) -> list[Path]:
+    """``shiftlab plot`` of a saved dense consistency result: agreement.* and shift-size.*."""
+    from ..invariance.dense_result import load_dense
+
+    result = load_dense(path)
+    return write_set(folder, lambda stage: _draw_dense([result], stage, figures),
+                     replaces=("agreement.*", "shift-size.*"))
+
+
+def _draw_dense(results: Sequence, stage: Path, figures: FigureOptions) -> list[Path]:
+    """agreement.* (the per-pixel agreement map) and shift-size.* of ``results`` into ``stage``."""
+    from ..figures.dense import agreement_by_shift_plot, agreement_map_plot
+
+    return save_figures([("agreement", lambda: agreement_map_plot(results)),
+                         ("shift-size", lambda: agreement_by_shift_plot(results))],
+                        stage, figures)
