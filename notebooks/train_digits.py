@@ -51,6 +51,13 @@ def small_vgg(num_classes: int = 10, widths: tuple[int, ...] = (16, 32, 64)) -> 
     Zero padding, as trained nets usually have; global pooling, so the classifier sees no
     position except through aliasing and the border.
     """
+    layers = _encoder(widths)
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], num_classes)]
+    return nn.Sequential(*layers)
+
+
+def _encoder(widths: tuple[int, ...]) -> list[nn.Module]:
+    """[conv3x3-BN-ReLU x2, MaxPool2d(2)] per width, from one input channel."""
     layers: list[nn.Module] = []
     c_in = 1
     for width in widths:
@@ -58,8 +65,7 @@ def small_vgg(num_classes: int = 10, widths: tuple[int, ...] = (16, 32, 64)) -> 
             layers += [nn.Conv2d(c_in, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
             c_in = width
         layers.append(nn.MaxPool2d(2))
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes)]
-    return nn.Sequential(*layers)
+    return layers
 
 
 def digit_masks(x: torch.Tensor, y: torch.Tensor, threshold: float = 0.25) -> torch.Tensor:
@@ -70,16 +76,10 @@ def digit_masks(x: torch.Tensor, y: torch.Tensor, threshold: float = 0.25) -> to
 
 
 def small_fcn(num_classes: int = 11, widths: tuple[int, ...] = (16, 32, 64)) -> nn.Sequential:
-    """``small_vgg``'s encoder, a 1x1 classifier per position and nearest upsampling back to
+    """``small_vgg``'s encoder, a 1x1 classifier per position and bilinear upsampling back to
     the input size: a fully convolutional segmentation net, (N, 1, H, W) -> (N, 11, H, W)."""
-    layers: list[nn.Module] = []
-    c_in = 1
-    for width in widths:
-        for _ in range(2):
-            layers += [nn.Conv2d(c_in, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
-            c_in = width
-        layers.append(nn.MaxPool2d(2))
-    layers += [nn.Conv2d(c_in, num_classes, 1),
+    layers = _encoder(widths)
+    layers += [nn.Conv2d(widths[-1], num_classes, 1),
                nn.Upsample(scale_factor=2 ** len(widths), mode="bilinear")]
     return nn.Sequential(*layers)
 

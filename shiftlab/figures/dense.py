@@ -117,27 +117,28 @@ def agreement_by_shift_plot(results: Sequence) -> Figure:
     fig = Figure(figsize=(4.6 * (2 if masked else 1) + 1.6, 3.4), layout="constrained")
     axes = fig.subplots(1, 2 if masked else 1, squeeze=False)[0]
     colours = sns.color_palette("colorblind", len(items))
+    summaries = [r.summary() for r in items]  # bootstraps inside: once per result
+    # (axes label, y label, values per shift, the pooled number in the legend, its name)
     panels = [("agreement by shift", "agreement with the unshifted prediction",
-               lambda r: r.agreement)]
+               lambda r: r.agreement, "massc", "mASSC")]
     if masked:
-        panels.append(("miou by shift", "mIoU of the shifted input", lambda r: r.miou))
-    for ax, (name, ylabel, values) in zip(axes, panels):
+        panels.append(("miou by shift", "mIoU of the shifted input", lambda r: r.miou,
+                       "miou", "mIoU"))
+    for ax, (name, ylabel, values, pooled, pooled_name) in zip(axes, panels):
         ax.set_label(name)
-        for colour, result in zip(colours, items):
+        for colour, result, summary in zip(colours, items, summaries):
             shifts = np.asarray(result.grid.shifts, dtype=np.float64).reshape(-1, 2)
             length = np.hypot(shifts[:, 0], shifts[:, 1])
             value = np.asarray(values(result), dtype=np.float64)
             ax.scatter(length, value, s=12, color=colour, alpha=0.5, linewidths=0)
             lengths = np.unique(np.round(length, 6))
             means = [np.nanmean(value[np.isclose(length, x)]) for x in lengths]
-            summary = result.summary()
-            tag = (f"mASSC {fmt(summary['massc'])}" if name.startswith("agreement")
-                   else f"mIoU {fmt(summary['miou'])}")
+            tag = f"{pooled_name} {fmt(summary[pooled])}"
             if result.uninformative:
                 tag += ", one class everywhere"
             ax.plot(lengths, means, color=colour, lw=1.8,
                     label=escape(f"{random_mark(result.label, result)} ({tag})"))
-            if name.startswith("agreement"):  # the pairs: two shifted inputs δ1 − δ2 apart
+            if pooled == "massc":  # the pairs: two shifted inputs δ1 − δ2 apart
                 between, massc = result.massc_by_distance()
                 ax.plot(between, massc, color=colour, lw=1.0, ls="--", alpha=0.9)
         low, high = ax.get_ylim()  # shares: never an axis below 0 or above 1
