@@ -325,14 +325,13 @@ def measure_consistency(request: ConsistencyRequest, *, label: Optional[str] = N
     theirs) and every rank returns the single-process result.
     """
     from .data.labels import read_labels
-    from .invariance.dense import is_dense
     from .invariance.grid import measure_invariance
 
     if request.protocol == "grid" and (checkpoint is not None or resume):
         raise UsageError("--resume continues the zhang2019 and diagonal protocols per epoch; the"
                          " grid protocol runs in one pass (use fewer --images per run instead)")
     loaded = load_spec(request.model)
-    if is_dense(loaded.model, request.inputs.size):
+    if _returns_map(loaded, request.inputs.size):
         return _dense(loaded, request, label=label, progress=progress, on_ready=on_ready)
     labelled = None
     images = request.inputs.images
@@ -359,6 +358,24 @@ def measure_consistency(request: ConsistencyRequest, *, label: Optional[str] = N
         labels=labelled.for_paths(inputs.paths) if labelled is not None else None,
         n_pairs=request.pairs, seed=request.model.seed, batch_size=request.batch_size,
         device=request.device, progress=progress, provenance=provenance)
+
+
+def _returns_map(loaded: LoadedModel, size: int) -> bool:
+    """Whether the model's output is a map: known for torchvision's models by name; any other
+    model is probed with one forward (:func:`shiftlab.invariance.dense.is_dense`), which a
+    large classifier on the CPU would otherwise pay on every run."""
+    import torchvision
+
+    from .invariance.dense import is_dense
+    from .models.segmentation import is_segmentation_model
+    from .models.variants import parse_variant
+
+    base = parse_variant(loaded.name)[0]
+    if is_segmentation_model(base):
+        return True
+    if base in torchvision.models.list_models(module=torchvision.models):
+        return False
+    return is_dense(loaded.model, size)
 
 
 def _dense(loaded: LoadedModel, request: ConsistencyRequest, *, label: Optional[str],
