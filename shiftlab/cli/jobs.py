@@ -21,8 +21,8 @@ from ..figures.options import FigureOptions
 from ..requests import CompareRequest, ConsistencyRequest, HeatmapRequest
 from ..results.progress import check_progress_path
 from .reports import (FIGURE_PATTERNS, PROGRESS_FILE, DrawingFailed, check_out, default_out,
-                      is_output, result_figures, safe_name, write_comparison, write_consistency,
-                      write_heatmap, write_padding_pair, write_set)
+                      is_dense_result, is_output, result_figures, safe_name, write_comparison,
+                      write_consistency, write_heatmap, write_padding_pair, write_set)
 
 #: the most cells one panel of a layer grid may hold (the map of a 2-D grid, or a strip's
 #: length): every square or symmetric grid within ``shifts.MAX_SHIFTS`` fits, while the map of an
@@ -326,7 +326,7 @@ def run_consistency(requests: Sequence[ConsistencyRequest], figures: FigureOptio
             result = runs.measure_consistency(
                 request, progress=None if not quiet else False, on_ready=_announce(quiet),
                 checkpoint=checkpoint, resume=resume)
-        if results and _is_dense(result) != _is_dense(results[0]):
+        if results and is_dense_result(result) != is_dense_result(results[0]):
             raise UsageError(f"{result.label} and {results[0].label} differ in kind (one returns"
                              " a map, one a class per image); measure them in separate runs")
         label = unique_label(result.label, labels)
@@ -380,14 +380,10 @@ def _protocol_checkpoint(out: Optional[Path], request: ConsistencyRequest) -> Op
     return out / PROGRESS_FILE.replace(".npz", f"-{name}.npz")
 
 
-def _is_dense(result) -> bool:
-    return getattr(result, "kind", None) == "dense"
-
-
 def _warn_uninformative(results: list) -> None:
     from ..invariance.grid_result import uninformative_across
 
-    if any(_is_dense(result) for result in results):
+    if any(is_dense_result(result) for result in results):
         return  # each dense result warned for itself when it was measured
     message = uninformative_across(results) if len(results) > 1 else None
     if message:

@@ -423,6 +423,11 @@ def write_comparison(comparison, folder: Path, save_results: bool, figures: Figu
     return write_set(folder, write, draw, redraw=redraw)
 
 
+def is_dense_result(result) -> bool:
+    """A dense model's consistency result (``DenseResult``), not a classifier's."""
+    return getattr(result, "kind", None) == "dense"
+
+
 def write_consistency(results: Sequence, table, folder: Path,
                       figures: FigureOptions) -> list[Path]:
     """invariance-<label>.npz (protocol-<label>.npz), consistency.csv (per model and shift),
@@ -431,7 +436,7 @@ def write_consistency(results: Sequence, table, folder: Path,
 
     from ..figures.plots import probability_plot
 
-    if results and all(getattr(r, "kind", None) == "dense" for r in results):
+    if results and all(is_dense_result(r) for r in results):
         return write_dense_consistency(results, table, folder, figures)
 
     def write(stage: Path) -> list[Path]:

@@ -44,8 +44,7 @@ from ..errors import ModelError, UsageError
 from ..results.provenance import Provenance
 from .dense_result import DenseResult, DenseSettings
 from .dense_tally import Tally, tally_pairs, tally_shift
-from .grid import (check_pair_options, draw_pairs, given_provenance, measured_provenance,
-                   model_name)
+from .grid import check_pair_options, draw_pairs, measured_provenance, model_name
 from .grid_result import INVALID
 
 __all__ = ["dense_output", "is_dense", "measure_dense", "pixel_classes"]
@@ -174,7 +173,6 @@ def measure_dense(model: nn.Module, images: Union[torch.Tensor, Batches],
     device = resolve_device(device)
     check_model_has_data(model)
     model = model.to(device)
-    provenance = given_provenance(provenance, None)
     name = model_name(model, provenance)
     started = time.perf_counter()
     tally = Tally(settings, n_images, pairs)
