@@ -23,6 +23,8 @@ from .grid_result import INVALID
 
 __all__ = ["Tally", "align", "tally_pairs", "tally_shift"]
 
+_PAIR_CHUNK = 64  # pairs compared per step: 64 pairs of 224x224 class maps hold about 26 MB
+
 
 @dataclass
 class _Shifted:
@@ -175,9 +177,12 @@ def _tally_masks(tally: Tally, k: int, shift: tuple[int, int], out_classes: torc
 def tally_pairs(tally: Tally, aligned: torch.Tensor, ids: np.ndarray) -> None:
     """mASSC's pairs of this batch's images: agreement on the pixels both shifts see."""
     rows = np.flatnonzero((tally.pairs[:, 0] >= ids[0]) & (tally.pairs[:, 0] <= ids[-1]))
-    for row in rows:
-        image, first, second = tally.pairs[row]
-        a, b = aligned[first, image - ids[0]], aligned[second, image - ids[0]]
+    # a few pairs at a time: one transfer per chunk (not two per pair), memory bounded
+    for start in range(0, len(rows), _PAIR_CHUNK):
+        chunk = rows[start:start + _PAIR_CHUNK]
+        image, first, second = (torch.as_tensor(tally.pairs[chunk, k], device=aligned.device)
+                                for k in range(3))
+        a, b = aligned[first, image - int(ids[0])], aligned[second, image - int(ids[0])]
         both = (a != INVALID) & (b != INVALID)
-        tally.pair_agree[row] = int((both & (a == b)).sum())
-        tally.pair_valid[row] = int(both.sum())
+        tally.pair_agree[chunk] = (both & (a == b)).flatten(1).sum(1).cpu().numpy()
+        tally.pair_valid[chunk] = both.flatten(1).sum(1).cpu().numpy()
